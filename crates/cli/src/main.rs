@@ -1,0 +1,226 @@
+//! The `pixflow` binary: argument parsing and wiring only. Image work lives in
+//! `pixflow-imageops`; this crate reads and writes files, draws progress, and supplies the
+//! optional `ffmpeg`-backed decoder.
+
+mod batch;
+mod chain;
+mod ffmpeg;
+mod limits;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use pixflow_imageops::{EncodeOptions, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "pixflow",
+    version,
+    about = "Serverless image production: image engine, functions, workflows"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline on one file: `pixflow run OP [key=value ...] [+ OP ...] --input IN --output OUT`.
+    /// `probe` as the only operation prints the file's facts as JSON.
+    Run {
+        /// Operations and their key=value parameters, chained with `+`.
+        #[arg(required = true, value_name = "OP")]
+        steps: Vec<String>,
+        #[command(flatten)]
+        io: RunIo,
+        #[command(flatten)]
+        limits: limits::LimitArgs,
+    },
+    /// Run a pipeline over every file of a folder in parallel, with progress and a summary.
+    Batch {
+        #[arg(required = true, value_name = "OP")]
+        steps: Vec<String>,
+        /// Folder to read (recursively).
+        #[arg(long)]
+        input: PathBuf,
+        /// Folder to write; the input's sub-folders are recreated.
+        #[arg(long)]
+        output: PathBuf,
+        /// Output format (default: each input's own).
+        #[arg(long)]
+        format: Option<String>,
+        /// Lossy quality 1-100.
+        #[arg(long)]
+        quality: Option<u8>,
+        /// Parallel workers (default: one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        limits: limits::LimitArgs,
+    },
+    /// Print the operations and their parameter schemas (JSON).
+    Ops,
+}
+
+#[derive(clap::Args)]
+struct RunIo {
+    /// Input file, or `-` for standard input.
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Output file, or `-` for standard output (not needed for probe or when every rendition is named).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Output format; default: from the output's extension, else the input's format.
+    #[arg(long)]
+    format: Option<String>,
+    /// Lossy quality 1-100.
+    #[arg(long)]
+    quality: Option<u8>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(engine) = e.downcast_ref::<pixflow_imageops::Error>() {
+                eprintln!("pixflow: error [{}]: {engine}", engine.code());
+            } else {
+                eprintln!("pixflow: error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { steps, io, limits } => {
+            let limits = limits.resolve();
+            run_one(&steps, &io, limits)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Batch {
+            steps,
+            input,
+            output,
+            format,
+            quality,
+            jobs,
+            limits,
+        } => {
+            let encode = final_encode(format.as_deref(), quality, None)?;
+            let pipeline = chain::parse(&steps)?;
+            let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs)?;
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Ops => {
+            let mut catalogue: Vec<_> = pixflow_imageops::ops::CATALOGUE.to_vec();
+            catalogue.push(&pixflow_imageops::encode::SPEC);
+            catalogue.push(&pixflow_imageops::pipeline::OUTPUT);
+            println!("{}", serde_json::to_string_pretty(&catalogue)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Encoding for the final output: `--format`, else the output name's extension; `--quality`.
+fn final_encode(
+    format: Option<&str>,
+    quality: Option<u8>,
+    output: Option<&Path>,
+) -> Result<EncodeOptions> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let from_name = output
+        .and_then(|p| p.to_str())
+        .and_then(pixflow_imageops::pipeline::format_from_name);
+    if let Some(f) = format {
+        pairs.push(("format".into(), f.into()));
+    } else if let Some(f) = from_name {
+        pairs.push(("format".into(), f.extension().into()));
+    }
+    if let Some(q) = quality {
+        pairs.push(("quality".into(), q.to_string()));
+    }
+    Ok(EncodeOptions::parse(
+        pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )?)
+}
+
+fn read_input(path: &Path, limits: &pixflow_imageops::Limits) -> Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .take(limits.max_input_bytes + 1)
+            .read_to_end(&mut buf)
+            .context("reading standard input")?;
+        return Ok(buf);
+    }
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    limits.check_input_bytes(usize::try_from(len).unwrap_or(usize::MAX))?;
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes).context("writing standard output")?;
+        return out.flush().context("writing standard output");
+    }
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Result<()> {
+    let input = read_input(&io.input, &limits)?;
+    let ffmpeg = ffmpeg::Ffmpeg::detect();
+    let foreign = ffmpeg
+        .as_ref()
+        .map(|f| f as &dyn pixflow_imageops::ForeignDecoder);
+    if steps.len() == 1 && steps[0] == "probe" {
+        let probe = pixflow_imageops::probe(&input, &limits, foreign)?;
+        println!("{}", serde_json::to_string_pretty(&probe)?);
+        return Ok(());
+    }
+    let pipeline = chain::parse(steps)?;
+    let encode = final_encode(io.format.as_deref(), io.quality, io.output.as_deref())?;
+    let needs_output = !matches!(
+        pipeline.steps.last(),
+        Some(pixflow_imageops::pipeline::Step::Output { .. })
+    );
+    if needs_output && io.output.is_none() {
+        anyhow::bail!("--output is required (or end the chain with `output name=FILE`)");
+    }
+    let opts = RunOptions {
+        limits,
+        foreign,
+        final_output: Some(&encode),
+    };
+    for r in pipeline.run(&input, &opts)? {
+        let path = match (&r.name, &io.output) {
+            (Some(name), _) => PathBuf::from(name),
+            (None, Some(out)) => out.clone(),
+            (None, None) => unreachable!("checked above"),
+        };
+        write_output(&path, &r.bytes)?;
+        if path != Path::new("-") {
+            eprintln!(
+                "{}: {}x{} {} {} bytes",
+                path.display(),
+                r.width,
+                r.height,
+                r.format.mime(),
+                r.bytes.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! The operation catalogue: every transform a pipeline step can name, its documented schema,
+//! and the typed value it parses into. Adding an operation means a module with a `SPEC`, a
+//! variant here, a line in [`CATALOGUE`] and one arm in [`Op::parse`] and [`Op::apply`].
+
+pub mod adjust;
+pub mod border;
+pub mod crop;
+pub mod filter;
+pub mod geometry;
+pub mod resize;
+pub mod rotate;
+
+use image::DynamicImage;
+
+use crate::Limits;
+use crate::error::{Error, Result};
+use crate::params::{Args, OpSpec};
+
+/// One parsed, validated transform.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Resize(resize::Resize),
+    Crop(crop::Crop),
+    Rotate(rotate::Rotate),
+    Flip,
+    Flop,
+    Blur { sigma: f32 },
+    Sharpen(filter::Sharpen),
+    Pixelate(filter::Pixelate),
+    Adjust(adjust::Adjust),
+    Trim { threshold: u8 },
+    Pad(border::Pad),
+    Round { radius: u32, circle: bool },
+}
+
+/// Every pixel operation with its schema (probe and convert live beside the pipeline).
+pub static CATALOGUE: &[&OpSpec] = &[
+    &resize::SPEC,
+    &crop::SPEC,
+    &rotate::SPEC,
+    &rotate::FLIP,
+    &rotate::FLOP,
+    &filter::BLUR,
+    &filter::SHARPEN,
+    &filter::PIXELATE,
+    &adjust::SPEC,
+    &adjust::ENHANCE,
+    &border::TRIM,
+    &border::PAD,
+    &border::ROUND,
+];
+
+/// Looks an operation up by name (`extend` is an alias of `pad`).
+pub fn spec(name: &str) -> Option<&'static OpSpec> {
+    let name = if name == "extend" { "pad" } else { name };
+    CATALOGUE.iter().copied().find(|s| s.name == name)
+}
+
+impl Op {
+    /// Parses `name` with `key=value` pairs, validating against the schema.
+    pub fn parse<'a>(
+        name: &str,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Op> {
+        let spec =
+            spec(name).ok_or_else(|| Error::UnknownOperation(name.chars().take(40).collect()))?;
+        let a = Args::parse(spec, pairs)?;
+        Ok(match spec.name {
+            "resize" => Op::Resize(resize::Resize::from_args(&a)?),
+            "crop" => Op::Crop(crop::Crop::from_args(&a)?),
+            "rotate" => Op::Rotate(rotate::Rotate::from_args(&a)?),
+            "flip" => Op::Flip,
+            "flop" => Op::Flop,
+            "blur" => Op::Blur {
+                sigma: a
+                    .float("sigma")
+                    .ok_or_else(|| a.invalid("sigma", "required"))? as f32,
+            },
+            "sharpen" => Op::Sharpen(filter::Sharpen::from_args(&a)?),
+            "pixelate" => Op::Pixelate(filter::Pixelate::from_args(&a)?),
+            "adjust" => Op::Adjust(adjust::Adjust::from_args(&a)?),
+            "enhance" => Op::Adjust(adjust::Adjust::ENHANCE),
+            "trim" => Op::Trim {
+                threshold: a.u32("threshold").unwrap_or(10) as u8,
+            },
+            "pad" => Op::Pad(border::Pad::from_args(&a)?),
+            "round" => Op::Round {
+                radius: a.u32("radius").unwrap_or(16),
+                circle: a.boolean("circle"),
+            },
+            other => return Err(Error::UnknownOperation(other.to_owned())),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Resize(_) => "resize",
+            Op::Crop(_) => "crop",
+            Op::Rotate(_) => "rotate",
+            Op::Flip => "flip",
+            Op::Flop => "flop",
+            Op::Blur { .. } => "blur",
+            Op::Sharpen(_) => "sharpen",
+            Op::Pixelate(_) => "pixelate",
+            Op::Adjust(_) => "adjust",
+            Op::Trim { .. } => "trim",
+            Op::Pad(_) => "pad",
+            Op::Round { .. } => "round",
+        }
+    }
+
+    /// Runs the operation on a normalised (RGB8/RGBA8) raster.
+    pub fn apply(&self, img: DynamicImage, limits: &Limits) -> Result<DynamicImage> {
+        Ok(match self {
+            Op::Resize(r) => r.apply(img, limits)?,
+            Op::Crop(c) => c.apply(img)?,
+            Op::Rotate(r) => r.apply(img, limits)?,
+            Op::Flip => img.flipv(),
+            Op::Flop => img.fliph(),
+            Op::Blur { sigma } => filter::blur(img, *sigma),
+            Op::Sharpen(s) => s.apply(img),
+            Op::Pixelate(p) => p.apply(img)?,
+            Op::Adjust(a) => a.apply(img),
+            Op::Trim { threshold } => border::trim(img, *threshold),
+            Op::Pad(p) => p.apply(img, limits)?,
+            Op::Round { radius, circle } => border::round(img, *radius, *circle),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_catalogue_entry_parses_or_names_its_required_parameter() {
+        for spec in CATALOGUE {
+            match Op::parse(spec.name, []) {
+                Ok(op) => assert_eq!(
+                    spec.name,
+                    if op.name() == "adjust" {
+                        spec.name
+                    } else {
+                        op.name()
+                    }
+                ),
+                Err(Error::BadParameter { op, .. }) => assert_eq!(op, spec.name),
+                Err(other) => panic!("{}: {other}", spec.name),
+            }
+        }
+        assert!(matches!(
+            Op::parse("explode", []),
+            Err(Error::UnknownOperation(_))
+        ));
+        assert!(matches!(
+            Op::parse("extend", [("all", "2")]),
+            Ok(Op::Pad(_))
+        ));
+    }
+
+    #[test]
+    fn every_parameter_is_documented() {
+        for spec in CATALOGUE {
+            assert!(!spec.doc.is_empty());
+            for p in spec.params {
+                assert!(!p.doc.is_empty(), "{}.{}", spec.name, p.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! A pipeline: one decode, a chain of operations, and one or more encoded outputs
+//! (renditions). An `output` step snapshots the current raster, so
+//! `resize width=1600 + output name=l.jpg + resize width=400 + output name=s.webp` makes two
+//! renditions from one decode, each resampled from the previous (cheap cascades).
+//!
+//! The pipeline also plans the decode: when the first step is a `resize`, a JPEG source is
+//! decoded at the smallest DCT scale that keeps 1.5x the needed resolution (shrink-on-load).
+
+use std::time::Instant;
+
+use crate::decode::{self, DecodeOptions, ForeignDecoder};
+use crate::encode::{self, EncodeOptions, OutFormat};
+use crate::error::{Error, Result};
+use crate::format::Format;
+use crate::limits::Limits;
+use crate::ops::{Op, resize::Resize};
+use crate::params::{Args, OpSpec, text};
+
+pub static OUTPUT: OpSpec = OpSpec {
+    name: "output",
+    doc: "Emit a rendition of the current image (name, plus any `convert` parameter); later steps continue from the same image.",
+    params: &[text(
+        "name",
+        1024,
+        None,
+        "Rendition name (the CLI treats it as a file path; the format follows its extension).",
+    )],
+};
+
+/// One step of a pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Op(Op),
+    /// Encoding settings for every output from here on.
+    Convert(EncodeOptions),
+    Output {
+        name: String,
+        encode: EncodeOptions,
+    },
+}
+
+/// A validated chain of steps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pipeline {
+    pub steps: Vec<Step>,
+}
+
+/// How to run a pipeline.
+#[derive(Clone, Copy, Default)]
+pub struct RunOptions<'a> {
+    pub limits: Limits,
+    pub foreign: Option<&'a dyn ForeignDecoder>,
+    /// Encoding for the implicit final output (when the last step is not `output`).
+    pub final_output: Option<&'a EncodeOptions>,
+}
+
+/// One encoded result.
+#[derive(Debug, Clone)]
+pub struct Rendition {
+    pub name: Option<String>,
+    pub format: OutFormat,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: Vec<u8>,
+}
+
+impl Pipeline {
+    /// Builds a pipeline from `(name, [(key, value)])` groups, as the CLI and HTTP APIs give them.
+    pub fn from_steps<'a, I, P>(groups: I) -> Result<Pipeline>
+    where
+        I: IntoIterator<Item = (&'a str, P)>,
+        P: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        let mut steps = Vec::new();
+        for (name, pairs) in groups {
+            let step = match name {
+                "convert" => Step::Convert(EncodeOptions::parse(pairs)?),
+                "output" => {
+                    let (named, rest): (Vec<_>, Vec<_>) =
+                        pairs.into_iter().partition(|(k, _)| *k == "name");
+                    let a = Args::parse(&OUTPUT, named)?;
+                    let name = a
+                        .text("name")
+                        .ok_or_else(|| a.invalid("name", "required"))?
+                        .to_owned();
+                    Step::Output {
+                        name,
+                        encode: EncodeOptions::parse(rest)?,
+                    }
+                }
+                op => Step::Op(Op::parse(op, pairs)?),
+            };
+            steps.push(step);
+        }
+        Ok(Pipeline { steps })
+    }
+
+    fn needs_final_output(&self) -> bool {
+        !matches!(self.steps.last(), Some(Step::Output { .. }))
+    }
+
+    /// Decodes `input`, runs every step and returns the renditions in order.
+    pub fn run(&self, input: &[u8], opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
+        let limits = opts.limits;
+        let mut first_resize = None;
+        let mut dopts = DecodeOptions {
+            limits,
+            foreign: opts.foreign,
+            ..DecodeOptions::default()
+        };
+        if let Some(Step::Op(Op::Resize(r))) = self.steps.first() {
+            let format = decode::sniff_checked(input, &limits)?;
+            if format == Format::Jpeg {
+                let h = decode::read_header(input, &limits)?;
+                limits.check_source(h.width, h.height)?;
+                let src = if h.orientation.swaps_axes() {
+                    (h.height, h.width)
+                } else {
+                    (h.width, h.height)
+                };
+                dopts.min_size = Some(r.min_source(src));
+                // Scale-relative sizes must be pinned to the source before it shrinks.
+                first_resize = Some(r.absolute(src));
+            }
+        }
+        let decoded = decode::decode(input, &dopts)?;
+        let source_format = decoded.format;
+        let icc = decoded.icc;
+        let mut img = decoded.image;
+        let mut encode_opts = EncodeOptions::default();
+        let mut out = Vec::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            match step {
+                Step::Op(op) => {
+                    let started = Instant::now();
+                    let op = match (i, &first_resize) {
+                        (0, Some(r)) => &Op::Resize(r.clone()),
+                        _ => op,
+                    };
+                    img = op.apply(img, &limits)?;
+                    let ms = started.elapsed().as_millis() as u64;
+                    if ms > limits.max_op_millis {
+                        return Err(Error::Timeout {
+                            op: op.name().into(),
+                            limit_ms: limits.max_op_millis,
+                        });
+                    }
+                }
+                Step::Convert(c) => encode_opts = encode_opts.overlay(c),
+                Step::Output { name, encode } => {
+                    let o = encode_opts.overlay(encode);
+                    let format = o
+                        .format
+                        .or_else(|| format_from_name(name))
+                        .unwrap_or(OutFormat::for_source(source_format));
+                    out.push(render(
+                        &img,
+                        Some(name.clone()),
+                        format,
+                        &o,
+                        icc.as_deref(),
+                    )?);
+                }
+            }
+        }
+        if self.needs_final_output() {
+            let o = opts
+                .final_output
+                .map_or(encode_opts.clone(), |f| encode_opts.overlay(f));
+            let format = o.format.unwrap_or(OutFormat::for_source(source_format));
+            out.push(render(&img, None, format, &o, icc.as_deref())?);
+        }
+        Ok(out)
+    }
+}
+
+fn render(
+    img: &image::DynamicImage,
+    name: Option<String>,
+    format: OutFormat,
+    o: &EncodeOptions,
+    icc: Option<&[u8]>,
+) -> Result<Rendition> {
+    let bytes = encode::encode(img, format, o, icc)?;
+    Ok(Rendition {
+        name,
+        format,
+        width: img.width(),
+        height: img.height(),
+        bytes,
+    })
+}
+
+/// The output format implied by a name's extension, if any.
+pub fn format_from_name(name: &str) -> Option<OutFormat> {
+    let ext = name.rsplit_once('.')?.1;
+    OutFormat::from_name(ext)
+}
+
+impl Resize {
+    /// The same resize with scale factors turned into pixel sizes for a source of `src`.
+    pub fn absolute(&self, src: (u32, u32)) -> Resize {
+        if self.scale.is_none() {
+            return self.clone();
+        }
+        let p = self.plan(src);
+        Resize {
+            width: Some(p.scaled.0),
+            height: Some(p.scaled.1),
+            scale: None,
+            fit: crate::ops::resize::Fit::Fill,
+            enlarge: true,
+            ..self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::color::Color;
+    use crate::raster;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let mut im = image::RgbImage::new(w, h);
+        for (x, y, p) in im.enumerate_pixels_mut() {
+            *p = image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]);
+        }
+        encode::encode(
+            &image::DynamicImage::ImageRgb8(im),
+            OutFormat::Jpeg,
+            &EncodeOptions::default(),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn pipeline(steps: &[(&str, &[(&str, &str)])]) -> Result<Pipeline> {
+        Pipeline::from_steps(steps.iter().map(|(n, p)| (*n, p.iter().copied())))
+    }
+
+    #[test]
+    fn renditions_cascade_from_one_decode() {
+        let p = pipeline(&[
+            ("resize", &[("width", "400")]),
+            ("output", &[("name", "a.jpg"), ("quality", "90")]),
+            ("resize", &[("width", "100")]),
+            ("output", &[("name", "b.webp")]),
+        ])
+        .unwrap();
+        let out = p.run(&jpeg(1600, 1200), &RunOptions::default()).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (out[0].format, out[0].width, out[0].height),
+            (OutFormat::Jpeg, 400, 300)
+        );
+        assert_eq!(
+            (out[1].format, out[1].width, out[1].height),
+            (OutFormat::Webp, 100, 75)
+        );
+        assert_eq!(crate::format::sniff(&out[1].bytes), Some(Format::Webp));
+    }
+
+    #[test]
+    fn shrink_on_load_keeps_exact_output_size() {
+        // scale=0.1 must be relative to the original even when decoding at 1/4.
+        let p = pipeline(&[("resize", &[("scale", "0.1")])]).unwrap();
+        let out = p.run(&jpeg(1600, 1200), &RunOptions::default()).unwrap();
+        assert_eq!((out[0].width, out[0].height), (160, 120));
+        let p = pipeline(&[("resize", &[("width", "200"), ("height", "200")])]).unwrap();
+        let out = p.run(&jpeg(1600, 1200), &RunOptions::default()).unwrap();
+        assert_eq!((out[0].width, out[0].height), (200, 150));
+    }
+
+    #[test]
+    fn final_output_defaults_to_source_format_and_accepts_overrides() {
+        let src = jpeg(64, 64);
+        let p = pipeline(&[("flip", &[])]).unwrap();
+        let out = p.run(&src, &RunOptions::default()).unwrap();
+        assert_eq!(out[0].format, OutFormat::Jpeg);
+        let png = EncodeOptions {
+            format: Some(OutFormat::Png),
+            ..Default::default()
+        };
+        let out = p
+            .run(
+                &src,
+                &RunOptions {
+                    final_output: Some(&png),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(crate::format::sniff(&out[0].bytes), Some(Format::Png));
+    }
+
+    #[test]
+    fn limits_stop_bombs_before_decoding() {
+        let limits = Limits {
+            max_source_pixels: 1000,
+            ..Limits::default()
+        };
+        let p = pipeline(&[("resize", &[("width", "10")])]).unwrap();
+        let err = p
+            .run(
+                &jpeg(64, 64),
+                &RunOptions {
+                    limits,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.code(), "limit_exceeded");
+        let png = encode::encode(
+            &raster::canvas(64, 64, Color::WHITE, false),
+            OutFormat::Png,
+            &EncodeOptions::default(),
+            None,
+        )
+        .unwrap();
+        let err = p
+            .run(
+                &png,
+                &RunOptions {
+                    limits,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.code(), "limit_exceeded");
+    }
+
+    #[test]
+    fn bad_steps_are_rejected_with_names() {
+        assert!(matches!(
+            pipeline(&[("resize", &[("width", "-1")])]),
+            Err(Error::BadParameter { .. })
+        ));
+        assert!(matches!(
+            pipeline(&[("output", &[])]),
+            Err(Error::BadParameter { .. })
+        ));
+        assert!(matches!(
+            pipeline(&[("warp", &[])]),
+            Err(Error::UnknownOperation(_))
+        ));
+        assert!(matches!(
+            pipeline(&[("convert", &[("quality", "101")])]),
+            Err(Error::BadParameter { .. })
+        ));
+    }
+}
