@@ -43,9 +43,7 @@ pub fn run(
     collect(input, &mut files)?;
     files.sort();
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    let jobs = jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} eta {eta} {msg}")
@@ -55,9 +53,7 @@ pub fn run(
     let (done, bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failures = Mutex::new(Vec::new());
     let ffmpeg = crate::ffmpeg::Ffmpeg::detect();
-    let foreign = ffmpeg
-        .as_ref()
-        .map(|f| f as &dyn pixflow_imageops::ForeignDecoder);
+    let foreign = ffmpeg.as_ref().map(|f| f as &dyn pixflow_imageops::ForeignDecoder);
     std::thread::scope(|s| {
         for _ in 0..jobs.min(files.len().max(1)) {
             s.spawn(|| {
@@ -111,11 +107,7 @@ fn process(
     foreign: Option<&dyn pixflow_imageops::ForeignDecoder>,
 ) -> Result<(u64, u64)> {
     let bytes = crate::read_input(path, &limits)?;
-    let opts = RunOptions {
-        limits,
-        foreign,
-        final_output: Some(encode),
-    };
+    let opts = RunOptions { limits, foreign, final_output: Some(encode) };
     let renditions = pipeline.run(&bytes, &opts).map_err(anyhow::Error::from)?;
     let mut written = 0;
     for r in renditions {
@@ -128,11 +120,9 @@ fn process(
             None => out_dir.join(rel).with_extension(r.format.extension()),
         };
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        std::fs::write(&target, &r.bytes)
-            .with_context(|| format!("writing {}", target.display()))?;
+        std::fs::write(&target, &r.bytes).with_context(|| format!("writing {}", target.display()))?;
         written += r.bytes.len() as u64;
     }
     Ok((bytes.len() as u64, written))

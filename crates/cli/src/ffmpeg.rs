@@ -33,24 +33,9 @@ impl ForeignDecoder for Ffmpeg {
         bytes: &[u8],
         limits: &Limits,
     ) -> pixflow_imageops::Result<Option<image::DynamicImage>> {
-        let fail = |detail: String| Error::Corrupt {
-            format: "ffmpeg",
-            detail,
-        };
+        let fail = |detail: String| Error::Corrupt { format: "ffmpeg", detail };
         let mut child = Command::new(&self.program)
-            .args([
-                "-v",
-                "error",
-                "-i",
-                "pipe:0",
-                "-frames:v",
-                "1",
-                "-f",
-                "image2pipe",
-                "-vcodec",
-                "png",
-                "pipe:1",
-            ])
+            .args(["-v", "error", "-i", "pipe:0", "-frames:v", "1", "-f", "image2pipe", "-vcodec", "png", "pipe:1"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -61,14 +46,8 @@ impl ForeignDecoder for Ffmpeg {
         let writer = std::thread::spawn(move || {
             let _ = stdin.write_all(&input);
         });
-        let mut stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| fail("no stdout".into()))?;
-        let cap = limits
-            .max_source_pixels
-            .saturating_mul(8)
-            .saturating_add(1 << 20);
+        let mut stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into()))?;
+        let cap = limits.max_source_pixels.saturating_mul(8).saturating_add(1 << 20);
         let mut png = Vec::new();
         let reader = std::thread::spawn(move || {
             let _ = (&mut stdout).take(cap).read_to_end(&mut png);
@@ -82,35 +61,23 @@ impl ForeignDecoder for Ffmpeg {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::Timeout {
-                    op: "ffmpeg decode".into(),
-                    limit_ms: limits.max_op_millis,
-                });
+                return Err(Error::Timeout { op: "ffmpeg decode".into(), limit_ms: limits.max_op_millis });
             }
             std::thread::sleep(Duration::from_millis(5));
         };
         let _ = writer.join();
-        let png = reader
-            .join()
-            .map_err(|_| fail("reader thread failed".into()))?;
+        let png = reader.join().map_err(|_| fail("reader thread failed".into()))?;
         if !status.success() || png.is_empty() {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
                 let _ = e.read_to_string(&mut err);
             }
             return Err(Error::Corrupt {
-                format: if format == Format::Avif {
-                    "avif"
-                } else {
-                    "heif"
-                },
+                format: if format == Format::Avif { "avif" } else { "heif" },
                 detail: err.trim().chars().take(300).collect(),
             });
         }
-        let opts = DecodeOptions {
-            limits: *limits,
-            ..DecodeOptions::default()
-        };
+        let opts = DecodeOptions { limits: *limits, ..DecodeOptions::default() };
         Ok(Some(pixflow_imageops::decode::decode(&png, &opts)?.image))
     }
 }

@@ -16,11 +16,7 @@ use clap::{Parser, Subcommand};
 use pixflow_imageops::{EncodeOptions, RunOptions};
 
 #[derive(Parser)]
-#[command(
-    name = "pixflow",
-    version,
-    about = "Serverless image production: image engine, functions, workflows"
-)]
+#[command(name = "pixflow", version, about = "Serverless image production: image engine, functions, workflows")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -103,23 +99,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_one(&steps, &io, limits)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Batch {
-            steps,
-            input,
-            output,
-            format,
-            quality,
-            jobs,
-            limits,
-        } => {
+        Command::Batch { steps, input, output, format, quality, jobs, limits } => {
             let encode = final_encode(format.as_deref(), quality, None)?;
             let pipeline = chain::parse(&steps)?;
             let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs)?;
-            Ok(if report.failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Ops => {
             let mut catalogue: Vec<_> = pixflow_imageops::ops::CATALOGUE.to_vec();
@@ -132,15 +116,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// Encoding for the final output: `--format`, else the output name's extension; `--quality`.
-fn final_encode(
-    format: Option<&str>,
-    quality: Option<u8>,
-    output: Option<&Path>,
-) -> Result<EncodeOptions> {
+fn final_encode(format: Option<&str>, quality: Option<u8>, output: Option<&Path>) -> Result<EncodeOptions> {
     let mut pairs: Vec<(String, String)> = Vec::new();
-    let from_name = output
-        .and_then(|p| p.to_str())
-        .and_then(pixflow_imageops::pipeline::format_from_name);
+    let from_name = output.and_then(|p| p.to_str()).and_then(pixflow_imageops::pipeline::format_from_name);
     if let Some(f) = format {
         pairs.push(("format".into(), f.into()));
     } else if let Some(f) = from_name {
@@ -149,23 +127,16 @@ fn final_encode(
     if let Some(q) = quality {
         pairs.push(("quality".into(), q.to_string()));
     }
-    Ok(EncodeOptions::parse(
-        pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )?)
+    Ok(EncodeOptions::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?)
 }
 
 fn read_input(path: &Path, limits: &pixflow_imageops::Limits) -> Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut buf = Vec::new();
-        std::io::stdin()
-            .take(limits.max_input_bytes + 1)
-            .read_to_end(&mut buf)
-            .context("reading standard input")?;
+        std::io::stdin().take(limits.max_input_bytes + 1).read_to_end(&mut buf).context("reading standard input")?;
         return Ok(buf);
     }
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
+    let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
     limits.check_input_bytes(usize::try_from(len).unwrap_or(usize::MAX))?;
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -182,9 +153,7 @@ fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
 fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Result<()> {
     let input = read_input(&io.input, &limits)?;
     let ffmpeg = ffmpeg::Ffmpeg::detect();
-    let foreign = ffmpeg
-        .as_ref()
-        .map(|f| f as &dyn pixflow_imageops::ForeignDecoder);
+    let foreign = ffmpeg.as_ref().map(|f| f as &dyn pixflow_imageops::ForeignDecoder);
     if steps.len() == 1 && steps[0] == "probe" {
         let probe = pixflow_imageops::probe(&input, &limits, foreign)?;
         println!("{}", serde_json::to_string_pretty(&probe)?);
@@ -192,18 +161,11 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
     }
     let pipeline = chain::parse(steps)?;
     let encode = final_encode(io.format.as_deref(), io.quality, io.output.as_deref())?;
-    let needs_output = !matches!(
-        pipeline.steps.last(),
-        Some(pixflow_imageops::pipeline::Step::Output { .. })
-    );
+    let needs_output = !matches!(pipeline.steps.last(), Some(pixflow_imageops::pipeline::Step::Output { .. }));
     if needs_output && io.output.is_none() {
         anyhow::bail!("--output is required (or end the chain with `output name=FILE`)");
     }
-    let opts = RunOptions {
-        limits,
-        foreign,
-        final_output: Some(&encode),
-    };
+    let opts = RunOptions { limits, foreign, final_output: Some(&encode) };
     for r in pipeline.run(&input, &opts)? {
         let path = match (&r.name, &io.output) {
             (Some(name), _) => PathBuf::from(name),
@@ -212,14 +174,7 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
         };
         write_output(&path, &r.bytes)?;
         if path != Path::new("-") {
-            eprintln!(
-                "{}: {}x{} {} {} bytes",
-                path.display(),
-                r.width,
-                r.height,
-                r.format.mime(),
-                r.bytes.len()
-            );
+            eprintln!("{}: {}x{} {} {} bytes", path.display(), r.width, r.height, r.format.mime(), r.bytes.len());
         }
     }
     Ok(())

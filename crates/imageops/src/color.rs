@@ -25,10 +25,7 @@ impl Color {
         }
         let hex = s.strip_prefix('#').unwrap_or(s);
         let bad = || {
-            format!(
-                "`{}` is not a colour (#rgb, #rrggbb, #rrggbbaa or a name)",
-                s.chars().take(20).collect::<String>()
-            )
+            format!("`{}` is not a colour (#rgb, #rrggbb, #rrggbbaa or a name)", s.chars().take(20).collect::<String>())
         };
         if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
@@ -45,11 +42,7 @@ impl Color {
 
     pub fn hex(self) -> String {
         let [r, g, b, a] = self.0;
-        if a == 255 {
-            format!("#{r:02x}{g:02x}{b:02x}")
-        } else {
-            format!("#{r:02x}{g:02x}{b:02x}{a:02x}")
-        }
+        if a == 255 { format!("#{r:02x}{g:02x}{b:02x}") } else { format!("#{r:02x}{g:02x}{b:02x}{a:02x}") }
     }
 
     pub fn is_opaque(self) -> bool {

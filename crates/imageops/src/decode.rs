@@ -34,8 +34,7 @@ pub struct Decoded {
 /// Decodes formats the bundled decoders cannot (AVIF/HEIC today), e.g. through `ffmpeg`.
 pub trait ForeignDecoder: Send + Sync {
     /// Returns `Ok(None)` when this decoder cannot handle `format` either.
-    fn decode(&self, format: Format, bytes: &[u8], limits: &Limits)
-    -> Result<Option<DynamicImage>>;
+    fn decode(&self, format: Format, bytes: &[u8], limits: &Limits) -> Result<Option<DynamicImage>>;
 }
 
 /// How to decode.
@@ -51,12 +50,7 @@ pub struct DecodeOptions<'a> {
 
 impl Default for DecodeOptions<'_> {
     fn default() -> Self {
-        DecodeOptions {
-            limits: Limits::default(),
-            auto_orient: true,
-            min_size: None,
-            foreign: None,
-        }
+        DecodeOptions { limits: Limits::default(), auto_orient: true, min_size: None, foreign: None }
     }
 }
 
@@ -77,10 +71,7 @@ pub struct Header {
 pub fn sniff_checked(bytes: &[u8], limits: &Limits) -> Result<Format> {
     limits.check_input_bytes(bytes.len())?;
     if bytes.is_empty() {
-        return Err(Error::Truncated {
-            format: "input",
-            detail: "zero bytes".into(),
-        });
+        return Err(Error::Truncated { format: "input", detail: "zero bytes".into() });
     }
     sniff(bytes).ok_or_else(|| Error::Unsupported {
         format: "unknown".into(),
@@ -98,10 +89,7 @@ pub fn read_header(bytes: &[u8], limits: &Limits) -> Result<Header> {
             let mut dec = image_decoder(bytes, image_format, limits)?;
             let (width, height) = dec.dimensions();
             let color = dec.color_type();
-            let orientation = dec
-                .orientation()
-                .map(Orientation::from_image)
-                .unwrap_or_default();
+            let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
             let icc = dec.icc_profile().ok().flatten();
             Ok(Header {
                 format: f,
@@ -143,9 +131,7 @@ fn decode_foreign(format: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Res
         hint: Some("no bundled decoder; install the `ffmpeg` program to enable it".into()),
     };
     let foreign = opts.foreign.ok_or_else(unsupported)?;
-    let image = foreign
-        .decode(format, bytes, &opts.limits)?
-        .ok_or_else(unsupported)?;
+    let image = foreign.decode(format, bytes, &opts.limits)?.ok_or_else(unsupported)?;
     opts.limits.check_source(image.width(), image.height())?;
     let size = (image.width(), image.height());
     Ok(Decoded {
@@ -176,19 +162,12 @@ fn image_format(f: Format) -> Result<ImageFormat> {
         Format::Tiff => ImageFormat::Tiff,
         Format::Jpeg => ImageFormat::Jpeg,
         other => {
-            return Err(Error::Unsupported {
-                format: other.name().into(),
-                hint: None,
-            });
+            return Err(Error::Unsupported { format: other.name().into(), hint: None });
         }
     })
 }
 
-fn image_decoder<'a>(
-    bytes: &'a [u8],
-    f: ImageFormat,
-    limits: &Limits,
-) -> Result<impl ImageDecoder + 'a> {
+fn image_decoder<'a>(bytes: &'a [u8], f: ImageFormat, limits: &Limits) -> Result<impl ImageDecoder + 'a> {
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), f);
     let mut il = image::Limits::default();
     il.max_image_width = Some(limits.max_source_dimension);
@@ -204,20 +183,10 @@ fn decode_with_image(f: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Resul
     let mut dec = image_decoder(bytes, image_format, &opts.limits)?;
     let (w, h) = dec.dimensions();
     opts.limits.check_source(w, h)?;
-    let orientation = dec
-        .orientation()
-        .map(Orientation::from_image)
-        .unwrap_or_default();
+    let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
     let icc = dec.icc_profile().ok().flatten();
     let image = DynamicImage::from_decoder(dec).map_err(|e| map_image_error(image_format, e))?;
-    Ok(Decoded {
-        image: normalize(image),
-        format: f,
-        icc,
-        orientation,
-        source_size: (w, h),
-        shrink: 1,
-    })
+    Ok(Decoded { image: normalize(image), format: f, icc, orientation, source_size: (w, h), shrink: 1 })
 }
 
 pub(crate) fn map_image_error(f: ImageFormat, e: image::ImageError) -> Error {
@@ -232,18 +201,11 @@ pub(crate) fn map_image_error(f: ImageFormat, e: image::ImageError) -> Error {
         _ => "image",
     };
     match e {
-        E::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => Error::Truncated {
-            format,
-            detail: io.to_string(),
-        },
-        E::Limits(l) => Error::Corrupt {
-            format,
-            detail: format!("decoder limit: {l}"),
-        },
-        E::Unsupported(u) => Error::Unsupported {
-            format: format.into(),
-            hint: Some(u.to_string()),
-        },
+        E::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::Truncated { format, detail: io.to_string() }
+        }
+        E::Limits(l) => Error::Corrupt { format, detail: format!("decoder limit: {l}") },
+        E::Unsupported(u) => Error::Unsupported { format: format.into(), hint: Some(u.to_string()) },
         other => {
             let detail = other.to_string();
             let lower = detail.to_ascii_lowercase();
@@ -273,11 +235,7 @@ fn color_name(c: image::ColorType) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // JPEG through mozjpeg
 
-const JPEG_MARKERS: &[mozjpeg::Marker] = &[
-    mozjpeg::Marker::APP(1),
-    mozjpeg::Marker::APP(2),
-    mozjpeg::Marker::APP(14),
-];
+const JPEG_MARKERS: &[mozjpeg::Marker] = &[mozjpeg::Marker::APP(1), mozjpeg::Marker::APP(2), mozjpeg::Marker::APP(14)];
 
 struct JpegMeta {
     orientation: Orientation,
@@ -294,9 +252,7 @@ fn jpeg_meta(markers: mozjpeg::decompress::MarkerIter<'_>) -> JpegMeta {
             mozjpeg::Marker::APP(1) if m.data.starts_with(b"Exif\0\0") => {
                 orientation = Orientation::from_exif(&m.data[6..]);
             }
-            mozjpeg::Marker::APP(2)
-                if m.data.len() > 14 && m.data.starts_with(b"ICC_PROFILE\0") =>
-            {
+            mozjpeg::Marker::APP(2) if m.data.len() > 14 && m.data.starts_with(b"ICC_PROFILE\0") => {
                 chunks.push((m.data[12], &m.data[14..]));
             }
             mozjpeg::Marker::APP(14) if m.data.starts_with(b"Adobe") => adobe = true,
@@ -304,13 +260,8 @@ fn jpeg_meta(markers: mozjpeg::decompress::MarkerIter<'_>) -> JpegMeta {
         }
     }
     chunks.sort_by_key(|c| c.0);
-    let icc =
-        (!chunks.is_empty()).then(|| chunks.iter().flat_map(|c| c.1.iter().copied()).collect());
-    JpegMeta {
-        orientation,
-        icc,
-        adobe,
-    }
+    let icc = (!chunks.is_empty()).then(|| chunks.iter().flat_map(|c| c.1.iter().copied()).collect());
+    JpegMeta { orientation, icc, adobe }
 }
 
 /// Runs libjpeg code, turning its unwinding fatal errors into typed errors.
@@ -325,15 +276,9 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .unwrap_or_else(|| "libjpeg failed".into());
             let detail = msg.trim_start_matches("libjpeg fatal error: ").to_owned();
             if detail.contains("premature") || detail.contains("empty") {
-                Err(Error::Truncated {
-                    format: "jpeg",
-                    detail,
-                })
+                Err(Error::Truncated { format: "jpeg", detail })
             } else {
-                Err(Error::Corrupt {
-                    format: "jpeg",
-                    detail,
-                })
+                Err(Error::Corrupt { format: "jpeg", detail })
             }
         }
     }
@@ -343,10 +288,7 @@ fn jpeg_header(bytes: &[u8]) -> Result<Header> {
     guarded(|| {
         let d = mozjpeg::Decompress::with_markers(JPEG_MARKERS)
             .from_mem(bytes)
-            .map_err(|e| Error::Corrupt {
-                format: "jpeg",
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| Error::Corrupt { format: "jpeg", detail: e.to_string() })?;
         let meta = jpeg_meta(d.markers());
         let (w, h) = d.size();
         let comps = d.components().len();
@@ -369,10 +311,7 @@ fn jpeg_header(bytes: &[u8]) -> Result<Header> {
 
 /// True when the entropy-coded data ends with an EOI marker (trailing padding allowed).
 fn jpeg_has_eoi(bytes: &[u8]) -> bool {
-    let trimmed = bytes
-        .iter()
-        .rposition(|&b| b != 0 && b != 0xFF)
-        .map_or(&bytes[..0], |i| &bytes[..=i]);
+    let trimmed = bytes.iter().rposition(|&b| b != 0 && b != 0xFF).map_or(&bytes[..0], |i| &bytes[..=i]);
     // EOI is FF D9; `trimmed` ends on D9 if present.
     trimmed.len() >= 2 && trimmed[trimmed.len() - 1] == 0xD9 && bytes[trimmed.len() - 2] == 0xFF
 }
@@ -399,27 +338,15 @@ fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions<'_>) -> Result<Decoded> {
     guarded(|| {
         let mut d = mozjpeg::Decompress::with_markers(JPEG_MARKERS)
             .from_mem(bytes)
-            .map_err(|e| Error::Corrupt {
-                format: "jpeg",
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| Error::Corrupt { format: "jpeg", detail: e.to_string() })?;
         let (w, h) = d.size();
         let (w, h) = (w as u32, h as u32);
         opts.limits.check_source(w, h)?;
         let meta = jpeg_meta(d.markers());
-        let min = opts.min_size.map(|m| {
-            if meta.orientation.swaps_axes() && opts.auto_orient {
-                (m.1, m.0)
-            } else {
-                m
-            }
-        });
+        let min = opts.min_size.map(|m| if meta.orientation.swaps_axes() && opts.auto_orient { (m.1, m.0) } else { m });
         let shrink = jpeg_scale((w, h), min);
         d.scale((8 / shrink) as u8);
-        let fail = |e: std::io::Error| Error::Corrupt {
-            format: "jpeg",
-            detail: e.to_string(),
-        };
+        let fail = |e: std::io::Error| Error::Corrupt { format: "jpeg", detail: e.to_string() };
         let (image, icc) = match d.image().map_err(fail)? {
             mozjpeg::decompress::Format::RGB(mut s) => {
                 let (ow, oh) = (s.width() as u32, s.height() as u32);
@@ -451,10 +378,7 @@ fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions<'_>) -> Result<Decoded> {
 }
 
 fn rgb_image(w: u32, h: u32, px: Vec<u8>) -> Result<RgbImage> {
-    RgbImage::from_raw(w, h, px).ok_or(Error::Corrupt {
-        format: "jpeg",
-        detail: "short scanline data".into(),
-    })
+    RgbImage::from_raw(w, h, px).ok_or(Error::Corrupt { format: "jpeg", detail: "short scanline data".into() })
 }
 
 /// Naive CMYK -> RGB. Adobe (Photoshop) CMYK JPEGs store inverted ink values.
@@ -462,25 +386,11 @@ fn cmyk_to_rgb(px: &[u8], adobe_inverted: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(px.len() / 4 * 3);
     for p in px.chunks_exact(4) {
         let (c, m, y, k) = if adobe_inverted {
-            (
-                u32::from(p[0]),
-                u32::from(p[1]),
-                u32::from(p[2]),
-                u32::from(p[3]),
-            )
+            (u32::from(p[0]), u32::from(p[1]), u32::from(p[2]), u32::from(p[3]))
         } else {
-            (
-                255 - u32::from(p[0]),
-                255 - u32::from(p[1]),
-                255 - u32::from(p[2]),
-                255 - u32::from(p[3]),
-            )
+            (255 - u32::from(p[0]), 255 - u32::from(p[1]), 255 - u32::from(p[2]), 255 - u32::from(p[3]))
         };
-        out.extend_from_slice(&[
-            (c * k / 255) as u8,
-            (m * k / 255) as u8,
-            (y * k / 255) as u8,
-        ]);
+        out.extend_from_slice(&[(c * k / 255) as u8, (m * k / 255) as u8, (y * k / 255) as u8]);
     }
     out
 }
@@ -508,10 +418,7 @@ mod tests {
     #[test]
     fn cmyk_conversion_handles_adobe_inversion() {
         // Adobe-inverted: 255 = no ink -> white.
-        assert_eq!(
-            cmyk_to_rgb(&[255, 255, 255, 255], true),
-            vec![255, 255, 255]
-        );
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 255], true), vec![255, 255, 255]);
         assert_eq!(cmyk_to_rgb(&[0, 0, 0, 0], false), vec![255, 255, 255]);
         assert_eq!(cmyk_to_rgb(&[255, 255, 255, 0], true), vec![0, 0, 0]);
     }

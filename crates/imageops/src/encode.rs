@@ -25,53 +25,20 @@ pub static SPEC: OpSpec = OpSpec {
             None,
             "Output format (default: from the output name, else the input's).",
         ),
-        int(
-            "quality",
-            1,
-            100,
-            None,
-            "Lossy quality (defaults: JPEG 80, WebP 80, AVIF 60).",
-        ),
+        int("quality", 1, 100, None, "Lossy quality (defaults: JPEG 80, WebP 80, AVIF 60)."),
         boolean("progressive", "false", "JPEG: progressive scans."),
-        choice(
-            "chroma",
-            &["420", "422", "444"],
-            Some("420"),
-            "JPEG chroma subsampling.",
-        ),
+        choice("chroma", &["420", "422", "444"], Some("420"), "JPEG chroma subsampling."),
         choice(
             "jpeg_mode",
             &["fast", "balanced", "smallest"],
             Some("balanced"),
             "JPEG encoder effort: fast (plain libjpeg), balanced (optimised Huffman tables), smallest (mozjpeg trellis quantisation: ~15% smaller, slower, slightly lower SSIM at equal quality).",
         ),
-        int(
-            "compression",
-            0,
-            9,
-            Some("6"),
-            "PNG effort; 7-9 also run oxipng.",
-        ),
-        boolean(
-            "palette",
-            "false",
-            "PNG: quantise to a palette (lossy, much smaller).",
-        ),
-        int(
-            "colors",
-            2,
-            256,
-            Some("256"),
-            "Palette size for palette=true and GIF.",
-        ),
+        int("compression", 0, 9, Some("6"), "PNG effort; 7-9 also run oxipng."),
+        boolean("palette", "false", "PNG: quantise to a palette (lossy, much smaller)."),
+        int("colors", 2, 256, Some("256"), "Palette size for palette=true and GIF."),
         boolean("lossless", "false", "WebP: lossless."),
-        int(
-            "speed",
-            1,
-            10,
-            Some("6"),
-            "AVIF encoder speed (1 slowest/smallest, 10 fastest).",
-        ),
+        int("speed", 1, 10, Some("6"), "AVIF encoder speed (1 slowest/smallest, 10 fastest)."),
         int(
             "max_bytes",
             64,
@@ -79,17 +46,8 @@ pub static SPEC: OpSpec = OpSpec {
             None,
             "Largest acceptable output; lossy formats lower quality to fit, others fail.",
         ),
-        choice(
-            "icc",
-            &["keep", "strip"],
-            Some("keep"),
-            "Embedded colour profile: keep it (JPEG/PNG) or drop it.",
-        ),
-        color(
-            "background",
-            Some("white"),
-            "Colour that transparent areas become in formats without alpha (JPEG).",
-        ),
+        choice("icc", &["keep", "strip"], Some("keep"), "Embedded colour profile: keep it (JPEG/PNG) or drop it."),
+        color("background", Some("white"), "Colour that transparent areas become in formats without alpha (JPEG)."),
     ],
 };
 
@@ -185,44 +143,26 @@ impl EncodeOptions {
     pub fn from_args(a: &Args) -> Result<Self> {
         let given = |n: &str| a.given(n);
         Ok(EncodeOptions {
-            format: a
-                .choice("format")
-                .filter(|_| given("format"))
-                .and_then(OutFormat::from_name),
+            format: a.choice("format").filter(|_| given("format")).and_then(OutFormat::from_name),
             quality: a.u32("quality").map(|q| q as u8),
             progressive: given("progressive").then(|| a.boolean("progressive")),
-            chroma: a
-                .choice("chroma")
-                .filter(|_| given("chroma"))
-                .map(|c| match c {
-                    "444" => (1, 1),
-                    "422" => (2, 1),
-                    _ => (2, 2),
-                }),
-            jpeg_mode: a
-                .choice("jpeg_mode")
-                .filter(|_| given("jpeg_mode"))
-                .map(|m| match m {
-                    "fast" => JpegMode::Fast,
-                    "smallest" => JpegMode::Smallest,
-                    _ => JpegMode::Balanced,
-                }),
-            compression: a
-                .u32("compression")
-                .filter(|_| given("compression"))
-                .map(|c| c as u8),
+            chroma: a.choice("chroma").filter(|_| given("chroma")).map(|c| match c {
+                "444" => (1, 1),
+                "422" => (2, 1),
+                _ => (2, 2),
+            }),
+            jpeg_mode: a.choice("jpeg_mode").filter(|_| given("jpeg_mode")).map(|m| match m {
+                "fast" => JpegMode::Fast,
+                "smallest" => JpegMode::Smallest,
+                _ => JpegMode::Balanced,
+            }),
+            compression: a.u32("compression").filter(|_| given("compression")).map(|c| c as u8),
             palette: given("palette").then(|| a.boolean("palette")),
-            colors: a
-                .u32("colors")
-                .filter(|_| given("colors"))
-                .map(|c| c as u16),
+            colors: a.u32("colors").filter(|_| given("colors")).map(|c| c as u16),
             lossless: given("lossless").then(|| a.boolean("lossless")),
             speed: a.u32("speed").filter(|_| given("speed")).map(|s| s as u8),
             max_bytes: a.int("max_bytes").map(|b| b as u64),
-            strip_icc: a
-                .choice("icc")
-                .filter(|_| given("icc"))
-                .map(|v| v == "strip"),
+            strip_icc: a.choice("icc").filter(|_| given("icc")).map(|v| v == "strip"),
             background: a.color("background").filter(|_| given("background")),
         })
     }
@@ -262,17 +202,8 @@ impl EncodeOptions {
 }
 
 /// Encodes `img` as `format`. `icc` is the source profile, embedded unless stripped.
-pub fn encode(
-    img: &DynamicImage,
-    format: OutFormat,
-    opts: &EncodeOptions,
-    icc: Option<&[u8]>,
-) -> Result<Vec<u8>> {
-    let icc = if opts.strip_icc == Some(true) {
-        None
-    } else {
-        icc
-    };
+pub fn encode(img: &DynamicImage, format: OutFormat, opts: &EncodeOptions, icc: Option<&[u8]>) -> Result<Vec<u8>> {
+    let icc = if opts.strip_icc == Some(true) { None } else { icc };
     let quality = opts.default_quality(format);
     let Some(max) = opts.max_bytes else {
         return encode_once(img, format, opts, quality, icc);
@@ -326,11 +257,7 @@ fn encode_once(
     let bg = opts.background.unwrap_or(Color::WHITE);
     match format {
         OutFormat::Jpeg => {
-            let rgb = if raster::channels(img) == 4 {
-                raster::flatten(img, bg)
-            } else {
-                img.clone()
-            };
+            let rgb = if raster::channels(img) == 4 { raster::flatten(img, bg) } else { img.clone() };
             encode_jpeg(&rgb, opts, quality, icc)
         }
         OutFormat::Png => encode_png(img, opts, icc),
@@ -338,12 +265,8 @@ fn encode_once(
         OutFormat::Avif => {
             let mut out = Vec::new();
             let speed = opts.speed.unwrap_or(6);
-            let enc =
-                image::codecs::avif::AvifEncoder::new_with_speed_quality(&mut out, speed, quality);
-            img.write_with_encoder(enc).map_err(|e| Error::Encode {
-                format: "avif",
-                detail: e.to_string(),
-            })?;
+            let enc = image::codecs::avif::AvifEncoder::new_with_speed_quality(&mut out, speed, quality);
+            img.write_with_encoder(enc).map_err(|e| Error::Encode { format: "avif", detail: e.to_string() })?;
             Ok(out)
         }
         OutFormat::Gif => {
@@ -351,22 +274,14 @@ fn encode_once(
             {
                 let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut out, 10);
                 let frame = image::Frame::new(img.to_rgba8());
-                enc.encode_frame(frame).map_err(|e| Error::Encode {
-                    format: "gif",
-                    detail: e.to_string(),
-                })?;
+                enc.encode_frame(frame).map_err(|e| Error::Encode { format: "gif", detail: e.to_string() })?;
             }
             Ok(out)
         }
     }
 }
 
-fn encode_jpeg(
-    img: &DynamicImage,
-    opts: &EncodeOptions,
-    quality: u8,
-    icc: Option<&[u8]>,
-) -> Result<Vec<u8>> {
+fn encode_jpeg(img: &DynamicImage, opts: &EncodeOptions, quality: u8, icc: Option<&[u8]>) -> Result<Vec<u8>> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let px = img.as_bytes();
     let mode = opts.jpeg_mode.unwrap_or(JpegMode::Balanced);
@@ -388,29 +303,17 @@ fn encode_jpeg(
         }
         let mut started = c
             .start_compress(Vec::with_capacity(w * h / 4))
-            .map_err(|e| Error::Encode {
-                format: "jpeg",
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| Error::Encode { format: "jpeg", detail: e.to_string() })?;
         if let Some(icc) = icc {
             started.write_icc_profile(icc);
         }
-        started.write_scanlines(px).map_err(|e| Error::Encode {
-            format: "jpeg",
-            detail: e.to_string(),
-        })?;
-        started.finish().map_err(|e| Error::Encode {
-            format: "jpeg",
-            detail: e.to_string(),
-        })
+        started.write_scanlines(px).map_err(|e| Error::Encode { format: "jpeg", detail: e.to_string() })?;
+        started.finish().map_err(|e| Error::Encode { format: "jpeg", detail: e.to_string() })
     })
 }
 
 fn encode_png(img: &DynamicImage, opts: &EncodeOptions, icc: Option<&[u8]>) -> Result<Vec<u8>> {
-    let fail = |e: &dyn std::fmt::Display| Error::Encode {
-        format: "png",
-        detail: e.to_string(),
-    };
+    let fail = |e: &dyn std::fmt::Display| Error::Encode { format: "png", detail: e.to_string() };
     let level = opts.compression.unwrap_or(6);
     let img = if raster::channels(img) == 4 && raster::is_opaque(img) {
         raster::ensure_channels(img, 3)
@@ -419,8 +322,7 @@ fn encode_png(img: &DynamicImage, opts: &EncodeOptions, icc: Option<&[u8]>) -> R
     };
     let mut out = Vec::new();
     if opts.palette == Some(true) {
-        write_indexed_png(&mut out, &img, opts.colors.unwrap_or(256), level)
-            .map_err(|e| fail(&e))?;
+        write_indexed_png(&mut out, &img, opts.colors.unwrap_or(256), level).map_err(|e| fail(&e))?;
     } else {
         let ct = match level {
             0..=3 => image::codecs::png::CompressionType::Fast,
@@ -441,8 +343,7 @@ fn encode_png(img: &DynamicImage, opts: &EncodeOptions, icc: Option<&[u8]>) -> R
     }
     if level >= 7 {
         let preset = (level - 6).min(3);
-        out = oxipng::optimize_from_memory(&out, &oxipng::Options::from_preset(preset))
-            .map_err(|e| fail(&e))?;
+        out = oxipng::optimize_from_memory(&out, &oxipng::Options::from_preset(preset)).map_err(|e| fail(&e))?;
     }
     Ok(out)
 }
@@ -457,23 +358,12 @@ fn write_indexed_png(
     let rgba = img.to_rgba8();
     let nq = color_quant::NeuQuant::new(10, usize::from(colors), rgba.as_raw());
     let map = nq.color_map_rgba();
-    let indices: Vec<u8> = rgba
-        .as_raw()
-        .chunks_exact(4)
-        .map(|p| nq.index_of(p) as u8)
-        .collect();
+    let indices: Vec<u8> = rgba.as_raw().chunks_exact(4).map(|p| nq.index_of(p) as u8).collect();
     let mut enc = png::Encoder::new(out, img.width(), img.height());
     enc.set_color(png::ColorType::Indexed);
     enc.set_depth(png::BitDepth::Eight);
-    enc.set_compression(if level <= 3 {
-        png::Compression::Fast
-    } else {
-        png::Compression::High
-    });
-    let palette: Vec<u8> = map
-        .chunks_exact(4)
-        .flat_map(|c| [c[0], c[1], c[2]])
-        .collect();
+    enc.set_compression(if level <= 3 { png::Compression::Fast } else { png::Compression::High });
+    let palette: Vec<u8> = map.chunks_exact(4).flat_map(|c| [c[0], c[1], c[2]]).collect();
     let trns: Vec<u8> = map.chunks_exact(4).map(|c| c[3]).collect();
     enc.set_palette(palette);
     if trns.iter().any(|&a| a != 255) {
@@ -496,10 +386,7 @@ fn encode_webp(img: &DynamicImage, opts: &EncodeOptions, quality: u8) -> Result<
     } else {
         enc.encode_simple(false, f32::from(quality))
     };
-    mem.map(|m| m.to_vec()).map_err(|e| Error::Encode {
-        format: "webp",
-        detail: format!("{e:?}"),
-    })
+    mem.map(|m| m.to_vec()).map_err(|e| Error::Encode { format: "webp", detail: format!("{e:?}") })
 }
 
 #[cfg(test)]
@@ -530,23 +417,10 @@ mod tests {
     #[test]
     fn every_format_round_trips_dimensions() {
         let img = gradient(64, 48, false);
-        for f in [
-            OutFormat::Jpeg,
-            OutFormat::Png,
-            OutFormat::Webp,
-            OutFormat::Gif,
-            OutFormat::Avif,
-        ] {
-            let opts = EncodeOptions {
-                speed: Some(10),
-                ..Default::default()
-            };
+        for f in [OutFormat::Jpeg, OutFormat::Png, OutFormat::Webp, OutFormat::Gif, OutFormat::Avif] {
+            let opts = EncodeOptions { speed: Some(10), ..Default::default() };
             let bytes = encode(&img, f, &opts, None).unwrap();
-            assert_eq!(
-                crate::format::sniff(&bytes).map(OutFormat::for_source),
-                Some(f),
-                "{f:?}"
-            );
+            assert_eq!(crate::format::sniff(&bytes).map(OutFormat::for_source), Some(f), "{f:?}");
             if f != OutFormat::Avif {
                 let back = decode(&bytes);
                 assert_eq!((back.width(), back.height()), (64, 48), "{f:?}");
@@ -557,50 +431,22 @@ mod tests {
     #[test]
     fn quality_changes_size_and_max_bytes_is_met() {
         let img = gradient(256, 256, false);
-        let q90 = encode(
-            &img,
-            OutFormat::Jpeg,
-            &EncodeOptions {
-                quality: Some(90),
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap();
-        let q30 = encode(
-            &img,
-            OutFormat::Jpeg,
-            &EncodeOptions {
-                quality: Some(30),
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap();
+        let q90 =
+            encode(&img, OutFormat::Jpeg, &EncodeOptions { quality: Some(90), ..Default::default() }, None).unwrap();
+        let q30 =
+            encode(&img, OutFormat::Jpeg, &EncodeOptions { quality: Some(30), ..Default::default() }, None).unwrap();
         assert!(q30.len() < q90.len());
         let target = (q30.len() + q90.len()) as u64 / 2;
         let fit = encode(
             &img,
             OutFormat::Jpeg,
-            &EncodeOptions {
-                quality: Some(90),
-                max_bytes: Some(target),
-                ..Default::default()
-            },
+            &EncodeOptions { quality: Some(90), max_bytes: Some(target), ..Default::default() },
             None,
         )
         .unwrap();
         assert!(fit.len() as u64 <= target && fit.len() > q30.len());
-        let err = encode(
-            &img,
-            OutFormat::Png,
-            &EncodeOptions {
-                max_bytes: Some(100),
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap_err();
+        let err = encode(&img, OutFormat::Png, &EncodeOptions { max_bytes: Some(100), ..Default::default() }, None)
+            .unwrap_err();
         assert_eq!(err.code(), "encode_failed");
     }
 
@@ -611,22 +457,10 @@ mod tests {
         let bytes = encode(&img, OutFormat::Jpeg, &EncodeOptions::default(), Some(&icc)).unwrap();
         let header = crate::decode::read_header(&bytes, &crate::Limits::default()).unwrap();
         assert_eq!(header.icc.as_deref(), Some(&icc[..]));
-        let stripped = encode(
-            &img,
-            OutFormat::Jpeg,
-            &EncodeOptions {
-                strip_icc: Some(true),
-                ..Default::default()
-            },
-            Some(&icc),
-        )
-        .unwrap();
-        assert!(
-            crate::decode::read_header(&stripped, &crate::Limits::default())
-                .unwrap()
-                .icc
-                .is_none()
-        );
+        let stripped =
+            encode(&img, OutFormat::Jpeg, &EncodeOptions { strip_icc: Some(true), ..Default::default() }, Some(&icc))
+                .unwrap();
+        assert!(crate::decode::read_header(&stripped, &crate::Limits::default()).unwrap().icc.is_none());
     }
 
     #[test]
@@ -635,11 +469,7 @@ mod tests {
         let bytes = encode(
             &img,
             OutFormat::Png,
-            &EncodeOptions {
-                palette: Some(true),
-                colors: Some(16),
-                ..Default::default()
-            },
+            &EncodeOptions { palette: Some(true), colors: Some(16), ..Default::default() },
             None,
         )
         .unwrap();
@@ -653,9 +483,6 @@ mod tests {
         let base = EncodeOptions::parse([("quality", "70"), ("format", "webp")]).unwrap();
         let over = EncodeOptions::parse([("quality", "50")]).unwrap();
         let merged = base.overlay(&over);
-        assert_eq!(
-            (merged.quality, merged.format),
-            (Some(50), Some(OutFormat::Webp))
-        );
+        assert_eq!((merged.quality, merged.format), (Some(50), Some(OutFormat::Webp)));
     }
 }

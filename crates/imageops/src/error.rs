@@ -40,36 +40,19 @@ impl fmt::Display for LimitKind {
 pub enum Error {
     /// The bytes are not a format the engine knows, or one it knows but cannot decode here.
     #[error("unsupported format: {format}{}", hint.as_deref().map(|h| format!(" ({h})")).unwrap_or_default())]
-    Unsupported {
-        format: String,
-        hint: Option<String>,
-    },
+    Unsupported { format: String, hint: Option<String> },
     /// The input was empty or ended before the image data did.
     #[error("truncated {format} data: {detail}")]
-    Truncated {
-        format: &'static str,
-        detail: String,
-    },
+    Truncated { format: &'static str, detail: String },
     /// The bytes claim a format but are not valid for it.
     #[error("corrupt {format} data: {detail}")]
-    Corrupt {
-        format: &'static str,
-        detail: String,
-    },
+    Corrupt { format: &'static str, detail: String },
     /// A configured limit would be exceeded; nothing was allocated for it.
     #[error("limit exceeded: {limit} is {max}, input needs {actual}")]
-    LimitExceeded {
-        limit: LimitKind,
-        max: u64,
-        actual: u64,
-    },
+    LimitExceeded { limit: LimitKind, max: u64, actual: u64 },
     /// A parameter is missing, unknown, malformed or out of range.
     #[error("bad parameter `{param}` for `{op}`: {reason}")]
-    BadParameter {
-        op: String,
-        param: String,
-        reason: String,
-    },
+    BadParameter { op: String, param: String, reason: String },
     /// The request names an operation that does not exist.
     #[error("unknown operation `{0}`")]
     UnknownOperation(String),
@@ -78,10 +61,7 @@ pub enum Error {
     Timeout { op: String, limit_ms: u64 },
     /// The encoder failed or could not meet a target (e.g. `max_bytes`).
     #[error("cannot encode {format}: {detail}")]
-    Encode {
-        format: &'static str,
-        detail: String,
-    },
+    Encode { format: &'static str, detail: String },
 }
 
 impl Error {
@@ -100,11 +80,7 @@ impl Error {
     }
 
     pub(crate) fn bad(op: &str, param: &str, reason: impl Into<String>) -> Self {
-        Error::BadParameter {
-            op: op.to_owned(),
-            param: param.to_owned(),
-            reason: reason.into(),
-        }
+        Error::BadParameter { op: op.to_owned(), param: param.to_owned(), reason: reason.into() }
     }
 
     pub(crate) fn limit(limit: LimitKind, max: u64, actual: u64) -> Self {

@@ -149,8 +149,7 @@ fn sniff_iso_bmff(b: &[u8]) -> Option<Format> {
     if has(b"avif") || has(b"avis") {
         return Some(Format::Avif);
     }
-    if has(b"heic") || has(b"heix") || has(b"hevc") || has(b"heim") || has(b"mif1") || has(b"msf1")
-    {
+    if has(b"heic") || has(b"heix") || has(b"hevc") || has(b"heim") || has(b"mif1") || has(b"msf1") {
         return Some(Format::Heif);
     }
     if has(b"dash") || has(b"msdh") || has(b"msix") || has(b"cmfc") || has(b"cmf2") {
@@ -178,9 +177,7 @@ pub(crate) fn has_top_level_box(b: &[u8], kind: &[u8]) -> bool {
         }
         let size = match size {
             0 => return false,
-            1 if b.len() - pos >= 16 => {
-                u64::from_be_bytes(b[pos + 8..pos + 16].try_into().unwrap_or([0; 8]))
-            }
+            1 if b.len() - pos >= 16 => u64::from_be_bytes(b[pos + 8..pos + 16].try_into().unwrap_or([0; 8])),
             1 => return false,
             s => s,
         };
@@ -231,10 +228,7 @@ mod tests {
         assert_eq!(sniff(&ftyp(b"avif", &[b"mif1"])), Some(Format::Avif));
         assert_eq!(sniff(&ftyp(b"mif1", &[b"avif"])), Some(Format::Avif));
         assert_eq!(sniff(&ftyp(b"heic", &[b"mif1"])), Some(Format::Heif));
-        assert_eq!(
-            sniff(&ftyp(b"isom", &[b"iso2", b"avc1"])),
-            Some(Format::Mp4)
-        );
+        assert_eq!(sniff(&ftyp(b"isom", &[b"iso2", b"avc1"])), Some(Format::Mp4));
         assert_eq!(sniff(&ftyp(b"qt  ", &[])), Some(Format::Mov));
         assert_eq!(sniff(&ftyp(b"iso6", &[b"dash"])), Some(Format::Fmp4));
         let mut seg = b"\0\0\0\x18stypmsdh\0\0\0\0msdhmsix".to_vec();
@@ -258,10 +252,7 @@ mod tests {
 
     #[test]
     fn box_walk_survives_hostile_sizes() {
-        assert!(!has_top_level_box(
-            b"\0\0\0\x01ftyp\xff\xff\xff\xff\xff\xff\xff\xff",
-            b"moof"
-        ));
+        assert!(!has_top_level_box(b"\0\0\0\x01ftyp\xff\xff\xff\xff\xff\xff\xff\xff", b"moof"));
         assert!(!has_top_level_box(b"\0\0\0\x04ftyp", b"moof"));
         assert!(!has_top_level_box(b"\xff\xff\xff\xffftyp", b"moof"));
     }

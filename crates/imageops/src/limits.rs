@@ -43,11 +43,7 @@ impl Limits {
     pub fn check_input_bytes(&self, len: usize) -> Result<()> {
         let len = len as u64;
         if len > self.max_input_bytes {
-            return Err(Error::limit(
-                LimitKind::InputBytes,
-                self.max_input_bytes,
-                len,
-            ));
+            return Err(Error::limit(LimitKind::InputBytes, self.max_input_bytes, len));
         }
         Ok(())
     }
@@ -56,19 +52,11 @@ impl Limits {
     pub fn check_source(&self, width: u32, height: u32) -> Result<()> {
         let dim = width.max(height);
         if dim > self.max_source_dimension {
-            return Err(Error::limit(
-                LimitKind::SourceDimension,
-                self.max_source_dimension.into(),
-                dim.into(),
-            ));
+            return Err(Error::limit(LimitKind::SourceDimension, self.max_source_dimension.into(), dim.into()));
         }
         let px = u64::from(width) * u64::from(height);
         if px > self.max_source_pixels {
-            return Err(Error::limit(
-                LimitKind::SourcePixels,
-                self.max_source_pixels,
-                px,
-            ));
+            return Err(Error::limit(LimitKind::SourcePixels, self.max_source_pixels, px));
         }
         Ok(())
     }
@@ -77,11 +65,7 @@ impl Limits {
     pub fn check_output(&self, width: u32, height: u32) -> Result<()> {
         let px = u64::from(width) * u64::from(height);
         if px > self.max_output_pixels {
-            return Err(Error::limit(
-                LimitKind::OutputPixels,
-                self.max_output_pixels,
-                px,
-            ));
+            return Err(Error::limit(LimitKind::OutputPixels, self.max_output_pixels, px));
         }
         Ok(())
     }
@@ -100,40 +84,20 @@ mod tests {
 
     #[test]
     fn limits_are_inclusive_at_the_boundary() {
-        let l = Limits {
-            max_source_pixels: 100,
-            max_source_dimension: 50,
-            ..Limits::default()
-        };
+        let l = Limits { max_source_pixels: 100, max_source_dimension: 50, ..Limits::default() };
         assert!(l.check_source(10, 10).is_ok());
         assert!(l.check_source(50, 2).is_ok());
         let err = l.check_source(11, 10).unwrap_err();
-        assert!(matches!(
-            err,
-            Error::LimitExceeded {
-                limit: LimitKind::SourcePixels,
-                max: 100,
-                actual: 110
-            }
-        ));
+        assert!(matches!(err, Error::LimitExceeded { limit: LimitKind::SourcePixels, max: 100, actual: 110 }));
         let err = l.check_source(51, 1).unwrap_err();
-        assert!(matches!(
-            err,
-            Error::LimitExceeded {
-                limit: LimitKind::SourceDimension,
-                ..
-            }
-        ));
+        assert!(matches!(err, Error::LimitExceeded { limit: LimitKind::SourceDimension, .. }));
         assert_eq!(err.code(), "limit_exceeded");
         assert!(err.to_string().contains("max_source_dimension is 50"));
     }
 
     #[test]
     fn input_bytes_limit() {
-        let l = Limits {
-            max_input_bytes: 4,
-            ..Limits::default()
-        };
+        let l = Limits { max_input_bytes: 4, ..Limits::default() };
         assert!(l.check_input_bytes(4).is_ok());
         assert!(l.check_input_bytes(5).is_err());
     }

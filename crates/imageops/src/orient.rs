@@ -72,10 +72,7 @@ impl Orientation {
     pub fn swaps_axes(self) -> bool {
         matches!(
             self,
-            Orientation::Transpose
-                | Orientation::Rotate90
-                | Orientation::Transverse
-                | Orientation::Rotate270
+            Orientation::Transpose | Orientation::Rotate90 | Orientation::Transverse | Orientation::Rotate270
         )
     }
 
@@ -119,11 +116,7 @@ mod tests {
             assert_eq!(o.swaps_axes(), size == (1, 2));
             let out = o.apply(sample()).to_rgb8();
             assert_eq!(out.dimensions(), size, "orientation {v}");
-            assert_eq!(
-                out.get_pixel(red.0, red.1),
-                &Rgb([255, 0, 0]),
-                "orientation {v}"
-            );
+            assert_eq!(out.get_pixel(red.0, red.1), &Rgb([255, 0, 0]), "orientation {v}");
         }
     }
 

@@ -39,41 +39,14 @@ pub struct OpSpec {
     pub params: &'static [Param],
 }
 
-pub const fn int(
-    name: &'static str,
-    min: i64,
-    max: i64,
-    default: Option<&'static str>,
-    doc: &'static str,
-) -> Param {
-    Param {
-        name,
-        kind: Kind::Int { min, max },
-        default,
-        doc,
-    }
+pub const fn int(name: &'static str, min: i64, max: i64, default: Option<&'static str>, doc: &'static str) -> Param {
+    Param { name, kind: Kind::Int { min, max }, default, doc }
 }
-pub const fn float(
-    name: &'static str,
-    min: f64,
-    max: f64,
-    default: Option<&'static str>,
-    doc: &'static str,
-) -> Param {
-    Param {
-        name,
-        kind: Kind::Float { min, max },
-        default,
-        doc,
-    }
+pub const fn float(name: &'static str, min: f64, max: f64, default: Option<&'static str>, doc: &'static str) -> Param {
+    Param { name, kind: Kind::Float { min, max }, default, doc }
 }
 pub const fn boolean(name: &'static str, default: &'static str, doc: &'static str) -> Param {
-    Param {
-        name,
-        kind: Kind::Bool,
-        default: Some(default),
-        doc,
-    }
+    Param { name, kind: Kind::Bool, default: Some(default), doc }
 }
 pub const fn choice(
     name: &'static str,
@@ -81,33 +54,13 @@ pub const fn choice(
     default: Option<&'static str>,
     doc: &'static str,
 ) -> Param {
-    Param {
-        name,
-        kind: Kind::Enum { values },
-        default,
-        doc,
-    }
+    Param { name, kind: Kind::Enum { values }, default, doc }
 }
 pub const fn color(name: &'static str, default: Option<&'static str>, doc: &'static str) -> Param {
-    Param {
-        name,
-        kind: Kind::Color,
-        default,
-        doc,
-    }
+    Param { name, kind: Kind::Color, default, doc }
 }
-pub const fn text(
-    name: &'static str,
-    max_len: usize,
-    default: Option<&'static str>,
-    doc: &'static str,
-) -> Param {
-    Param {
-        name,
-        kind: Kind::Text { max_len },
-        default,
-        doc,
-    }
+pub const fn text(name: &'static str, max_len: usize, default: Option<&'static str>, doc: &'static str) -> Param {
+    Param { name, kind: Kind::Text { max_len }, default, doc }
 }
 
 /// Validated arguments of one operation: every key is known and every value parses.
@@ -119,19 +72,12 @@ pub struct Args {
 
 impl Args {
     /// Validates raw pairs against the schema: unknown keys, duplicates, types and ranges.
-    pub fn parse<'a>(
-        spec: &'static OpSpec,
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self> {
+    pub fn parse<'a>(spec: &'static OpSpec, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
         let mut values = BTreeMap::new();
         for (key, value) in pairs {
             let Some(param) = spec.params.iter().find(|p| p.name == key) else {
                 let known: Vec<_> = spec.params.iter().map(|p| p.name).collect();
-                return Err(Error::bad(
-                    spec.name,
-                    key,
-                    format!("unknown parameter; known: {}", known.join(", ")),
-                ));
+                return Err(Error::bad(spec.name, key, format!("unknown parameter; known: {}", known.join(", "))));
             };
             if values.contains_key(param.name) {
                 return Err(Error::bad(spec.name, key, "given twice"));
@@ -229,16 +175,10 @@ fn check_value(op: &str, p: &Param, v: &str) -> Result<()> {
             if values.contains(&v) {
                 Ok(())
             } else {
-                bad(format!(
-                    "`{}` is not one of {}",
-                    truncate(v),
-                    values.join(", ")
-                ))
+                bad(format!("`{}` is not one of {}", truncate(v), values.join(", ")))
             }
         }
-        Kind::Color => Color::parse(v)
-            .map(|_| ())
-            .map_err(|reason| Error::bad(op, p.name, reason)),
+        Kind::Color => Color::parse(v).map(|_| ()).map_err(|reason| Error::bad(op, p.name, reason)),
         Kind::Text { max_len } => {
             if v.len() <= max_len {
                 Ok(())
@@ -304,11 +244,7 @@ mod tests {
         for (pairs, param, text) in cases {
             let err = parse(pairs).unwrap_err();
             match &err {
-                Error::BadParameter {
-                    op,
-                    param: p,
-                    reason,
-                } => {
+                Error::BadParameter { op, param: p, reason } => {
                     assert_eq!(op, "demo");
                     assert_eq!(p, param);
                     assert!(reason.contains(text), "{reason} should contain {text}");

@@ -76,17 +76,10 @@ impl Pipeline {
             let step = match name {
                 "convert" => Step::Convert(EncodeOptions::parse(pairs)?),
                 "output" => {
-                    let (named, rest): (Vec<_>, Vec<_>) =
-                        pairs.into_iter().partition(|(k, _)| *k == "name");
+                    let (named, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| *k == "name");
                     let a = Args::parse(&OUTPUT, named)?;
-                    let name = a
-                        .text("name")
-                        .ok_or_else(|| a.invalid("name", "required"))?
-                        .to_owned();
-                    Step::Output {
-                        name,
-                        encode: EncodeOptions::parse(rest)?,
-                    }
+                    let name = a.text("name").ok_or_else(|| a.invalid("name", "required"))?.to_owned();
+                    Step::Output { name, encode: EncodeOptions::parse(rest)? }
                 }
                 op => Step::Op(Op::parse(op, pairs)?),
             };
@@ -103,26 +96,19 @@ impl Pipeline {
     pub fn run(&self, input: &[u8], opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
         let limits = opts.limits;
         let mut first_resize = None;
-        let mut dopts = DecodeOptions {
-            limits,
-            foreign: opts.foreign,
-            ..DecodeOptions::default()
-        };
+        let mut dopts = DecodeOptions { limits, foreign: opts.foreign, ..DecodeOptions::default() };
         if let Some(Step::Op(Op::Resize(r))) = self.steps.first() {
             let format = decode::sniff_checked(input, &limits)?;
             if format == Format::Jpeg {
                 let h = decode::read_header(input, &limits)?;
                 limits.check_source(h.width, h.height)?;
-                let src = if h.orientation.swaps_axes() {
-                    (h.height, h.width)
-                } else {
-                    (h.width, h.height)
-                };
+                let src = if h.orientation.swaps_axes() { (h.height, h.width) } else { (h.width, h.height) };
                 dopts.min_size = Some(r.min_source(src));
                 // Scale-relative sizes must be pinned to the source before it shrinks.
                 first_resize = Some(r.absolute(src));
             }
         }
+        refuse_animation(input, &limits)?;
         let decoded = decode::decode(input, &dopts)?;
         let source_format = decoded.format;
         let icc = decoded.icc;
@@ -140,38 +126,44 @@ impl Pipeline {
                     img = op.apply(img, &limits)?;
                     let ms = started.elapsed().as_millis() as u64;
                     if ms > limits.max_op_millis {
-                        return Err(Error::Timeout {
-                            op: op.name().into(),
-                            limit_ms: limits.max_op_millis,
-                        });
+                        return Err(Error::Timeout { op: op.name().into(), limit_ms: limits.max_op_millis });
                     }
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
                 Step::Output { name, encode } => {
                     let o = encode_opts.overlay(encode);
-                    let format = o
-                        .format
-                        .or_else(|| format_from_name(name))
-                        .unwrap_or(OutFormat::for_source(source_format));
-                    out.push(render(
-                        &img,
-                        Some(name.clone()),
-                        format,
-                        &o,
-                        icc.as_deref(),
-                    )?);
+                    let format =
+                        o.format.or_else(|| format_from_name(name)).unwrap_or(OutFormat::for_source(source_format));
+                    out.push(render(&img, Some(name.clone()), format, &o, icc.as_deref())?);
                 }
             }
         }
         if self.needs_final_output() {
-            let o = opts
-                .final_output
-                .map_or(encode_opts.clone(), |f| encode_opts.overlay(f));
+            let o = opts.final_output.map_or(encode_opts.clone(), |f| encode_opts.overlay(f));
             let format = o.format.unwrap_or(OutFormat::for_source(source_format));
             out.push(render(&img, None, format, &o, icc.as_deref())?);
         }
         Ok(out)
     }
+}
+
+/// Pipelines work on stills; processing only the first frame of an animation would silently
+/// drop the rest, so animations are refused with a clear error until frame-wise processing lands.
+fn refuse_animation(input: &[u8], limits: &Limits) -> Result<()> {
+    let format = decode::sniff_checked(input, limits)?;
+    if !matches!(format, Format::Gif | Format::Webp | Format::Png) {
+        return Ok(());
+    }
+    let frames = crate::probe::animation_frames(format, input, limits)?;
+    if frames > 1 {
+        return Err(Error::Unsupported {
+            format: format!("animated {}", format.name()),
+            hint: Some(format!(
+                "{frames} frames; pipelines process stills only, whole animations are not supported yet"
+            )),
+        });
+    }
+    Ok(())
 }
 
 fn render(
@@ -182,13 +174,7 @@ fn render(
     icc: Option<&[u8]>,
 ) -> Result<Rendition> {
     let bytes = encode::encode(img, format, o, icc)?;
-    Ok(Rendition {
-        name,
-        format,
-        width: img.width(),
-        height: img.height(),
-        bytes,
-    })
+    Ok(Rendition { name, format, width: img.width(), height: img.height(), bytes })
 }
 
 /// The output format implied by a name's extension, if any.
@@ -226,13 +212,7 @@ mod tests {
         for (x, y, p) in im.enumerate_pixels_mut() {
             *p = image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]);
         }
-        encode::encode(
-            &image::DynamicImage::ImageRgb8(im),
-            OutFormat::Jpeg,
-            &EncodeOptions::default(),
-            None,
-        )
-        .unwrap()
+        encode::encode(&image::DynamicImage::ImageRgb8(im), OutFormat::Jpeg, &EncodeOptions::default(), None).unwrap()
     }
 
     fn pipeline(steps: &[(&str, &[(&str, &str)])]) -> Result<Pipeline> {
@@ -250,14 +230,8 @@ mod tests {
         .unwrap();
         let out = p.run(&jpeg(1600, 1200), &RunOptions::default()).unwrap();
         assert_eq!(out.len(), 2);
-        assert_eq!(
-            (out[0].format, out[0].width, out[0].height),
-            (OutFormat::Jpeg, 400, 300)
-        );
-        assert_eq!(
-            (out[1].format, out[1].width, out[1].height),
-            (OutFormat::Webp, 100, 75)
-        );
+        assert_eq!((out[0].format, out[0].width, out[0].height), (OutFormat::Jpeg, 400, 300));
+        assert_eq!((out[1].format, out[1].width, out[1].height), (OutFormat::Webp, 100, 75));
         assert_eq!(crate::format::sniff(&out[1].bytes), Some(Format::Webp));
     }
 
@@ -278,38 +252,16 @@ mod tests {
         let p = pipeline(&[("flip", &[])]).unwrap();
         let out = p.run(&src, &RunOptions::default()).unwrap();
         assert_eq!(out[0].format, OutFormat::Jpeg);
-        let png = EncodeOptions {
-            format: Some(OutFormat::Png),
-            ..Default::default()
-        };
-        let out = p
-            .run(
-                &src,
-                &RunOptions {
-                    final_output: Some(&png),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let png = EncodeOptions { format: Some(OutFormat::Png), ..Default::default() };
+        let out = p.run(&src, &RunOptions { final_output: Some(&png), ..Default::default() }).unwrap();
         assert_eq!(crate::format::sniff(&out[0].bytes), Some(Format::Png));
     }
 
     #[test]
     fn limits_stop_bombs_before_decoding() {
-        let limits = Limits {
-            max_source_pixels: 1000,
-            ..Limits::default()
-        };
+        let limits = Limits { max_source_pixels: 1000, ..Limits::default() };
         let p = pipeline(&[("resize", &[("width", "10")])]).unwrap();
-        let err = p
-            .run(
-                &jpeg(64, 64),
-                &RunOptions {
-                    limits,
-                    ..Default::default()
-                },
-            )
-            .unwrap_err();
+        let err = p.run(&jpeg(64, 64), &RunOptions { limits, ..Default::default() }).unwrap_err();
         assert_eq!(err.code(), "limit_exceeded");
         let png = encode::encode(
             &raster::canvas(64, 64, Color::WHITE, false),
@@ -318,35 +270,15 @@ mod tests {
             None,
         )
         .unwrap();
-        let err = p
-            .run(
-                &png,
-                &RunOptions {
-                    limits,
-                    ..Default::default()
-                },
-            )
-            .unwrap_err();
+        let err = p.run(&png, &RunOptions { limits, ..Default::default() }).unwrap_err();
         assert_eq!(err.code(), "limit_exceeded");
     }
 
     #[test]
     fn bad_steps_are_rejected_with_names() {
-        assert!(matches!(
-            pipeline(&[("resize", &[("width", "-1")])]),
-            Err(Error::BadParameter { .. })
-        ));
-        assert!(matches!(
-            pipeline(&[("output", &[])]),
-            Err(Error::BadParameter { .. })
-        ));
-        assert!(matches!(
-            pipeline(&[("warp", &[])]),
-            Err(Error::UnknownOperation(_))
-        ));
-        assert!(matches!(
-            pipeline(&[("convert", &[("quality", "101")])]),
-            Err(Error::BadParameter { .. })
-        ));
+        assert!(matches!(pipeline(&[("resize", &[("width", "-1")])]), Err(Error::BadParameter { .. })));
+        assert!(matches!(pipeline(&[("output", &[])]), Err(Error::BadParameter { .. })));
+        assert!(matches!(pipeline(&[("warp", &[])]), Err(Error::UnknownOperation(_))));
+        assert!(matches!(pipeline(&[("convert", &[("quality", "101")])]), Err(Error::BadParameter { .. })));
     }
 }

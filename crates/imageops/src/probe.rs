@@ -114,48 +114,21 @@ pub fn probe(bytes: &[u8], limits: &Limits, foreign: Option<&dyn ForeignDecoder>
             }
         }
         Ok(None) => p.frames = Some(1),
-        Err(e) => {
-            p.problem = Some(Problem {
-                code: e.code(),
-                message: e.to_string(),
-            })
-        }
+        Err(e) => p.problem = Some(Problem { code: e.code(), message: e.to_string() }),
     }
     if let Err(e) = summarise_colour(&mut p, bytes, limits, foreign) {
-        p.problem.get_or_insert(Problem {
-            code: e.code(),
-            message: e.to_string(),
-        });
+        p.problem.get_or_insert(Problem { code: e.code(), message: e.to_string() });
     }
     Ok(p)
 }
 
-fn summarise_colour(
-    p: &mut Probe,
-    bytes: &[u8],
-    limits: &Limits,
-    foreign: Option<&dyn ForeignDecoder>,
-) -> Result<()> {
-    let opts = DecodeOptions {
-        limits: *limits,
-        min_size: Some((32, 32)),
-        foreign,
-        ..DecodeOptions::default()
-    };
+fn summarise_colour(p: &mut Probe, bytes: &[u8], limits: &Limits, foreign: Option<&dyn ForeignDecoder>) -> Result<()> {
+    let opts = DecodeOptions { limits: *limits, min_size: Some((32, 32)), foreign, ..DecodeOptions::default() };
     let d = decode::decode(bytes, &opts)?;
     let (w, h) = (d.image.width(), d.image.height());
     let scale = (64.0 / f64::from(w.max(h))).min(1.0);
-    let size = (
-        ((f64::from(w) * scale) as u32).max(1),
-        ((f64::from(h) * scale) as u32).max(1),
-    );
-    let small = resample(
-        &d.image,
-        (0.0, 0.0, f64::from(w), f64::from(h)),
-        size,
-        Kernel::Bilinear,
-    )?
-    .to_rgba8();
+    let size = (((f64::from(w) * scale) as u32).max(1), ((f64::from(h) * scale) as u32).max(1));
+    let small = resample(&d.image, (0.0, 0.0, f64::from(w), f64::from(h)), size, Kernel::Bilinear)?.to_rgba8();
     p.blurhash = blurhash::encode(4, 3, size.0, size.1, small.as_raw()).ok();
     p.dominant_color = Some(dominant(small.as_raw()));
     Ok(())
@@ -166,19 +139,14 @@ fn summarise_colour(
 fn dominant(rgba: &[u8]) -> String {
     let mut buckets = vec![(0u32, [0u32; 3]); 4096];
     for p in rgba.chunks_exact(4).filter(|p| p[3] >= 128) {
-        let key =
-            (usize::from(p[0] >> 4) << 8) | (usize::from(p[1] >> 4) << 4) | usize::from(p[2] >> 4);
+        let key = (usize::from(p[0] >> 4) << 8) | (usize::from(p[1] >> 4) << 4) | usize::from(p[2] >> 4);
         let b = &mut buckets[key];
         b.0 += 1;
         for c in 0..3 {
             b.1[c] += u32::from(p[c]);
         }
     }
-    let (n, sum) = buckets
-        .iter()
-        .max_by_key(|b| b.0)
-        .copied()
-        .unwrap_or((0, [0; 3]));
+    let (n, sum) = buckets.iter().max_by_key(|b| b.0).copied().unwrap_or((0, [0; 3]));
     if n == 0 {
         return "#00000000".into();
     }
@@ -191,9 +159,7 @@ fn animation(format: Format, bytes: &[u8], limits: &Limits) -> Result<Option<(u6
         Format::Gif => {
             let mut opts = gif::DecodeOptions::new();
             opts.set_color_output(gif::ColorOutput::Indexed);
-            let mut dec = opts
-                .read_info(Cursor::new(bytes))
-                .map_err(|e| gif_error(&e))?;
+            let mut dec = opts.read_info(Cursor::new(bytes)).map_err(|e| gif_error(&e))?;
             let (mut frames, mut centis) = (0u64, 0u64);
             while let Some(frame) = dec.next_frame_info().map_err(|e| gif_error(&e))? {
                 frames += 1;
@@ -203,11 +169,8 @@ fn animation(format: Format, bytes: &[u8], limits: &Limits) -> Result<Option<(u6
             Ok(Some((frames, Some(centis * 10))))
         }
         Format::Webp => {
-            let dec =
-                image_webp::WebPDecoder::new(Cursor::new(bytes)).map_err(|e| Error::Corrupt {
-                    format: "webp",
-                    detail: e.to_string(),
-                })?;
+            let dec = image_webp::WebPDecoder::new(Cursor::new(bytes))
+                .map_err(|e| Error::Corrupt { format: "webp", detail: e.to_string() })?;
             if !dec.is_animated() {
                 return Ok(None);
             }
@@ -217,10 +180,7 @@ fn animation(format: Format, bytes: &[u8], limits: &Limits) -> Result<Option<(u6
         }
         Format::Png => {
             let dec = png::Decoder::new(Cursor::new(bytes));
-            let reader = dec.read_info().map_err(|e| Error::Corrupt {
-                format: "png",
-                detail: e.to_string(),
-            })?;
+            let reader = dec.read_info().map_err(|e| Error::Corrupt { format: "png", detail: e.to_string() })?;
             let Some(actl) = reader.info().animation_control else {
                 return Ok(None);
             };
@@ -232,38 +192,29 @@ fn animation(format: Format, bytes: &[u8], limits: &Limits) -> Result<Option<(u6
     }
 }
 
+/// Number of frames of a GIF/WebP/PNG (1 for stills), for callers that only need the count.
+pub(crate) fn animation_frames(format: Format, bytes: &[u8], limits: &Limits) -> Result<u64> {
+    Ok(animation(format, bytes, limits)?.map_or(1, |a| a.0))
+}
+
 fn gif_error(e: &gif::DecodingError) -> Error {
     match e {
         gif::DecodingError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Error::Truncated {
-                format: "gif",
-                detail: io.to_string(),
-            }
+            Error::Truncated { format: "gif", detail: io.to_string() }
         }
         other => {
             let detail = other.to_string();
             if detail.contains("end") || detail.contains("EOF") {
-                Error::Truncated {
-                    format: "gif",
-                    detail,
-                }
+                Error::Truncated { format: "gif", detail }
             } else {
-                Error::Corrupt {
-                    format: "gif",
-                    detail,
-                }
+                Error::Corrupt { format: "gif", detail }
             }
         }
     }
 }
 
 /// AVIF/HEIF: dimensions from the `ispe` property; decoded only through a foreign decoder.
-fn probe_heif(
-    format: Format,
-    bytes: &[u8],
-    limits: &Limits,
-    foreign: Option<&dyn ForeignDecoder>,
-) -> Probe {
+fn probe_heif(format: Format, bytes: &[u8], limits: &Limits, foreign: Option<&dyn ForeignDecoder>) -> Probe {
     let mut p = Probe::empty(Some(format), MediaKind::Still, bytes.len());
     if let Some(i) = bytes.windows(4).take(64 * 1024).position(|w| w == b"ispe")
         && let Some(b) = bytes.get(i + 8..i + 16)
@@ -271,20 +222,18 @@ fn probe_heif(
         p.width = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
         p.height = Some(u32::from_be_bytes([b[4], b[5], b[6], b[7]]));
     }
-    p.codec = Some(
-        if format == Format::Avif {
-            "av1"
-        } else {
-            "hevc"
-        }
-        .into(),
-    );
+    // `irot` with an odd number of quarter turns swaps the displayed axes.
+    if let Some(i) = bytes.windows(4).take(64 * 1024).position(|w| w == b"irot")
+        && bytes.get(i + 4).is_some_and(|a| a & 1 == 1)
+        && let (Some(w), Some(h)) = (p.width, p.height)
+    {
+        p.width = Some(h);
+        p.height = Some(w);
+    }
+    p.codec = Some(if format == Format::Avif { "av1" } else { "hevc" }.into());
     p.frames = Some(1);
     if let Err(e) = summarise_colour(&mut p, bytes, limits, foreign) {
-        p.problem = Some(Problem {
-            code: e.code(),
-            message: e.to_string(),
-        });
+        p.problem = Some(Problem { code: e.code(), message: e.to_string() });
     }
     p
 }
@@ -298,13 +247,15 @@ fn probe_video(format: Format, bytes: &[u8]) -> Probe {
     match format {
         Format::Mp4 | Format::Mov | Format::Fmp4 => match re_mp4::Mp4::read_bytes(bytes) {
             Ok(mp4) => {
-                if let Some(t) = mp4
-                    .tracks()
-                    .values()
-                    .find(|t| t.kind == Some(re_mp4::TrackKind::Video))
-                {
-                    p.width = Some(u32::from(t.width));
-                    p.height = Some(u32::from(t.height));
+                if let Some(t) = mp4.tracks().values().find(|t| t.kind == Some(re_mp4::TrackKind::Video)) {
+                    // Coded size from the sample entry (as ffprobe reports it); the track
+                    // header's size can include a pixel-aspect correction.
+                    let (w, h) = match &t.trak(&mp4).mdia.minf.stbl.stsd.contents {
+                        re_mp4::StsdBoxContent::Avc1(a) => (a.width, a.height),
+                        _ => (t.width, t.height),
+                    };
+                    p.width = Some(u32::from(w));
+                    p.height = Some(u32::from(h));
                     p.frames = Some(t.samples.len() as u64);
                     if t.timescale > 0 {
                         p.duration_ms = Some(t.duration.saturating_mul(1000) / t.timescale);
@@ -314,18 +265,13 @@ fn probe_video(format: Format, bytes: &[u8]) -> Probe {
             }
             Err(e) => {
                 let message = e.to_string();
-                let code = if message.contains("moov")
-                    || message.contains("eof")
-                    || message.contains("larger")
-                {
+                let code = if message.contains("moov") || message.contains("eof") || message.contains("larger") {
                     "truncated_input"
                 } else {
                     "corrupt_input"
                 };
-                p.problem = Some(Problem {
-                    code,
-                    message: format!("cannot read {} container: {message}", format.name()),
-                });
+                p.problem =
+                    Some(Problem { code, message: format!("cannot read {} container: {message}", format.name()) });
             }
         },
         Format::MpegVideo => {
@@ -353,10 +299,7 @@ mod tests {
         let p = probe(&bytes, &Limits::default(), None).unwrap();
         assert_eq!(p.format, Some(Format::Png));
         assert_eq!(p.kind, MediaKind::Still);
-        assert_eq!(
-            (p.width, p.height, p.frames),
-            (Some(120), Some(80), Some(1))
-        );
+        assert_eq!((p.width, p.height, p.frames), (Some(120), Some(80), Some(1)));
         assert_eq!(p.dominant_color.as_deref(), Some("#c81e28"));
         assert!(p.blurhash.as_deref().is_some_and(|h| h.len() >= 6));
         assert!(p.problem.is_none());
@@ -385,29 +328,16 @@ mod tests {
             }
         }
         let p = probe(&out, &Limits::default(), None).unwrap();
-        assert_eq!(
-            (p.kind, p.frames, p.duration_ms),
-            (MediaKind::Animated, Some(3), Some(300))
-        );
-        let limited = Limits {
-            max_frames: 2,
-            ..Limits::default()
-        };
-        assert_eq!(
-            probe(&out, &limited, None).unwrap().problem.unwrap().code,
-            "limit_exceeded"
-        );
+        assert_eq!((p.kind, p.frames, p.duration_ms), (MediaKind::Animated, Some(3), Some(300)));
+        let limited = Limits { max_frames: 2, ..Limits::default() };
+        assert_eq!(probe(&out, &limited, None).unwrap().problem.unwrap().code, "limit_exceeded");
     }
 
     #[test]
     fn dominant_colour_prefers_the_majority() {
         let mut px = Vec::new();
         for i in 0..100 {
-            px.extend_from_slice(if i < 70 {
-                &[10, 200, 10, 255]
-            } else {
-                &[250, 0, 0, 255]
-            });
+            px.extend_from_slice(if i < 70 { &[10, 200, 10, 255] } else { &[250, 0, 0, 255] });
         }
         assert_eq!(dominant(&px), "#0ac80a");
     }

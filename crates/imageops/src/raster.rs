@@ -22,11 +22,7 @@ pub fn from_raw(w: u32, h: u32, ch: usize, buf: Vec<u8>) -> DynamicImage {
 
 /// A canvas filled with `color`; RGBA when the colour is not opaque or `force_alpha`.
 pub fn canvas(w: u32, h: u32, color: Color, force_alpha: bool) -> DynamicImage {
-    let ch = if force_alpha || !color.is_opaque() {
-        4
-    } else {
-        3
-    };
+    let ch = if force_alpha || !color.is_opaque() { 4 } else { 3 };
     let px = &color.0[..ch];
     let mut buf = Vec::with_capacity(w as usize * h as usize * ch);
     for _ in 0..(w as usize * h as usize) {
@@ -53,12 +49,7 @@ pub fn paste(dst: &mut DynamicImage, src: &DynamicImage, x: u32, y: u32) {
     if channels(dst) == 3 && channels(src) == 4 {
         *dst = DynamicImage::ImageRgba8(dst.to_rgba8());
     }
-    image::imageops::overlay(
-        dst,
-        &ensure_channels(src, channels(dst)),
-        i64::from(x),
-        i64::from(y),
-    );
+    image::imageops::overlay(dst, &ensure_channels(src, channels(dst)), i64::from(x), i64::from(y));
 }
 
 /// Converts to the given channel count (3 flattens onto white only if asked via `flatten`).

@@ -12,47 +12,16 @@ pub static SPEC: OpSpec = OpSpec {
     name: "adjust",
     doc: "Tone and colour: brightness, contrast, saturation and gamma multipliers, optional auto-level.",
     params: &[
-        float(
-            "brightness",
-            0.0,
-            10.0,
-            Some("1.0"),
-            "Multiplier on every channel (1 = unchanged).",
-        ),
-        float(
-            "contrast",
-            0.0,
-            10.0,
-            Some("1.0"),
-            "Multiplier on the distance from mid-grey (1 = unchanged).",
-        ),
-        float(
-            "saturation",
-            0.0,
-            10.0,
-            Some("1.0"),
-            "0 = greyscale, 1 = unchanged, >1 = more colourful.",
-        ),
-        float(
-            "gamma",
-            0.1,
-            10.0,
-            Some("1.0"),
-            "Gamma correction (>1 brightens mid-tones).",
-        ),
-        boolean(
-            "auto_level",
-            "false",
-            "Stretch the 0.5%..99.5% luma range to full scale first.",
-        ),
+        float("brightness", 0.0, 10.0, Some("1.0"), "Multiplier on every channel (1 = unchanged)."),
+        float("contrast", 0.0, 10.0, Some("1.0"), "Multiplier on the distance from mid-grey (1 = unchanged)."),
+        float("saturation", 0.0, 10.0, Some("1.0"), "0 = greyscale, 1 = unchanged, >1 = more colourful."),
+        float("gamma", 0.1, 10.0, Some("1.0"), "Gamma correction (>1 brightens mid-tones)."),
+        boolean("auto_level", "false", "Stretch the 0.5%..99.5% luma range to full scale first."),
     ],
 };
 
-pub static ENHANCE: OpSpec = OpSpec {
-    name: "enhance",
-    doc: "One-click enhancement: auto-level plus saturation 1.1.",
-    params: &[],
-};
+pub static ENHANCE: OpSpec =
+    OpSpec { name: "enhance", doc: "One-click enhancement: auto-level plus saturation 1.1.", params: &[] };
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Adjust {
@@ -64,13 +33,8 @@ pub struct Adjust {
 }
 
 impl Adjust {
-    pub const ENHANCE: Adjust = Adjust {
-        brightness: 1.0,
-        contrast: 1.0,
-        saturation: 1.1,
-        gamma: 1.0,
-        auto_level: true,
-    };
+    pub const ENHANCE: Adjust =
+        Adjust { brightness: 1.0, contrast: 1.0, saturation: 1.1, gamma: 1.0, auto_level: true };
 
     pub fn from_args(a: &Args) -> Result<Self> {
         Ok(Adjust {
@@ -98,20 +62,14 @@ impl Adjust {
     pub fn apply(&self, img: DynamicImage) -> DynamicImage {
         let ch = raster::channels(&img);
         let (w, h) = (img.width(), img.height());
-        let (low, high) = if self.auto_level {
-            luma_percentiles(img.as_bytes(), ch)
-        } else {
-            (0.0, 255.0)
-        };
+        let (low, high) = if self.auto_level { luma_percentiles(img.as_bytes(), ch) } else { (0.0, 255.0) };
         let lut = self.lut(low, high);
         let sat = self.saturation;
         let mut px = img.into_bytes();
         for p in px.chunks_exact_mut(ch) {
             let mut rgb = [lut[p[0] as usize], lut[p[1] as usize], lut[p[2] as usize]];
             if sat != 1.0 {
-                let l = 0.299 * f64::from(rgb[0])
-                    + 0.587 * f64::from(rgb[1])
-                    + 0.114 * f64::from(rgb[2]);
+                let l = 0.299 * f64::from(rgb[0]) + 0.587 * f64::from(rgb[1]) + 0.114 * f64::from(rgb[2]);
                 for c in &mut rgb {
                     *c = (l + sat * (f64::from(*c) - l)).round().clamp(0.0, 255.0) as u8;
                 }
@@ -152,13 +110,7 @@ mod tests {
     use super::*;
     use crate::color::Color;
 
-    const IDENTITY: Adjust = Adjust {
-        brightness: 1.0,
-        contrast: 1.0,
-        saturation: 1.0,
-        gamma: 1.0,
-        auto_level: false,
-    };
+    const IDENTITY: Adjust = Adjust { brightness: 1.0, contrast: 1.0, saturation: 1.0, gamma: 1.0, auto_level: false };
 
     #[test]
     fn identity_is_lossless() {
@@ -170,32 +122,11 @@ mod tests {
     fn each_knob_moves_pixels_the_right_way() {
         let img = raster::canvas(2, 2, Color([100, 150, 200, 255]), false);
         let px = |a: Adjust| a.apply(img.clone()).to_rgb8().get_pixel(0, 0).0;
-        assert_eq!(
-            px(Adjust {
-                brightness: 0.5,
-                ..IDENTITY
-            }),
-            [50, 75, 100]
-        );
-        assert_eq!(
-            px(Adjust {
-                saturation: 0.0,
-                ..IDENTITY
-            }),
-            [141, 141, 141]
-        );
-        let c = px(Adjust {
-            contrast: 2.0,
-            ..IDENTITY
-        });
+        assert_eq!(px(Adjust { brightness: 0.5, ..IDENTITY }), [50, 75, 100]);
+        assert_eq!(px(Adjust { saturation: 0.0, ..IDENTITY }), [141, 141, 141]);
+        let c = px(Adjust { contrast: 2.0, ..IDENTITY });
         assert!(c[0] < 100 && c[2] > 200);
-        assert!(
-            px(Adjust {
-                gamma: 2.0,
-                ..IDENTITY
-            })[0]
-                > 100
-        );
+        assert!(px(Adjust { gamma: 2.0, ..IDENTITY })[0] > 100);
     }
 
     #[test]
@@ -205,12 +136,7 @@ mod tests {
             let v = 100 + (x as u8) / 2; // 100..149
             *p = image::Rgb([v, v, v]);
         }
-        let out = Adjust {
-            auto_level: true,
-            ..IDENTITY
-        }
-        .apply(DynamicImage::ImageRgb8(im))
-        .to_rgb8();
+        let out = Adjust { auto_level: true, ..IDENTITY }.apply(DynamicImage::ImageRgb8(im)).to_rgb8();
         assert!(out.get_pixel(0, 0)[0] < 10);
         assert!(out.get_pixel(99, 0)[0] > 245);
     }

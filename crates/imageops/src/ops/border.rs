@@ -12,13 +12,7 @@ use crate::raster;
 pub static TRIM: OpSpec = OpSpec {
     name: "trim",
     doc: "Remove borders that match the top-left pixel's colour.",
-    params: &[int(
-        "threshold",
-        0,
-        255,
-        Some("10"),
-        "Largest per-channel difference still counted as border.",
-    )],
+    params: &[int("threshold", 0, 255, Some("10"), "Largest per-channel difference still counted as border.")],
 };
 
 pub static PAD: OpSpec = OpSpec {
@@ -30,11 +24,7 @@ pub static PAD: OpSpec = OpSpec {
         int("right", 0, 10_000, None, "Pixels to the right."),
         int("bottom", 0, 10_000, None, "Pixels below."),
         int("left", 0, 10_000, None, "Pixels to the left."),
-        color(
-            "color",
-            None,
-            "Fill (default white, or transparent with alpha).",
-        ),
+        color("color", None, "Fill (default white, or transparent with alpha)."),
     ],
 };
 
@@ -43,11 +33,7 @@ pub static ROUND: OpSpec = OpSpec {
     doc: "Round the corners (radius) or cut a circle/ellipse (circle=true); outside becomes transparent.",
     params: &[
         int("radius", 0, 65_535, Some("16"), "Corner radius in pixels."),
-        boolean(
-            "circle",
-            "false",
-            "Cut the largest ellipse that fits instead.",
-        ),
+        boolean("circle", "false", "Cut the largest ellipse that fits instead."),
     ],
 };
 
@@ -56,12 +42,7 @@ pub fn trim(img: DynamicImage, threshold: u8) -> DynamicImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let px = img.as_bytes();
     let bg: Vec<u8> = px[..ch].to_vec();
-    let differs = |i: usize| {
-        px[i * ch..i * ch + ch]
-            .iter()
-            .zip(&bg)
-            .any(|(a, b)| a.abs_diff(*b) > threshold)
-    };
+    let differs = |i: usize| px[i * ch..i * ch + ch].iter().zip(&bg).any(|(a, b)| a.abs_diff(*b) > threshold);
     let row_has = |y: usize| (0..w).any(|x| differs(y * w + x));
     let col_has = |x: usize, y0: usize, y1: usize| (y0..y1).any(|y| differs(y * w + x));
     let Some(top) = (0..h).find(|&y| row_has(y)) else {
@@ -69,21 +50,11 @@ pub fn trim(img: DynamicImage, threshold: u8) -> DynamicImage {
     };
     let bottom = (0..h).rev().find(|&y| row_has(y)).unwrap_or(top) + 1;
     let left = (0..w).find(|&x| col_has(x, top, bottom)).unwrap_or(0);
-    let right = (0..w)
-        .rev()
-        .find(|&x| col_has(x, top, bottom))
-        .unwrap_or(w - 1)
-        + 1;
+    let right = (0..w).rev().find(|&x| col_has(x, top, bottom)).unwrap_or(w - 1) + 1;
     if (left, top, right, bottom) == (0, 0, w, h) {
         return img;
     }
-    raster::crop(
-        &img,
-        left as u32,
-        top as u32,
-        (right - left) as u32,
-        (bottom - top) as u32,
-    )
+    raster::crop(&img, left as u32, top as u32, (right - left) as u32, (bottom - top) as u32)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,10 +78,7 @@ impl Pad {
             color: a.color("color"),
         };
         if p.top + p.right + p.bottom + p.left == 0 {
-            return Err(a.invalid(
-                "all",
-                "give at least one non-zero side (all, top, right, bottom, left)",
-            ));
+            return Err(a.invalid("all", "give at least one non-zero side (all, top, right, bottom, left)"));
         }
         Ok(p)
     }
@@ -120,11 +88,7 @@ impl Pad {
         let h = img.height() + self.top + self.bottom;
         limits.check_output(w, h)?;
         let has_alpha = img.color().has_alpha();
-        let bg = self.color.unwrap_or(if has_alpha {
-            Color::TRANSPARENT
-        } else {
-            Color::WHITE
-        });
+        let bg = self.color.unwrap_or(if has_alpha { Color::TRANSPARENT } else { Color::WHITE });
         let mut canvas = raster::canvas(w, h, bg, has_alpha);
         if raster::channels(&canvas) == 4 && !has_alpha {
             image::imageops::replace(
@@ -217,29 +181,17 @@ mod tests {
     #[test]
     fn pad_extends_each_side() {
         let img = raster::canvas(10, 10, Color::BLACK, false);
-        let p = Pad {
-            top: 1,
-            right: 2,
-            bottom: 3,
-            left: 4,
-            color: Some(Color::WHITE),
-        }
-        .apply(img, &Limits::default())
-        .unwrap()
-        .to_rgb8();
+        let p = Pad { top: 1, right: 2, bottom: 3, left: 4, color: Some(Color::WHITE) }
+            .apply(img, &Limits::default())
+            .unwrap()
+            .to_rgb8();
         assert_eq!(p.dimensions(), (16, 14));
         assert_eq!(p.get_pixel(0, 0).0, [255, 255, 255]);
         assert_eq!(p.get_pixel(4, 1).0, [0, 0, 0]);
         let img = raster::canvas(10, 10, Color::BLACK, false);
-        let p = Pad {
-            top: 2,
-            right: 0,
-            bottom: 0,
-            left: 0,
-            color: Some(Color::TRANSPARENT),
-        }
-        .apply(img, &Limits::default())
-        .unwrap();
+        let p = Pad { top: 2, right: 0, bottom: 0, left: 0, color: Some(Color::TRANSPARENT) }
+            .apply(img, &Limits::default())
+            .unwrap();
         assert_eq!(p.to_rgba8().get_pixel(0, 0)[3], 0);
         assert_eq!(p.to_rgba8().get_pixel(5, 5).0, [0, 0, 0, 255]);
     }

@@ -13,13 +13,7 @@ pub static SPEC: OpSpec = OpSpec {
     name: "crop",
     doc: "Cut out a rectangle (x, y, width, height), or a width x height box placed by gravity (compass, focal point or smart).",
     params: &[
-        int(
-            "x",
-            0,
-            65_535,
-            None,
-            "Left edge of the rectangle; with y, selects rectangle mode.",
-        ),
+        int("x", 0, 65_535, None, "Left edge of the rectangle; with y, selects rectangle mode."),
         int("y", 0, 65_535, None, "Top edge of the rectangle."),
         int("width", 1, 65_535, None, "Width of the box (required)."),
         int("height", 1, 65_535, None, "Height of the box (required)."),
@@ -29,20 +23,8 @@ pub static SPEC: OpSpec = OpSpec {
             Some("center"),
             "Where the box sits when x/y are not given; smart = most detailed region.",
         ),
-        float(
-            "fx",
-            0.0,
-            1.0,
-            None,
-            "Focal point x (fraction of width) for gravity=focal.",
-        ),
-        float(
-            "fy",
-            0.0,
-            1.0,
-            None,
-            "Focal point y (fraction of height) for gravity=focal.",
-        ),
+        float("fx", 0.0, 1.0, None, "Focal point x (fraction of width) for gravity=focal."),
+        float("fy", 0.0, 1.0, None, "Focal point y (fraction of height) for gravity=focal."),
     ],
 };
 
@@ -64,11 +46,7 @@ impl Crop {
         if at.is_some() && a.given("gravity") {
             return Err(a.invalid("gravity", "a rectangle (x, y) has no gravity"));
         }
-        Ok(Crop {
-            at,
-            size,
-            gravity: Gravity::from_args(a)?,
-        })
+        Ok(Crop { at, size, gravity: Gravity::from_args(a)? })
     }
 
     /// The rectangle to keep, clipped to the image. `None` when it lies entirely outside.
@@ -93,11 +71,7 @@ impl Crop {
             return Err(crate::Error::bad(
                 "crop",
                 "x",
-                format!(
-                    "rectangle starts outside the {}x{} image",
-                    img.width(),
-                    img.height()
-                ),
+                format!("rectangle starts outside the {}x{} image", img.width(), img.height()),
             ));
         };
         if (x, y, w, h) == (0, 0, img.width(), img.height()) {
@@ -115,42 +89,24 @@ fn smart_offset(img: &DynamicImage, win: (u32, u32)) -> (u32, u32) {
         return (0, 0);
     }
     let factor = (f64::from(w.max(h)) / 256.0).max(1.0);
-    let (sw, sh) = (
-        ((f64::from(w) / factor) as u32).max(1),
-        ((f64::from(h) / factor) as u32).max(1),
-    );
+    let (sw, sh) = (((f64::from(w) / factor) as u32).max(1), ((f64::from(h) / factor) as u32).max(1));
     let small = if factor > 1.0 {
-        super::resize::resample(
-            img,
-            (0.0, 0.0, f64::from(w), f64::from(h)),
-            (sw, sh),
-            super::resize::Kernel::Bilinear,
-        )
-        .unwrap_or_else(|_| img.clone())
+        super::resize::resample(img, (0.0, 0.0, f64::from(w), f64::from(h)), (sw, sh), super::resize::Kernel::Bilinear)
+            .unwrap_or_else(|_| img.clone())
     } else {
         img.clone()
     };
     let (sw, sh) = (small.width() as usize, small.height() as usize);
     let rgb = small.to_rgb8();
-    let luma: Vec<i32> = rgb
-        .pixels()
-        .map(|p| (i32::from(p[0]) * 299 + i32::from(p[1]) * 587 + i32::from(p[2]) * 114) / 1000)
-        .collect();
+    let luma: Vec<i32> =
+        rgb.pixels().map(|p| (i32::from(p[0]) * 299 + i32::from(p[1]) * 587 + i32::from(p[2]) * 114) / 1000).collect();
     // Score: gradient magnitude + saturation (skin and subjects are usually more colourful).
     let mut score = vec![0u64; sw * sh];
     for y in 0..sh {
         for x in 0..sw {
             let i = y * sw + x;
-            let gx = if x + 1 < sw {
-                (luma[i + 1] - luma[i]).abs()
-            } else {
-                0
-            };
-            let gy = if y + 1 < sh {
-                (luma[i + sw] - luma[i]).abs()
-            } else {
-                0
-            };
+            let gx = if x + 1 < sw { (luma[i + 1] - luma[i]).abs() } else { 0 };
+            let gy = if y + 1 < sh { (luma[i + sw] - luma[i]).abs() } else { 0 };
             let p = rgb.as_raw()[i * 3..i * 3 + 3].iter().map(|&v| i32::from(v));
             let (mx, mn) = p.fold((0, 255), |(mx, mn), v| (mx.max(v), mn.min(v)));
             score[i] = (gx + gy) as u64 * 2 + (mx - mn) as u64 / 2;
@@ -169,9 +125,7 @@ fn smart_offset(img: &DynamicImage, win: (u32, u32)) -> (u32, u32) {
     let wh = ((f64::from(win.1) / factor).round() as usize).clamp(1, sh);
     let sum = |x: usize, y: usize| {
         let (x2, y2) = (x + ww, y + wh);
-        sat[y2 * (sw + 1) + x2] + sat[y * (sw + 1) + x]
-            - sat[y * (sw + 1) + x2]
-            - sat[y2 * (sw + 1) + x]
+        sat[y2 * (sw + 1) + x2] + sat[y * (sw + 1) + x] - sat[y * (sw + 1) + x2] - sat[y2 * (sw + 1) + x]
     };
     let mut best = (i128::MIN, 0, 0);
     for y in 0..=(sh - wh) {
@@ -214,14 +168,7 @@ mod tests {
         let img = raster::canvas(100, 50, Color::WHITE, false);
         let c = crop(&[("width", "20"), ("height", "10"), ("gravity", "southeast")]).unwrap();
         assert_eq!(c.rect(&img), Some((80, 40, 20, 10)));
-        let c = crop(&[
-            ("width", "20"),
-            ("height", "10"),
-            ("gravity", "focal"),
-            ("fx", "0.1"),
-            ("fy", "0.5"),
-        ])
-        .unwrap();
+        let c = crop(&[("width", "20"), ("height", "10"), ("gravity", "focal"), ("fx", "0.1"), ("fy", "0.5")]).unwrap();
         assert_eq!(c.rect(&img), Some((0, 20, 20, 10)));
         assert!(crop(&[("width", "20"), ("height", "10"), ("gravity", "focal")]).is_err());
         assert!(crop(&[("x", "1"), ("width", "20"), ("height", "10")]).is_err());
@@ -240,9 +187,6 @@ mod tests {
         let c = crop(&[("width", "120"), ("height", "100"), ("gravity", "smart")]).unwrap();
         let (x, y, w, h) = c.rect(&DynamicImage::ImageRgb8(img)).unwrap();
         assert_eq!((w, h), (120, 100));
-        assert!(
-            x >= 260 && y >= 180,
-            "smart crop at {x},{y} missed the detailed corner"
-        );
+        assert!(x >= 260 && y >= 180, "smart crop at {x},{y} missed the detailed corner");
     }
 }

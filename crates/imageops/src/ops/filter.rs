@@ -11,40 +11,16 @@ use crate::raster;
 pub static BLUR: OpSpec = OpSpec {
     name: "blur",
     doc: "Gaussian blur.",
-    params: &[float(
-        "sigma",
-        0.3,
-        250.0,
-        None,
-        "Standard deviation in pixels (required).",
-    )],
+    params: &[float("sigma", 0.3, 250.0, None, "Standard deviation in pixels (required).")],
 };
 
 pub static SHARPEN: OpSpec = OpSpec {
     name: "sharpen",
     doc: "Unsharp mask: adds back the difference between the image and a blurred copy.",
     params: &[
-        float(
-            "sigma",
-            0.3,
-            50.0,
-            Some("1.0"),
-            "Radius of the blur used as the mask.",
-        ),
-        float(
-            "amount",
-            0.0,
-            10.0,
-            Some("1.0"),
-            "Strength: 1 adds the full difference.",
-        ),
-        int(
-            "threshold",
-            0,
-            255,
-            Some("0"),
-            "Ignore differences at or below this (protects flat areas).",
-        ),
+        float("sigma", 0.3, 50.0, Some("1.0"), "Radius of the blur used as the mask."),
+        float("amount", 0.0, 10.0, Some("1.0"), "Strength: 1 adds the full difference."),
+        int("threshold", 0, 255, Some("0"), "Ignore differences at or below this (protects flat areas)."),
     ],
 };
 
@@ -53,13 +29,7 @@ pub static PIXELATE: OpSpec = OpSpec {
     doc: "Replace pixels by block averages (whole image, or the x/y/width/height rectangle).",
     params: &[
         int("size", 2, 4096, Some("10"), "Block size in pixels."),
-        int(
-            "x",
-            0,
-            65_535,
-            None,
-            "Left of the region (with y, width, height).",
-        ),
+        int("x", 0, 65_535, None, "Left of the region (with y, width, height)."),
         int("y", 0, 65_535, None, "Top of the region."),
         int("width", 1, 65_535, None, "Width of the region."),
         int("height", 1, 65_535, None, "Height of the region."),
@@ -69,11 +39,7 @@ pub static PIXELATE: OpSpec = OpSpec {
 /// Gaussian blur; image's separable implementation for small sigmas, its three-pass box
 /// approximation (as Pillow does) for large ones where it is indistinguishable and O(1) per pixel.
 pub fn blur(img: DynamicImage, sigma: f32) -> DynamicImage {
-    if sigma < 2.0 {
-        img.blur(sigma)
-    } else {
-        img.fast_blur(sigma)
-    }
+    if sigma < 2.0 { img.blur(sigma) } else { img.fast_blur(sigma) }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,9 +69,7 @@ impl Sharpen {
             }
             let diff = f32::from(*o) - f32::from(*b);
             if diff.abs() > f32::from(self.threshold) {
-                *o = (f32::from(*o) + self.amount * diff)
-                    .round()
-                    .clamp(0.0, 255.0) as u8;
+                *o = (f32::from(*o) + self.amount * diff).round().clamp(0.0, 255.0) as u8;
             }
         }
         raster::from_raw(w, h, ch, out)
@@ -125,37 +89,22 @@ impl Pixelate {
             (None, None, None, None) => None,
             _ => return Err(a.invalid("x", "a region needs all of x, y, width and height")),
         };
-        Ok(Pixelate {
-            size: a.u32("size").unwrap_or(10),
-            region,
-        })
+        Ok(Pixelate { size: a.u32("size").unwrap_or(10), region })
     }
 
     pub fn apply(&self, mut img: DynamicImage) -> Result<DynamicImage> {
         let (w, h) = (img.width(), img.height());
         let (x, y, rw, rh) = self.region.unwrap_or((0, 0, w, h));
         if x >= w || y >= h {
-            return Err(crate::Error::bad(
-                "pixelate",
-                "x",
-                format!("region starts outside the {w}x{h} image"),
-            ));
+            return Err(crate::Error::bad("pixelate", "x", format!("region starts outside the {w}x{h} image")));
         }
         let (rw, rh) = (rw.min(w - x), rh.min(h - y));
-        let region = if (x, y, rw, rh) == (0, 0, w, h) {
-            img.clone()
-        } else {
-            raster::crop(&img, x, y, rw, rh)
-        };
+        let region = if (x, y, rw, rh) == (0, 0, w, h) { img.clone() } else { raster::crop(&img, x, y, rw, rh) };
         let small = (rw.div_ceil(self.size), rh.div_ceil(self.size));
         let full = (0.0, 0.0, f64::from(rw), f64::from(rh));
         let averaged = resample(&region, full, small, Kernel::Bilinear)?;
-        let blocks = resample(
-            &averaged,
-            (0.0, 0.0, f64::from(small.0), f64::from(small.1)),
-            (rw, rh),
-            Kernel::Nearest,
-        )?;
+        let blocks =
+            resample(&averaged, (0.0, 0.0, f64::from(small.0), f64::from(small.1)), (rw, rh), Kernel::Nearest)?;
         if (x, y, rw, rh) == (0, 0, w, h) {
             return Ok(blocks);
         }
@@ -172,11 +121,7 @@ mod tests {
     fn stripes() -> DynamicImage {
         let mut im = image::RgbImage::new(64, 64);
         for (x, _, p) in im.enumerate_pixels_mut() {
-            *p = image::Rgb(if x % 2 == 0 {
-                [0, 0, 0]
-            } else {
-                [255, 255, 255]
-            });
+            *p = image::Rgb(if x % 2 == 0 { [0, 0, 0] } else { [255, 255, 255] });
         }
         DynamicImage::ImageRgb8(im)
     }
@@ -184,12 +129,8 @@ mod tests {
     /// Max - min luma away from the borders (edges are clamped, not wrapped).
     fn spread(img: &DynamicImage) -> u8 {
         let b = img.to_luma8();
-        let inner = b
-            .enumerate_pixels()
-            .filter(|(x, y, _)| (8..56).contains(x) && (8..56).contains(y));
-        let (mn, mx) = inner.fold((255u8, 0u8), |(mn, mx), (_, _, p)| {
-            (mn.min(p[0]), mx.max(p[0]))
-        });
+        let inner = b.enumerate_pixels().filter(|(x, y, _)| (8..56).contains(x) && (8..56).contains(y));
+        let (mn, mx) = inner.fold((255u8, 0u8), |(mn, mx), (_, _, p)| (mn.min(p[0]), mx.max(p[0])));
         mx - mn
     }
 
@@ -207,36 +148,18 @@ mod tests {
                 im.put_pixel(x, y, image::Rgb([150, 150, 150]));
             }
         }
-        let s = Sharpen {
-            sigma: 1.0,
-            amount: 1.0,
-            threshold: 0,
-        }
-        .apply(DynamicImage::ImageRgb8(im))
-        .to_rgb8();
+        let s = Sharpen { sigma: 1.0, amount: 1.0, threshold: 0 }.apply(DynamicImage::ImageRgb8(im)).to_rgb8();
         assert!(s.get_pixel(15, 4)[0] < 100 && s.get_pixel(16, 4)[0] > 150);
         assert_eq!(s.get_pixel(2, 4)[0], 100, "flat areas stay put");
     }
 
     #[test]
     fn pixelate_region_only() {
-        let p = Pixelate {
-            size: 8,
-            region: Some((0, 0, 32, 32)),
-        }
-        .apply(stripes())
-        .unwrap();
+        let p = Pixelate { size: 8, region: Some((0, 0, 32, 32)) }.apply(stripes()).unwrap();
         let rgb = p.to_rgb8();
         let v = rgb.get_pixel(3, 3)[0];
         assert!((100..=155).contains(&v), "block average, got {v}");
         assert_eq!(rgb.get_pixel(40, 40)[0], 0, "outside the region untouched");
-        assert!(
-            Pixelate {
-                size: 8,
-                region: Some((99, 0, 5, 5))
-            }
-            .apply(stripes())
-            .is_err()
-        );
+        assert!(Pixelate { size: 8, region: Some((99, 0, 5, 5)) }.apply(stripes()).is_err());
     }
 }

@@ -15,19 +15,8 @@ pub enum Gravity {
     Smart,
 }
 
-pub const GRAVITY_VALUES: &[&str] = &[
-    "center",
-    "north",
-    "south",
-    "east",
-    "west",
-    "northeast",
-    "northwest",
-    "southeast",
-    "southwest",
-    "focal",
-    "smart",
-];
+pub const GRAVITY_VALUES: &[&str] =
+    &["center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest", "focal", "smart"];
 
 impl Gravity {
     pub const CENTER: Gravity = Gravity::Fraction(0.5, 0.5);
@@ -63,10 +52,7 @@ impl Gravity {
         };
         let free_x = outer.0.saturating_sub(inner.0);
         let free_y = outer.1.saturating_sub(inner.1);
-        (
-            (f64::from(free_x) * fx).round() as u32,
-            (f64::from(free_y) * fy).round() as u32,
-        )
+        ((f64::from(free_x) * fx).round() as u32, (f64::from(free_y) * fy).round() as u32)
     }
 }
 
@@ -76,10 +62,7 @@ pub fn focal_offset(outer: (u32, u32), inner: (u32, u32), fx: f64, fy: f64) -> (
     let cy = f64::from(outer.1) * fy - f64::from(inner.1) / 2.0;
     let max_x = f64::from(outer.0.saturating_sub(inner.0));
     let max_y = f64::from(outer.1.saturating_sub(inner.1));
-    (
-        cx.clamp(0.0, max_x).round() as u32,
-        cy.clamp(0.0, max_y).round() as u32,
-    )
+    (cx.clamp(0.0, max_x).round() as u32, cy.clamp(0.0, max_y).round() as u32)
 }
 
 #[cfg(test)]
@@ -89,14 +72,8 @@ mod tests {
     #[test]
     fn compass_offsets() {
         assert_eq!(Gravity::CENTER.offset((100, 50), (20, 10)), (40, 20));
-        assert_eq!(
-            Gravity::Fraction(1.0, 1.0).offset((100, 50), (20, 10)),
-            (80, 40)
-        );
-        assert_eq!(
-            Gravity::Fraction(0.0, 0.0).offset((100, 50), (20, 10)),
-            (0, 0)
-        );
+        assert_eq!(Gravity::Fraction(1.0, 1.0).offset((100, 50), (20, 10)), (80, 40));
+        assert_eq!(Gravity::Fraction(0.0, 0.0).offset((100, 50), (20, 10)), (0, 0));
         assert_eq!(Gravity::CENTER.offset((10, 10), (20, 20)), (0, 0));
     }
 

@@ -58,12 +58,8 @@ pub fn spec(name: &str) -> Option<&'static OpSpec> {
 
 impl Op {
     /// Parses `name` with `key=value` pairs, validating against the schema.
-    pub fn parse<'a>(
-        name: &str,
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Op> {
-        let spec =
-            spec(name).ok_or_else(|| Error::UnknownOperation(name.chars().take(40).collect()))?;
+    pub fn parse<'a>(name: &str, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Op> {
+        let spec = spec(name).ok_or_else(|| Error::UnknownOperation(name.chars().take(40).collect()))?;
         let a = Args::parse(spec, pairs)?;
         Ok(match spec.name {
             "resize" => Op::Resize(resize::Resize::from_args(&a)?),
@@ -71,23 +67,14 @@ impl Op {
             "rotate" => Op::Rotate(rotate::Rotate::from_args(&a)?),
             "flip" => Op::Flip,
             "flop" => Op::Flop,
-            "blur" => Op::Blur {
-                sigma: a
-                    .float("sigma")
-                    .ok_or_else(|| a.invalid("sigma", "required"))? as f32,
-            },
+            "blur" => Op::Blur { sigma: a.float("sigma").ok_or_else(|| a.invalid("sigma", "required"))? as f32 },
             "sharpen" => Op::Sharpen(filter::Sharpen::from_args(&a)?),
             "pixelate" => Op::Pixelate(filter::Pixelate::from_args(&a)?),
             "adjust" => Op::Adjust(adjust::Adjust::from_args(&a)?),
             "enhance" => Op::Adjust(adjust::Adjust::ENHANCE),
-            "trim" => Op::Trim {
-                threshold: a.u32("threshold").unwrap_or(10) as u8,
-            },
+            "trim" => Op::Trim { threshold: a.u32("threshold").unwrap_or(10) as u8 },
             "pad" => Op::Pad(border::Pad::from_args(&a)?),
-            "round" => Op::Round {
-                radius: a.u32("radius").unwrap_or(16),
-                circle: a.boolean("circle"),
-            },
+            "round" => Op::Round { radius: a.u32("radius").unwrap_or(16), circle: a.boolean("circle") },
             other => return Err(Error::UnknownOperation(other.to_owned())),
         })
     }
@@ -136,26 +123,13 @@ mod tests {
     fn every_catalogue_entry_parses_or_names_its_required_parameter() {
         for spec in CATALOGUE {
             match Op::parse(spec.name, []) {
-                Ok(op) => assert_eq!(
-                    spec.name,
-                    if op.name() == "adjust" {
-                        spec.name
-                    } else {
-                        op.name()
-                    }
-                ),
+                Ok(op) => assert_eq!(spec.name, if op.name() == "adjust" { spec.name } else { op.name() }),
                 Err(Error::BadParameter { op, .. }) => assert_eq!(op, spec.name),
                 Err(other) => panic!("{}: {other}", spec.name),
             }
         }
-        assert!(matches!(
-            Op::parse("explode", []),
-            Err(Error::UnknownOperation(_))
-        ));
-        assert!(matches!(
-            Op::parse("extend", [("all", "2")]),
-            Ok(Op::Pad(_))
-        ));
+        assert!(matches!(Op::parse("explode", []), Err(Error::UnknownOperation(_))));
+        assert!(matches!(Op::parse("extend", [("all", "2")]), Ok(Op::Pad(_))));
     }
 
     #[test]

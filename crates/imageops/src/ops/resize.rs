@@ -17,13 +17,7 @@ pub static SPEC: OpSpec = OpSpec {
     params: &[
         int("width", 1, 65_535, None, "Target width in pixels."),
         int("height", 1, 65_535, None, "Target height in pixels."),
-        float(
-            "scale",
-            0.0001,
-            100.0,
-            None,
-            "Scale factor (instead of width/height).",
-        ),
+        float("scale", 0.0001, 100.0, None, "Scale factor (instead of width/height)."),
         choice(
             "fit",
             &["inside", "cover", "contain", "fill", "outside"],
@@ -42,26 +36,9 @@ pub static SPEC: OpSpec = OpSpec {
             None,
             "Padding colour for fit=contain (default white, or transparent for images with alpha).",
         ),
-        choice(
-            "gravity",
-            GRAVITY_VALUES,
-            Some("center"),
-            "Which part to keep for cover / where to place for contain.",
-        ),
-        float(
-            "fx",
-            0.0,
-            1.0,
-            None,
-            "Focal point x (fraction) for gravity=focal.",
-        ),
-        float(
-            "fy",
-            0.0,
-            1.0,
-            None,
-            "Focal point y (fraction) for gravity=focal.",
-        ),
+        choice("gravity", GRAVITY_VALUES, Some("center"), "Which part to keep for cover / where to place for contain."),
+        float("fx", 0.0, 1.0, None, "Focal point x (fraction) for gravity=focal."),
+        float("fy", 0.0, 1.0, None, "Focal point y (fraction) for gravity=focal."),
     ],
 };
 
@@ -141,10 +118,7 @@ impl Resize {
             return Err(a.invalid("width", "give width, height or scale"));
         }
         if r.gravity == Gravity::Smart {
-            return Err(a.invalid(
-                "gravity",
-                "smart placement is available on crop, not resize",
-            ));
+            return Err(a.invalid("gravity", "smart placement is available on crop, not resize"));
         }
         Ok(r)
     }
@@ -155,12 +129,7 @@ impl Resize {
         let full = (0.0, 0.0, sw, sh);
         let simple = |w: f64, h: f64| {
             let s = (dim(w), dim(h));
-            Plan {
-                scaled: s,
-                canvas: s,
-                src_crop: full,
-                pad_at: (0, 0),
-            }
+            Plan { scaled: s, canvas: s, src_crop: full, pad_at: (0, 0) }
         };
         let cap = |r: f64| if self.enlarge { r } else { r.min(1.0) };
         if let Some(s) = self.scale {
@@ -182,11 +151,7 @@ impl Resize {
         let (rx, ry) = (tw / sw, th / sh);
         match self.fit {
             Fit::Fill => {
-                let (w, h) = if self.enlarge {
-                    (tw, th)
-                } else {
-                    (tw.min(sw), th.min(sh))
-                };
+                let (w, h) = if self.enlarge { (tw, th) } else { (tw.min(sw), th.min(sh)) };
                 simple(w, h)
             }
             Fit::Inside => {
@@ -206,24 +171,14 @@ impl Resize {
                 let outer = (src.0, src.1);
                 let inner = (cw.round() as u32, ch.round() as u32);
                 let (ox, oy) = self.gravity.offset(outer, inner);
-                Plan {
-                    scaled: canvas,
-                    canvas,
-                    src_crop: (f64::from(ox), f64::from(oy), cw, ch),
-                    pad_at: (0, 0),
-                }
+                Plan { scaled: canvas, canvas, src_crop: (f64::from(ox), f64::from(oy), cw, ch), pad_at: (0, 0) }
             }
             Fit::Contain => {
                 let r = cap(rx.min(ry));
                 let scaled = (dim(sw * r), dim(sh * r));
                 let canvas = (dim(tw), dim(th));
                 let pad_at = self.gravity.offset(canvas, scaled);
-                Plan {
-                    scaled,
-                    canvas,
-                    src_crop: full,
-                    pad_at,
-                }
+                Plan { scaled, canvas, src_crop: full, pad_at }
             }
         }
     }
@@ -235,33 +190,21 @@ impl Resize {
         let rx = f64::from(p.scaled.0) / p.src_crop.2;
         let ry = f64::from(p.scaled.1) / p.src_crop.3;
         let headroom = 1.5;
-        (
-            dim(f64::from(src.0) * rx * headroom),
-            dim(f64::from(src.1) * ry * headroom),
-        )
+        (dim(f64::from(src.0) * rx * headroom), dim(f64::from(src.1) * ry * headroom))
     }
 
     pub fn apply(&self, img: DynamicImage, limits: &crate::Limits) -> Result<DynamicImage> {
         let src = (img.width(), img.height());
         let plan = self.plan(src);
         limits.check_output(plan.canvas.0, plan.canvas.1)?;
-        let unchanged = plan.scaled == src
-            && plan.canvas == src
-            && plan.src_crop == (0.0, 0.0, f64::from(src.0), f64::from(src.1));
-        let scaled = if unchanged {
-            img
-        } else {
-            resample(&img, plan.src_crop, plan.scaled, self.kernel)?
-        };
+        let unchanged =
+            plan.scaled == src && plan.canvas == src && plan.src_crop == (0.0, 0.0, f64::from(src.0), f64::from(src.1));
+        let scaled = if unchanged { img } else { resample(&img, plan.src_crop, plan.scaled, self.kernel)? };
         if self.fit != Fit::Contain || plan.canvas == plan.scaled {
             return Ok(scaled);
         }
         let has_alpha = raster::channels(&scaled) == 4;
-        let bg = self.background.unwrap_or(if has_alpha {
-            Color::TRANSPARENT
-        } else {
-            Color::WHITE
-        });
+        let bg = self.background.unwrap_or(if has_alpha { Color::TRANSPARENT } else { Color::WHITE });
         let mut canvas = raster::canvas(plan.canvas.0, plan.canvas.1, bg, has_alpha);
         raster::paste(&mut canvas, &scaled, plan.pad_at.0, plan.pad_at.1);
         Ok(canvas)
@@ -276,17 +219,9 @@ pub fn resample(
     kernel: Kernel,
 ) -> Result<DynamicImage> {
     let ch = raster::channels(img);
-    let pt = if ch == 4 {
-        PixelType::U8x4
-    } else {
-        PixelType::U8x3
-    };
-    let src =
-        fast_image_resize::images::ImageRef::new(img.width(), img.height(), img.as_bytes(), pt)
-            .map_err(|e| Error::Corrupt {
-                format: "raster",
-                detail: e.to_string(),
-            })?;
+    let pt = if ch == 4 { PixelType::U8x4 } else { PixelType::U8x3 };
+    let src = fast_image_resize::images::ImageRef::new(img.width(), img.height(), img.as_bytes(), pt)
+        .map_err(|e| Error::Corrupt { format: "raster", detail: e.to_string() })?;
     let mut dst = Image::new(size.0, size.1, pt);
     let alg = match kernel {
         Kernel::Nearest => ResizeAlg::Nearest,
@@ -295,15 +230,10 @@ pub fn resample(
         Kernel::Mitchell => ResizeAlg::Convolution(FilterType::Mitchell),
         Kernel::Lanczos3 => ResizeAlg::Convolution(FilterType::Lanczos3),
     };
-    let opts = ResizeOptions::new()
-        .resize_alg(alg)
-        .crop(crop.0, crop.1, crop.2, crop.3);
+    let opts = ResizeOptions::new().resize_alg(alg).crop(crop.0, crop.1, crop.2, crop.3);
     Resizer::new()
         .resize(&src, &mut dst, &opts)
-        .map_err(|e| Error::Corrupt {
-            format: "raster",
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| Error::Corrupt { format: "raster", detail: e.to_string() })?;
     Ok(raster::from_raw(size.0, size.1, ch, dst.into_vec()))
 }
 
@@ -320,40 +250,16 @@ mod tests {
     fn fit_modes_plan_expected_sizes() {
         let src = (4000, 2000);
         let cases: &[(&[(&str, &str)], (u32, u32), (u32, u32))] = &[
-            (
-                &[("width", "800"), ("height", "800")],
-                (800, 400),
-                (800, 400),
-            ),
-            (
-                &[("width", "800"), ("height", "800"), ("fit", "cover")],
-                (800, 800),
-                (800, 800),
-            ),
-            (
-                &[("width", "800"), ("height", "800"), ("fit", "contain")],
-                (800, 400),
-                (800, 800),
-            ),
-            (
-                &[("width", "800"), ("height", "800"), ("fit", "fill")],
-                (800, 800),
-                (800, 800),
-            ),
-            (
-                &[("width", "800"), ("height", "800"), ("fit", "outside")],
-                (1600, 800),
-                (1600, 800),
-            ),
+            (&[("width", "800"), ("height", "800")], (800, 400), (800, 400)),
+            (&[("width", "800"), ("height", "800"), ("fit", "cover")], (800, 800), (800, 800)),
+            (&[("width", "800"), ("height", "800"), ("fit", "contain")], (800, 400), (800, 800)),
+            (&[("width", "800"), ("height", "800"), ("fit", "fill")], (800, 800), (800, 800)),
+            (&[("width", "800"), ("height", "800"), ("fit", "outside")], (1600, 800), (1600, 800)),
             (&[("width", "1000")], (1000, 500), (1000, 500)),
             (&[("height", "100")], (200, 100), (200, 100)),
             (&[("scale", "0.5")], (2000, 1000), (2000, 1000)),
             (&[("scale", "2")], (4000, 2000), (4000, 2000)),
-            (
-                &[("scale", "2"), ("enlarge", "true")],
-                (8000, 4000),
-                (8000, 4000),
-            ),
+            (&[("scale", "2"), ("enlarge", "true")], (8000, 4000), (8000, 4000)),
             (&[("width", "8000")], (4000, 2000), (4000, 2000)),
         ];
         for (pairs, scaled, canvas) in cases {
@@ -364,18 +270,11 @@ mod tests {
 
     #[test]
     fn cover_crops_source_by_gravity() {
-        let p = resize(&[
-            ("width", "100"),
-            ("height", "100"),
-            ("fit", "cover"),
-            ("gravity", "west"),
-        ])
-        .unwrap()
-        .plan((400, 200));
-        assert_eq!(p.src_crop, (0.0, 0.0, 200.0, 200.0));
-        let p = resize(&[("width", "100"), ("height", "100"), ("fit", "cover")])
+        let p = resize(&[("width", "100"), ("height", "100"), ("fit", "cover"), ("gravity", "west")])
             .unwrap()
             .plan((400, 200));
+        assert_eq!(p.src_crop, (0.0, 0.0, 200.0, 200.0));
+        let p = resize(&[("width", "100"), ("height", "100"), ("fit", "cover")]).unwrap().plan((400, 200));
         assert_eq!(p.src_crop, (100.0, 0.0, 200.0, 200.0));
     }
 
@@ -390,13 +289,7 @@ mod tests {
     #[test]
     fn resample_averages_and_contain_pads() {
         let img = raster::canvas(64, 32, Color([200, 100, 50, 255]), false);
-        let r = resize(&[
-            ("width", "16"),
-            ("height", "16"),
-            ("fit", "contain"),
-            ("background", "black"),
-        ])
-        .unwrap();
+        let r = resize(&[("width", "16"), ("height", "16"), ("fit", "contain"), ("background", "black")]).unwrap();
         let out = r.apply(img, &crate::Limits::default()).unwrap().to_rgb8();
         assert_eq!(out.dimensions(), (16, 16));
         assert_eq!(out.get_pixel(8, 8).0, [200, 100, 50]);
@@ -406,13 +299,7 @@ mod tests {
     #[test]
     fn output_limit_is_enforced_before_allocation() {
         let img = raster::canvas(10, 10, Color::WHITE, false);
-        let r = resize(&[
-            ("width", "60000"),
-            ("height", "60000"),
-            ("fit", "fill"),
-            ("enlarge", "true"),
-        ])
-        .unwrap();
+        let r = resize(&[("width", "60000"), ("height", "60000"), ("fit", "fill"), ("enlarge", "true")]).unwrap();
         let err = r.apply(img, &crate::Limits::default()).unwrap_err();
         assert_eq!(err.code(), "limit_exceeded");
     }

@@ -14,31 +14,13 @@ pub static SPEC: OpSpec = OpSpec {
     name: "rotate",
     doc: "Rotate clockwise by an angle in degrees; quarter turns are lossless, other angles enlarge the canvas.",
     params: &[
-        float(
-            "angle",
-            -360.0,
-            360.0,
-            None,
-            "Clockwise angle in degrees (required).",
-        ),
-        color(
-            "background",
-            None,
-            "Fill for uncovered corners (default white, or transparent with alpha).",
-        ),
+        float("angle", -360.0, 360.0, None, "Clockwise angle in degrees (required)."),
+        color("background", None, "Fill for uncovered corners (default white, or transparent with alpha)."),
     ],
 };
 
-pub static FLIP: OpSpec = OpSpec {
-    name: "flip",
-    doc: "Mirror top to bottom.",
-    params: &[],
-};
-pub static FLOP: OpSpec = OpSpec {
-    name: "flop",
-    doc: "Mirror left to right.",
-    params: &[],
-};
+pub static FLIP: OpSpec = OpSpec { name: "flip", doc: "Mirror top to bottom.", params: &[] };
+pub static FLOP: OpSpec = OpSpec { name: "flop", doc: "Mirror left to right.", params: &[] };
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rotate {
@@ -48,13 +30,8 @@ pub struct Rotate {
 
 impl Rotate {
     pub fn from_args(a: &Args) -> Result<Self> {
-        let degrees = a
-            .float("angle")
-            .ok_or_else(|| a.invalid("angle", "required"))?;
-        Ok(Rotate {
-            degrees: degrees.rem_euclid(360.0),
-            background: a.color("background"),
-        })
+        let degrees = a.float("angle").ok_or_else(|| a.invalid("angle", "required"))?;
+        Ok(Rotate { degrees: degrees.rem_euclid(360.0), background: a.color("background") })
     }
 
     /// Output size without allocating anything.
@@ -92,11 +69,7 @@ impl Rotate {
     fn free_rotate(&self, img: DynamicImage) -> DynamicImage {
         let theta = self.degrees.to_radians() as f32;
         let has_alpha = img.color().has_alpha();
-        let bg = self.background.unwrap_or(if has_alpha {
-            Color::TRANSPARENT
-        } else {
-            Color::WHITE
-        });
+        let bg = self.background.unwrap_or(if has_alpha { Color::TRANSPARENT } else { Color::WHITE });
         if has_alpha || !bg.is_opaque() {
             let rgba = img.to_rgba8();
             DynamicImage::ImageRgba8(rotate_about_center_no_crop(
@@ -138,24 +111,12 @@ mod tests {
         let l = Limits::default();
         let out = rotate("90").apply(marked(), &l).unwrap().to_rgb8();
         assert_eq!(out.dimensions(), (20, 40));
-        assert_eq!(
-            out.get_pixel(19, 0).0,
-            [255, 0, 0],
-            "top-left goes to top-right on a clockwise turn"
-        );
+        assert_eq!(out.get_pixel(19, 0).0, [255, 0, 0], "top-left goes to top-right on a clockwise turn");
         let out = rotate("-90").apply(marked(), &l).unwrap().to_rgb8();
         assert_eq!(out.get_pixel(0, 39).0, [255, 0, 0]);
         let out = rotate("180").apply(marked(), &l).unwrap().to_rgb8();
         assert_eq!(out.get_pixel(39, 19).0, [255, 0, 0]);
-        assert_eq!(
-            rotate("360")
-                .apply(marked(), &l)
-                .unwrap()
-                .to_rgb8()
-                .get_pixel(0, 0)
-                .0,
-            [255, 0, 0]
-        );
+        assert_eq!(rotate("360").apply(marked(), &l).unwrap().to_rgb8().get_pixel(0, 0).0, [255, 0, 0]);
     }
 
     #[test]
@@ -164,11 +125,7 @@ mod tests {
         let out = r.apply(marked(), &Limits::default()).unwrap().to_rgb8();
         assert_eq!(out.dimensions(), r.output_size(40, 20));
         assert_eq!(out.dimensions(), (43, 43));
-        assert_eq!(
-            out.get_pixel(0, 0).0,
-            [255, 255, 255],
-            "corner is background"
-        );
+        assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255], "corner is background");
         assert_eq!(out.get_pixel(21, 21).0, [0, 0, 0], "centre is image");
     }
 }

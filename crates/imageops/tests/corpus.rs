@@ -1,0 +1,229 @@
+//! Corpus robustness suite: every file under `$PIXFLOW_CORPUS` (real photos, GIFs, videos and
+//! deliberately broken files) must either process or fail with a typed error, never panic,
+//! and what the engine reports must match what the file name says (`_WxH`, `_Nf`).
+//! Enabled by the `corpus-suite` feature; `.ci/run` points it at `../shared/corpus`.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use pixflow_imageops::{EncodeOptions, Limits, MediaKind, OutFormat, Pipeline, RunOptions, probe};
+
+fn corpus_dir() -> PathBuf {
+    let dir = std::env::var_os("PIXFLOW_CORPUS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus"));
+    assert!(dir.is_dir(), "corpus suite enabled but {} is not a directory; set PIXFLOW_CORPUS", dir.display());
+    dir
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir).unwrap() {
+        let sub = sub.unwrap().path();
+        if sub.is_dir() {
+            for f in std::fs::read_dir(&sub).unwrap() {
+                out.push(f.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Facts the corpus documents for each file in SOURCES.md's table: (WxH, frames).
+fn documented_facts(dir: &Path) -> std::collections::HashMap<String, (Option<(u32, u32)>, Option<u64>)> {
+    let text = std::fs::read_to_string(dir.join("SOURCES.md")).expect("corpus SOURCES.md");
+    let mut facts = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| l.starts_with("| `")) {
+        let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (file, what) = (cols[1].trim_matches('`'), cols[2]);
+        let mut size = None;
+        let mut frames = None;
+        let words: Vec<&str> = what.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        for (i, w) in words.iter().enumerate() {
+            if let Some((a, b)) = w.split_once('x')
+                && let (Ok(a), Ok(b)) = (a.parse(), b.parse())
+            {
+                size = Some((a, b));
+            }
+            if *w == "frames" {
+                frames = words.get(i.wrapping_sub(1)).and_then(|n| n.parse().ok());
+            }
+        }
+        facts.insert(file.to_owned(), (size, frames));
+    }
+    facts
+}
+
+/// Files outside `malformed/` that are truncated all the same (cut short by their packagers).
+const ALSO_TRUNCATED: &[&str] = &["jpeg/ultrahdr_gainmap_1512x2688.jpg"];
+
+#[derive(Debug)]
+enum Outcome {
+    Processed(usize),
+    Refused(&'static str),
+}
+
+fn check_file(path: &Path, rel: &str, documented: (Option<(u32, u32)>, Option<u64>)) -> Result<Outcome, String> {
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    let dir = path.parent().unwrap().file_name().unwrap().to_string_lossy().to_string();
+    let dir = if ALSO_TRUNCATED.contains(&rel) { "malformed".to_string() } else { dir };
+    let bytes = std::fs::read(path).unwrap();
+    let limits = Limits::default();
+
+    let p = match probe(&bytes, &limits, None) {
+        Ok(p) => Some(p),
+        Err(e) if dir == "malformed" => {
+            assert!(!e.to_string().is_empty());
+            None
+        }
+        Err(e) => return Err(format!("probe failed on a valid file: {e}")),
+    };
+    if let Some(p) = &p {
+        let (size, frames) = documented;
+        let malformed = dir == "malformed";
+        if dir == "fonts" {
+            if p.kind != MediaKind::Unsupported {
+                return Err(format!("a font probed as {:?}", p.kind));
+            }
+        } else if !malformed && p.format.is_none() {
+            return Err("probe did not recognise the format".into());
+        }
+        if let Some((w, h)) = size
+            && !malformed
+            && p.width.is_some()
+            && (p.width, p.height) != (Some(w), Some(h))
+        {
+            return Err(format!("probe says {:?}x{:?}, SOURCES.md says {w}x{h}", p.width, p.height));
+        }
+        if let Some(n) = frames
+            && !malformed
+            && p.frames != Some(n)
+        {
+            return Err(format!("probe says {:?} frames, SOURCES.md says {n}", p.frames));
+        }
+        if name.contains("anim") && !malformed && p.kind != MediaKind::Animated {
+            return Err(format!("animated file probed as {:?}", p.kind));
+        }
+        if dir == "video" && p.kind != MediaKind::Video {
+            return Err(format!("video probed as {:?}", p.kind));
+        }
+        if dir == "video" && name.ends_with(".mp4") && p.duration_ms.is_none_or(|d| d < 1000) {
+            return Err(format!("mp4 duration {:?}", p.duration_ms));
+        }
+    }
+
+    let pipeline =
+        Pipeline::from_steps([("resize", vec![("width", "256"), ("height", "256")]), ("sharpen", vec![])]).unwrap();
+    let webp = EncodeOptions { format: Some(OutFormat::Webp), ..Default::default() };
+    match pipeline.run(&bytes, &RunOptions { limits, final_output: Some(&webp), ..Default::default() }) {
+        Ok(out) => {
+            let r = &out[0];
+            if r.width > 256 || r.height > 256 || r.bytes.is_empty() {
+                return Err(format!("bad rendition {}x{}", r.width, r.height));
+            }
+            if dir == "malformed" && !name.starts_with("png_content") {
+                return Err("a truncated/broken file processed as if whole".into());
+            }
+            Ok(Outcome::Processed(r.bytes.len()))
+        }
+        Err(e) => {
+            // Refusals the engine is expected to make today: damage, containers that need a
+            // frame operation, formats without a bundled decoder, fonts, whole animations.
+            let animated = p.as_ref().is_some_and(|p| p.kind == MediaKind::Animated);
+            let expected = matches!(dir.as_str(), "malformed" | "video" | "avif" | "fonts") || animated;
+            if !expected {
+                return Err(format!("valid file refused: {e}"));
+            }
+            Ok(Outcome::Refused(e.code()))
+        }
+    }
+}
+
+#[test]
+fn every_corpus_file_processes_or_fails_cleanly() {
+    let dir = corpus_dir();
+    let all = files(&dir);
+    let facts = documented_facts(&dir);
+    assert!(all.len() >= 60, "corpus at {} looks incomplete ({} files)", dir.display(), all.len());
+    let mut failures = Vec::new();
+    let (mut processed, mut refused) = (0, 0);
+    for path in &all {
+        let rel = path.strip_prefix(&dir).unwrap().display().to_string();
+        let Some(documented) = facts.get(&rel).copied() else {
+            failures.push(format!("{rel}: not documented in SOURCES.md"));
+            continue;
+        };
+        match catch_unwind(AssertUnwindSafe(|| check_file(path, &rel, documented))) {
+            Ok(Ok(Outcome::Processed(n))) => {
+                processed += 1;
+                eprintln!("ok       {rel}: {n} bytes");
+            }
+            Ok(Ok(Outcome::Refused(code))) => {
+                refused += 1;
+                eprintln!("refused  {rel}: {code}");
+            }
+            Ok(Err(why)) => failures.push(format!("{rel}: {why}")),
+            Err(_) => failures.push(format!("{rel}: PANIC")),
+        }
+    }
+    eprintln!("corpus: {processed} processed, {refused} refused cleanly, {} wrong", failures.len());
+    assert!(failures.is_empty(), "corpus failures:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn specific_corpus_expectations() {
+    let dir = corpus_dir();
+    let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
+    let limits = Limits::default();
+    let run = |bytes: &[u8]| Pipeline::default().run(bytes, &RunOptions::default());
+
+    // Content sniffing ignores the misleading extension.
+    let p = probe(&read("malformed/png_content_with_jpg_extension.jpg"), &limits, None).unwrap();
+    assert_eq!(p.format, Some(pixflow_imageops::Format::Png));
+
+    // Truncations are refused with the right code, and the header-only JPEG is not grey-filled.
+    for f in [
+        "jpeg/ultrahdr_gainmap_1512x2688.jpg",
+        "malformed/header_only_1000B_kleiber.jpg",
+        "malformed/pillow_truncated_jpeg.jpg",
+        "malformed/trunc50pct_medium_fallenleaf.jpg",
+    ] {
+        assert_eq!(run(&read(f)).unwrap_err().code(), "truncated_input", "{f}");
+    }
+    assert_eq!(run(&read("malformed/empty_0B.jpg")).unwrap_err().code(), "truncated_input");
+
+    // A truncated MP4 whose moov is lost is still identified, with the problem reported.
+    let p = probe(&read("malformed/trunc30pct_bigbuckbunny.mp4"), &limits, None).unwrap();
+    assert_eq!(p.kind, MediaKind::Video);
+    assert!(p.problem.is_some());
+
+    // EXIF orientation 6 and 8 are applied; 4 (vertical mirror) keeps the size.
+    let p = probe(&read("jpeg/exif_orientation_4_sasha.jpg"), &limits, None).unwrap();
+    assert_eq!(p.orientation, Some(4));
+    let out = run(&read("jpeg/exif_orientation_4_sasha.jpg")).unwrap();
+    assert_eq!((out[0].width, out[0].height), (204, 247));
+
+    // CMYK comes out as colour, not inverted: the sample's background is white paper.
+    let out = run(&read("jpeg/cmyk_1000x1000.jpg")).unwrap();
+    let img = image::load_from_memory(&out[0].bytes).unwrap().to_rgb8();
+    let corner = img.get_pixel(5, 5);
+    assert!(corner.0.iter().all(|&c| c > 230), "CMYK paper should be white, got {corner:?}");
+
+    // ICC profiles are kept by default (Adobe RGB rocket) and the output carries it.
+    let src = read("jpeg/small_rocket_427x640_adobergb.jpg");
+    let out = run(&src).unwrap();
+    let h = pixflow_imageops::decode::read_header(&out[0].bytes, &limits).unwrap();
+    assert_eq!(h.icc, pixflow_imageops::decode::read_header(&src, &limits).unwrap().icc);
+
+    // AVIF without a foreign decoder is a clear "unsupported" naming the format.
+    let err = run(&read("avif/irot0_imir0_640x427.avif")).unwrap_err();
+    assert_eq!(err.code(), "unsupported_format");
+    assert!(err.to_string().contains("avif") && err.to_string().contains("ffmpeg"), "{err}");
+
+    // A 20 MP JPEG thumbnail decodes at 1/4 scale and stays sharp enough to be useful.
+    let big = read("jpeg/large_kleiber_6028x3391.jpg");
+    let p = Pipeline::from_steps([("resize", vec![("width", "800"), ("height", "800")])]).unwrap();
+    let out = p.run(&big, &RunOptions::default()).unwrap();
+    assert_eq!((out[0].width, out[0].height), (800, 450));
+}
