@@ -262,6 +262,11 @@ fn encode_once(
         }
         OutFormat::Png => encode_png(img, opts, icc),
         OutFormat::Webp => encode_webp(img, opts, quality),
+        #[cfg(not(feature = "avif"))]
+        OutFormat::Avif => {
+            Err(Error::Unsupported { format: "avif".into(), hint: Some("built without the `avif` feature".into()) })
+        }
+        #[cfg(feature = "avif")]
         OutFormat::Avif => {
             let mut out = Vec::new();
             let speed = opts.speed.unwrap_or(6);

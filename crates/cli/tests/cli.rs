@@ -1,0 +1,134 @@
+//! The CLI contract other tools and benchmarks rely on: the issue's example commands, probe
+//! JSON, renditions, batch summaries and error exits, run against the real binary on fixtures
+//! generated here.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn pixflow(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pixflow")).args(args).current_dir(cwd).output().expect("run pixflow")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pixflow-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A photo-like JPEG fixture: smooth gradients plus a marker square in the top-left corner.
+fn write_jpeg(path: &Path, w: u32, h: u32) {
+    let mut im = image::RgbImage::new(w, h);
+    for (x, y, p) in im.enumerate_pixels_mut() {
+        *p = if x < w / 10 && y < h / 10 {
+            image::Rgb([255, 0, 0])
+        } else {
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 100])
+        };
+    }
+    im.save_with_format(path, image::ImageFormat::Jpeg).unwrap();
+}
+
+fn dims(path: &Path) -> (u32, u32) {
+    image::image_dimensions(path).unwrap()
+}
+
+#[test]
+fn issue_examples_work() {
+    let dir = temp_dir("examples");
+    write_jpeg(&dir.join("big.jpg"), 2400, 1600);
+    let out = pixflow(
+        &["run", "resize", "width=800", "height=800", "fit=inside", "--input", "big.jpg", "--output", "t.jpg", "--quality", "80"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("t.jpg")), (800, 533));
+
+    let out = pixflow(
+        &["run", "crop", "x=780", "y=300", "width=1000", "height=1000", "+", "rotate", "angle=90", "--input", "big.jpg", "--output", "b.jpg"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("b.jpg")), (1000, 1000));
+
+    let out = pixflow(&["run", "probe", "--input", "big.jpg"], &dir);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["format"], "jpeg");
+    assert_eq!(v["kind"], "still");
+    assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(2400), Some(1600)));
+}
+
+#[test]
+fn output_format_follows_extension_unless_forced() {
+    let dir = temp_dir("formats");
+    write_jpeg(&dir.join("in.jpg"), 300, 200);
+    assert!(pixflow(&["run", "flip", "--input", "in.jpg", "--output", "out.webp"], &dir).status.success());
+    assert_eq!(&std::fs::read(dir.join("out.webp")).unwrap()[8..12], b"WEBP");
+    assert!(pixflow(&["run", "flop", "--input", "in.jpg", "--output", "out.bin", "--format", "png"], &dir).status.success());
+    assert!(std::fs::read(dir.join("out.bin")).unwrap().starts_with(b"\x89PNG"));
+}
+
+#[test]
+fn renditions_are_written_by_name() {
+    let dir = temp_dir("renditions");
+    write_jpeg(&dir.join("in.jpg"), 1200, 800);
+    let out = pixflow(
+        &["run", "resize", "width=600", "+", "output", "name=m.jpg", "+", "resize", "width=150", "+", "output", "name=s.png", "--input", "in.jpg"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("m.jpg")), (600, 400));
+    assert_eq!(dims(&dir.join("s.png")), (150, 100));
+}
+
+#[test]
+fn errors_name_the_problem_and_fail() {
+    let dir = temp_dir("errors");
+    write_jpeg(&dir.join("in.jpg"), 100, 100);
+    std::fs::write(dir.join("junk.jpg"), b"definitely not an image").unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "resize", "width=-3", "--input", "in.jpg", "--output", "o.jpg"], "[bad_parameter]"),
+        (&["run", "resize", "wdth=3", "--input", "in.jpg", "--output", "o.jpg"], "unknown parameter"),
+        (&["run", "explode", "--input", "in.jpg", "--output", "o.jpg"], "[unknown_operation]"),
+        (&["run", "flip", "--input", "junk.jpg", "--output", "o.jpg"], "[unsupported_format]"),
+        (&["run", "flip", "--input", "in.jpg", "--output", "o.jpg", "--max-source-pixels", "100"], "max_source_pixels is 100"),
+        (&["run", "flip", "--input", "missing.jpg", "--output", "o.jpg"], "missing.jpg"),
+    ];
+    for (args, needle) in cases {
+        let out = pixflow(args, &dir);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: `{err}` lacks `{needle}`");
+    }
+}
+
+#[test]
+fn batch_processes_a_tree_and_reports_failures() {
+    let dir = temp_dir("batch");
+    let input = dir.join("in");
+    std::fs::create_dir_all(input.join("sub")).unwrap();
+    write_jpeg(&input.join("a.jpg"), 400, 300);
+    write_jpeg(&input.join("sub/b.jpg"), 300, 400);
+    std::fs::write(input.join("broken.jpg"), b"\xff\xd8\xff\xe0 nope").unwrap();
+    let out = pixflow(
+        &["batch", "resize", "width=100", "height=100", "--input", "in", "--output", "out", "--format", "webp", "--jobs", "2"],
+        &dir,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed file makes the batch fail");
+    assert!(err.contains("done 2, failed 1"), "{err}");
+    assert!(err.contains("broken.jpg"), "{err}");
+    assert_eq!(dims(&dir.join("out/a.webp")), (100, 75));
+    assert_eq!(dims(&dir.join("out/sub/b.webp")), (75, 100));
+}
+
+#[test]
+fn ops_prints_the_schema() {
+    let out = pixflow(&["ops"], &std::env::temp_dir());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<_> = v.as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap().to_owned()).collect();
+    for op in ["resize", "crop", "rotate", "blur", "sharpen", "pixelate", "adjust", "trim", "pad", "round", "convert"] {
+        assert!(names.iter().any(|n| n == op), "{op} missing from {names:?}");
+    }
+}
