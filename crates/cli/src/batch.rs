@@ -52,8 +52,8 @@ pub fn run(
     let next = AtomicUsize::new(0);
     let (done, bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failures = Mutex::new(Vec::new());
-    let ffmpeg = crate::ffmpeg::Ffmpeg::detect();
-    let foreign = ffmpeg.as_ref().map(|f| f as &dyn pixflow_imageops::ForeignDecoder);
+    let ffmpeg = crate::ffmpeg::Ffmpeg::new();
+    let foreign = Some(&ffmpeg as &dyn pixflow_imageops::ForeignDecoder);
     std::thread::scope(|s| {
         for _ in 0..jobs.min(files.len().max(1)) {
             s.spawn(|| {

@@ -4,25 +4,33 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pixflow_imageops::{DecodeOptions, Error, ForeignDecoder, Format, Limits};
 
+/// `ffmpeg` (or `$PIXFLOW_FFMPEG`), looked for only when a file actually needs it: starting
+/// ffmpeg costs tens of milliseconds and megabytes that most requests never need.
 pub struct Ffmpeg {
     program: String,
+    available: OnceLock<bool>,
 }
 
 impl Ffmpeg {
-    /// Finds `ffmpeg` (or `$PIXFLOW_FFMPEG`) and checks that it runs.
-    pub fn detect() -> Option<Ffmpeg> {
+    pub fn new() -> Ffmpeg {
         let program = std::env::var("PIXFLOW_FFMPEG").unwrap_or_else(|_| "ffmpeg".into());
-        let ok = Command::new(&program)
-            .arg("-version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Ffmpeg { program })
+        Ffmpeg { program, available: OnceLock::new() }
+    }
+
+    fn available(&self) -> bool {
+        *self.available.get_or_init(|| {
+            Command::new(&self.program)
+                .arg("-version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
     }
 }
 
@@ -33,6 +41,9 @@ impl ForeignDecoder for Ffmpeg {
         bytes: &[u8],
         limits: &Limits,
     ) -> pixflow_imageops::Result<Option<image::DynamicImage>> {
+        if !self.available() {
+            return Ok(None);
+        }
         let fail = |detail: String| Error::Corrupt { format: "ffmpeg", detail };
         let mut child = Command::new(&self.program)
             .args(["-v", "error", "-i", "pipe:0", "-frames:v", "1", "-f", "image2pipe", "-vcodec", "png", "pipe:1"])

@@ -6,6 +6,7 @@ mod batch;
 mod chain;
 mod ffmpeg;
 mod limits;
+mod opsdoc;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -57,8 +58,11 @@ enum Command {
         #[command(flatten)]
         limits: limits::LimitArgs,
     },
-    /// Print the operations and their parameter schemas (JSON).
-    Ops,
+    /// Print the operations and their parameter schemas (JSON, or Markdown with --markdown).
+    Ops {
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -105,11 +109,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs)?;
             Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Ops => {
-            let mut catalogue: Vec<_> = pixflow_imageops::ops::CATALOGUE.to_vec();
-            catalogue.push(&pixflow_imageops::encode::SPEC);
-            catalogue.push(&pixflow_imageops::pipeline::OUTPUT);
-            println!("{}", serde_json::to_string_pretty(&catalogue)?);
+        Command::Ops { markdown } => {
+            if markdown {
+                print!("{}", opsdoc::markdown());
+            } else {
+                println!("{}", serde_json::to_string_pretty(&opsdoc::catalogue())?);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -152,8 +157,8 @@ fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Result<()> {
     let input = read_input(&io.input, &limits)?;
-    let ffmpeg = ffmpeg::Ffmpeg::detect();
-    let foreign = ffmpeg.as_ref().map(|f| f as &dyn pixflow_imageops::ForeignDecoder);
+    let ffmpeg = ffmpeg::Ffmpeg::new();
+    let foreign = Some(&ffmpeg as &dyn pixflow_imageops::ForeignDecoder);
     if steps.len() == 1 && steps[0] == "probe" {
         let probe = pixflow_imageops::probe(&input, &limits, foreign)?;
         println!("{}", serde_json::to_string_pretty(&probe)?);

@@ -38,14 +38,40 @@ fn issue_examples_work() {
     let dir = temp_dir("examples");
     write_jpeg(&dir.join("big.jpg"), 2400, 1600);
     let out = pixflow(
-        &["run", "resize", "width=800", "height=800", "fit=inside", "--input", "big.jpg", "--output", "t.jpg", "--quality", "80"],
+        &[
+            "run",
+            "resize",
+            "width=800",
+            "height=800",
+            "fit=inside",
+            "--input",
+            "big.jpg",
+            "--output",
+            "t.jpg",
+            "--quality",
+            "80",
+        ],
         &dir,
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(dims(&dir.join("t.jpg")), (800, 533));
 
     let out = pixflow(
-        &["run", "crop", "x=780", "y=300", "width=1000", "height=1000", "+", "rotate", "angle=90", "--input", "big.jpg", "--output", "b.jpg"],
+        &[
+            "run",
+            "crop",
+            "x=780",
+            "y=300",
+            "width=1000",
+            "height=1000",
+            "+",
+            "rotate",
+            "angle=90",
+            "--input",
+            "big.jpg",
+            "--output",
+            "b.jpg",
+        ],
         &dir,
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -65,7 +91,9 @@ fn output_format_follows_extension_unless_forced() {
     write_jpeg(&dir.join("in.jpg"), 300, 200);
     assert!(pixflow(&["run", "flip", "--input", "in.jpg", "--output", "out.webp"], &dir).status.success());
     assert_eq!(&std::fs::read(dir.join("out.webp")).unwrap()[8..12], b"WEBP");
-    assert!(pixflow(&["run", "flop", "--input", "in.jpg", "--output", "out.bin", "--format", "png"], &dir).status.success());
+    assert!(
+        pixflow(&["run", "flop", "--input", "in.jpg", "--output", "out.bin", "--format", "png"], &dir).status.success()
+    );
     assert!(std::fs::read(dir.join("out.bin")).unwrap().starts_with(b"\x89PNG"));
 }
 
@@ -74,7 +102,22 @@ fn renditions_are_written_by_name() {
     let dir = temp_dir("renditions");
     write_jpeg(&dir.join("in.jpg"), 1200, 800);
     let out = pixflow(
-        &["run", "resize", "width=600", "+", "output", "name=m.jpg", "+", "resize", "width=150", "+", "output", "name=s.png", "--input", "in.jpg"],
+        &[
+            "run",
+            "resize",
+            "width=600",
+            "+",
+            "output",
+            "name=m.jpg",
+            "+",
+            "resize",
+            "width=150",
+            "+",
+            "output",
+            "name=s.png",
+            "--input",
+            "in.jpg",
+        ],
         &dir,
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -92,7 +135,10 @@ fn errors_name_the_problem_and_fail() {
         (&["run", "resize", "wdth=3", "--input", "in.jpg", "--output", "o.jpg"], "unknown parameter"),
         (&["run", "explode", "--input", "in.jpg", "--output", "o.jpg"], "[unknown_operation]"),
         (&["run", "flip", "--input", "junk.jpg", "--output", "o.jpg"], "[unsupported_format]"),
-        (&["run", "flip", "--input", "in.jpg", "--output", "o.jpg", "--max-source-pixels", "100"], "max_source_pixels is 100"),
+        (
+            &["run", "flip", "--input", "in.jpg", "--output", "o.jpg", "--max-source-pixels", "100"],
+            "max_source_pixels is 100",
+        ),
         (&["run", "flip", "--input", "missing.jpg", "--output", "o.jpg"], "missing.jpg"),
     ];
     for (args, needle) in cases {
@@ -112,7 +158,20 @@ fn batch_processes_a_tree_and_reports_failures() {
     write_jpeg(&input.join("sub/b.jpg"), 300, 400);
     std::fs::write(input.join("broken.jpg"), b"\xff\xd8\xff\xe0 nope").unwrap();
     let out = pixflow(
-        &["batch", "resize", "width=100", "height=100", "--input", "in", "--output", "out", "--format", "webp", "--jobs", "2"],
+        &[
+            "batch",
+            "resize",
+            "width=100",
+            "height=100",
+            "--input",
+            "in",
+            "--output",
+            "out",
+            "--format",
+            "webp",
+            "--jobs",
+            "2",
+        ],
         &dir,
     );
     let err = String::from_utf8_lossy(&out.stderr);
@@ -131,4 +190,15 @@ fn ops_prints_the_schema() {
     for op in ["resize", "crop", "rotate", "blur", "sharpen", "pixelate", "adjust", "trim", "pad", "round", "convert"] {
         assert!(names.iter().any(|n| n == op), "{op} missing from {names:?}");
     }
+}
+
+#[test]
+fn operations_reference_is_current() {
+    let out = pixflow(&["ops", "--markdown"], &std::env::temp_dir());
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/operations.md");
+    let committed = std::fs::read_to_string(&doc).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == committed,
+        "docs/operations.md is stale: regenerate with `pixflow ops --markdown > docs/operations.md`"
+    );
 }

@@ -1,7 +1,8 @@
 //! Encoding a raster to JPEG (mozjpeg), PNG (png + optional oxipng and palette quantisation),
 //! WebP (libwebp), AVIF (rav1e via `image`) and GIF, plus the `max_bytes` size target.
 //! Metadata policy: EXIF/XMP are never written (no GPS leaks, no stale orientation); the ICC
-//! profile is kept unless `icc=strip` (JPEG and PNG carry it; WebP/AVIF/GIF outputs are sRGB).
+//! profile is kept unless `icc=strip` (JPEG and PNG carry it), or the pixels are converted to
+//! sRGB with `icc=srgb`.
 
 use std::io::Cursor;
 
@@ -46,7 +47,12 @@ pub static SPEC: OpSpec = OpSpec {
             None,
             "Largest acceptable output; lossy formats lower quality to fit, others fail.",
         ),
-        choice("icc", &["keep", "strip"], Some("keep"), "Embedded colour profile: keep it (JPEG/PNG) or drop it."),
+        choice(
+            "icc",
+            &["keep", "strip", "srgb"],
+            Some("keep"),
+            "Embedded colour profile: keep it (JPEG/PNG), drop it, or convert the pixels to sRGB and drop it.",
+        ),
         color("background", Some("white"), "Colour that transparent areas become in formats without alpha (JPEG)."),
     ],
 };
@@ -113,6 +119,15 @@ impl OutFormat {
     }
 }
 
+/// What happens to the source's ICC profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IccPolicy {
+    Keep,
+    Strip,
+    /// Convert pixels to sRGB, then write no profile.
+    Srgb,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JpegMode {
     Fast,
@@ -134,7 +149,7 @@ pub struct EncodeOptions {
     pub lossless: Option<bool>,
     pub speed: Option<u8>,
     pub max_bytes: Option<u64>,
-    pub strip_icc: Option<bool>,
+    pub icc: Option<IccPolicy>,
     pub background: Option<Color>,
 }
 
@@ -162,7 +177,11 @@ impl EncodeOptions {
             lossless: given("lossless").then(|| a.boolean("lossless")),
             speed: a.u32("speed").filter(|_| given("speed")).map(|s| s as u8),
             max_bytes: a.int("max_bytes").map(|b| b as u64),
-            strip_icc: a.choice("icc").filter(|_| given("icc")).map(|v| v == "strip"),
+            icc: a.choice("icc").filter(|_| given("icc")).map(|v| match v {
+                "strip" => IccPolicy::Strip,
+                "srgb" => IccPolicy::Srgb,
+                _ => IccPolicy::Keep,
+            }),
             background: a.color("background").filter(|_| given("background")),
         })
     }
@@ -188,7 +207,7 @@ impl EncodeOptions {
             lossless,
             speed,
             max_bytes,
-            strip_icc,
+            icc,
             background
         )
     }
@@ -203,7 +222,17 @@ impl EncodeOptions {
 
 /// Encodes `img` as `format`. `icc` is the source profile, embedded unless stripped.
 pub fn encode(img: &DynamicImage, format: OutFormat, opts: &EncodeOptions, icc: Option<&[u8]>) -> Result<Vec<u8>> {
-    let icc = if opts.strip_icc == Some(true) { None } else { icc };
+    let converted;
+    let (img, icc) = match (opts.icc.unwrap_or(IccPolicy::Keep), icc) {
+        (IccPolicy::Keep, icc) => (img, icc),
+        (IccPolicy::Strip, _) | (IccPolicy::Srgb, None) => (img, None),
+        (IccPolicy::Srgb, Some(profile)) => {
+            let mut copy = img.clone();
+            crate::icc::to_srgb(&mut copy, profile)?;
+            converted = copy;
+            (&converted, None)
+        }
+    };
     let quality = opts.default_quality(format);
     let Some(max) = opts.max_bytes else {
         return encode_once(img, format, opts, quality, icc);
@@ -462,9 +491,13 @@ mod tests {
         let bytes = encode(&img, OutFormat::Jpeg, &EncodeOptions::default(), Some(&icc)).unwrap();
         let header = crate::decode::read_header(&bytes, &crate::Limits::default()).unwrap();
         assert_eq!(header.icc.as_deref(), Some(&icc[..]));
-        let stripped =
-            encode(&img, OutFormat::Jpeg, &EncodeOptions { strip_icc: Some(true), ..Default::default() }, Some(&icc))
-                .unwrap();
+        let stripped = encode(
+            &img,
+            OutFormat::Jpeg,
+            &EncodeOptions { icc: Some(IccPolicy::Strip), ..Default::default() },
+            Some(&icc),
+        )
+        .unwrap();
         assert!(crate::decode::read_header(&stripped, &crate::Limits::default()).unwrap().icc.is_none());
     }
 

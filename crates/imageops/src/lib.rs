@@ -11,6 +11,7 @@ pub mod decode;
 pub mod encode;
 pub mod error;
 pub mod format;
+pub mod icc;
 pub mod limits;
 pub mod ops;
 pub mod orient;

@@ -229,7 +229,8 @@ mod tests {
 
     #[test]
     fn rejections_name_the_parameter() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        type Pairs = &'static [(&'static str, &'static str)];
+        let cases: &[(Pairs, &str, &str)] = &[
             (&[("width", "0")], "width", "out of range 1..=100"),
             (&[("width", "101")], "width", "out of range"),
             (&[("width", "abc")], "width", "not an integer"),

@@ -142,8 +142,8 @@ fn dominant(rgba: &[u8]) -> String {
         let key = (usize::from(p[0] >> 4) << 8) | (usize::from(p[1] >> 4) << 4) | usize::from(p[2] >> 4);
         let b = &mut buckets[key];
         b.0 += 1;
-        for c in 0..3 {
-            b.1[c] += u32::from(p[c]);
+        for (sum, &v) in b.1.iter_mut().zip(p) {
+            *sum += u32::from(v);
         }
     }
     let (n, sum) = buckets.iter().max_by_key(|b| b.0).copied().unwrap_or((0, [0; 3]));
@@ -257,9 +257,7 @@ fn probe_video(format: Format, bytes: &[u8]) -> Probe {
                     p.width = Some(u32::from(w));
                     p.height = Some(u32::from(h));
                     p.frames = Some(t.samples.len() as u64);
-                    if t.timescale > 0 {
-                        p.duration_ms = Some(t.duration.saturating_mul(1000) / t.timescale);
-                    }
+                    p.duration_ms = t.duration.saturating_mul(1000).checked_div(t.timescale);
                     p.codec = t.codec_string(&mp4);
                 }
             }

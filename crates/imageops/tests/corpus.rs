@@ -31,7 +31,14 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Facts the corpus documents for each file in SOURCES.md's table: (WxH, frames).
-fn documented_facts(dir: &Path) -> std::collections::HashMap<String, (Option<(u32, u32)>, Option<u64>)> {
+/// What SOURCES.md says about one file.
+#[derive(Debug, Clone, Copy)]
+struct Documented {
+    size: Option<(u32, u32)>,
+    frames: Option<u64>,
+}
+
+fn documented_facts(dir: &Path) -> std::collections::HashMap<String, Documented> {
     let text = std::fs::read_to_string(dir.join("SOURCES.md")).expect("corpus SOURCES.md");
     let mut facts = std::collections::HashMap::new();
     for line in text.lines().filter(|l| l.starts_with("| `")) {
@@ -50,7 +57,7 @@ fn documented_facts(dir: &Path) -> std::collections::HashMap<String, (Option<(u3
                 frames = words.get(i.wrapping_sub(1)).and_then(|n| n.parse().ok());
             }
         }
-        facts.insert(file.to_owned(), (size, frames));
+        facts.insert(file.to_owned(), Documented { size, frames });
     }
     facts
 }
@@ -64,7 +71,7 @@ enum Outcome {
     Refused(&'static str),
 }
 
-fn check_file(path: &Path, rel: &str, documented: (Option<(u32, u32)>, Option<u64>)) -> Result<Outcome, String> {
+fn check_file(path: &Path, rel: &str, documented: Documented) -> Result<Outcome, String> {
     let name = path.file_name().unwrap().to_string_lossy().to_string();
     let dir = path.parent().unwrap().file_name().unwrap().to_string_lossy().to_string();
     let dir = if ALSO_TRUNCATED.contains(&rel) { "malformed".to_string() } else { dir };
@@ -80,7 +87,7 @@ fn check_file(path: &Path, rel: &str, documented: (Option<(u32, u32)>, Option<u6
         Err(e) => return Err(format!("probe failed on a valid file: {e}")),
     };
     if let Some(p) = &p {
-        let (size, frames) = documented;
+        let Documented { size, frames } = documented;
         let malformed = dir == "malformed";
         if dir == "fonts" {
             if p.kind != MediaKind::Unsupported {

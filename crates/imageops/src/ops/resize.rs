@@ -249,7 +249,9 @@ mod tests {
     #[test]
     fn fit_modes_plan_expected_sizes() {
         let src = (4000, 2000);
-        let cases: &[(&[(&str, &str)], (u32, u32), (u32, u32))] = &[
+        type Pairs = &'static [(&'static str, &'static str)];
+        type Size = (u32, u32);
+        let cases: &[(Pairs, Size, Size)] = &[
             (&[("width", "800"), ("height", "800")], (800, 400), (800, 400)),
             (&[("width", "800"), ("height", "800"), ("fit", "cover")], (800, 800), (800, 800)),
             (&[("width", "800"), ("height", "800"), ("fit", "contain")], (800, 400), (800, 800)),
