@@ -52,6 +52,8 @@ pub fn run(
     let next = AtomicUsize::new(0);
     let (done, bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failures = Mutex::new(Vec::new());
+    let inputs = crate::read_named_inputs(pipeline, &limits)?;
+    let inputs = &inputs;
     let ffmpeg = crate::ffmpeg::Ffmpeg::new();
     let foreign = Some(&ffmpeg as &dyn pixflow_imageops::ForeignDecoder);
     std::thread::scope(|s| {
@@ -61,7 +63,7 @@ pub fn run(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(path) = files.get(i) else { break };
                     let rel = path.strip_prefix(input).unwrap_or(path);
-                    match process(pipeline, path, rel, output, encode, limits, foreign) {
+                    match process(pipeline, path, rel, output, encode, (limits, inputs), foreign) {
                         Ok((i, o)) => {
                             done.fetch_add(1, Ordering::Relaxed);
                             bytes_in.fetch_add(i, Ordering::Relaxed);
@@ -103,11 +105,11 @@ fn process(
     rel: &Path,
     out_dir: &Path,
     encode: &EncodeOptions,
-    limits: Limits,
+    (limits, inputs): (Limits, &std::collections::BTreeMap<String, Vec<u8>>),
     foreign: Option<&dyn pixflow_imageops::ForeignDecoder>,
 ) -> Result<(u64, u64)> {
     let bytes = crate::read_input(path, &limits)?;
-    let opts = RunOptions { limits, foreign, final_output: Some(encode) };
+    let opts = RunOptions { limits, foreign, final_output: Some(encode), inputs: Some(inputs) };
     let renditions = pipeline.run(&bytes, &opts).map_err(anyhow::Error::from)?;
     let mut written = 0;
     for r in renditions {

@@ -146,6 +146,14 @@ fn read_input(path: &Path, limits: &pixflow_imageops::Limits) -> Result<Vec<u8>>
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Reads the extra inputs a pipeline names (watermark logos); on the CLI a name is a path.
+fn read_named_inputs(
+    pipeline: &pixflow_imageops::Pipeline,
+    limits: &pixflow_imageops::Limits,
+) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    pipeline.input_names().into_iter().map(|name| Ok((name.to_owned(), read_input(Path::new(name), limits)?))).collect()
+}
+
 fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
     if path == Path::new("-") {
         let mut out = std::io::stdout().lock();
@@ -170,7 +178,8 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
     if needs_output && io.output.is_none() {
         anyhow::bail!("--output is required (or end the chain with `output name=FILE`)");
     }
-    let opts = RunOptions { limits, foreign, final_output: Some(&encode) };
+    let inputs = read_named_inputs(&pipeline, &limits)?;
+    let opts = RunOptions { limits, foreign, final_output: Some(&encode), inputs: Some(&inputs) };
     for r in pipeline.run(&input, &opts)? {
         let path = match (&r.name, &io.output) {
             (Some(name), _) => PathBuf::from(name),

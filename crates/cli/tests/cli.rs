@@ -202,3 +202,18 @@ fn operations_reference_is_current() {
         "docs/operations.md is stale: regenerate with `pixflow ops --markdown > docs/operations.md`"
     );
 }
+
+#[test]
+fn watermark_reads_the_logo_file() {
+    let dir = temp_dir("watermark");
+    write_jpeg(&dir.join("in.jpg"), 400, 300);
+    image::RgbaImage::from_pixel(40, 20, image::Rgba([0, 0, 255, 255])).save(dir.join("logo.png")).unwrap();
+    let out =
+        pixflow(&["run", "watermark", "image=logo.png", "opacity=1", "--input", "in.jpg", "--output", "w.png"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(dir.join("w.png")).unwrap().to_rgb8();
+    assert_eq!(img.get_pixel(390, 290).0, [0, 0, 255], "logo at the bottom-right corner");
+    let out = pixflow(&["run", "watermark", "image=nope.png", "--input", "in.jpg", "--output", "w.png"], &dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.png"));
+}

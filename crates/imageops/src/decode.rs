@@ -29,6 +29,8 @@ pub struct Decoded {
     pub source_size: (u32, u32),
     /// The DCT scale denominator used (1 = full size, 2, 4 or 8).
     pub shrink: u32,
+    /// The source rectangle decoded, when a region was asked for and honoured.
+    pub region: Option<(u32, u32, u32, u32)>,
 }
 
 /// Decodes formats the bundled decoders cannot (AVIF/HEIC today), e.g. through `ffmpeg`.
@@ -45,12 +47,15 @@ pub struct DecodeOptions<'a> {
     pub auto_orient: bool,
     /// Smallest acceptable decoded size (in oriented space); lets JPEG decode at a DCT scale.
     pub min_size: Option<(u32, u32)>,
+    /// Only this rectangle (x, y, width, height) is needed: JPEG stops decoding below it and
+    /// keeps only its columns. Check [`Decoded::region`] for whether it was honoured.
+    pub region: Option<(u32, u32, u32, u32)>,
     pub foreign: Option<&'a dyn ForeignDecoder>,
 }
 
 impl Default for DecodeOptions<'_> {
     fn default() -> Self {
-        DecodeOptions { limits: Limits::default(), auto_orient: true, min_size: None, foreign: None }
+        DecodeOptions { limits: Limits::default(), auto_orient: true, min_size: None, region: None, foreign: None }
     }
 }
 
@@ -141,6 +146,7 @@ fn decode_foreign(format: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Res
         orientation: Orientation::Normal,
         source_size: size,
         shrink: 1,
+        region: None,
     })
 }
 
@@ -186,7 +192,7 @@ fn decode_with_image(f: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Resul
     let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
     let icc = dec.icc_profile().ok().flatten();
     let image = DynamicImage::from_decoder(dec).map_err(|e| map_image_error(image_format, e))?;
-    Ok(Decoded { image: normalize(image), format: f, icc, orientation, source_size: (w, h), shrink: 1 })
+    Ok(Decoded { image: normalize(image), format: f, icc, orientation, source_size: (w, h), shrink: 1, region: None })
 }
 
 pub(crate) fn map_image_error(f: ImageFormat, e: image::ImageError) -> Error {
@@ -343,29 +349,28 @@ fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions<'_>) -> Result<Decoded> {
         let (w, h) = (w as u32, h as u32);
         opts.limits.check_source(w, h)?;
         let meta = jpeg_meta(d.markers());
-        let min = opts.min_size.map(|m| if meta.orientation.swaps_axes() && opts.auto_orient { (m.1, m.0) } else { m });
+        let oriented = meta.orientation != Orientation::Normal && opts.auto_orient;
+        let min = opts.min_size.map(|m| if oriented && meta.orientation.swaps_axes() { (m.1, m.0) } else { m });
         let shrink = jpeg_scale((w, h), min);
         d.scale((8 / shrink) as u8);
+        // A region is honoured only at full scale and without a pending orientation change.
+        let region = opts.region.filter(|_| shrink == 1 && !oriented);
         let fail = |e: std::io::Error| Error::Corrupt { format: "jpeg", detail: e.to_string() };
-        let (image, icc) = match d.image().map_err(fail)? {
+        let ((px, (ow, oh)), icc) = match d.image().map_err(fail)? {
             mozjpeg::decompress::Format::RGB(mut s) => {
-                let (ow, oh) = (s.width() as u32, s.height() as u32);
-                let px: Vec<u8> = s.read_scanlines().map_err(fail)?;
-                (rgb_image(ow, oh, px)?, meta.icc)
+                (read_rows(&mut s, 3, region, |row, out| out.extend_from_slice(row))?, meta.icc)
             }
             mozjpeg::decompress::Format::Gray(mut s) => {
-                let (ow, oh) = (s.width() as u32, s.height() as u32);
-                let px: Vec<u8> = s.read_scanlines().map_err(fail)?;
-                let rgb = px.iter().flat_map(|&g| [g, g, g]).collect();
-                (rgb_image(ow, oh, rgb)?, meta.icc)
+                (read_rows(&mut s, 1, region, |row, out| out.extend(row.iter().flat_map(|&g| [g, g, g])))?, meta.icc)
             }
             mozjpeg::decompress::Format::CMYK(mut s) => {
-                let (ow, oh) = (s.width() as u32, s.height() as u32);
-                let px: Vec<u8> = s.read_scanlines().map_err(fail)?;
+                let adobe = meta.adobe;
                 // A CMYK profile describes the source inks, not our RGB output: drop it.
-                (rgb_image(ow, oh, cmyk_to_rgb(&px, meta.adobe))?, None)
+                (read_rows(&mut s, 4, region, |row, out| cmyk_to_rgb(row, adobe, out))?, None)
             }
         };
+        let image = RgbImage::from_raw(ow, oh, px)
+            .ok_or(Error::Corrupt { format: "jpeg", detail: "short scanline data".into() })?;
         Ok(Decoded {
             image: DynamicImage::ImageRgb8(image),
             format: Format::Jpeg,
@@ -373,17 +378,43 @@ fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions<'_>) -> Result<Decoded> {
             orientation: meta.orientation,
             source_size: (w, h),
             shrink,
+            region: region.map(|r| clip_region(r, (w, h))),
         })
     })
 }
 
-fn rgb_image(w: u32, h: u32, px: Vec<u8>) -> Result<RgbImage> {
-    RgbImage::from_raw(w, h, px).ok_or(Error::Corrupt { format: "jpeg", detail: "short scanline data".into() })
+fn clip_region(r: (u32, u32, u32, u32), size: (u32, u32)) -> (u32, u32, u32, u32) {
+    let x = r.0.min(size.0.saturating_sub(1));
+    let y = r.1.min(size.1.saturating_sub(1));
+    (x, y, r.2.min(size.0 - x).max(1), r.3.min(size.1 - y).max(1))
 }
 
-/// Naive CMYK -> RGB. Adobe (Photoshop) CMYK JPEGs store inverted ink values.
-fn cmyk_to_rgb(px: &[u8], adobe_inverted: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(px.len() / 4 * 3);
+/// Reads scanlines one at a time, keeping only `region` (rows past its bottom are never
+/// decoded) and converting each kept row to RGB with `convert`. Returns pixels and size.
+fn read_rows<R>(
+    s: &mut mozjpeg::decompress::DecompressStarted<R>,
+    comps: usize,
+    region: Option<(u32, u32, u32, u32)>,
+    mut convert: impl FnMut(&[u8], &mut Vec<u8>),
+) -> Result<(Vec<u8>, (u32, u32))> {
+    let (fw, fh) = (s.width() as u32, s.height() as u32);
+    let (x, y, w, h) = region.map_or((0, 0, fw, fh), |r| clip_region(r, (fw, fh)));
+    let mut row = vec![0u8; fw as usize * comps];
+    let mut out = Vec::new();
+    out.try_reserve_exact(w as usize * h as usize * 3)
+        .map_err(|_| Error::Corrupt { format: "jpeg", detail: "cannot allocate the pixel buffer".into() })?;
+    let cols = x as usize * comps..(x + w) as usize * comps;
+    for r in 0..y + h {
+        s.read_scanlines_into(&mut row[..]).map_err(|e| Error::Truncated { format: "jpeg", detail: e.to_string() })?;
+        if r >= y {
+            convert(&row[cols.clone()], &mut out);
+        }
+    }
+    Ok((out, (w, h)))
+}
+
+/// Naive CMYK -> RGB, appended to `out`. Adobe (Photoshop) CMYK JPEGs store inverted inks.
+fn cmyk_to_rgb(px: &[u8], adobe_inverted: bool, out: &mut Vec<u8>) {
     for p in px.chunks_exact(4) {
         let (c, m, y, k) = if adobe_inverted {
             (u32::from(p[0]), u32::from(p[1]), u32::from(p[2]), u32::from(p[3]))
@@ -392,7 +423,6 @@ fn cmyk_to_rgb(px: &[u8], adobe_inverted: bool) -> Vec<u8> {
         };
         out.extend_from_slice(&[(c * k / 255) as u8, (m * k / 255) as u8, (y * k / 255) as u8]);
     }
-    out
 }
 
 #[cfg(test)]
@@ -418,8 +448,13 @@ mod tests {
     #[test]
     fn cmyk_conversion_handles_adobe_inversion() {
         // Adobe-inverted: 255 = no ink -> white.
-        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 255], true), vec![255, 255, 255]);
-        assert_eq!(cmyk_to_rgb(&[0, 0, 0, 0], false), vec![255, 255, 255]);
-        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 0], true), vec![0, 0, 0]);
+        let rgb = |px: &[u8], adobe| {
+            let mut out = Vec::new();
+            cmyk_to_rgb(px, adobe, &mut out);
+            out
+        };
+        assert_eq!(rgb(&[255, 255, 255, 255], true), vec![255, 255, 255]);
+        assert_eq!(rgb(&[0, 0, 0, 0], false), vec![255, 255, 255]);
+        assert_eq!(rgb(&[255, 255, 255, 0], true), vec![0, 0, 0]);
     }
 }

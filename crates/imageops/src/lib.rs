@@ -26,6 +26,6 @@ pub use encode::{EncodeOptions, OutFormat};
 pub use error::{Error, LimitKind, Result};
 pub use format::{Format, sniff};
 pub use limits::Limits;
-pub use ops::Op;
+pub use ops::{Context, Op};
 pub use pipeline::{Pipeline, Rendition, RunOptions};
 pub use probe::{MediaKind, Probe, probe};

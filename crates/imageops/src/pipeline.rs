@@ -6,6 +6,7 @@
 //! The pipeline also plans the decode: when the first step is a `resize`, a JPEG source is
 //! decoded at the smallest DCT scale that keeps 1.5x the needed resolution (shrink-on-load).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::decode::{self, DecodeOptions, ForeignDecoder};
@@ -52,6 +53,8 @@ pub struct RunOptions<'a> {
     pub foreign: Option<&'a dyn ForeignDecoder>,
     /// Encoding for the implicit final output (when the last step is not `output`).
     pub final_output: Option<&'a EncodeOptions>,
+    /// Extra named inputs (watermark logos) as encoded bytes.
+    pub inputs: Option<&'a BTreeMap<String, Vec<u8>>>,
 }
 
 /// One encoded result.
@@ -88,6 +91,30 @@ impl Pipeline {
         Ok(Pipeline { steps })
     }
 
+    /// Names of the extra inputs the steps read, each once.
+    pub fn input_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> =
+            self.steps.iter().filter_map(|s| if let Step::Op(op) = s { op.inputs() } else { None }).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Decodes every extra input the steps need, each once, under the same limits.
+    fn decode_inputs(&self, opts: &RunOptions<'_>) -> Result<BTreeMap<String, image::DynamicImage>> {
+        let mut images = BTreeMap::new();
+        for name in self.input_names() {
+            let bytes = opts.inputs.and_then(|m| m.get(name)).ok_or_else(|| Error::BadParameter {
+                op: "watermark".into(),
+                param: "image".into(),
+                reason: format!("no input named `{name}` was supplied"),
+            })?;
+            let dopts = DecodeOptions { limits: opts.limits, foreign: opts.foreign, ..DecodeOptions::default() };
+            images.insert(name.to_owned(), decode::decode(bytes, &dopts)?.image);
+        }
+        Ok(images)
+    }
+
     fn needs_final_output(&self) -> bool {
         !matches!(self.steps.last(), Some(Step::Output { .. }))
     }
@@ -97,25 +124,39 @@ impl Pipeline {
         let limits = opts.limits;
         let mut first_resize = None;
         let mut dopts = DecodeOptions { limits, foreign: opts.foreign, ..DecodeOptions::default() };
-        if let Some(Step::Op(Op::Resize(r))) = self.steps.first() {
-            let format = decode::sniff_checked(input, &limits)?;
-            if format == Format::Jpeg {
-                let h = decode::read_header(input, &limits)?;
-                limits.check_source(h.width, h.height)?;
-                let src = if h.orientation.swaps_axes() { (h.height, h.width) } else { (h.width, h.height) };
-                dopts.min_size = Some(r.min_source(src));
-                // Scale-relative sizes must be pinned to the source before it shrinks.
-                first_resize = Some(r.absolute(src));
+        let format = decode::sniff_checked(input, &limits)?;
+        if format == Format::Jpeg
+            && let Some(Step::Op(first)) = self.steps.first()
+            && matches!(first, Op::Resize(_) | Op::Crop(_))
+        {
+            let h = decode::read_header(input, &limits)?;
+            limits.check_source(h.width, h.height)?;
+            let src = if h.orientation.swaps_axes() { (h.height, h.width) } else { (h.width, h.height) };
+            match first {
+                Op::Resize(r) => {
+                    dopts.min_size = Some(r.min_source(src));
+                    // Scale-relative sizes must be pinned to the source before it shrinks.
+                    first_resize = Some(r.absolute(src));
+                }
+                // A leading crop is pushed into the decoder: rows below it are never decoded.
+                Op::Crop(c) => dopts.region = c.rect_in(src.0, src.1),
+                _ => {}
             }
         }
         refuse_animation(input, &limits)?;
         let decoded = decode::decode(input, &dopts)?;
+        let skip_first = decoded.region.is_some();
+        let images = self.decode_inputs(opts)?;
+        let cx = crate::ops::Context { limits, images: &images };
         let source_format = decoded.format;
         let icc = decoded.icc;
         let mut img = decoded.image;
         let mut encode_opts = EncodeOptions::default();
         let mut out = Vec::new();
         for (i, step) in self.steps.iter().enumerate() {
+            if i == 0 && skip_first {
+                continue;
+            }
             match step {
                 Step::Op(op) => {
                     let started = Instant::now();
@@ -123,7 +164,7 @@ impl Pipeline {
                         (0, Some(r)) => &Op::Resize(r.clone()),
                         _ => op,
                     };
-                    img = op.apply(img, &limits)?;
+                    img = op.apply(img, &cx)?;
                     let ms = started.elapsed().as_millis() as u64;
                     if ms > limits.max_op_millis {
                         return Err(Error::Timeout { op: op.name().into(), limit_ms: limits.max_op_millis });
@@ -244,6 +285,28 @@ mod tests {
         let p = pipeline(&[("resize", &[("width", "200"), ("height", "200")])]).unwrap();
         let out = p.run(&jpeg(1600, 1200), &RunOptions::default()).unwrap();
         assert_eq!((out[0].width, out[0].height), (200, 150));
+    }
+
+    #[test]
+    fn leading_crop_is_decoded_as_a_region_with_identical_pixels() {
+        let src = jpeg(640, 480);
+        let crop = pipeline(&[("crop", &[("x", "100"), ("y", "50"), ("width", "200"), ("height", "120")])]).unwrap();
+        let png = EncodeOptions { format: Some(OutFormat::Png), ..Default::default() };
+        let run = RunOptions { final_output: Some(&png), ..Default::default() };
+        let pushed = crop.run(&src, &run).unwrap();
+        // The same crop after a no-op step runs on the fully decoded image.
+        let late = pipeline(&[
+            ("pad", &[("all", "1"), ("color", "black")]),
+            ("crop", &[("x", "101"), ("y", "51"), ("width", "200"), ("height", "120")]),
+        ])
+        .unwrap();
+        let full = late.run(&src, &run).unwrap();
+        assert_eq!((pushed[0].width, pushed[0].height), (200, 120));
+        let a = image::load_from_memory(&pushed[0].bytes).unwrap().to_rgb8();
+        let b = image::load_from_memory(&full[0].bytes).unwrap().to_rgb8();
+        assert_eq!(a.as_raw(), b.as_raw());
+        let outside = pipeline(&[("crop", &[("x", "700"), ("y", "0"), ("width", "10"), ("height", "10")])]).unwrap();
+        assert_eq!(outside.run(&src, &run).unwrap_err().code(), "bad_parameter");
     }
 
     #[test]

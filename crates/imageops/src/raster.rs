@@ -44,6 +44,30 @@ pub fn crop(img: &DynamicImage, x: u32, y: u32, w: u32, h: u32) -> DynamicImage 
     from_raw(w, h, ch, out)
 }
 
+/// Rotates by a quarter turn clockwise (`clockwise`) or anticlockwise, walking the source in
+/// 32x32 tiles so both buffers stay in cache (several times faster than per-pixel access).
+pub fn rotate_quarter(img: &DynamicImage, clockwise: bool) -> DynamicImage {
+    const TILE: usize = 32;
+    let ch = channels(img);
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_bytes();
+    let mut out = vec![0u8; src.len()];
+    // Output is h wide and w tall.
+    for ty in (0..h).step_by(TILE) {
+        for tx in (0..w).step_by(TILE) {
+            for y in ty..(ty + TILE).min(h) {
+                let row = &src[y * w * ch..(y + 1) * w * ch];
+                for x in tx..(tx + TILE).min(w) {
+                    let (ox, oy) = if clockwise { (h - 1 - y, x) } else { (y, w - 1 - x) };
+                    let o = (oy * h + ox) * ch;
+                    out[o..o + ch].copy_from_slice(&row[x * ch..x * ch + ch]);
+                }
+            }
+        }
+    }
+    from_raw(h as u32, w as u32, ch, out)
+}
+
 /// Draws `src` onto `dst` at (`x`, `y`) with plain copy (same channel count) or source-over.
 pub fn paste(dst: &mut DynamicImage, src: &DynamicImage, x: u32, y: u32) {
     if channels(dst) == 3 && channels(src) == 4 {
@@ -100,6 +124,17 @@ mod tests {
         assert_eq!(c.dimensions(), (2, 2));
         assert_eq!(c.get_pixel(0, 0).0, [1, 1, 0]);
         assert_eq!(c.get_pixel(1, 1).0, [2, 2, 0]);
+    }
+
+    #[test]
+    fn quarter_turns_match_the_reference() {
+        let mut im = RgbaImage::new(67, 35);
+        for (x, y, p) in im.enumerate_pixels_mut() {
+            *p = image::Rgba([x as u8, y as u8, (x * y) as u8, 255]);
+        }
+        let img = DynamicImage::ImageRgba8(im);
+        assert_eq!(rotate_quarter(&img, true).as_bytes(), img.rotate90().as_bytes());
+        assert_eq!(rotate_quarter(&img, false).as_bytes(), img.rotate270().as_bytes());
     }
 
     #[test]

@@ -51,19 +51,27 @@ impl Crop {
 
     /// The rectangle to keep, clipped to the image. `None` when it lies entirely outside.
     pub fn rect(&self, img: &DynamicImage) -> Option<(u32, u32, u32, u32)> {
-        let (w, h) = (img.width(), img.height());
+        if self.at.is_none() && self.gravity == Gravity::Smart {
+            let (cw, ch) = (self.size.0.min(img.width()), self.size.1.min(img.height()));
+            let (x, y) = smart_offset(img, (cw, ch));
+            return Some((x, y, cw, ch));
+        }
+        self.rect_in(img.width(), img.height())
+    }
+
+    /// The rectangle for an image of `w x h`, known without pixels (`None` for smart crops,
+    /// which need them, and for rectangles entirely outside).
+    pub fn rect_in(&self, w: u32, h: u32) -> Option<(u32, u32, u32, u32)> {
         let (cw, ch) = (self.size.0.min(w), self.size.1.min(h));
-        let (x, y) = match (self.at, self.gravity) {
-            (Some((x, y)), _) => {
-                if x >= w || y >= h {
-                    return None;
-                }
-                return Some((x, y, self.size.0.min(w - x), self.size.1.min(h - y)));
+        match (self.at, self.gravity) {
+            (Some((x, y)), _) if x >= w || y >= h => None,
+            (Some((x, y)), _) => Some((x, y, self.size.0.min(w - x), self.size.1.min(h - y))),
+            (None, Gravity::Smart) => None,
+            (None, g) => {
+                let (x, y) = g.offset((w, h), (cw, ch));
+                Some((x, y, cw, ch))
             }
-            (None, Gravity::Smart) => smart_offset(img, (cw, ch)),
-            (None, g) => g.offset((w, h), (cw, ch)),
-        };
-        Some((x, y, cw, ch))
+        }
     }
 
     pub fn apply(&self, img: DynamicImage) -> Result<DynamicImage> {

@@ -9,12 +9,22 @@ pub mod filter;
 pub mod geometry;
 pub mod resize;
 pub mod rotate;
+pub mod watermark;
+
+use std::collections::BTreeMap;
 
 use image::DynamicImage;
 
 use crate::Limits;
 use crate::error::{Error, Result};
 use crate::params::{Args, OpSpec};
+
+/// What operations may read besides their own parameters.
+pub struct Context<'a> {
+    pub limits: Limits,
+    /// Decoded extra inputs by name (watermark logos).
+    pub images: &'a BTreeMap<String, DynamicImage>,
+}
 
 /// One parsed, validated transform.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +41,7 @@ pub enum Op {
     Trim { threshold: u8 },
     Pad(border::Pad),
     Round { radius: u32, circle: bool },
+    Watermark(watermark::Watermark),
 }
 
 /// Every pixel operation with its schema (probe and convert live beside the pipeline).
@@ -48,6 +59,7 @@ pub static CATALOGUE: &[&OpSpec] = &[
     &border::TRIM,
     &border::PAD,
     &border::ROUND,
+    &watermark::SPEC,
 ];
 
 /// Looks an operation up by name (`extend` is an alias of `pad`).
@@ -75,6 +87,7 @@ impl Op {
             "trim" => Op::Trim { threshold: a.u32("threshold").unwrap_or(10) as u8 },
             "pad" => Op::Pad(border::Pad::from_args(&a)?),
             "round" => Op::Round { radius: a.u32("radius").unwrap_or(16), circle: a.boolean("circle") },
+            "watermark" => Op::Watermark(watermark::Watermark::from_args(&a)?),
             other => return Err(Error::UnknownOperation(other.to_owned())),
         })
     }
@@ -93,11 +106,21 @@ impl Op {
             Op::Trim { .. } => "trim",
             Op::Pad(_) => "pad",
             Op::Round { .. } => "round",
+            Op::Watermark(_) => "watermark",
+        }
+    }
+
+    /// Names of the extra image inputs this operation reads (a watermark's logo).
+    pub fn inputs(&self) -> Option<&str> {
+        match self {
+            Op::Watermark(w) => Some(&w.image),
+            _ => None,
         }
     }
 
     /// Runs the operation on a normalised (RGB8/RGBA8) raster.
-    pub fn apply(&self, img: DynamicImage, limits: &Limits) -> Result<DynamicImage> {
+    pub fn apply(&self, img: DynamicImage, cx: &Context<'_>) -> Result<DynamicImage> {
+        let limits = &cx.limits;
         Ok(match self {
             Op::Resize(r) => r.apply(img, limits)?,
             Op::Crop(c) => c.apply(img)?,
@@ -111,6 +134,12 @@ impl Op {
             Op::Trim { threshold } => border::trim(img, *threshold),
             Op::Pad(p) => p.apply(img, limits)?,
             Op::Round { radius, circle } => border::round(img, *radius, *circle),
+            Op::Watermark(w) => {
+                let logo = cx.images.get(&w.image).ok_or_else(|| {
+                    Error::bad("watermark", "image", format!("no input named `{}` was supplied", w.image))
+                })?;
+                w.apply(img, logo, limits)?
+            }
         })
     }
 }

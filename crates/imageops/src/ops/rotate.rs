@@ -59,9 +59,9 @@ impl Rotate {
         limits.check_output(nw, nh)?;
         Ok(match self.quarter_turns() {
             Some(0) => img,
-            Some(1) => img.rotate90(),
+            Some(1) => crate::raster::rotate_quarter(&img, true),
             Some(2) => img.rotate180(),
-            Some(3) => img.rotate270(),
+            Some(3) => crate::raster::rotate_quarter(&img, false),
             _ => self.free_rotate(img),
         })
     }
