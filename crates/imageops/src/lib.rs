@@ -6,6 +6,7 @@
 //! share one implementation. Formats without a bundled decoder are delegated to a
 //! caller-supplied [`ForeignDecoder`].
 
+pub mod animation;
 pub mod color;
 pub mod decode;
 pub mod encode;

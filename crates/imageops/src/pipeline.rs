@@ -143,7 +143,12 @@ impl Pipeline {
                 _ => {}
             }
         }
-        refuse_animation(input, &limits)?;
+        if matches!(format, Format::Gif | Format::Webp | Format::Png) {
+            let frames = crate::probe::animation_frames(format, input, &limits)?;
+            if frames > 1 {
+                return self.run_animated(format, input, frames, opts);
+            }
+        }
         let decoded = decode::decode(input, &dopts)?;
         let skip_first = decoded.region.is_some();
         let images = self.decode_inputs(opts)?;
@@ -188,23 +193,57 @@ impl Pipeline {
     }
 }
 
-/// Pipelines work on stills; processing only the first frame of an animation would silently
-/// drop the rest, so animations are refused with a clear error until frame-wise processing lands.
-fn refuse_animation(input: &[u8], limits: &Limits) -> Result<()> {
-    let format = decode::sniff_checked(input, limits)?;
-    if !matches!(format, Format::Gif | Format::Webp | Format::Png) {
-        return Ok(());
+impl Pipeline {
+    /// Runs the steps over every frame of an animation; outputs are animated GIF or WebP.
+    fn run_animated(&self, format: Format, input: &[u8], frames: u64, opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
+        let limits = opts.limits;
+        let mut anim = crate::animation::decode(format, input, frames, &limits)?;
+        let images = self.decode_inputs(opts)?;
+        let cx = crate::ops::Context { limits, images: &images };
+        let source_out = match format {
+            Format::Webp => OutFormat::Webp,
+            _ => OutFormat::Gif,
+        };
+        let mut encode_opts = EncodeOptions::default();
+        let mut out = Vec::new();
+        let render = |anim: &crate::animation::Animation, name: Option<String>, format, o: &EncodeOptions| {
+            let bytes = crate::animation::encode(anim, format, o)?;
+            let (width, height) = anim.frames.first().map_or((0, 0), |f| (f.image.width(), f.image.height()));
+            Ok::<_, Error>(Rendition { name, format, width, height, bytes })
+        };
+        for step in &self.steps {
+            match step {
+                Step::Op(op) => {
+                    let started = Instant::now();
+                    for f in &mut anim.frames {
+                        f.image = op.apply(std::mem::take(&mut f.image), &cx)?;
+                    }
+                    let first = anim.frames.first().map(|f| (f.image.width(), f.image.height()));
+                    if anim.frames.iter().any(|f| Some((f.image.width(), f.image.height())) != first) {
+                        return Err(Error::bad(
+                            op.name(),
+                            "image",
+                            "frames came out in different sizes; this operation cannot run on animations",
+                        ));
+                    }
+                    if started.elapsed().as_millis() as u64 > limits.max_op_millis {
+                        return Err(Error::Timeout { op: op.name().into(), limit_ms: limits.max_op_millis });
+                    }
+                }
+                Step::Convert(c) => encode_opts = encode_opts.overlay(c),
+                Step::Output { name, encode } => {
+                    let o = encode_opts.overlay(encode);
+                    let f = o.format.or_else(|| format_from_name(name)).unwrap_or(source_out);
+                    out.push(render(&anim, Some(name.clone()), f, &o)?);
+                }
+            }
+        }
+        if self.needs_final_output() {
+            let o = opts.final_output.map_or(encode_opts.clone(), |f| encode_opts.overlay(f));
+            out.push(render(&anim, None, o.format.unwrap_or(source_out), &o)?);
+        }
+        Ok(out)
     }
-    let frames = crate::probe::animation_frames(format, input, limits)?;
-    if frames > 1 {
-        return Err(Error::Unsupported {
-            format: format!("animated {}", format.name()),
-            hint: Some(format!(
-                "{frames} frames; pipelines process stills only, whole animations are not supported yet"
-            )),
-        });
-    }
-    Ok(())
 }
 
 fn render(
@@ -307,6 +346,27 @@ mod tests {
         assert_eq!(a.as_raw(), b.as_raw());
         let outside = pipeline(&[("crop", &[("x", "700"), ("y", "0"), ("width", "10"), ("height", "10")])]).unwrap();
         assert_eq!(outside.run(&src, &run).unwrap_err().code(), "bad_parameter");
+    }
+
+    #[test]
+    fn animations_run_every_frame() {
+        let mut gif = Vec::new();
+        {
+            let mut enc = image::codecs::gif::GifEncoder::new(&mut gif);
+            for i in 0..5u8 {
+                let img = image::RgbaImage::from_pixel(40, 20, image::Rgba([i * 50, 0, 0, 255]));
+                enc.encode_frame(image::Frame::from_parts(img, 0, 0, image::Delay::from_numer_denom_ms(40, 1)))
+                    .unwrap();
+            }
+        }
+        let p = pipeline(&[("resize", &[("width", "20")]), ("flip", &[])]).unwrap();
+        let out = p.run(&gif, &RunOptions::default()).unwrap();
+        assert_eq!((out[0].format, out[0].width, out[0].height), (OutFormat::Gif, 20, 10));
+        let probe = crate::probe(&out[0].bytes, &Limits::default(), None).unwrap();
+        assert_eq!((probe.frames, probe.duration_ms), (Some(5), Some(200)));
+        let jpeg = EncodeOptions { format: Some(OutFormat::Jpeg), ..Default::default() };
+        let err = p.run(&gif, &RunOptions { final_output: Some(&jpeg), ..Default::default() }).unwrap_err();
+        assert_eq!(err.code(), "unsupported_format");
     }
 
     #[test]

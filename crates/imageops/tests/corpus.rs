@@ -132,13 +132,18 @@ fn check_file(path: &Path, rel: &str, documented: Documented) -> Result<Outcome,
             if dir == "malformed" && !name.starts_with("png_content") {
                 return Err("a truncated/broken file processed as if whole".into());
             }
+            if let Some(n) = documented.frames.filter(|&n| n > 1) {
+                let back = probe(&r.bytes, &limits, None).map_err(|e| e.to_string())?;
+                if back.frames != Some(n) {
+                    return Err(format!("animation came out with {:?} frames, not {n}", back.frames));
+                }
+            }
             Ok(Outcome::Processed(r.bytes.len()))
         }
         Err(e) => {
             // Refusals the engine is expected to make today: damage, containers that need a
-            // frame operation, formats without a bundled decoder, fonts, whole animations.
-            let animated = p.as_ref().is_some_and(|p| p.kind == MediaKind::Animated);
-            let expected = matches!(dir.as_str(), "malformed" | "video" | "avif" | "fonts") || animated;
+            // frame operation, formats without a bundled decoder, fonts.
+            let expected = matches!(dir.as_str(), "malformed" | "video" | "avif" | "fonts");
             if !expected {
                 return Err(format!("valid file refused: {e}"));
             }
