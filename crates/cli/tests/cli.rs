@@ -217,3 +217,54 @@ fn watermark_reads_the_logo_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.png"));
 }
+
+/// AVIF/HEIC decode through `ffmpeg`. `.ci/run` installs ffmpeg and sets
+/// PIXFLOW_TEST_FFMPEG=1, so there the ffmpeg path must work; everywhere, a missing ffmpeg must
+/// give a clear `unsupported_format` error naming the format.
+#[test]
+fn avif_decodes_through_ffmpeg_or_fails_clearly() {
+    let dir = temp_dir("avif");
+    write_jpeg(&dir.join("in.jpg"), 320, 200);
+    let out = pixflow(&["run", "convert", "speed=10", "--input", "in.jpg", "--output", "x.avif"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_pixflow"))
+        .args(["run", "resize", "width=100", "--input", "x.avif", "--output", "o.png"])
+        .env("PIXFLOW_FFMPEG", dir.join("no-such-ffmpeg"))
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success());
+    assert!(err.contains("[unsupported_format]") && err.contains("avif") && err.contains("ffmpeg"), "{err}");
+
+    if std::env::var_os("PIXFLOW_TEST_FFMPEG").is_none() {
+        return;
+    }
+    let out = pixflow(&["run", "resize", "width=100", "--input", "x.avif", "--output", "o.png"], &dir);
+    assert!(
+        out.status.success(),
+        "ffmpeg is configured for tests but failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(dims(&dir.join("o.png")), (100, 63));
+    let img = image::open(dir.join("o.png")).unwrap().to_rgb8();
+    let p = img.get_pixel(2, 2).0;
+    assert!(p[0] > 200 && p[1] < 60, "red marker survives the AVIF round trip: {p:?}");
+
+    // HEIF orientation properties (irot/imir) are applied: the corpus's rotated and mirrored
+    // sample must come out like its untransformed twin.
+    let Some(corpus) = std::env::var_os("PIXFLOW_CORPUS").map(PathBuf::from) else { return };
+    let a = corpus.join("avif/irot0_imir0_640x427.avif");
+    let b = corpus.join("avif/irot1_imir0_640x427.avif");
+    for (src, name) in [(&a, "a.png"), (&b, "b.png")] {
+        let out = pixflow(&["run", "resize", "width=64", "--input", src.to_str().unwrap(), "--output", name], &dir);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (a, b) =
+        (image::open(dir.join("a.png")).unwrap().to_luma8(), image::open(dir.join("b.png")).unwrap().to_luma8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    let diff: u64 = a.pixels().zip(b.pixels()).map(|(x, y)| u64::from(x[0].abs_diff(y[0]))).sum();
+    let mean = diff / u64::from(a.width() * a.height());
+    assert!(mean < 12, "irot/imir sample differs from its twin by {mean} per pixel");
+}

@@ -136,8 +136,11 @@ fn decode_foreign(format: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Res
         hint: Some("no bundled decoder; install the `ffmpeg` program to enable it".into()),
     };
     let foreign = opts.foreign.ok_or_else(unsupported)?;
-    let image = foreign.decode(format, bytes, &opts.limits)?.ok_or_else(unsupported)?;
+    let mut image = foreign.decode(format, bytes, &opts.limits)?.ok_or_else(unsupported)?;
     opts.limits.check_source(image.width(), image.height())?;
+    if opts.auto_orient {
+        image = apply_heif_transforms(image, bytes);
+    }
     let size = (image.width(), image.height());
     Ok(Decoded {
         image: normalize(image),
@@ -148,6 +151,38 @@ fn decode_foreign(format: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Res
         shrink: 1,
         region: None,
     })
+}
+
+/// HEIF/AVIF orientation lives in `irot` (quarter turns anticlockwise) and `imir` (mirror)
+/// item properties, not EXIF. Decoders that ignore them return the stored orientation; this
+/// applies them unless the decoded size shows the rotation was already done.
+fn apply_heif_transforms(image: DynamicImage, bytes: &[u8]) -> DynamicImage {
+    let head = &bytes[..bytes.len().min(64 * 1024)];
+    let prop = |name: &[u8]| head.windows(4).position(|w| w == name).and_then(|i| head.get(i + 4)).copied();
+    let stored = head
+        .windows(4)
+        .position(|w| w == b"ispe")
+        .and_then(|i| head.get(i + 8..i + 16))
+        .map(|b| (u32::from_be_bytes([b[0], b[1], b[2], b[3]]), u32::from_be_bytes([b[4], b[5], b[6], b[7]])));
+    let mut image = image;
+    if let Some(turns) = prop(b"irot").map(|a| a & 3) {
+        let already = turns % 2 == 1 && stored.is_some_and(|(w, h)| (image.width(), image.height()) == (h, w));
+        if !already {
+            image = match turns {
+                1 => image.rotate270(),
+                2 => image.rotate180(),
+                3 => image.rotate90(),
+                _ => image,
+            };
+        }
+    }
+    // Axis 0 mirrors top-to-bottom, 1 left-to-right (libheif's reading; the corpus's labelled
+    // irot/imir samples confirm it).
+    match prop(b"imir").map(|a| a & 1) {
+        Some(0) => image.flipv(),
+        Some(_) => image.fliph(),
+        None => image,
+    }
 }
 
 /// Converts any decoded buffer to 8-bit RGB or RGBA, the only layouts operations see.
