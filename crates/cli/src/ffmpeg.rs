@@ -83,9 +83,12 @@ impl ForeignDecoder for Ffmpeg {
             if let Some(mut e) = child.stderr.take() {
                 let _ = e.read_to_string(&mut err);
             }
-            return Err(Error::Corrupt {
-                format: if format == Format::Avif { "avif" } else { "heif" },
-                detail: err.trim().chars().take(300).collect(),
+            // ffmpeg cannot tell "damaged" from "a variant it does not read" (Debian's 5.1 has
+            // no HEIF demuxer), so this is reported as unsupported, with ffmpeg's own words.
+            let said: String = err.trim().chars().take(300).collect();
+            return Err(Error::Unsupported {
+                format: format.name().into(),
+                hint: Some(format!("the installed ffmpeg could not decode it: {said}")),
             });
         }
         let opts = DecodeOptions { limits: *limits, ..DecodeOptions::default() };

@@ -39,23 +39,25 @@ pub static PIXELATE: OpSpec = OpSpec {
 /// Gaussian blur with libblur's fixed-point separable SIMD convolution, single-threaded,
 /// edges clamped. Colour is premultiplied by alpha around the blur so transparent pixels do
 /// not bleed their (invisible) colour into visible ones.
-pub fn blur(img: DynamicImage, sigma: f32) -> DynamicImage {
+pub fn blur(img: &DynamicImage, sigma: f32) -> DynamicImage {
     use libblur::{BlurImage, BlurImageMut, ConvolutionMode, EdgeMode, FastBlurChannels, GaussianBlurParams};
-    let ch = raster::channels(&img);
+    let ch = raster::channels(img);
     let (w, h) = (img.width(), img.height());
-    let premultiply = ch == 4 && !raster::is_opaque(&img);
-    let mut px = img.into_bytes();
+    let premultiply = ch == 4 && !raster::is_opaque(img);
+    let mut premultiplied = Vec::new();
     if premultiply {
-        for p in px.chunks_exact_mut(4) {
+        premultiplied = img.as_bytes().to_vec();
+        for p in premultiplied.chunks_exact_mut(4) {
             let a = u32::from(p[3]);
             for c in &mut p[..3] {
                 *c = ((u32::from(*c) * a + 127) / 255) as u8;
             }
         }
     }
+    let px: &[u8] = if premultiply { &premultiplied } else { img.as_bytes() };
     let channels = if ch == 4 { FastBlurChannels::Channels4 } else { FastBlurChannels::Channels3 };
     let mut out = vec![0u8; px.len()];
-    let src = BlurImage::borrow(&px, w, h, channels);
+    let src = BlurImage::borrow(px, w, h, channels);
     let mut dst = BlurImageMut::borrow(&mut out, w, h, channels);
     let params = GaussianBlurParams::new_from_sigma(f64::from(sigma));
     let blurred = libblur::gaussian_blur(
@@ -70,7 +72,7 @@ pub fn blur(img: DynamicImage, sigma: f32) -> DynamicImage {
     if blurred.is_err() {
         // Only reachable for geometry libblur refuses (e.g. a kernel wider than a 1-px image):
         // an image too small to blur is returned as it is.
-        out = px;
+        out = px.to_vec();
     }
     if premultiply {
         for p in out.chunks_exact_mut(4) {
@@ -102,7 +104,7 @@ impl Sharpen {
     }
 
     pub fn apply(&self, img: DynamicImage) -> DynamicImage {
-        let blurred = blur(img.clone(), self.sigma);
+        let blurred = blur(&img, self.sigma);
         let ch = raster::channels(&img);
         let (w, h) = (img.width(), img.height());
         let mut out = img.into_bytes();
@@ -142,10 +144,9 @@ impl Pixelate {
             return Err(crate::Error::bad("pixelate", "x", format!("region starts outside the {w}x{h} image")));
         }
         let (rw, rh) = (rw.min(w - x), rh.min(h - y));
-        let region = if (x, y, rw, rh) == (0, 0, w, h) { img.clone() } else { raster::crop(&img, x, y, rw, rh) };
         let small = (rw.div_ceil(self.size), rh.div_ceil(self.size));
-        let full = (0.0, 0.0, f64::from(rw), f64::from(rh));
-        let averaged = resample(&region, full, small, Kernel::Bilinear)?;
+        let area = (f64::from(x), f64::from(y), f64::from(rw), f64::from(rh));
+        let averaged = resample(&img, area, small, Kernel::Bilinear)?;
         let blocks =
             resample(&averaged, (0.0, 0.0, f64::from(small.0), f64::from(small.1)), (rw, rh), Kernel::Nearest)?;
         if (x, y, rw, rh) == (0, 0, w, h) {
@@ -179,20 +180,20 @@ mod tests {
 
     #[test]
     fn blur_smooths_stripes_at_both_sigma_paths() {
-        assert!(spread(&blur(stripes(), 1.0)) < 120);
-        assert!(spread(&blur(stripes(), 5.0)) < 30);
+        assert!(spread(&blur(&stripes(), 1.0)) < 120);
+        assert!(spread(&blur(&stripes(), 5.0)) < 30);
     }
 
     #[test]
     fn blur_handles_tiny_and_transparent_images() {
         let one = raster::canvas(1, 1, Color([9, 8, 7, 255]), false);
-        assert_eq!(blur(one, 5.0).as_bytes(), &[9, 8, 7]);
+        assert_eq!(blur(&one, 5.0).as_bytes(), &[9, 8, 7]);
         // Half transparent red, half opaque blue: the blurred edge must not turn black.
         let mut im = image::RgbaImage::new(32, 8);
         for (x, _, p) in im.enumerate_pixels_mut() {
             *p = if x < 16 { image::Rgba([255, 0, 0, 0]) } else { image::Rgba([0, 0, 255, 255]) };
         }
-        let out = blur(DynamicImage::ImageRgba8(im), 2.0).to_rgba8();
+        let out = blur(&DynamicImage::ImageRgba8(im), 2.0).to_rgba8();
         let edge = out.get_pixel(15, 4);
         assert!(edge[3] > 0 && edge[3] < 255 && edge[2] > 200 && edge[0] < 60, "{edge:?}");
     }

@@ -127,7 +127,7 @@ impl Op {
             Op::Rotate(r) => r.apply(img, limits)?,
             Op::Flip => img.flipv(),
             Op::Flop => img.fliph(),
-            Op::Blur { sigma } => filter::blur(img, *sigma),
+            Op::Blur { sigma } => filter::blur(&img, *sigma),
             Op::Sharpen(s) => s.apply(img),
             Op::Pixelate(p) => p.apply(img)?,
             Op::Adjust(a) => a.apply(img),
