@@ -434,18 +434,31 @@ fn read_rows<R>(
 ) -> Result<(Vec<u8>, (u32, u32))> {
     let (fw, fh) = (s.width() as u32, s.height() as u32);
     let (x, y, w, h) = region.map_or((0, 0, fw, fh), |r| clip_region(r, (fw, fh)));
+    let truncated = |e: std::io::Error| Error::Truncated { format: "jpeg", detail: e.to_string() };
     let mut row = vec![0u8; fw as usize * comps];
+    for _ in 0..y {
+        s.read_scanlines_into(&mut row[..]).map_err(truncated)?;
+    }
+    let len = w as usize * h as usize * 3;
+    if comps == 3 && w == fw {
+        // Full-width RGB: libjpeg writes straight into the output, no row copy.
+        // `vec!` of zeros is calloc: no memset. `len` is bounded by the checked source limits.
+        let mut out = vec![0u8; len];
+        s.read_scanlines_into(&mut out[..]).map_err(truncated)?;
+        return Ok((out, (w, h)));
+    }
     let mut out = Vec::new();
-    out.try_reserve_exact(w as usize * h as usize * 3)
-        .map_err(|_| Error::Corrupt { format: "jpeg", detail: "cannot allocate the pixel buffer".into() })?;
+    out.try_reserve_exact(len).map_err(|_| alloc_failed())?;
     let cols = x as usize * comps..(x + w) as usize * comps;
-    for r in 0..y + h {
-        s.read_scanlines_into(&mut row[..]).map_err(|e| Error::Truncated { format: "jpeg", detail: e.to_string() })?;
-        if r >= y {
-            convert(&row[cols.clone()], &mut out);
-        }
+    for _ in 0..h {
+        s.read_scanlines_into(&mut row[..]).map_err(truncated)?;
+        convert(&row[cols.clone()], &mut out);
     }
     Ok((out, (w, h)))
+}
+
+fn alloc_failed() -> Error {
+    Error::Corrupt { format: "jpeg", detail: "cannot allocate the pixel buffer".into() }
 }
 
 /// Naive CMYK -> RGB, appended to `out`. Adobe (Photoshop) CMYK JPEGs store inverted inks.
