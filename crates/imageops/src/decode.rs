@@ -210,10 +210,10 @@ fn image_format(f: Format) -> Result<ImageFormat> {
 
 fn image_decoder<'a>(bytes: &'a [u8], f: ImageFormat, limits: &Limits) -> Result<impl ImageDecoder + 'a> {
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), f);
+    // Dimensions are checked by `Limits::check_source` right after the header is read (with a
+    // precise error); the allocation cap is the decoder's own backstop: room for one RGBA frame
+    // of the largest allowed source plus decoder scratch.
     let mut il = image::Limits::default();
-    il.max_image_width = Some(limits.max_source_dimension);
-    il.max_image_height = Some(limits.max_source_dimension);
-    // Room for one RGBA frame of the largest allowed source plus decoder scratch.
     il.max_alloc = Some(limits.max_source_pixels.saturating_mul(8).max(1 << 24));
     reader.limits(il);
     reader.into_decoder().map_err(|e| map_image_error(f, e))

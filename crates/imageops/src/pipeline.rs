@@ -398,6 +398,23 @@ mod tests {
     }
 
     #[test]
+    fn png_bomb_header_is_refused_as_a_limit() {
+        // A PNG whose header claims 100 000 x 100 000 pixels and holds no data.
+        let mut bomb = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bomb, 100_000, 100_000);
+            enc.set_color(png::ColorType::Rgba);
+            let mut w = enc.write_header().unwrap();
+            // An empty zlib stream: enough for a decoder to reach the pixel data.
+            w.write_chunk(png::chunk::IDAT, &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]).unwrap();
+        }
+        let p = pipeline(&[("resize", &[("width", "10")])]).unwrap();
+        let err = p.run(&bomb, &RunOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::LimitExceeded { .. }), "{err:?}");
+        assert!(err.to_string().contains("max_source_dimension"), "{err}");
+    }
+
+    #[test]
     fn bad_steps_are_rejected_with_names() {
         assert!(matches!(pipeline(&[("resize", &[("width", "-1")])]), Err(Error::BadParameter { .. })));
         assert!(matches!(pipeline(&[("output", &[])]), Err(Error::BadParameter { .. })));
