@@ -14,7 +14,7 @@ use crate::encode::{self, EncodeOptions, OutFormat};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::limits::Limits;
-use crate::ops::{Op, resize::Resize};
+use crate::ops::Op;
 use crate::params::{Args, OpSpec, text};
 
 pub static OUTPUT: OpSpec = OpSpec {
@@ -261,24 +261,6 @@ fn render(
 pub fn format_from_name(name: &str) -> Option<OutFormat> {
     let ext = name.rsplit_once('.')?.1;
     OutFormat::from_name(ext)
-}
-
-impl Resize {
-    /// The same resize with scale factors turned into pixel sizes for a source of `src`.
-    pub fn absolute(&self, src: (u32, u32)) -> Resize {
-        if self.scale.is_none() {
-            return self.clone();
-        }
-        let p = self.plan(src);
-        Resize {
-            width: Some(p.scaled.0),
-            height: Some(p.scaled.1),
-            scale: None,
-            fit: crate::ops::resize::Fit::Fill,
-            enlarge: true,
-            ..self.clone()
-        }
-    }
 }
 
 #[cfg(test)]

@@ -193,6 +193,22 @@ impl Resize {
         (dim(f64::from(src.0) * rx * headroom), dim(f64::from(src.1) * ry * headroom))
     }
 
+    /// The same resize with scale factors turned into pixel sizes for a source of `src`.
+    pub fn absolute(&self, src: (u32, u32)) -> Resize {
+        if self.scale.is_none() {
+            return self.clone();
+        }
+        let p = self.plan(src);
+        Resize {
+            width: Some(p.scaled.0),
+            height: Some(p.scaled.1),
+            scale: None,
+            fit: Fit::Fill,
+            enlarge: true,
+            ..self.clone()
+        }
+    }
+
     pub fn apply(&self, img: DynamicImage, limits: &crate::Limits) -> Result<DynamicImage> {
         let src = (img.width(), img.height());
         let plan = self.plan(src);
