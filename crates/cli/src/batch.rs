@@ -124,7 +124,7 @@ fn process(
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        std::fs::write(&target, &r.bytes).with_context(|| format!("writing {}", target.display()))?;
+        crate::write_output(&target, &r.bytes)?;
         written += r.bytes.len() as u64;
     }
     Ok((bytes.len() as u64, written))

@@ -160,7 +160,15 @@ fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
         out.write_all(bytes).context("writing standard output")?;
         return out.flush().context("writing standard output");
     }
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    // Write beside the target and rename, so an existing file is never left half-written.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".pixflow-{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
 }
 
 fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Result<()> {
@@ -174,8 +182,7 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
     }
     let pipeline = chain::parse(steps)?;
     let encode = final_encode(io.format.as_deref(), io.quality, io.output.as_deref())?;
-    let needs_output = !matches!(pipeline.steps.last(), Some(pixflow_imageops::pipeline::Step::Output { .. }));
-    if needs_output && io.output.is_none() {
+    if pipeline.needs_final_output() && io.output.is_none() {
         anyhow::bail!("--output is required (or end the chain with `output name=FILE`)");
     }
     let inputs = read_named_inputs(&pipeline, &limits)?;

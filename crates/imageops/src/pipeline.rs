@@ -115,7 +115,9 @@ impl Pipeline {
         Ok(images)
     }
 
-    fn needs_final_output(&self) -> bool {
+    /// Whether the result after the last step still has to be written somewhere (the last step
+    /// is not an `output`).
+    pub fn needs_final_output(&self) -> bool {
         !matches!(self.steps.last(), Some(Step::Output { .. }))
     }
 
