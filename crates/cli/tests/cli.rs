@@ -268,3 +268,21 @@ fn avif_decodes_through_ffmpeg_or_fails_clearly() {
     let mean = diff / u64::from(a.width() * a.height());
     assert!(mean < 12, "irot/imir sample differs from its twin by {mean} per pixel");
 }
+
+#[test]
+fn outputs_replace_files_whole_and_failed_writes_leave_nothing() {
+    let dir = temp_dir("atomic");
+    write_jpeg(&dir.join("in.jpg"), 200, 100);
+    std::fs::write(dir.join("out.png"), b"previous").unwrap();
+    assert!(pixflow(&["run", "flip", "--input", "in.jpg", "--output", "out.png"], &dir).status.success());
+    assert_eq!(dims(&dir.join("out.png")), (200, 100));
+    let out = pixflow(&["run", "flip", "--input", "in.jpg", "--output", "missing/out.png"], &dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing/out.png"));
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+}
