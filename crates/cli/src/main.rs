@@ -2,6 +2,7 @@
 //! `pixflow-imageops`; this crate reads and writes files, draws progress, and supplies the
 //! optional `ffmpeg`-backed decoder.
 
+mod alloc;
 mod batch;
 mod chain;
 mod ffmpeg;
@@ -15,6 +16,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pixflow_imageops::{EncodeOptions, RunOptions};
+
+#[global_allocator]
+static ALLOCATOR: alloc::HugePageHint = alloc::HugePageHint;
 
 #[derive(Parser)]
 #[command(name = "pixflow", version, about = "Serverless image production: image engine, functions, workflows")]
