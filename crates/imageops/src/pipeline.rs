@@ -382,6 +382,16 @@ mod tests {
     }
 
     #[test]
+    fn operation_time_limit_is_enforced() {
+        // A 20-sigma blur of 1.9 MP takes well over the 0 ms budget.
+        let limits = Limits { max_op_millis: 0, ..Limits::default() };
+        let p = pipeline(&[("blur", &[("sigma", "20")])]).unwrap();
+        let err = p.run(&jpeg(1600, 1200), &RunOptions { limits, ..Default::default() }).unwrap_err();
+        assert!(matches!(&err, Error::Timeout { op, limit_ms: 0 } if op == "blur"), "{err:?}");
+        assert_eq!(err.code(), "timeout");
+    }
+
+    #[test]
     fn png_bomb_header_is_refused_as_a_limit() {
         // A PNG whose header claims 100 000 x 100 000 pixels and holds no data.
         let mut bomb = Vec::new();
