@@ -64,6 +64,15 @@ impl ForeignDecoder for Ffmpeg {
             let _ = (&mut stdout).take(cap).read_to_end(&mut png);
             png
         });
+        // Drain stderr concurrently (keeping its start) so a chatty ffmpeg never blocks on a
+        // full pipe.
+        let mut stderr = child.stderr.take().ok_or_else(|| fail("no stderr".into()))?;
+        let complaints = std::thread::spawn(move || {
+            let mut head = Vec::new();
+            let _ = (&mut stderr).take(4096).read_to_end(&mut head);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+            String::from_utf8_lossy(&head).into_owned()
+        });
         let deadline = Instant::now() + Duration::from_millis(limits.max_op_millis);
         let status = loop {
             if let Some(s) = child.try_wait().map_err(|e| fail(e.to_string()))? {
@@ -78,11 +87,8 @@ impl ForeignDecoder for Ffmpeg {
         };
         let _ = writer.join();
         let png = reader.join().map_err(|_| fail("reader thread failed".into()))?;
+        let err = complaints.join().unwrap_or_default();
         if !status.success() || png.is_empty() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
             // ffmpeg cannot tell "damaged" from "a variant it does not read" (Debian's 5.1 has
             // no HEIF demuxer), so this is reported as unsupported, with ffmpeg's own words.
             let said: String = err.trim().chars().take(300).collect();

@@ -25,10 +25,6 @@ pub struct Decoded {
     pub icc: Option<Vec<u8>>,
     /// EXIF orientation found in the source; already applied when `auto_orient` was set.
     pub orientation: Orientation,
-    /// Header size of the source, before shrink-on-load and orientation.
-    pub source_size: (u32, u32),
-    /// The DCT scale denominator used (1 = full size, 2, 4 or 8).
-    pub shrink: u32,
     /// The source rectangle decoded, when a region was asked for and honoured.
     pub region: Option<(u32, u32, u32, u32)>,
 }
@@ -136,52 +132,67 @@ fn decode_foreign(format: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Res
         hint: Some("no bundled decoder; install the `ffmpeg` program to enable it".into()),
     };
     let foreign = opts.foreign.ok_or_else(unsupported)?;
+    // Check the declared size before handing the bytes to a decoder we cannot bound.
+    let props = HeifProps::read(bytes);
+    if let Some((w, h)) = props.stored {
+        opts.limits.check_source(w, h)?;
+    }
     let mut image = foreign.decode(format, bytes, &opts.limits)?.ok_or_else(unsupported)?;
     opts.limits.check_source(image.width(), image.height())?;
     if opts.auto_orient {
-        image = apply_heif_transforms(image, bytes);
+        image = props.apply(image);
     }
-    let size = (image.width(), image.height());
-    Ok(Decoded {
-        image: normalize(image),
-        format,
-        icc: None,
-        orientation: Orientation::Normal,
-        source_size: size,
-        shrink: 1,
-        region: None,
-    })
+    Ok(Decoded { image: normalize(image), format, icc: None, orientation: Orientation::Normal, region: None })
 }
 
-/// HEIF/AVIF orientation lives in `irot` (quarter turns anticlockwise) and `imir` (mirror)
-/// item properties, not EXIF. Decoders that ignore them return the stored orientation; this
-/// applies them unless the decoded size shows the rotation was already done.
-fn apply_heif_transforms(image: DynamicImage, bytes: &[u8]) -> DynamicImage {
-    let head = &bytes[..bytes.len().min(64 * 1024)];
-    let prop = |name: &[u8]| head.windows(4).position(|w| w == name).and_then(|i| head.get(i + 4)).copied();
-    let stored = head
-        .windows(4)
-        .position(|w| w == b"ispe")
-        .and_then(|i| head.get(i + 8..i + 16))
-        .map(|b| (u32::from_be_bytes([b[0], b[1], b[2], b[3]]), u32::from_be_bytes([b[4], b[5], b[6], b[7]])));
-    let mut image = image;
-    if let Some(turns) = prop(b"irot").map(|a| a & 3) {
-        let already = turns % 2 == 1 && stored.is_some_and(|(w, h)| (image.width(), image.height()) == (h, w));
-        if !already {
-            image = match turns {
-                1 => image.rotate270(),
-                2 => image.rotate180(),
-                3 => image.rotate90(),
-                _ => image,
-            };
-        }
+/// The HEIF/AVIF item properties the engine reads without a decoder: the stored size (`ispe`)
+/// and the orientation transforms `irot` (quarter turns anticlockwise) and `imir` (mirror).
+/// Found by scanning the first 64 KiB, where the `meta` box of a still lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct HeifProps {
+    pub stored: Option<(u32, u32)>,
+    pub irot: Option<u8>,
+    pub imir: Option<u8>,
+}
+
+impl HeifProps {
+    pub fn read(bytes: &[u8]) -> HeifProps {
+        let head = &bytes[..bytes.len().min(64 * 1024)];
+        let at = |name: &[u8]| head.windows(4).position(|w| w == name);
+        let byte_after = |name: &[u8]| at(name).and_then(|i| head.get(i + 4)).copied();
+        let stored = at(b"ispe")
+            .and_then(|i| head.get(i + 8..i + 16))
+            .map(|b| (u32::from_be_bytes([b[0], b[1], b[2], b[3]]), u32::from_be_bytes([b[4], b[5], b[6], b[7]])));
+        HeifProps { stored, irot: byte_after(b"irot").map(|a| a & 3), imir: byte_after(b"imir").map(|a| a & 1) }
     }
-    // Axis 0 mirrors top-to-bottom, 1 left-to-right (libheif's reading; the corpus's labelled
-    // irot/imir samples confirm it).
-    match prop(b"imir").map(|a| a & 1) {
-        Some(0) => image.flipv(),
-        Some(_) => image.fliph(),
-        None => image,
+
+    /// The size a viewer shows: the stored size, axes swapped by an odd number of quarter turns.
+    pub fn display_size(self) -> Option<(u32, u32)> {
+        let (w, h) = self.stored?;
+        Some(if self.irot.is_some_and(|t| t % 2 == 1) { (h, w) } else { (w, h) })
+    }
+
+    /// Applies `irot` then `imir` to a decoded image, unless the decoded size shows the decoder
+    /// already rotated it.
+    fn apply(self, mut image: DynamicImage) -> DynamicImage {
+        if let Some(turns) = self.irot {
+            let already = turns % 2 == 1 && self.stored.is_some_and(|(w, h)| (image.width(), image.height()) == (h, w));
+            if !already {
+                image = match turns {
+                    1 => image.rotate270(),
+                    2 => image.rotate180(),
+                    3 => image.rotate90(),
+                    _ => image,
+                };
+            }
+        }
+        // Axis 0 mirrors top-to-bottom, 1 left-to-right (libheif's reading; the corpus's
+        // labelled irot/imir samples confirm it).
+        match self.imir {
+            Some(0) => image.flipv(),
+            Some(_) => image.fliph(),
+            None => image,
+        }
     }
 }
 
@@ -227,7 +238,7 @@ fn decode_with_image(f: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Resul
     let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
     let icc = dec.icc_profile().ok().flatten();
     let image = DynamicImage::from_decoder(dec).map_err(|e| map_image_error(image_format, e))?;
-    Ok(Decoded { image: normalize(image), format: f, icc, orientation, source_size: (w, h), shrink: 1, region: None })
+    Ok(Decoded { image: normalize(image), format: f, icc, orientation, region: None })
 }
 
 pub(crate) fn map_image_error(f: ImageFormat, e: image::ImageError) -> Error {
@@ -411,8 +422,6 @@ fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions<'_>) -> Result<Decoded> {
             format: Format::Jpeg,
             icc,
             orientation: meta.orientation,
-            source_size: (w, h),
-            shrink,
             region: region.map(|r| clip_region(r, (w, h))),
         })
     })
@@ -476,6 +485,41 @@ fn cmyk_to_rgb(px: &[u8], adobe_inverted: bool, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn heif_with(stored: (u32, u32), irot: Option<u8>) -> Vec<u8> {
+        let mut b = b"\0\0\0\x14ftypavif\0\0\0\0mif1".to_vec();
+        b.extend_from_slice(b"\0\0\0\x14ispe\0\0\0\0");
+        b.extend_from_slice(&stored.0.to_be_bytes());
+        b.extend_from_slice(&stored.1.to_be_bytes());
+        if let Some(a) = irot {
+            b.extend_from_slice(b"\0\0\0\x09irot");
+            b.push(a);
+        }
+        b
+    }
+
+    #[test]
+    fn heif_properties_give_the_displayed_size() {
+        let p = HeifProps::read(&heif_with((640, 427), Some(1)));
+        assert_eq!((p.stored, p.irot, p.display_size()), (Some((640, 427)), Some(1), Some((427, 640))));
+        assert_eq!(HeifProps::read(&heif_with((640, 427), None)).display_size(), Some((640, 427)));
+        assert_eq!(HeifProps::read(b"\0\0\0\x14ftypavif").display_size(), None);
+    }
+
+    /// A foreign decoder that must never be reached.
+    struct Unreachable;
+    impl ForeignDecoder for Unreachable {
+        fn decode(&self, _: Format, _: &[u8], _: &Limits) -> Result<Option<DynamicImage>> {
+            panic!("the declared size should have been refused first")
+        }
+    }
+
+    #[test]
+    fn oversized_heif_is_refused_before_the_foreign_decoder_runs() {
+        let opts = DecodeOptions { foreign: Some(&Unreachable), ..DecodeOptions::default() };
+        let err = decode(&heif_with((100_000, 100_000), None), &opts).unwrap_err();
+        assert!(matches!(err, Error::LimitExceeded { .. }), "{err:?}");
+    }
 
     #[test]
     fn eoi_detection() {

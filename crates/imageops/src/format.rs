@@ -166,7 +166,7 @@ fn sniff_iso_bmff(b: &[u8]) -> Option<Format> {
 }
 
 /// Walks top-level ISO BMFF boxes (bounded by the buffer) looking for `kind`.
-pub(crate) fn has_top_level_box(b: &[u8], kind: &[u8]) -> bool {
+fn has_top_level_box(b: &[u8], kind: &[u8]) -> bool {
     let mut pos = 0usize;
     let mut steps = 0;
     while b.len().saturating_sub(pos) >= 8 && steps < 10_000 {

@@ -172,10 +172,7 @@ impl Pipeline {
                         _ => op,
                     };
                     img = op.apply(img, &cx)?;
-                    let ms = started.elapsed().as_millis() as u64;
-                    if ms > limits.max_op_millis {
-                        return Err(Error::Timeout { op: op.name().into(), limit_ms: limits.max_op_millis });
-                    }
+                    check_time(op, started, &limits)?;
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
                 Step::Output { name, encode } => {
@@ -228,9 +225,7 @@ impl Pipeline {
                             "frames came out in different sizes; this operation cannot run on animations",
                         ));
                     }
-                    if started.elapsed().as_millis() as u64 > limits.max_op_millis {
-                        return Err(Error::Timeout { op: op.name().into(), limit_ms: limits.max_op_millis });
-                    }
+                    check_time(op, started, &limits)?;
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
                 Step::Output { name, encode } => {
@@ -246,6 +241,15 @@ impl Pipeline {
         }
         Ok(out)
     }
+}
+
+/// The per-operation time budget, checked once the operation returns (the engine cannot
+/// pre-empt a running codec; hard cancellation is the caller's).
+fn check_time(op: &Op, started: Instant, limits: &Limits) -> Result<()> {
+    if started.elapsed().as_millis() > u128::from(limits.max_op_millis) {
+        return Err(Error::Timeout { op: op.name().into(), limit_ms: limits.max_op_millis });
+    }
+    Ok(())
 }
 
 fn render(

@@ -8,7 +8,7 @@ use std::io::Cursor;
 use serde::Serialize;
 
 use crate::decode::{self, DecodeOptions, ForeignDecoder};
-use crate::error::{Error, Result};
+use crate::error::{Error, LimitKind, Result};
 use crate::format::Format;
 use crate::limits::Limits;
 use crate::ops::resize::{Kernel, resample};
@@ -90,7 +90,7 @@ pub fn probe(bytes: &[u8], limits: &Limits, foreign: Option<&dyn ForeignDecoder>
         Err(e) => return Err(e),
     };
     if format.is_video() {
-        return Ok(probe_video(format, bytes));
+        return Ok(probe_video(format, bytes, limits));
     }
     if matches!(format, Format::Avif | Format::Heif) {
         return Ok(probe_heif(format, bytes, limits, foreign));
@@ -216,19 +216,9 @@ fn gif_error(e: &gif::DecodingError) -> Error {
 /// AVIF/HEIF: dimensions from the `ispe` property; decoded only through a foreign decoder.
 fn probe_heif(format: Format, bytes: &[u8], limits: &Limits, foreign: Option<&dyn ForeignDecoder>) -> Probe {
     let mut p = Probe::empty(Some(format), MediaKind::Still, bytes.len());
-    if let Some(i) = bytes.windows(4).take(64 * 1024).position(|w| w == b"ispe")
-        && let Some(b) = bytes.get(i + 8..i + 16)
-    {
-        p.width = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        p.height = Some(u32::from_be_bytes([b[4], b[5], b[6], b[7]]));
-    }
-    // `irot` with an odd number of quarter turns swaps the displayed axes.
-    if let Some(i) = bytes.windows(4).take(64 * 1024).position(|w| w == b"irot")
-        && bytes.get(i + 4).is_some_and(|a| a & 1 == 1)
-        && let (Some(w), Some(h)) = (p.width, p.height)
-    {
-        p.width = Some(h);
-        p.height = Some(w);
+    if let Some((w, h)) = crate::decode::HeifProps::read(bytes).display_size() {
+        p.width = Some(w);
+        p.height = Some(h);
     }
     p.codec = Some(if format == Format::Avif { "av1" } else { "hevc" }.into());
     p.frames = Some(1);
@@ -238,7 +228,7 @@ fn probe_heif(format: Format, bytes: &[u8], limits: &Limits, foreign: Option<&dy
     p
 }
 
-fn probe_video(format: Format, bytes: &[u8]) -> Probe {
+fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
     let kind = match format {
         Format::Fmp4 | Format::MpegTs => MediaKind::VideoSegment,
         _ => MediaKind::Video,
@@ -259,6 +249,17 @@ fn probe_video(format: Format, bytes: &[u8]) -> Probe {
                     p.frames = Some(t.samples.len() as u64);
                     p.duration_ms = t.duration.saturating_mul(1000).checked_div(t.timescale);
                     p.codec = t.codec_string(&mp4);
+                }
+                // Nothing decodes video yet; until then the video limit is reported here, where
+                // the duration is known, so callers can refuse before fetching frames.
+                let max_ms = limits.max_video_seconds.saturating_mul(1000);
+                if let Some(ms) = p.duration_ms.filter(|&ms| ms > max_ms) {
+                    let e = Error::LimitExceeded {
+                        limit: LimitKind::VideoSeconds,
+                        max: limits.max_video_seconds,
+                        actual: ms.div_ceil(1000),
+                    };
+                    p.problem = Some(Problem { code: e.code(), message: e.to_string() });
                 }
             }
             Err(e) => {

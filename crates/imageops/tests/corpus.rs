@@ -210,6 +210,14 @@ fn specific_corpus_expectations() {
     assert_eq!(p.kind, MediaKind::Video);
     assert!(p.problem.is_some());
 
+    // The video length limit is reported by probe (5.28 s clip against a 5 s limit).
+    let short = Limits { max_video_seconds: 5, ..Limits::default() };
+    let p = probe(&read("video/bigbuckbunny_h264_1280x720_5s.mp4"), &short, None).unwrap();
+    let problem = p.problem.expect("over the video limit");
+    assert_eq!(problem.code, "limit_exceeded");
+    assert!(problem.message.contains("max_video_seconds is 5, input needs 6"), "{}", problem.message);
+    assert!(probe(&read("video/bigbuckbunny_h264_1280x720_5s.mp4"), &limits, None).unwrap().problem.is_none());
+
     // EXIF orientation 6 and 8 are applied; 4 (vertical mirror) keeps the size.
     let p = probe(&read("jpeg/exif_orientation_4_sasha.jpg"), &limits, None).unwrap();
     assert_eq!(p.orientation, Some(4));
