@@ -33,14 +33,21 @@ pub fn decode(format: Format, bytes: &[u8], frames: u64, limits: &Limits) -> Res
     limits.check_frames(frames)?;
     let header = crate::decode::read_header(bytes, limits)?;
     limits.check_source(header.width, header.height)?;
-    let total = u64::from(header.width) * u64::from(header.height) * frames;
-    if total > limits.max_source_pixels {
-        return Err(Error::LimitExceeded {
-            limit: LimitKind::SourcePixels,
-            max: limits.max_source_pixels,
-            actual: total,
-        });
-    }
+    let canvas = u64::from(header.width) * u64::from(header.height);
+    // Checked against the declared count first, then again per frame: a container may hold
+    // more frames than it declares.
+    let budget = |n: u64| {
+        let total = canvas.saturating_mul(n);
+        if total > limits.max_source_pixels {
+            return Err(Error::LimitExceeded {
+                limit: LimitKind::SourcePixels,
+                max: limits.max_source_pixels,
+                actual: total,
+            });
+        }
+        Ok(())
+    };
+    budget(frames)?;
     let fail = |e: image::ImageError| crate::decode::map_image_error(image_format(format), e);
     let (iter, loops) = match format {
         Format::Gif => {
@@ -64,6 +71,7 @@ pub fn decode(format: Format, bytes: &[u8], frames: u64, limits: &Limits) -> Res
     for frame in iter {
         let frame = frame.map_err(fail)?;
         limits.check_frames(out.len() as u64 + 1)?;
+        budget(out.len() as u64 + 1)?;
         let (num, den) = frame.delay().numer_denom_ms();
         let delay_ms = num.checked_div(den).unwrap_or(0);
         out.push(AnimFrame { image: DynamicImage::ImageRgba8(frame.into_buffer()), delay_ms });
@@ -186,5 +194,8 @@ mod tests {
         assert_eq!(decode(Format::Gif, &src, 4, &few).unwrap_err().code(), "limit_exceeded");
         let small = Limits { max_source_pixels: 20 * 10 * 3, ..Limits::default() };
         assert_eq!(decode(Format::Gif, &src, 4, &small).unwrap_err().code(), "limit_exceeded");
+        // A container that under-declares its frames is still held to the budget while decoding.
+        let err = decode(Format::Gif, &src, 1, &small).unwrap_err();
+        assert!(matches!(err, Error::LimitExceeded { actual, .. } if actual == 20 * 10 * 4), "{err:?}");
     }
 }
