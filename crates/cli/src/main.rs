@@ -71,9 +71,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunIo {
-    /// Input file, or `-` for standard input.
+    /// Input file, or `-` for standard input (none when the first step makes the image, e.g. qrcode).
     #[arg(long, short)]
-    input: PathBuf,
+    input: Option<PathBuf>,
     /// Output file, or `-` for standard output (not needed for probe or when every rendition is named).
     #[arg(long, short)]
     output: Option<PathBuf>,
@@ -110,6 +110,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Batch { steps, input, output, format, quality, jobs, limits } => {
             let encode = final_encode(format.as_deref(), quality, None)?;
             let pipeline = chain::parse(&steps)?;
+            if pipeline.is_generated() {
+                anyhow::bail!("`{}` makes its own image, so there is nothing to batch; use `pixflow run`", steps[0]);
+            }
             let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs)?;
             Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
@@ -176,15 +179,21 @@ fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Result<()> {
-    let input = read_input(&io.input, &limits)?;
     let ffmpeg = ffmpeg::Ffmpeg::new();
     let foreign = Some(&ffmpeg as &dyn pixflow_imageops::ForeignDecoder);
+    let input_path = || io.input.as_deref().context("--input is required");
     if steps.len() == 1 && steps[0] == "probe" {
+        let input = read_input(input_path()?, &limits)?;
         let probe = pixflow_imageops::probe(&input, &limits, foreign)?;
         println!("{}", serde_json::to_string_pretty(&probe)?);
         return Ok(());
     }
     let pipeline = chain::parse(steps)?;
+    let input = match (pipeline.is_generated(), &io.input) {
+        (true, Some(_)) => anyhow::bail!("`{}` makes its own image; drop --input", steps[0]),
+        (true, None) => Vec::new(),
+        (false, _) => read_input(input_path()?, &limits)?,
+    };
     let encode = final_encode(io.format.as_deref(), io.quality, io.output.as_deref())?;
     if pipeline.needs_final_output() && io.output.is_none() {
         anyhow::bail!("--output is required (or end the chain with `output name=FILE`)");

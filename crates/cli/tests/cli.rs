@@ -286,3 +286,27 @@ fn outputs_replace_files_whole_and_failed_writes_leave_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
 }
+
+#[test]
+fn qrcode_needs_no_input_and_writes_png_or_svg() {
+    let dir = temp_dir("qrcode");
+    let out = pixflow(&["run", "qrcode", "content=https://example.com", "size=256", "--output", "q.png"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("q.png")), (256, 256));
+    let out = pixflow(&["run", "qrcode", "content=hi", "+", "pad", "all=10", "--output", "q.webp"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("q.webp")), (532, 532));
+    let out = pixflow(&["run", "qrcode", "content=hi", "--output", "q.svg"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read_to_string(dir.join("q.svg")).unwrap().starts_with("<svg "));
+    for (args, expect) in [
+        (&["run", "qrcode", "content=hi", "+", "pad", "all=1", "--output", "p.svg"][..], "[unsupported_format]"),
+        (&["run", "qrcode", "content=hi", "--input", "x.jpg", "--output", "p.png"][..], "drop --input"),
+        (&["run", "flip", "+", "qrcode", "content=hi", "--output", "p.png"][..], "first step"),
+        (&["run", "qrcode", "content=hi", "logo=none.png", "--output", "p.png"][..], "none.png"),
+    ] {
+        let out = pixflow(args, &dir);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expect), "{args:?}: {err}");
+    }
+}

@@ -45,6 +45,12 @@ impl Color {
         if a == 255 { format!("#{r:02x}{g:02x}{b:02x}") } else { format!("#{r:02x}{g:02x}{b:02x}{a:02x}") }
     }
 
+    /// The same colour with alpha replaced.
+    pub fn with_alpha(self, a: u8) -> Color {
+        let [r, g, b, _] = self.0;
+        Color([r, g, b, a])
+    }
+
     pub fn is_opaque(self) -> bool {
         self.0[3] == 255
     }

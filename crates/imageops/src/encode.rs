@@ -22,9 +22,9 @@ pub static SPEC: OpSpec = OpSpec {
     params: &[
         choice(
             "format",
-            &["jpeg", "jpg", "png", "webp", "avif", "gif"],
+            &["jpeg", "jpg", "png", "webp", "avif", "gif", "svg"],
             None,
-            "Output format (default: from the output name, else the input's).",
+            "Output format (default: from the output name, else the input's); svg only for a lone `qrcode` step.",
         ),
         int(
             "quality",
@@ -72,6 +72,8 @@ pub enum OutFormat {
     Webp,
     Avif,
     Gif,
+    /// Only from a vector source with nothing after it (a `qrcode` step); see the pipeline.
+    Svg,
 }
 
 impl OutFormat {
@@ -82,6 +84,7 @@ impl OutFormat {
             "webp" => OutFormat::Webp,
             "avif" => OutFormat::Avif,
             "gif" => OutFormat::Gif,
+            "svg" => OutFormat::Svg,
             _ => return None,
         })
     }
@@ -104,6 +107,7 @@ impl OutFormat {
             OutFormat::Webp => "image/webp",
             OutFormat::Avif => "image/avif",
             OutFormat::Gif => "image/gif",
+            OutFormat::Svg => "image/svg+xml",
         }
     }
 
@@ -114,6 +118,7 @@ impl OutFormat {
             OutFormat::Webp => "webp",
             OutFormat::Avif => "avif",
             OutFormat::Gif => "gif",
+            OutFormat::Svg => "svg",
         }
     }
 
@@ -246,7 +251,7 @@ pub fn encode(img: &DynamicImage, format: OutFormat, opts: &EncodeOptions, icc: 
     let lossy = match format {
         OutFormat::Jpeg | OutFormat::Avif => true,
         OutFormat::Webp => opts.lossless != Some(true),
-        OutFormat::Png | OutFormat::Gif => false,
+        OutFormat::Png | OutFormat::Gif | OutFormat::Svg => false,
     };
     let first = encode_once(img, format, opts, quality, icc)?;
     if first.len() as u64 <= max {
@@ -300,6 +305,7 @@ fn encode_once(
         }
         OutFormat::Png => encode_png(img, opts, icc),
         OutFormat::Webp => encode_webp(img, opts, quality),
+        OutFormat::Svg => Err(svg_needs_vector()),
         #[cfg(not(feature = "avif"))]
         OutFormat::Avif => {
             Err(Error::Unsupported { format: "avif".into(), hint: Some("built without the `avif` feature".into()) })
@@ -321,6 +327,14 @@ fn encode_once(
             }
             Ok(out)
         }
+    }
+}
+
+/// Why a raster cannot be written as SVG.
+pub(crate) fn svg_needs_vector() -> Error {
+    Error::Unsupported {
+        format: "svg output".into(),
+        hint: Some("SVG is written only for a vector source with nothing after it (a lone `qrcode` step)".into()),
     }
 }
 

@@ -84,7 +84,17 @@ impl Pipeline {
                     let name = a.text("name").ok_or_else(|| a.invalid("name", "required"))?.to_owned();
                     Step::Output { name, encode: EncodeOptions::parse(rest)? }
                 }
-                op => Step::Op(Op::parse(op, pairs)?),
+                op => {
+                    let op = Op::parse(op, pairs)?;
+                    if op.is_source() && !steps.is_empty() {
+                        return Err(Error::bad(
+                            op.name(),
+                            "step",
+                            format!("`{}` makes an image, so it must be the first step", op.name()),
+                        ));
+                    }
+                    Step::Op(op)
+                }
             };
             steps.push(step);
         }
@@ -104,11 +114,9 @@ impl Pipeline {
     fn decode_inputs(&self, opts: &RunOptions<'_>) -> Result<BTreeMap<String, image::DynamicImage>> {
         let mut images = BTreeMap::new();
         for name in self.input_names() {
-            let bytes = opts.inputs.and_then(|m| m.get(name)).ok_or_else(|| Error::BadParameter {
-                op: "watermark".into(),
-                param: "image".into(),
-                reason: format!("no input named `{name}` was supplied"),
-            })?;
+            // An input nobody supplied is reported by the operation that needs it, with its
+            // own parameter name.
+            let Some(bytes) = opts.inputs.and_then(|m| m.get(name)) else { continue };
             let dopts = DecodeOptions { limits: opts.limits, foreign: opts.foreign, ..DecodeOptions::default() };
             images.insert(name.to_owned(), decode::decode(bytes, &dopts)?.image);
         }
@@ -121,9 +129,25 @@ impl Pipeline {
         !matches!(self.steps.last(), Some(Step::Output { .. }))
     }
 
-    /// Decodes `input`, runs every step and returns the renditions in order.
+    /// Decodes `input`, runs every step and returns the renditions in order. A pipeline that
+    /// starts with a source operation (`qrcode`) makes its first raster and ignores `input`.
     pub fn run(&self, input: &[u8], opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
         let limits = opts.limits;
+        if let Some(Step::Op(source)) = self.steps.first()
+            && source.is_source()
+        {
+            let images = self.decode_inputs(opts)?;
+            let cx = crate::ops::Context { limits, images: &images };
+            let started = Instant::now();
+            let img = source.generate(&cx)?;
+            check_time(source, started, &limits)?;
+            let vector = match source {
+                Op::Qrcode(q) if q.logo.is_none() => Some(q.svg()?),
+                _ => None,
+            };
+            let start = Start { img, skip: 1, first_resize: None, source_out: OutFormat::Png, icc: None, vector };
+            return self.run_steps(start, &cx, opts);
+        }
         let mut first_resize = None;
         let mut dopts = DecodeOptions { limits, foreign: opts.foreign, ..DecodeOptions::default() };
         let format = decode::sniff_checked(input, &limits)?;
@@ -152,18 +176,37 @@ impl Pipeline {
             }
         }
         let decoded = decode::decode(input, &dopts)?;
-        let skip_first = decoded.region.is_some();
         let images = self.decode_inputs(opts)?;
         let cx = crate::ops::Context { limits, images: &images };
-        let source_format = decoded.format;
-        let icc = decoded.icc;
-        let mut img = decoded.image;
+        let start = Start {
+            skip: usize::from(decoded.region.is_some()),
+            img: decoded.image,
+            first_resize,
+            source_out: OutFormat::for_source(decoded.format),
+            icc: decoded.icc,
+            vector: None,
+        };
+        self.run_steps(start, &cx, opts)
+    }
+
+    /// Runs the steps after the first raster exists.
+    fn run_steps(&self, start: Start, cx: &crate::ops::Context<'_>, opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
+        let Start { mut img, skip, first_resize, source_out, icc, mut vector } = start;
+        let limits = opts.limits;
         let mut encode_opts = EncodeOptions::default();
         let mut out = Vec::new();
-        for (i, step) in self.steps.iter().enumerate() {
-            if i == 0 && skip_first {
-                continue;
+        let mut render = |img: &image::DynamicImage, vector: Option<&str>, name: Option<String>, o: &EncodeOptions| {
+            let format = o.format.or_else(|| name.as_deref().and_then(format_from_name)).unwrap_or(source_out);
+            if format == OutFormat::Svg {
+                let svg = vector.ok_or_else(encode::svg_needs_vector)?;
+                let bytes = svg.as_bytes().to_vec();
+                out.push(Rendition { name, format, width: img.width(), height: img.height(), bytes });
+                return Ok::<_, Error>(());
             }
+            out.push(render(img, name, format, o, icc.as_deref())?);
+            Ok(())
+        };
+        for (i, step) in self.steps.iter().enumerate().skip(skip) {
             match step {
                 Step::Op(op) => {
                     let started = Instant::now();
@@ -171,25 +214,41 @@ impl Pipeline {
                         (0, Some(r)) => &Op::Resize(r.clone()),
                         _ => op,
                     };
-                    img = op.apply(img, &cx)?;
+                    img = op.apply(img, cx)?;
+                    vector = None;
                     check_time(op, started, &limits)?;
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
                 Step::Output { name, encode } => {
-                    let o = encode_opts.overlay(encode);
-                    let format =
-                        o.format.or_else(|| format_from_name(name)).unwrap_or(OutFormat::for_source(source_format));
-                    out.push(render(&img, Some(name.clone()), format, &o, icc.as_deref())?);
+                    render(&img, vector.as_deref(), Some(name.clone()), &encode_opts.overlay(encode))?
                 }
             }
         }
         if self.needs_final_output() {
             let o = opts.final_output.map_or(encode_opts.clone(), |f| encode_opts.overlay(f));
-            let format = o.format.unwrap_or(OutFormat::for_source(source_format));
-            out.push(render(&img, None, format, &o, icc.as_deref())?);
+            render(&img, vector.as_deref(), None, &o)?;
         }
         Ok(out)
     }
+
+    /// Whether the pipeline makes its own first raster (and so reads no input).
+    pub fn is_generated(&self) -> bool {
+        matches!(self.steps.first(), Some(Step::Op(op)) if op.is_source())
+    }
+}
+
+/// The first raster and what the steps after it need to know about its origin.
+struct Start {
+    img: image::DynamicImage,
+    /// Steps already done while making the raster (a crop pushed into the decoder, a source).
+    skip: usize,
+    /// The first step's resize pinned to the source's size (shrink-on-load changes it).
+    first_resize: Option<crate::ops::resize::Resize>,
+    /// Output format when neither the step nor the caller names one.
+    source_out: OutFormat,
+    icc: Option<Vec<u8>>,
+    /// The same picture as SVG, while no raster operation has run on it.
+    vector: Option<String>,
 }
 
 impl Pipeline {

@@ -7,6 +7,7 @@ pub mod border;
 pub mod crop;
 pub mod filter;
 pub mod geometry;
+pub mod qrcode;
 pub mod resize;
 pub mod rotate;
 pub mod watermark;
@@ -26,6 +27,13 @@ pub struct Context<'a> {
     pub images: &'a BTreeMap<String, DynamicImage>,
 }
 
+impl Context<'_> {
+    /// The decoded extra input `name` that `op`'s parameter `param` refers to.
+    pub fn input(&self, op: &str, param: &str, name: &str) -> Result<&DynamicImage> {
+        self.images.get(name).ok_or_else(|| Error::bad(op, param, format!("no input named `{name}` was supplied")))
+    }
+}
+
 /// One parsed, validated transform.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -34,14 +42,23 @@ pub enum Op {
     Rotate(rotate::Rotate),
     Flip,
     Flop,
-    Blur { sigma: f32 },
+    Blur {
+        sigma: f32,
+    },
     Sharpen(filter::Sharpen),
     Pixelate(filter::Pixelate),
     Adjust(adjust::Adjust),
-    Trim { threshold: u8 },
+    Trim {
+        threshold: u8,
+    },
     Pad(border::Pad),
-    Round { radius: u32, circle: bool },
+    Round {
+        radius: u32,
+        circle: bool,
+    },
     Watermark(watermark::Watermark),
+    /// A source: makes the first raster (see [`Op::is_source`]).
+    Qrcode(qrcode::Qrcode),
 }
 
 /// Every pixel operation with its schema (probe and convert live beside the pipeline).
@@ -60,6 +77,7 @@ pub static CATALOGUE: &[&OpSpec] = &[
     &border::PAD,
     &border::ROUND,
     &watermark::SPEC,
+    &qrcode::SPEC,
 ];
 
 /// Looks an operation up by name (`extend` is an alias of `pad`).
@@ -88,6 +106,7 @@ impl Op {
             "pad" => Op::Pad(border::Pad::from_args(&a)?),
             "round" => Op::Round { radius: a.u32("radius").unwrap_or(16), circle: a.boolean("circle") },
             "watermark" => Op::Watermark(watermark::Watermark::from_args(&a)?),
+            "qrcode" => Op::Qrcode(qrcode::Qrcode::from_args(&a)?),
             other => return Err(Error::UnknownOperation(other.to_owned())),
         })
     }
@@ -107,6 +126,7 @@ impl Op {
             Op::Pad(_) => "pad",
             Op::Round { .. } => "round",
             Op::Watermark(_) => "watermark",
+            Op::Qrcode(_) => "qrcode",
         }
     }
 
@@ -114,7 +134,28 @@ impl Op {
     pub fn inputs(&self) -> Option<&str> {
         match self {
             Op::Watermark(w) => Some(&w.image),
+            Op::Qrcode(q) => q.logo.as_deref(),
             _ => None,
+        }
+    }
+
+    /// Whether this operation makes the first raster itself (it must be a pipeline's first
+    /// step, and the pipeline then takes no input).
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Qrcode(_))
+    }
+
+    /// Makes the first raster of a pipeline that starts with a source operation.
+    pub fn generate(&self, cx: &Context<'_>) -> Result<DynamicImage> {
+        match self {
+            Op::Qrcode(q) => {
+                q.render(q.logo.as_ref().map(|n| cx.input(self.name(), "logo", n)).transpose()?, &cx.limits)
+            }
+            other => Err(Error::bad(
+                other.name(),
+                "input",
+                "this operation transforms an image; it cannot start a pipeline without one",
+            )),
         }
     }
 
@@ -134,11 +175,13 @@ impl Op {
             Op::Trim { threshold } => border::trim(img, *threshold),
             Op::Pad(p) => p.apply(img, limits)?,
             Op::Round { radius, circle } => border::round(img, *radius, *circle),
-            Op::Watermark(w) => {
-                let logo = cx.images.get(&w.image).ok_or_else(|| {
-                    Error::bad("watermark", "image", format!("no input named `{}` was supplied", w.image))
-                })?;
-                w.apply(img, logo, limits)?
+            Op::Watermark(w) => w.apply(img, cx.input("watermark", "image", &w.image)?, limits)?,
+            Op::Qrcode(_) => {
+                return Err(Error::bad(
+                    "qrcode",
+                    "content",
+                    "qrcode makes an image, so it can only be a pipeline's first step (to place one on an image, use compose)",
+                ));
             }
         })
     }
