@@ -200,15 +200,35 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
     }
     let inputs = read_named_inputs(&pipeline, &limits)?;
     let opts = RunOptions { limits, foreign, final_output: Some(&encode), inputs: Some(&inputs) };
-    for r in pipeline.run(&input, &opts)? {
+    let renditions = pipeline.run(&input, &opts)?;
+    let unnamed_frames = renditions.iter().filter(|r| r.name.is_none() && r.frame.is_some()).count();
+    for r in renditions {
         let path = match (&r.name, &io.output) {
             (Some(name), _) => PathBuf::from(name),
-            (None, Some(out)) => out.clone(),
+            (None, Some(out)) => match r.frame {
+                Some(pos) => {
+                    let template = out.to_string_lossy();
+                    if unnamed_frames > 1 && !pixflow_imageops::sequence::names_frames(&template) {
+                        anyhow::bail!(
+                            "{unnamed_frames} frames were picked: put {{n}} (frame number) or {{ms}} (time) in --output"
+                        );
+                    }
+                    PathBuf::from(pixflow_imageops::sequence::frame_name(&template, pos))
+                }
+                None => out.clone(),
+            },
             (None, None) => unreachable!("checked above"),
         };
         write_output(&path, &r.bytes)?;
         if path != Path::new("-") {
             eprintln!("{}: {}x{} {} {} bytes", path.display(), r.width, r.height, r.format.mime(), r.bytes.len());
+        }
+        if !r.cues.is_empty() {
+            // The storyboard sits beside the sheet and refers to it by file name.
+            let vtt = path.with_extension("vtt");
+            let url = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            write_output(&vtt, pixflow_imageops::sequence::webvtt(&r.cues, &url).as_bytes())?;
+            eprintln!("{}: {} cues", vtt.display(), r.cues.len());
         }
     }
     Ok(())

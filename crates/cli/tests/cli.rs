@@ -310,3 +310,34 @@ fn qrcode_needs_no_input_and_writes_png_or_svg() {
         assert!(!out.status.success() && err.contains(expect), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn frames_and_storyboards_from_an_animation() {
+    let dir = temp_dir("frames");
+    let mut gif = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new(&mut gif);
+        for i in 0..6u8 {
+            let img = image::RgbaImage::from_pixel(32, 16, image::Rgba([i * 40, 80, 0, 255]));
+            enc.encode_frame(image::Frame::from_parts(img, 0, 0, image::Delay::from_numer_denom_ms(500, 1))).unwrap();
+        }
+    }
+    std::fs::write(dir.join("a.gif"), gif).unwrap();
+    let out = pixflow(&["run", "frames", "interval=1", "--input", "a.gif", "--output", "f-{n}.png"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for n in [0, 2, 4] {
+        assert_eq!(dims(&dir.join(format!("f-{n}.png"))), (32, 16));
+    }
+    assert!(!dir.join("f-1.png").exists());
+    let out = pixflow(&["run", "frames", "--input", "a.gif", "--output", "one.png"], &dir);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("{n}"));
+    let out =
+        pixflow(&["run", "sprite", "columns=3", "width=16", "vtt=true", "--input", "a.gif", "--output", "s.jpg"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("s.jpg")), (48, 16));
+    let vtt = std::fs::read_to_string(dir.join("s.vtt")).unwrap();
+    assert!(
+        vtt.starts_with("WEBVTT\n") && vtt.contains("00:00:02.500 --> 00:00:03.000\ns.jpg#xywh=32,8,16,8"),
+        "{vtt}"
+    );
+}

@@ -20,6 +20,7 @@ pub mod params;
 pub mod pipeline;
 pub mod probe;
 mod raster;
+pub mod sequence;
 
 pub use color::Color;
 pub use decode::{DecodeOptions, Decoded, ForeignDecoder};

@@ -16,6 +16,7 @@ use crate::format::Format;
 use crate::limits::Limits;
 use crate::ops::Op;
 use crate::params::{Args, OpSpec, text};
+use crate::sequence::{self, Cue, FramePos, Select, Sprite, Still};
 
 pub static OUTPUT: OpSpec = OpSpec {
     name: "output",
@@ -38,6 +39,10 @@ pub enum Step {
         name: String,
         encode: EncodeOptions,
     },
+    /// Pick frames as stills (see [`crate::sequence`]).
+    Frames(Select),
+    /// Tile the frames into one sheet.
+    Sprite(Sprite),
 }
 
 /// A validated chain of steps.
@@ -60,11 +65,16 @@ pub struct RunOptions<'a> {
 /// One encoded result.
 #[derive(Debug, Clone)]
 pub struct Rendition {
+    /// The output step's name with `{n}`/`{ms}` filled in; `None` for the implicit final output.
     pub name: Option<String>,
     pub format: OutFormat,
     pub width: u32,
     pub height: u32,
     pub bytes: Vec<u8>,
+    /// For one frame picked by `frames`: which one.
+    pub frame: Option<FramePos>,
+    /// For a `sprite vtt=true` sheet: the storyboard cues (write them with [`crate::sequence::webvtt`]).
+    pub cues: Vec<Cue>,
 }
 
 impl Pipeline {
@@ -78,6 +88,8 @@ impl Pipeline {
         for (name, pairs) in groups {
             let step = match name {
                 "convert" => Step::Convert(EncodeOptions::parse(pairs)?),
+                "frames" => Step::Frames(Select::from_args(&Args::parse(&sequence::FRAMES, pairs)?)?),
+                "sprite" => Step::Sprite(Sprite::from_args(&Args::parse(&sequence::SPRITE, pairs)?)?),
                 "output" => {
                     let (named, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| *k == "name");
                     let a = Args::parse(&OUTPUT, named)?;
@@ -145,7 +157,14 @@ impl Pipeline {
                 Op::Qrcode(q) if q.logo.is_none() => Some(q.svg()?),
                 _ => None,
             };
-            let start = Start { img, skip: 1, first_resize: None, source_out: OutFormat::Png, icc: None, vector };
+            let start = Start {
+                media: Media::Still(img),
+                skip: 1,
+                first_resize: None,
+                source_out: OutFormat::Png,
+                icc: None,
+                vector,
+            };
             return self.run_steps(start, &cx, opts);
         }
         let mut first_resize = None;
@@ -172,7 +191,19 @@ impl Pipeline {
         if matches!(format, Format::Gif | Format::Webp | Format::Png) {
             let frames = crate::probe::animation_frames(format, input, &limits)?;
             if frames > 1 {
-                return self.run_animated(format, input, frames, opts);
+                let anim = crate::animation::decode(format, input, frames, &limits)?;
+                let images = self.decode_inputs(opts)?;
+                let cx = crate::ops::Context { limits, images: &images };
+                let source_out = if format == Format::Webp { OutFormat::Webp } else { OutFormat::Gif };
+                let start = Start {
+                    media: Media::Animation(anim),
+                    skip: 0,
+                    first_resize: None,
+                    source_out,
+                    icc: None,
+                    vector: None,
+                };
+                return self.run_steps(start, &cx, opts);
             }
         }
         let decoded = decode::decode(input, &dopts)?;
@@ -180,7 +211,7 @@ impl Pipeline {
         let cx = crate::ops::Context { limits, images: &images };
         let start = Start {
             skip: usize::from(decoded.region.is_some()),
-            img: decoded.image,
+            media: Media::Still(decoded.image),
             first_resize,
             source_out: OutFormat::for_source(decoded.format),
             icc: decoded.icc,
@@ -189,23 +220,13 @@ impl Pipeline {
         self.run_steps(start, &cx, opts)
     }
 
-    /// Runs the steps after the first raster exists.
+    /// Runs the steps after the first raster (or animation) exists.
     fn run_steps(&self, start: Start, cx: &crate::ops::Context<'_>, opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
-        let Start { mut img, skip, first_resize, source_out, icc, mut vector } = start;
+        let Start { mut media, skip, first_resize, mut source_out, icc, mut vector } = start;
         let limits = opts.limits;
         let mut encode_opts = EncodeOptions::default();
         let mut out = Vec::new();
-        let mut render = |img: &image::DynamicImage, vector: Option<&str>, name: Option<String>, o: &EncodeOptions| {
-            let format = o.format.or_else(|| name.as_deref().and_then(format_from_name)).unwrap_or(source_out);
-            if format == OutFormat::Svg {
-                let svg = vector.ok_or_else(encode::svg_needs_vector)?;
-                let bytes = svg.as_bytes().to_vec();
-                out.push(Rendition { name, format, width: img.width(), height: img.height(), bytes });
-                return Ok::<_, Error>(());
-            }
-            out.push(render(img, name, format, o, icc.as_deref())?);
-            Ok(())
-        };
+        let mut cues: Vec<Cue> = Vec::new();
         for (i, step) in self.steps.iter().enumerate().skip(skip) {
             match step {
                 Step::Op(op) => {
@@ -214,19 +235,55 @@ impl Pipeline {
                         (0, Some(r)) => &Op::Resize(r.clone()),
                         _ => op,
                     };
-                    img = op.apply(img, cx)?;
+                    media = apply(media, op, cx, &cues)?;
                     vector = None;
                     check_time(op, started, &limits)?;
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
+                Step::Frames(select) => {
+                    media = Media::Stills(match media {
+                        Media::Still(image) => {
+                            let pos = FramePos { index: 0, time_ms: 0, duration_ms: 0 };
+                            select.resolve(&[0], 0)?;
+                            vec![Still { image, pos }]
+                        }
+                        Media::Animation(anim) => sequence::pick(
+                            anim.frames.into_iter().map(|f| (f.image, u64::from(f.delay_ms))).collect(),
+                            select,
+                        )?,
+                        Media::Stills(_) => return Err(Error::bad("frames", "step", "frames were already picked")),
+                    });
+                    vector = None;
+                }
+                Step::Sprite(sprite) => {
+                    if !matches!(media, Media::Still(_)) {
+                        // A sheet of frames is a still picture, whatever the animation was.
+                        source_out = OutFormat::Png;
+                    }
+                    let stills = match media {
+                        Media::Still(image) => {
+                            vec![Still { image, pos: FramePos { index: 0, time_ms: 0, duration_ms: 0 } }]
+                        }
+                        Media::Animation(anim) => sequence::pick(
+                            anim.frames.into_iter().map(|f| (f.image, u64::from(f.delay_ms))).collect(),
+                            &Select::All,
+                        )?,
+                        Media::Stills(stills) => stills,
+                    };
+                    let (sheet, sheet_cues) = sprite.apply(&stills, &limits)?;
+                    cues = if sprite.vtt { sheet_cues } else { Vec::new() };
+                    media = Media::Still(sheet);
+                    vector = None;
+                }
                 Step::Output { name, encode } => {
-                    render(&img, vector.as_deref(), Some(name.clone()), &encode_opts.overlay(encode))?
+                    let o = encode_opts.overlay(encode);
+                    emit(&mut out, &media, Some(name), &o, source_out, icc.as_deref(), vector.as_deref(), &cues)?;
                 }
             }
         }
         if self.needs_final_output() {
             let o = opts.final_output.map_or(encode_opts.clone(), |f| encode_opts.overlay(f));
-            render(&img, vector.as_deref(), None, &o)?;
+            emit(&mut out, &media, None, &o, source_out, icc.as_deref(), vector.as_deref(), &cues)?;
         }
         Ok(out)
     }
@@ -237,9 +294,18 @@ impl Pipeline {
     }
 }
 
+/// What the steps work on.
+enum Media {
+    Still(image::DynamicImage),
+    /// Every frame of an animation; outputs are animations.
+    Animation(crate::animation::Animation),
+    /// Frames picked by `frames`; outputs are one still per frame.
+    Stills(Vec<Still>),
+}
+
 /// The first raster and what the steps after it need to know about its origin.
 struct Start {
-    img: image::DynamicImage,
+    media: Media,
     /// Steps already done while making the raster (a crop pushed into the decoder, a source).
     skip: usize,
     /// The first step's resize pinned to the source's size (shrink-on-load changes it).
@@ -251,54 +317,101 @@ struct Start {
     vector: Option<String>,
 }
 
-impl Pipeline {
-    /// Runs the steps over every frame of an animation; outputs are animated GIF or WebP.
-    fn run_animated(&self, format: Format, input: &[u8], frames: u64, opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
-        let limits = opts.limits;
-        let mut anim = crate::animation::decode(format, input, frames, &limits)?;
-        let images = self.decode_inputs(opts)?;
-        let cx = crate::ops::Context { limits, images: &images };
-        let source_out = match format {
-            Format::Webp => OutFormat::Webp,
-            _ => OutFormat::Gif,
-        };
-        let mut encode_opts = EncodeOptions::default();
-        let mut out = Vec::new();
-        let render = |anim: &crate::animation::Animation, name: Option<String>, format, o: &EncodeOptions| {
+/// Runs one operation over the media: the raster, every frame, or every picked still.
+fn apply(media: Media, op: &Op, cx: &crate::ops::Context<'_>, cues: &[Cue]) -> Result<Media> {
+    Ok(match media {
+        Media::Still(img) => {
+            let before = (img.width(), img.height());
+            let img = op.apply(img, cx)?;
+            if !cues.is_empty() && (img.width(), img.height()) != before {
+                return Err(Error::bad(
+                    op.name(),
+                    "step",
+                    "the storyboard cues (sprite vtt=true) point into the sheet as sprite made it; size the tiles with sprite's width/height instead",
+                ));
+            }
+            Media::Still(img)
+        }
+        Media::Animation(mut anim) => {
+            for f in &mut anim.frames {
+                f.image = op.apply(std::mem::take(&mut f.image), cx)?;
+            }
+            let first = anim.frames.first().map(|f| (f.image.width(), f.image.height()));
+            if anim.frames.iter().any(|f| Some((f.image.width(), f.image.height())) != first) {
+                return Err(Error::bad(
+                    op.name(),
+                    "image",
+                    "frames came out in different sizes; this operation cannot run on animations",
+                ));
+            }
+            Media::Animation(anim)
+        }
+        Media::Stills(mut stills) => {
+            for s in &mut stills {
+                s.image = op.apply(std::mem::take(&mut s.image), cx)?;
+            }
+            Media::Stills(stills)
+        }
+    })
+}
+
+/// Encodes the media as renditions: one for a still or an animation, one per picked frame.
+#[allow(clippy::too_many_arguments, reason = "one call site per output kind; a struct would only rename them")]
+fn emit(
+    out: &mut Vec<Rendition>,
+    media: &Media,
+    name: Option<&String>,
+    o: &EncodeOptions,
+    source_out: OutFormat,
+    icc: Option<&[u8]>,
+    vector: Option<&str>,
+    cues: &[Cue],
+) -> Result<()> {
+    let named = name.and_then(|n| format_from_name(n));
+    match media {
+        Media::Still(img) => {
+            let format = o.format.or(named).unwrap_or(source_out);
+            let mut r = if format == OutFormat::Svg {
+                let svg = vector.ok_or_else(encode::svg_needs_vector)?;
+                Rendition::new(name.cloned(), format, (img.width(), img.height()), svg.as_bytes().to_vec())
+            } else {
+                render(img, name.cloned(), format, o, icc)?
+            };
+            r.cues = cues.to_vec();
+            out.push(r);
+        }
+        Media::Animation(anim) => {
+            let format = o.format.or(named).unwrap_or(source_out);
             let bytes = crate::animation::encode(anim, format, o)?;
-            let (width, height) = anim.frames.first().map_or((0, 0), |f| (f.image.width(), f.image.height()));
-            Ok::<_, Error>(Rendition { name, format, width, height, bytes })
-        };
-        for step in &self.steps {
-            match step {
-                Step::Op(op) => {
-                    let started = Instant::now();
-                    for f in &mut anim.frames {
-                        f.image = op.apply(std::mem::take(&mut f.image), &cx)?;
-                    }
-                    let first = anim.frames.first().map(|f| (f.image.width(), f.image.height()));
-                    if anim.frames.iter().any(|f| Some((f.image.width(), f.image.height())) != first) {
-                        return Err(Error::bad(
-                            op.name(),
-                            "image",
-                            "frames came out in different sizes; this operation cannot run on animations",
-                        ));
-                    }
-                    check_time(op, started, &limits)?;
-                }
-                Step::Convert(c) => encode_opts = encode_opts.overlay(c),
-                Step::Output { name, encode } => {
-                    let o = encode_opts.overlay(encode);
-                    let f = o.format.or_else(|| format_from_name(name)).unwrap_or(source_out);
-                    out.push(render(&anim, Some(name.clone()), f, &o)?);
-                }
+            let size = anim.frames.first().map_or((0, 0), |f| (f.image.width(), f.image.height()));
+            out.push(Rendition::new(name.cloned(), format, size, bytes));
+        }
+        Media::Stills(stills) => {
+            if let Some(n) = name
+                && stills.len() > 1
+                && !sequence::names_frames(n)
+            {
+                return Err(Error::bad(
+                    "output",
+                    "name",
+                    format!("{} frames were picked; put {{n}} (frame number) or {{ms}} (time) in `{n}`", stills.len()),
+                ));
+            }
+            // Stills default to PNG whatever the animation was.
+            let format = o.format.or(named).unwrap_or(OutFormat::Png);
+            for s in stills {
+                let mut r = render(&s.image, name.map(|n| sequence::frame_name(n, s.pos)), format, o, icc)?;
+                r.frame = Some(s.pos);
+                out.push(r);
             }
         }
-        if self.needs_final_output() {
-            let o = opts.final_output.map_or(encode_opts.clone(), |f| encode_opts.overlay(f));
-            out.push(render(&anim, None, o.format.unwrap_or(source_out), &o)?);
-        }
-        Ok(out)
+    }
+    Ok(())
+}
+
+impl Rendition {
+    fn new(name: Option<String>, format: OutFormat, (width, height): (u32, u32), bytes: Vec<u8>) -> Self {
+        Rendition { name, format, width, height, bytes, frame: None, cues: Vec::new() }
     }
 }
 
@@ -319,7 +432,7 @@ fn render(
     icc: Option<&[u8]>,
 ) -> Result<Rendition> {
     let bytes = encode::encode(img, format, o, icc)?;
-    Ok(Rendition { name, format, width: img.width(), height: img.height(), bytes })
+    Ok(Rendition::new(name, format, (img.width(), img.height()), bytes))
 }
 
 /// The output format implied by a name's extension, if any.
@@ -414,6 +527,60 @@ mod tests {
         let jpeg = EncodeOptions { format: Some(OutFormat::Jpeg), ..Default::default() };
         let err = p.run(&gif, &RunOptions { final_output: Some(&jpeg), ..Default::default() }).unwrap_err();
         assert_eq!(err.code(), "unsupported_format");
+    }
+
+    fn gif(frames: u8) -> Vec<u8> {
+        let mut gif = Vec::new();
+        {
+            let mut enc = image::codecs::gif::GifEncoder::new(&mut gif);
+            for i in 0..frames {
+                let img = image::RgbaImage::from_pixel(40, 20, image::Rgba([i * 50, 0, 0, 255]));
+                enc.encode_frame(image::Frame::from_parts(img, 0, 0, image::Delay::from_numer_denom_ms(100, 1)))
+                    .unwrap();
+            }
+        }
+        gif
+    }
+
+    #[test]
+    fn frames_become_stills_named_per_frame() {
+        let p = pipeline(&[("frames", &[("indices", "3,1")]), ("resize", &[("width", "20")])]).unwrap();
+        let out = p.run(&gif(5), &RunOptions::default()).unwrap();
+        assert_eq!(out.len(), 2);
+        for (r, (index, red)) in out.iter().zip([(1, 50), (3, 150)]) {
+            assert_eq!((r.format, r.width, r.height), (OutFormat::Png, 20, 10));
+            assert_eq!(r.frame, Some(FramePos { index, time_ms: u64::from(index) * 100, duration_ms: 100 }));
+            let px = image::load_from_memory(&r.bytes).unwrap().to_rgb8().get_pixel(10, 5).0;
+            assert!(px[0].abs_diff(red) <= 3, "frame {index}: {px:?}");
+        }
+        let named = pipeline(&[("frames", &[("every", "2")]), ("output", &[("name", "f-{n}.jpg")])]).unwrap();
+        let out = named.run(&gif(5), &RunOptions::default()).unwrap();
+        let names: Vec<_> = out.iter().map(|r| (r.name.clone().unwrap(), r.format)).collect();
+        assert_eq!(
+            names,
+            [
+                ("f-0.jpg".into(), OutFormat::Jpeg),
+                ("f-2.jpg".into(), OutFormat::Jpeg),
+                ("f-4.jpg".into(), OutFormat::Jpeg)
+            ]
+        );
+        let clash = pipeline(&[("frames", &[]), ("output", &[("name", "same.png")])]).unwrap();
+        assert_eq!(clash.run(&gif(3), &RunOptions::default()).unwrap_err().code(), "bad_parameter");
+        // A still is a one-frame sequence.
+        let out =
+            pipeline(&[("frames", &[("times", "0")])]).unwrap().run(&jpeg(32, 32), &RunOptions::default()).unwrap();
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn sprite_tiles_an_animation_with_cues() {
+        let p = pipeline(&[("sprite", &[("columns", "5"), ("width", "20"), ("vtt", "true")])]).unwrap();
+        let out = p.run(&gif(5), &RunOptions::default()).unwrap();
+        assert_eq!((out.len(), out[0].format, out[0].width, out[0].height), (1, OutFormat::Png, 100, 10));
+        let starts: Vec<_> = out[0].cues.iter().map(|c| (c.start_ms, c.x)).collect();
+        assert_eq!(starts, [(0, 0), (100, 20), (200, 40), (300, 60), (400, 80)]);
+        let moved = pipeline(&[("sprite", &[("vtt", "true")]), ("resize", &[("width", "50")])]).unwrap();
+        assert_eq!(moved.run(&gif(2), &RunOptions::default()).unwrap_err().code(), "bad_parameter");
     }
 
     #[test]
