@@ -163,13 +163,20 @@ impl Select {
     }
 }
 
-/// Picks frames out of `(image, delay_ms)` pairs.
+/// How long a frame with this stored delay shows in browsers: delays of 10 ms or less
+/// (common in GIFs: 0 means "as fast as possible") play as 100 ms in Chrome, Firefox and Safari,
+/// so frame times follow what viewers see.
+pub fn shown_ms(delay_ms: u64) -> u64 {
+    if delay_ms <= 10 { 100 } else { delay_ms }
+}
+
+/// Picks frames out of `(image, delay_ms)` pairs (delays as stored; see [`shown_ms`]).
 pub fn pick(frames: Vec<(DynamicImage, u64)>, select: &Select) -> Result<Vec<Still>> {
     let mut starts = Vec::with_capacity(frames.len());
     let mut total = 0u64;
     for (_, delay) in &frames {
         starts.push(total);
-        total = total.saturating_add(*delay);
+        total = total.saturating_add(shown_ms(*delay));
     }
     let keep = select.resolve(&starts, total)?;
     let mut slots: Vec<Option<DynamicImage>> = frames.into_iter().map(|(img, _)| Some(img)).collect();
@@ -372,6 +379,14 @@ mod tests {
         let many: Vec<Still> = (0..9).map(|i| still(i, [0, 0, 0, 255])).collect();
         let err = huge.apply(&many, &Limits::default()).unwrap_err();
         assert_eq!(err.code(), "limit_exceeded");
+    }
+
+    #[test]
+    fn zero_delays_play_as_browsers_play_them() {
+        let frames: Vec<_> =
+            (0..4).map(|i| (raster::canvas(2, 2, Color::BLACK, false), if i == 3 { 40 } else { 0 })).collect();
+        let picked = pick(frames, &Select::Times(vec![250])).unwrap();
+        assert_eq!(picked[0].pos, FramePos { index: 2, time_ms: 200, duration_ms: 100 });
     }
 
     #[test]

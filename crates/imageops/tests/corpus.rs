@@ -247,3 +247,32 @@ fn specific_corpus_expectations() {
     let out = p.run(&big, &RunOptions::default()).unwrap();
     assert_eq!((out[0].width, out[0].height), (800, 450));
 }
+
+/// Every real animation in the corpus gives evenly spaced stills and a full storyboard.
+#[test]
+fn animations_give_frames_and_storyboards() {
+    let dir = corpus_dir();
+    let mut checked = 0;
+    for (rel, facts) in documented_facts(&dir) {
+        let Some(n) = facts.frames.filter(|&n| n > 1 && !rel.starts_with("malformed/")) else { continue };
+        let Some((w, h)) = facts.size else { continue };
+        let bytes = std::fs::read(dir.join(&rel)).unwrap();
+        let stills = Pipeline::from_steps([("frames", vec![("count", "4")])]).unwrap();
+        let out = stills.run(&bytes, &RunOptions::default()).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let indices: Vec<u32> = out.iter().map(|r| r.frame.unwrap().index).collect();
+        assert_eq!(indices.len(), 4, "{rel}: {indices:?}");
+        assert!(indices.windows(2).all(|p| p[0] < p[1]) && u64::from(indices[3]) < n, "{rel}: {indices:?}");
+        assert!(out.iter().all(|r| (r.width, r.height) == (w, h) && r.format == OutFormat::Png), "{rel}");
+
+        let sheet =
+            Pipeline::from_steps([("sprite", vec![("columns", "8"), ("width", "64"), ("vtt", "true")])]).unwrap();
+        let out = sheet.run(&bytes, &RunOptions::default()).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let rows = n.div_ceil(8) as u32;
+        let tile_h = (u64::from(h) * 64 / u64::from(w)).max(1) as u32;
+        assert_eq!((out[0].width, out[0].height), (8.min(n as u32) * 64, rows * tile_h), "{rel}");
+        assert_eq!(out[0].cues.len() as u64, n, "{rel}");
+        assert!(out[0].cues.windows(2).all(|c| c[0].end_ms == c[1].start_ms), "{rel}: cues must be contiguous");
+        checked += 1;
+    }
+    assert!(checked >= 4, "expected the corpus's animated GIF/WebP/APNG files, found {checked}");
+}
