@@ -341,3 +341,31 @@ fn frames_and_storyboards_from_an_animation() {
         "{vtt}"
     );
 }
+
+#[test]
+fn text_draws_with_the_builtin_font_and_names_missing_glyphs() {
+    let dir = temp_dir("text");
+    image::RgbImage::from_pixel(300, 100, image::Rgb([0, 0, 0])).save(dir.join("in.png")).unwrap();
+    let out = pixflow(
+        &[
+            "run",
+            "text",
+            "text=Hello",
+            "size=60",
+            "color=#00ff00",
+            "gravity=center",
+            "--input",
+            "in.png",
+            "--output",
+            "t.png",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(dir.join("t.png")).unwrap().to_rgb8();
+    let green = img.pixels().filter(|p| p.0 == [0, 255, 0]).count();
+    assert!(green > 300, "{green} text pixels");
+    let out = pixflow(&["run", "text", "text=你好", "--input", "in.png", "--output", "t.png"], &dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("U+4F60") && err.contains("font="), "{err}");
+}

@@ -14,7 +14,7 @@ use crate::encode::{self, EncodeOptions, OutFormat};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::limits::Limits;
-use crate::ops::Op;
+use crate::ops::{InputKind, Op};
 use crate::params::{Args, OpSpec, text};
 use crate::sequence::{self, Cue, FramePos, Select, Sprite, Still};
 
@@ -113,19 +113,25 @@ impl Pipeline {
         Ok(Pipeline { steps })
     }
 
-    /// Names of the extra inputs the steps read, each once.
+    /// Names of the extra inputs the steps read (logos, fonts), each once.
     pub fn input_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> =
-            self.steps.iter().filter_map(|s| if let Step::Op(op) = s { op.inputs() } else { None }).collect();
+        let mut names: Vec<&str> = self.inputs().map(|(n, _)| n).collect();
         names.sort_unstable();
         names.dedup();
         names
     }
 
+    fn inputs(&self) -> impl Iterator<Item = (&str, InputKind)> {
+        self.steps.iter().filter_map(|s| if let Step::Op(op) = s { op.inputs() } else { None })
+    }
+
     /// Decodes every extra input the steps need, each once, under the same limits.
     fn decode_inputs(&self, opts: &RunOptions<'_>) -> Result<BTreeMap<String, image::DynamicImage>> {
         let mut images = BTreeMap::new();
-        for name in self.input_names() {
+        let mut names: Vec<&str> = self.inputs().filter(|(_, k)| *k == InputKind::Image).map(|(n, _)| n).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
             // An input nobody supplied is reported by the operation that needs it, with its
             // own parameter name.
             let Some(bytes) = opts.inputs.and_then(|m| m.get(name)) else { continue };
@@ -149,7 +155,7 @@ impl Pipeline {
             && source.is_source()
         {
             let images = self.decode_inputs(opts)?;
-            let cx = crate::ops::Context { limits, images: &images };
+            let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
             let started = Instant::now();
             let img = source.generate(&cx)?;
             check_time(source, started, &limits)?;
@@ -193,7 +199,7 @@ impl Pipeline {
             if frames > 1 {
                 let anim = crate::animation::decode(format, input, frames, &limits)?;
                 let images = self.decode_inputs(opts)?;
-                let cx = crate::ops::Context { limits, images: &images };
+                let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
                 let source_out = if format == Format::Webp { OutFormat::Webp } else { OutFormat::Gif };
                 let start = Start {
                     media: Media::Animation(anim),
@@ -208,7 +214,7 @@ impl Pipeline {
         }
         let decoded = decode::decode(input, &dopts)?;
         let images = self.decode_inputs(opts)?;
-        let cx = crate::ops::Context { limits, images: &images };
+        let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
         let start = Start {
             skip: usize::from(decoded.region.is_some()),
             media: Media::Still(decoded.image),

@@ -276,3 +276,33 @@ fn animations_give_frames_and_storyboards() {
     }
     assert!(checked >= 4, "expected the corpus's animated GIF/WebP/APNG files, found {checked}");
 }
+
+/// The corpus fonts as `text` inputs: Arabic is joined (contextual shaping, not isolated
+/// glyphs), and an OpenType CFF font draws.
+#[test]
+fn text_with_corpus_fonts() {
+    let dir = corpus_dir();
+    let base = std::fs::read(dir.join("png/coffee_600x400_rgb.png")).unwrap();
+    let ink_width = |font: &str, text: &str| {
+        let mut inputs = std::collections::BTreeMap::new();
+        inputs.insert("f".to_owned(), std::fs::read(dir.join(font)).unwrap());
+        let p = Pipeline::from_steps([(
+            "text",
+            vec![("text", text), ("font", "f"), ("size", "80"), ("color", "#ff00ff"), ("gravity", "northwest")],
+        )])
+        .unwrap();
+        let png = EncodeOptions { format: Some(OutFormat::Png), ..Default::default() };
+        let opts = RunOptions { final_output: Some(&png), inputs: Some(&inputs), ..Default::default() };
+        let out = p.run(&base, &opts).unwrap_or_else(|e| panic!("{font}: {e}"));
+        let img = image::load_from_memory(&out[0].bytes).unwrap().to_rgb8();
+        let magenta: Vec<u32> =
+            img.enumerate_pixels().filter(|(_, _, p)| p.0 == [255, 0, 255]).map(|(x, _, _)| x).collect();
+        assert!(magenta.len() > 200, "{font}: {text} drew {} solid pixels", magenta.len());
+        magenta.iter().max().unwrap() - magenta.iter().min().unwrap()
+    };
+    // سلام joined is much narrower than its letters forced apart by zero-width non-joiners.
+    let joined = ink_width("fonts/DejaVuSans.ttf", "سلام");
+    let isolated = ink_width("fonts/DejaVuSans.ttf", "س\u{200C}ل\u{200C}ا\u{200C}م");
+    assert!(joined * 5 < isolated * 4, "joined {joined} px vs isolated {isolated} px");
+    assert!(ink_width("fonts/League_Gothic.otf", "PIXFLOW") > 100);
+}

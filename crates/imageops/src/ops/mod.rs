@@ -10,6 +10,7 @@ pub mod geometry;
 pub mod qrcode;
 pub mod resize;
 pub mod rotate;
+pub mod text;
 pub mod watermark;
 
 use std::collections::BTreeMap;
@@ -23,14 +24,31 @@ use crate::params::{Args, OpSpec};
 /// What operations may read besides their own parameters.
 pub struct Context<'a> {
     pub limits: Limits,
-    /// Decoded extra inputs by name (watermark logos).
+    /// Decoded extra image inputs by name (watermark logos).
     pub images: &'a BTreeMap<String, DynamicImage>,
+    /// Extra inputs as bytes by name (fonts).
+    pub raw: Option<&'a BTreeMap<String, Vec<u8>>>,
+}
+
+/// What an extra input is read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    Image,
+    Font,
 }
 
 impl Context<'_> {
     /// The decoded extra input `name` that `op`'s parameter `param` refers to.
     pub fn input(&self, op: &str, param: &str, name: &str) -> Result<&DynamicImage> {
         self.images.get(name).ok_or_else(|| Error::bad(op, param, format!("no input named `{name}` was supplied")))
+    }
+
+    /// The bytes of extra input `name` (a font file).
+    pub fn bytes(&self, op: &str, param: &str, name: &str) -> Result<&[u8]> {
+        self.raw
+            .and_then(|m| m.get(name))
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::bad(op, param, format!("no input named `{name}` was supplied")))
     }
 }
 
@@ -57,6 +75,7 @@ pub enum Op {
         circle: bool,
     },
     Watermark(watermark::Watermark),
+    Text(Box<text::Text>),
     /// A source: makes the first raster (see [`Op::is_source`]).
     Qrcode(qrcode::Qrcode),
 }
@@ -77,6 +96,7 @@ pub static CATALOGUE: &[&OpSpec] = &[
     &border::PAD,
     &border::ROUND,
     &watermark::SPEC,
+    &text::SPEC,
     &qrcode::SPEC,
 ];
 
@@ -107,6 +127,7 @@ impl Op {
             "round" => Op::Round { radius: a.u32("radius").unwrap_or(16), circle: a.boolean("circle") },
             "watermark" => Op::Watermark(watermark::Watermark::from_args(&a)?),
             "qrcode" => Op::Qrcode(qrcode::Qrcode::from_args(&a)?),
+            "text" => Op::Text(Box::new(text::Text::from_args(&a)?)),
             other => return Err(Error::UnknownOperation(other.to_owned())),
         })
     }
@@ -127,14 +148,16 @@ impl Op {
             Op::Round { .. } => "round",
             Op::Watermark(_) => "watermark",
             Op::Qrcode(_) => "qrcode",
+            Op::Text(_) => "text",
         }
     }
 
-    /// Names of the extra image inputs this operation reads (a watermark's logo).
-    pub fn inputs(&self) -> Option<&str> {
+    /// The extra input this operation reads, if any, and what it is (a logo, a font).
+    pub fn inputs(&self) -> Option<(&str, InputKind)> {
         match self {
-            Op::Watermark(w) => Some(&w.image),
-            Op::Qrcode(q) => q.logo.as_deref(),
+            Op::Watermark(w) => Some((&w.image, InputKind::Image)),
+            Op::Qrcode(q) => q.logo.as_deref().map(|n| (n, InputKind::Image)),
+            Op::Text(t) => t.font.as_deref().map(|n| (n, InputKind::Font)),
             _ => None,
         }
     }
@@ -176,6 +199,10 @@ impl Op {
             Op::Pad(p) => p.apply(img, limits)?,
             Op::Round { radius, circle } => border::round(img, *radius, *circle),
             Op::Watermark(w) => w.apply(img, cx.input("watermark", "image", &w.image)?, limits)?,
+            Op::Text(t) => {
+                let font = t.font.as_deref().map(|n| cx.bytes("text", "font", n)).transpose()?;
+                t.apply(img, font, limits)?
+            }
             Op::Qrcode(_) => {
                 return Err(Error::bad(
                     "qrcode",
