@@ -153,12 +153,25 @@ fn read_input(path: &Path, limits: &pixflow_imageops::Limits) -> Result<Vec<u8>>
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Reads the extra inputs a pipeline names (watermark logos); on the CLI a name is a path.
+/// Reads the extra inputs a pipeline names (logos, fonts, templates and what templates name);
+/// on the CLI a name is a path.
 fn read_named_inputs(
     pipeline: &pixflow_imageops::Pipeline,
     limits: &pixflow_imageops::Limits,
 ) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
-    pipeline.input_names().into_iter().map(|name| Ok((name.to_owned(), read_input(Path::new(name), limits)?))).collect()
+    let mut inputs: std::collections::BTreeMap<String, Vec<u8>> = pipeline
+        .input_names()
+        .into_iter()
+        .map(|name| Ok((name.to_owned(), read_input(Path::new(name), limits)?)))
+        .collect::<Result<_>>()?;
+    // A compose template names further inputs (images, fonts); read those too.
+    for name in pipeline.nested_input_names(&inputs)? {
+        if let std::collections::btree_map::Entry::Vacant(slot) = inputs.entry(name) {
+            let bytes = read_input(Path::new(slot.key()), limits)?;
+            slot.insert(bytes);
+        }
+    }
+    Ok(inputs)
 }
 
 fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {

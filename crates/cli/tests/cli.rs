@@ -369,3 +369,28 @@ fn text_draws_with_the_builtin_font_and_names_missing_glyphs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("U+4F60") && err.contains("font="), "{err}");
 }
+
+#[test]
+fn compose_reads_the_template_and_the_inputs_it_names() {
+    let dir = temp_dir("compose");
+    image::RgbImage::from_pixel(50, 50, image::Rgb([0, 0, 200])).save(dir.join("photo.png")).unwrap();
+    std::fs::write(
+        dir.join("poster.yaml"),
+        "width: 120\nheight: 80\nbackground: '#ffffff'\nlayers:\n  - {type: image, input: photo.png, x: 10, y: 10, width: 40, height: 40}\n  - {type: text, text: Hi, x: 60, y: 10, size: 30, color: '#000000'}\n",
+    )
+    .unwrap();
+    let out =
+        pixflow(&["run", "compose", "template=poster.yaml", "+", "resize", "width=60", "--output", "p.png"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(dir.join("p.png")).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (60, 40));
+    assert_eq!(img.get_pixel(15, 15).0, [0, 0, 200], "the photo layer");
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "width: 10\nheight: 10\nlayers:\n  - {type: rect, width: 5, height: 5, size: 3}\n",
+    )
+    .unwrap();
+    let out = pixflow(&["run", "compose", "template=bad.yaml", "--output", "b.png"], &dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unknown field `size`") && err.contains("line 4"), "{err}");
+}

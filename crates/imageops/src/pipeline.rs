@@ -121,6 +121,22 @@ impl Pipeline {
         names
     }
 
+    /// Names that the inputs themselves refer to (a compose template's images and fonts), once
+    /// `raw` holds the inputs named by [`Pipeline::input_names`].
+    pub fn nested_input_names(&self, raw: &BTreeMap<String, Vec<u8>>) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for (name, kind) in self.inputs() {
+            if kind == InputKind::Template
+                && let Some(bytes) = raw.get(name)
+            {
+                names.extend(crate::ops::compose::referenced_inputs(bytes)?);
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
     fn inputs(&self) -> impl Iterator<Item = (&str, InputKind)> {
         self.steps.iter().filter_map(|s| if let Step::Op(op) = s { op.inputs() } else { None })
     }

@@ -4,6 +4,7 @@
 
 pub mod adjust;
 pub mod border;
+pub mod compose;
 pub mod crop;
 pub mod filter;
 pub mod geometry;
@@ -35,6 +36,8 @@ pub struct Context<'a> {
 pub enum InputKind {
     Image,
     Font,
+    /// A `compose` template; the inputs it names are found with [`compose::referenced_inputs`].
+    Template,
 }
 
 impl Context<'_> {
@@ -78,6 +81,8 @@ pub enum Op {
     Text(Box<text::Text>),
     /// A source: makes the first raster (see [`Op::is_source`]).
     Qrcode(qrcode::Qrcode),
+    /// A source: a poster from a template.
+    Compose(compose::Compose),
 }
 
 /// Every pixel operation with its schema (probe and convert live beside the pipeline).
@@ -98,6 +103,7 @@ pub static CATALOGUE: &[&OpSpec] = &[
     &watermark::SPEC,
     &text::SPEC,
     &qrcode::SPEC,
+    &compose::SPEC,
 ];
 
 /// Looks an operation up by name (`extend` is an alias of `pad`).
@@ -128,6 +134,9 @@ impl Op {
             "watermark" => Op::Watermark(watermark::Watermark::from_args(&a)?),
             "qrcode" => Op::Qrcode(qrcode::Qrcode::from_args(&a)?),
             "text" => Op::Text(Box::new(text::Text::from_args(&a)?)),
+            "compose" => Op::Compose(compose::Compose {
+                template: a.text("template").ok_or_else(|| a.invalid("template", "required"))?.to_owned(),
+            }),
             other => return Err(Error::UnknownOperation(other.to_owned())),
         })
     }
@@ -149,6 +158,7 @@ impl Op {
             Op::Watermark(_) => "watermark",
             Op::Qrcode(_) => "qrcode",
             Op::Text(_) => "text",
+            Op::Compose(_) => "compose",
         }
     }
 
@@ -158,6 +168,7 @@ impl Op {
             Op::Watermark(w) => Some((&w.image, InputKind::Image)),
             Op::Qrcode(q) => q.logo.as_deref().map(|n| (n, InputKind::Image)),
             Op::Text(t) => t.font.as_deref().map(|n| (n, InputKind::Font)),
+            Op::Compose(c) => Some((&c.template, InputKind::Template)),
             _ => None,
         }
     }
@@ -165,7 +176,7 @@ impl Op {
     /// Whether this operation makes the first raster itself (it must be a pipeline's first
     /// step, and the pipeline then takes no input).
     pub fn is_source(&self) -> bool {
-        matches!(self, Op::Qrcode(_))
+        matches!(self, Op::Qrcode(_) | Op::Compose(_))
     }
 
     /// Makes the first raster of a pipeline that starts with a source operation.
@@ -174,6 +185,7 @@ impl Op {
             Op::Qrcode(q) => {
                 q.render(q.logo.as_ref().map(|n| cx.input(self.name(), "logo", n)).transpose()?, &cx.limits)
             }
+            Op::Compose(c) => c.render(cx.raw, &cx.limits),
             other => Err(Error::bad(
                 other.name(),
                 "input",
@@ -203,11 +215,11 @@ impl Op {
                 let font = t.font.as_deref().map(|n| cx.bytes("text", "font", n)).transpose()?;
                 t.apply(img, font, limits)?
             }
-            Op::Qrcode(_) => {
+            Op::Qrcode(_) | Op::Compose(_) => {
                 return Err(Error::bad(
-                    "qrcode",
-                    "content",
-                    "qrcode makes an image, so it can only be a pipeline's first step (to place one on an image, use compose)",
+                    self.name(),
+                    "step",
+                    format!("{} makes an image, so it can only be a pipeline's first step", self.name()),
                 ));
             }
         })

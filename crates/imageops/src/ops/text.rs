@@ -189,17 +189,7 @@ impl Text {
             .ok_or_else(|| Error::bad("text", "size", "the text block is empty or too large"))?;
         let to_origin = tiny_skia::Transform::from_translate(1.0 - bbox.x(), 1.0 - bbox.y());
         resvg::render(&tree, to_origin, &mut pixmap.as_mut());
-        let mut px = pixmap.take();
-        // tiny-skia is premultiplied; the blenders expect straight alpha.
-        for p in px.chunks_exact_mut(4) {
-            let a = u32::from(p[3]);
-            if a != 0 && a != 255 {
-                for c in &mut p[..3] {
-                    *c = ((u32::from(*c) * 255 + a / 2) / a).min(255) as u8;
-                }
-            }
-        }
-        Ok(RgbaImage::from_raw(w, h, px).expect("pixmap is w*h*4"))
+        Ok(straight(pixmap))
     }
 
     fn svg(&self, lines: &[String], families: &str) -> String {
@@ -251,7 +241,7 @@ impl Text {
 }
 
 /// The fonts one `text` step may use: the step's own font first, then the built-in one.
-struct Fonts {
+pub(crate) struct Fonts {
     db: Arc<usvg::fontdb::Database>,
     user_family: Option<String>,
 }
@@ -267,7 +257,7 @@ fn builtin_db() -> Arc<usvg::fontdb::Database> {
 }
 
 impl Fonts {
-    fn new(user: Option<&[u8]>) -> Result<Self> {
+    pub(crate) fn new(user: Option<&[u8]>) -> Result<Self> {
         let mut db = builtin_db();
         let mut user_family = None;
         if let Some(bytes) = user {
@@ -334,17 +324,22 @@ impl Fonts {
     }
 
     fn parse(&self, svg: &str) -> Result<usvg::Tree> {
+        self.parse_svg(svg.as_bytes()).map_err(|e| Error::bad("text", "text", format!("cannot lay out: {e}")))
+    }
+
+    /// Parses an SVG document (ours or a user's) with these fonts. Nothing outside the document
+    /// is ever read: image references to files or data URLs resolve to nothing.
+    pub(crate) fn parse_svg(&self, svg: &[u8]) -> std::result::Result<usvg::Tree, usvg::Error> {
         let opts = usvg::Options {
             fontdb: self.db.clone(),
             font_family: BUILTIN_FAMILY.to_owned(),
-            // Our SVG references nothing outside itself; never resolve files or data URLs.
             image_href_resolver: usvg::ImageHrefResolver {
                 resolve_data: Box::new(|_, _, _| None),
                 resolve_string: Box::new(|_, _| None),
             },
             ..usvg::Options::default()
         };
-        usvg::Tree::from_str(svg, &opts).map_err(|e| Error::bad("text", "text", format!("cannot lay out: {e}")))
+        usvg::Tree::from_data(svg, &opts)
     }
 
     /// Advance-free ink width of one line at `size` pixels.
@@ -445,7 +440,36 @@ fn is_cjk(c: char) -> bool {
         | 0xF900..=0xFAFF | 0xFF00..=0xFFEF | 0x20000..=0x2FA1F)
 }
 
-fn escape(s: &str) -> String {
+/// A tiny-skia pixmap (premultiplied) as a straight-alpha RGBA image, as the blenders expect.
+pub(crate) fn straight(pixmap: tiny_skia::Pixmap) -> RgbaImage {
+    let (w, h) = (pixmap.width(), pixmap.height());
+    let mut px = pixmap.take();
+    for p in px.chunks_exact_mut(4) {
+        let a = u32::from(p[3]);
+        if a != 0 && a != 255 {
+            for c in &mut p[..3] {
+                *c = ((u32::from(*c) * 255 + a / 2) / a).min(255) as u8;
+            }
+        }
+    }
+    RgbaImage::from_raw(w, h, px).expect("pixmap is w*h*4")
+}
+
+/// A straight-alpha RGBA image as a premultiplied tiny-skia pixmap (`None` when empty).
+pub(crate) fn premultiplied(img: &RgbaImage) -> Option<tiny_skia::Pixmap> {
+    let mut px = img.as_raw().clone();
+    for p in px.chunks_exact_mut(4) {
+        let a = u32::from(p[3]);
+        if a != 255 {
+            for c in &mut p[..3] {
+                *c = ((u32::from(*c) * a + 127) / 255) as u8;
+            }
+        }
+    }
+    tiny_skia::Pixmap::from_vec(px, tiny_skia::IntSize::from_wh(img.width(), img.height())?)
+}
+
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
 }
 
