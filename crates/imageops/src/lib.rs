@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod probe;
 mod raster;
 pub mod sequence;
+pub mod video;
 
 pub use color::Color;
 pub use decode::{DecodeOptions, Decoded, ForeignDecoder};

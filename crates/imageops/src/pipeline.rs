@@ -16,7 +16,7 @@ use crate::format::Format;
 use crate::limits::Limits;
 use crate::ops::{InputKind, Op};
 use crate::params::{Args, OpSpec, text};
-use crate::sequence::{self, Cue, FramePos, Select, Sprite, Still};
+use crate::sequence::{self, Cue, FramePos, Frames, Select, Sprite, Still};
 
 pub static OUTPUT: OpSpec = OpSpec {
     name: "output",
@@ -40,7 +40,7 @@ pub enum Step {
         encode: EncodeOptions,
     },
     /// Pick frames as stills (see [`crate::sequence`]).
-    Frames(Select),
+    Frames(Frames),
     /// Tile the frames into one sheet.
     Sprite(Sprite),
 }
@@ -88,7 +88,7 @@ impl Pipeline {
         for (name, pairs) in groups {
             let step = match name {
                 "convert" => Step::Convert(EncodeOptions::parse(pairs)?),
-                "frames" => Step::Frames(Select::from_args(&Args::parse(&sequence::FRAMES, pairs)?)?),
+                "frames" => Step::Frames(Frames::from_args(&Args::parse(&sequence::FRAMES, pairs)?)?),
                 "sprite" => Step::Sprite(Sprite::from_args(&Args::parse(&sequence::SPRITE, pairs)?)?),
                 "output" => {
                     let (named, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| *k == "name");
@@ -138,7 +138,11 @@ impl Pipeline {
     }
 
     fn inputs(&self) -> impl Iterator<Item = (&str, InputKind)> {
-        self.steps.iter().filter_map(|s| if let Step::Op(op) = s { op.inputs() } else { None })
+        self.steps.iter().filter_map(|s| match s {
+            Step::Op(op) => op.inputs(),
+            Step::Frames(Frames { init: Some(init), .. }) => Some((init.as_str(), InputKind::Segment)),
+            _ => None,
+        })
     }
 
     /// Decodes every extra input the steps need, each once, under the same limits.
@@ -192,6 +196,9 @@ impl Pipeline {
         let mut first_resize = None;
         let mut dopts = DecodeOptions { limits, foreign: opts.foreign, ..DecodeOptions::default() };
         let format = decode::sniff_checked(input, &limits)?;
+        if format.is_video() {
+            return self.run_video(format, input, opts);
+        }
         if format == Format::Jpeg
             && let Some(Step::Op(first)) = self.steps.first()
             && matches!(first, Op::Resize(_) | Op::Crop(_))
@@ -262,7 +269,7 @@ impl Pipeline {
                     check_time(op, started, &limits)?;
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
-                Step::Frames(select) => {
+                Step::Frames(Frames { select, .. }) => {
                     media = Media::Stills(match media {
                         Media::Still(image) => {
                             let pos = FramePos { index: 0, time_ms: 0, duration_ms: 0 };
@@ -308,6 +315,49 @@ impl Pipeline {
             emit(&mut out, &media, None, &o, source_out, icc.as_deref(), vector.as_deref(), &cues)?;
         }
         Ok(out)
+    }
+
+    /// A video input: the first step must pick frames, which are decoded without the rest.
+    fn run_video(&self, format: Format, input: &[u8], opts: &RunOptions<'_>) -> Result<Vec<Rendition>> {
+        let Some(Step::Frames(frames)) = self.steps.first() else {
+            return Err(Error::bad(
+                self.steps.first().map_or("pipeline", step_name),
+                "input",
+                format!("the input is {} video: start with a `frames` step (e.g. frames times=1.5)", format.name()),
+            ));
+        };
+        if !matches!(format, Format::Mp4 | Format::Mov | Format::Fmp4) {
+            return Err(Error::Unsupported {
+                format: format!("{} frames", format.name()),
+                hint: Some("frames decode MP4, MOV and fragmented MP4 here".into()),
+            });
+        }
+        let init = match &frames.init {
+            Some(name) => Some(
+                opts.inputs
+                    .and_then(|m| m.get(name))
+                    .map(Vec::as_slice)
+                    .ok_or_else(|| Error::bad("frames", "init", format!("no input named `{name}` was supplied")))?,
+            ),
+            None => None,
+        };
+        let limits = opts.limits;
+        let started = Instant::now();
+        let stills = crate::video::frames(input, init, &frames.select, &limits)?;
+        if started.elapsed().as_millis() > u128::from(limits.max_op_millis) {
+            return Err(Error::Timeout { op: "frames".into(), limit_ms: limits.max_op_millis });
+        }
+        let images = self.decode_inputs(opts)?;
+        let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
+        let start = Start {
+            media: Media::Stills(stills),
+            skip: 1,
+            first_resize: None,
+            source_out: OutFormat::Png,
+            icc: None,
+            vector: None,
+        };
+        self.run_steps(start, &cx, opts)
     }
 
     /// Whether the pipeline makes its own first raster (and so reads no input).
@@ -434,6 +484,16 @@ fn emit(
 impl Rendition {
     fn new(name: Option<String>, format: OutFormat, (width, height): (u32, u32), bytes: Vec<u8>) -> Self {
         Rendition { name, format, width, height, bytes, frame: None, cues: Vec::new() }
+    }
+}
+
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::Op(op) => op.name(),
+        Step::Convert(_) => "convert",
+        Step::Output { .. } => "output",
+        Step::Frames(_) => "frames",
+        Step::Sprite(_) => "sprite",
     }
 }
 
@@ -592,6 +652,30 @@ mod tests {
         let out =
             pipeline(&[("frames", &[("times", "0")])]).unwrap().run(&jpeg(32, 32), &RunOptions::default()).unwrap();
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn video_frames_run_through_the_steps_with_an_init_segment() {
+        let video = crate::video::tests::mp4(8, 4);
+        let p = pipeline(&[("frames", &[("times", "0.1,0.2")]), ("resize", &[("width", "32")])]).unwrap();
+        let out = p.run(&video, &RunOptions::default()).unwrap();
+        assert_eq!(
+            out.iter().map(|r| (r.frame.unwrap().index, r.width, r.format)).collect::<Vec<_>>(),
+            [(2, 32, OutFormat::Png), (5, 32, OutFormat::Png)]
+        );
+        // A media segment without its moov, given the init segment by name.
+        let mdat = video.windows(4).position(|w| w == b"mdat").unwrap() - 4;
+        let (init, segment) = video.split_at(mdat);
+        let p = pipeline(&[("frames", &[("indices", "7"), ("init", "init.mp4")])]).unwrap();
+        assert_eq!(p.input_names(), ["init.mp4"]);
+        let inputs = BTreeMap::from([("init.mp4".to_owned(), init.to_vec())]);
+        let out = p.run(segment, &RunOptions { inputs: Some(&inputs), ..Default::default() }).unwrap();
+        assert_eq!(out[0].frame.unwrap().index, 7);
+        let without = pipeline(&[("frames", &[("indices", "7")])]).unwrap().run(segment, &RunOptions::default());
+        assert!(without.unwrap_err().to_string().contains("init"));
+        // Video needs frames picked first.
+        let err = pipeline(&[("resize", &[("width", "10")])]).unwrap().run(&video, &RunOptions::default()).unwrap_err();
+        assert!(matches!(&err, Error::BadParameter { op, .. } if op == "resize"), "{err}");
     }
 
     #[test]

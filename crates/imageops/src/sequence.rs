@@ -23,6 +23,13 @@ pub static FRAMES: OpSpec = OpSpec {
         text("times", 4096, None, "Comma-separated times in seconds (e.g. `0,1.5`): the frame showing at each."),
         float("interval", 0.001, 86_400.0, None, "One frame every N seconds, from 0."),
         int("count", 1, 10_000, None, "N frames evenly spaced in time (the middle of N equal spans)."),
+        boolean("keyframes", "false", "Video only: every keyframe (sync sample), the cheapest frames to decode."),
+        text(
+            "init",
+            1024,
+            None,
+            "Video only: name of the init segment input (`moov`) for a fragmented-MP4 media segment that has none.",
+        ),
     ],
 };
 
@@ -49,6 +56,21 @@ pub enum Select {
     Times(Vec<u64>),
     IntervalMs(u64),
     Count(u32),
+    /// Video sync samples.
+    Keyframes,
+}
+
+/// A `frames` step: which frames, and for a media segment, its init segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frames {
+    pub select: Select,
+    pub init: Option<String>,
+}
+
+impl Frames {
+    pub fn from_args(a: &Args) -> Result<Self> {
+        Ok(Frames { select: Select::from_args(a)?, init: a.text("init").map(str::to_owned) })
+    }
 }
 
 /// Where a frame sits in its source.
@@ -91,8 +113,10 @@ fn list<T: std::str::FromStr>(a: &Args, name: &str, what: &str) -> Result<Vec<T>
 
 impl Select {
     pub fn from_args(a: &Args) -> Result<Self> {
-        let given: Vec<&str> =
-            ["every", "indices", "times", "interval", "count"].into_iter().filter(|n| a.given(n)).collect();
+        let given: Vec<&str> = ["every", "indices", "times", "interval", "count", "keyframes"]
+            .into_iter()
+            .filter(|n| a.given(n) && (*n != "keyframes" || a.boolean(n)))
+            .collect();
         if given.len() > 1 {
             return Err(a.invalid(given[1], format!("give one selector; `{}` is already set", given[0])));
         }
@@ -107,6 +131,7 @@ impl Select {
                 }
                 Select::Times(secs.iter().map(|s| (s * 1000.0).round() as u64).collect())
             }
+            Some("keyframes") => Select::Keyframes,
             Some("interval") => {
                 Select::IntervalMs(((a.float("interval").unwrap_or(1.0) * 1000.0).round() as u64).max(1))
             }
@@ -150,6 +175,9 @@ impl Select {
                     t += step;
                 }
                 v
+            }
+            Select::Keyframes => {
+                return Err(Error::bad("frames", "keyframes", "keyframes applies to video; animations have none"));
             }
             Select::Count(c) => {
                 let c = u64::from(*c);

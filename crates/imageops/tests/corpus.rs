@@ -306,3 +306,35 @@ fn text_with_corpus_fonts() {
     assert!(joined * 5 < isolated * 4, "joined {joined} px vs isolated {isolated} px");
     assert!(ink_width("fonts/League_Gothic.otf", "PIXFLOW") > 100);
 }
+
+/// Real videos: H.264 MP4s give frames at the asked times (B-frames included); other codecs
+/// and damaged files are typed refusals.
+#[test]
+fn video_frames_from_real_files() {
+    let dir = corpus_dir();
+    let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
+    let run = |p: &str, steps: Vec<(&str, Vec<(&str, &str)>)>| {
+        Pipeline::from_steps(steps).unwrap().run(&read(p), &RunOptions::default())
+    };
+    let out = run("video/bigbuckbunny_h264_1280x720_5s.mp4", vec![("frames", vec![("times", "0,2.5,5")])]).unwrap();
+    let got: Vec<_> =
+        out.iter().map(|r| (r.frame.unwrap().index, r.frame.unwrap().time_ms, r.width, r.height)).collect();
+    assert_eq!(got, [(0, 0, 1280, 720), (62, 2480, 1280, 720), (125, 5000, 1280, 720)]);
+    // Frames of a real clip differ from each other (a stuck decoder would repeat one).
+    assert_ne!(out[0].bytes, out[1].bytes);
+    let out = run(
+        "video/carphone_h264_176x144_4s.mp4",
+        vec![("frames", vec![("count", "6")]), ("sprite", vec![("columns", "3"), ("vtt", "true")])],
+    )
+    .unwrap();
+    assert_eq!((out[0].width, out[0].height, out[0].cues.len()), (3 * 176, 2 * 144, 6));
+    let err = run("video/cube_mpeg1_384x288.mpeg", vec![("frames", vec![("count", "2")])]).unwrap_err();
+    assert_eq!(err.code(), "unsupported_format");
+    let err = run("malformed/trunc30pct_bigbuckbunny.mp4", vec![("frames", vec![])]).unwrap_err();
+    assert_eq!(err.code(), "truncated_input", "{err}");
+    let short = Limits { max_video_seconds: 4, ..Limits::default() };
+    let p = Pipeline::from_steps([("frames", vec![("times", "1")])]).unwrap();
+    let err =
+        p.run(&read("video/bigbuckbunny_h264_1280x720_5s.mp4"), &RunOptions { limits: short, ..Default::default() });
+    assert_eq!(err.unwrap_err().code(), "limit_exceeded");
+}

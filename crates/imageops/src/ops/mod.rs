@@ -38,6 +38,8 @@ pub enum InputKind {
     Font,
     /// A `compose` template; the inputs it names are found with [`compose::referenced_inputs`].
     Template,
+    /// Bytes used as they are (a fragmented-MP4 init segment).
+    Segment,
 }
 
 impl Context<'_> {
