@@ -326,12 +326,6 @@ impl Pipeline {
                 format!("the input is {} video: start with a `frames` step (e.g. frames times=1.5)", format.name()),
             ));
         };
-        if !matches!(format, Format::Mp4 | Format::Mov | Format::Fmp4) {
-            return Err(Error::Unsupported {
-                format: format!("{} frames", format.name()),
-                hint: Some("frames decode MP4, MOV and fragmented MP4 here".into()),
-            });
-        }
         let init = match &frames.init {
             Some(name) => Some(
                 opts.inputs
@@ -343,7 +337,7 @@ impl Pipeline {
         };
         let limits = opts.limits;
         let started = Instant::now();
-        let stills = crate::video::frames(input, init, &frames.select, &limits)?;
+        let stills = crate::video::frames(format, input, init, &frames.select, &limits)?;
         if started.elapsed().as_millis() > u128::from(limits.max_op_millis) {
             return Err(Error::Timeout { op: "frames".into(), limit_ms: limits.max_op_millis });
         }

@@ -250,17 +250,6 @@ fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
                     p.duration_ms = t.duration.saturating_mul(1000).checked_div(t.timescale);
                     p.codec = t.codec_string(&mp4);
                 }
-                // Nothing decodes video yet; until then the video limit is reported here, where
-                // the duration is known, so callers can refuse before fetching frames.
-                let max_ms = limits.max_video_seconds.saturating_mul(1000);
-                if let Some(ms) = p.duration_ms.filter(|&ms| ms > max_ms) {
-                    let e = Error::LimitExceeded {
-                        limit: LimitKind::VideoSeconds,
-                        max: limits.max_video_seconds,
-                        actual: ms.div_ceil(1000),
-                    };
-                    p.problem = Some(Problem { code: e.code(), message: e.to_string() });
-                }
             }
             Err(e) => {
                 let message = e.to_string();
@@ -273,6 +262,16 @@ fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
                     Some(Problem { code, message: format!("cannot read {} container: {message}", format.name()) });
             }
         },
+        Format::MpegTs => match crate::video::ts_summary(bytes, limits) {
+            Ok(ts) => {
+                p.frames = Some(ts.frames);
+                p.duration_ms = Some(ts.duration_ms);
+                p.width = ts.size.map(|s| s.0);
+                p.height = ts.size.map(|s| s.1);
+                p.codec = Some("h264".into());
+            }
+            Err(e) => p.problem = Some(Problem { code: e.code(), message: e.to_string() }),
+        },
         Format::MpegVideo => {
             // Sequence header: 12-bit width, 12-bit height right after the start code.
             if let Some(b) = bytes.get(4..7) {
@@ -282,6 +281,17 @@ fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
             p.codec = Some("mpeg1video".into());
         }
         _ => {}
+    }
+    // The video limit is reported where the duration is known, so callers can refuse before
+    // fetching frames (`frames` refuses such a video too).
+    let max_ms = limits.max_video_seconds.saturating_mul(1000);
+    if let Some(ms) = p.duration_ms.filter(|&ms| ms > max_ms) {
+        let e = Error::LimitExceeded {
+            limit: LimitKind::VideoSeconds,
+            max: limits.max_video_seconds,
+            actual: ms.div_ceil(1000),
+        };
+        p.problem = Some(Problem { code: e.code(), message: e.to_string() });
     }
     p
 }

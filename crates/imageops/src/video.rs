@@ -1,6 +1,6 @@
 //! Frames out of video: MP4/MOV and fragmented MP4 (with or without a separate init segment)
-//! holding H.264, demuxed by `re_mp4` and decoded by OpenH264 (bundled source; nothing to
-//! install). Only the groups of pictures that hold a requested frame are decoded: a frame at
+//! demuxed by `re_mp4`, MPEG-TS segments demuxed by `mpeg2ts`, H.264 decoded by OpenH264
+//! (bundled source; nothing to install). Only the groups of pictures that hold a requested frame are decoded: a frame at
 //! 1:59:00 of a two-hour film costs one GOP, found from the sync-sample table, not two hours.
 //! Each GOP is decoded in decode order with a fresh decoder and flushed; its pictures come out
 //! in display order, which the GOP's composition timestamps (sorted) label.
@@ -9,25 +9,59 @@ use image::{DynamicImage, RgbImage};
 use openh264::formats::YUVSource;
 
 use crate::error::{Error, LimitKind, Result};
+use crate::format::Format;
 use crate::limits::Limits;
 use crate::sequence::{FramePos, Select, Still};
 
 /// One displayable picture of the track, in display order.
 #[derive(Debug, Clone, Copy)]
 struct Picture {
-    /// Index into the track's samples (decode order).
-    sample: usize,
+    /// Index into the track's units (decode order).
+    unit: usize,
     time_ms: u64,
     duration_ms: u64,
     keyframe: bool,
 }
 
-fn corrupt(detail: impl Into<String>) -> Error {
-    Error::Corrupt { format: "mp4", detail: detail.into() }
+/// One coded picture (access unit) in decode order.
+#[derive(Debug, Clone)]
+struct Unit {
+    range: std::ops::Range<usize>,
+    /// Presentation time in milliseconds from the first picture.
+    time_ms: u64,
+    sync: bool,
 }
 
-/// Parses the container (prefixed by `init` for a media segment without its own `moov`).
-fn open(bytes: &[u8], init: Option<&[u8]>) -> Result<(re_mp4::Mp4, Vec<u8>)> {
+/// How units are framed in `data`.
+enum Framing {
+    /// MP4: NAL units prefixed by their length; parameter sets live in `avcC`.
+    Avcc { length_size: usize, params: Vec<u8> },
+    /// MPEG-TS: start codes, parameter sets in the stream.
+    AnnexB,
+}
+
+/// A video track reduced to what frame extraction needs.
+struct Track {
+    data: Vec<u8>,
+    units: Vec<Unit>,
+    framing: Framing,
+    duration_ms: u64,
+}
+
+fn corrupt(format: &'static str, detail: impl Into<String>) -> Error {
+    Error::Corrupt { format, detail: detail.into() }
+}
+
+fn unsupported_codec(codec: &str) -> Error {
+    Error::Unsupported {
+        format: format!("video codec {codec}"),
+        hint: Some("frames decode H.264 here; other codecs need the ffmpeg CLI".into()),
+    }
+}
+
+/// The video track of an MP4/MOV/fMP4 (prefixed by `init` for a media segment without its own
+/// `moov`).
+fn mp4_track(bytes: &[u8], init: Option<&[u8]>, limits: &Limits) -> Result<Track> {
     let data = match init {
         Some(init) => [init, bytes].concat(),
         None => bytes.to_vec(),
@@ -41,98 +75,213 @@ fn open(bytes: &[u8], init: Option<&[u8]>) -> Result<(re_mp4::Mp4, Vec<u8>)> {
             // A box that claims more bytes than remain: the file was cut short.
             Error::Truncated { format: "mp4", detail: message }
         } else {
-            corrupt(message)
+            corrupt("mp4", message)
         }
     })?;
-    Ok((mp4, data))
-}
-
-/// Decodes the selected frames of the first video track.
-pub fn frames(bytes: &[u8], init: Option<&[u8]>, select: &Select, limits: &Limits) -> Result<Vec<Still>> {
-    let (mp4, data) = open(bytes, init)?;
     let track = mp4
         .tracks()
         .values()
         .find(|t| t.kind == Some(re_mp4::TrackKind::Video))
-        .ok_or_else(|| corrupt("no video track"))?;
+        .ok_or_else(|| corrupt("mp4", "no video track"))?;
     let avcc = match &track.trak(&mp4).mdia.minf.stbl.stsd.contents {
         re_mp4::StsdBoxContent::Avc1(a) => &a.avcc.contents,
-        _ => {
-            let codec = track.codec_string(&mp4).unwrap_or_else(|| "unknown".into());
-            return Err(Error::Unsupported {
-                format: format!("video codec {codec}"),
-                hint: Some("frames decode H.264 here; other codecs need the ffmpeg CLI".into()),
-            });
-        }
+        _ => return Err(unsupported_codec(&track.codec_string(&mp4).unwrap_or_else(|| "unknown".into()))),
     };
     limits.check_source(u32::from(track.width), u32::from(track.height))?;
     let timescale = track.timescale.max(1);
-    let ms = |t: i64| (u64::try_from(t).unwrap_or(0)).saturating_mul(1000) / timescale;
-    let duration_ms = track.duration.saturating_mul(1000) / timescale;
-    let max_ms = limits.max_video_seconds.saturating_mul(1000);
-    if duration_ms > max_ms {
-        return Err(Error::LimitExceeded {
-            limit: LimitKind::VideoSeconds,
-            max: limits.max_video_seconds,
-            actual: duration_ms.div_ceil(1000),
-        });
-    }
-
-    let samples = &track.samples;
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.sort_by_key(|&i| (samples[i].composition_timestamp, i));
-    let pictures: Vec<Picture> = order
-        .iter()
-        .enumerate()
-        .map(|(d, &i)| {
-            let start = ms(samples[i].composition_timestamp);
-            let end = order.get(d + 1).map_or(duration_ms.max(start), |&n| ms(samples[n].composition_timestamp));
-            Picture { sample: i, time_ms: start, duration_ms: end.saturating_sub(start), keyframe: samples[i].is_sync }
-        })
-        .collect();
-    if pictures.is_empty() {
-        return Err(corrupt("the video track has no samples"));
-    }
-    let wanted: Vec<usize> = match select {
-        Select::Keyframes => (0..pictures.len()).filter(|&d| pictures[d].keyframe).collect(),
-        other => {
-            let starts: Vec<u64> = pictures.iter().map(|p| p.time_ms).collect();
-            other.resolve(&starts, duration_ms.max(starts[starts.len() - 1]))?
-        }
-    };
-    limits.check_frames(wanted.len() as u64)?;
-
-    // Group the wanted pictures by the GOP (sync sample in decode order) that holds them.
-    let gop_of = |sample: usize| (0..=sample).rev().find(|&s| samples[s].is_sync).unwrap_or(0);
-    let mut by_gop: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
-    for &d in &wanted {
-        by_gop.entry(gop_of(pictures[d].sample)).or_default().push(d);
-    }
-    let length_size = usize::from(avcc.length_size_minus_one & 3) + 1;
+    let ms = |t: i64| u64::try_from(t).unwrap_or(0).saturating_mul(1000) / timescale;
     let mut params = Vec::new();
     for nal in avcc.sequence_parameter_sets.iter().chain(&avcc.picture_parameter_sets) {
         params.extend_from_slice(&[0, 0, 0, 1]);
         params.extend_from_slice(&nal.bytes);
     }
+    let units = track
+        .samples
+        .iter()
+        .map(|s| Unit { range: s.byte_range(), time_ms: ms(s.composition_timestamp), sync: s.is_sync })
+        .collect();
+    let framing = Framing::Avcc { length_size: usize::from(avcc.length_size_minus_one & 3) + 1, params };
+    let duration_ms = track.duration.saturating_mul(1000) / timescale;
+    drop(mp4);
+    Ok(Track { data, units, framing, duration_ms })
+}
+
+/// The first video stream of an MPEG-TS segment: PES packets of its PID, one picture each,
+/// timed by their PTS (90 kHz) from the earliest.
+fn ts_track(bytes: &[u8]) -> Result<Track> {
+    use mpeg2ts::ts::{ReadTsPacket, TsPacketReader, TsPayload};
+    let fail = |e: mpeg2ts::Error| {
+        let message = e.to_string();
+        if message.contains("UnexpectedEof") || message.contains("failed to fill whole buffer") {
+            Error::Truncated { format: "mpeg-ts", detail: message }
+        } else {
+            corrupt("mpeg-ts", message)
+        }
+    };
+    let mut reader = TsPacketReader::new(bytes);
+    let mut video: Option<(u16, mpeg2ts::es::StreamType)> = None;
+    let mut data = Vec::with_capacity(bytes.len());
+    // (start in data, PTS) of each PES packet of the video PID.
+    let mut packets: Vec<(usize, Option<u64>)> = Vec::new();
+    while let Some(packet) = reader.read_ts_packet().map_err(fail)? {
+        let pid = packet.header.pid.as_u16();
+        match packet.payload {
+            Some(TsPayload::Pmt(pmt)) if video.is_none() => {
+                video = pmt
+                    .es_info
+                    .iter()
+                    .find(|es| is_video_stream(es.stream_type))
+                    .map(|es| (es.elementary_pid.as_u16(), es.stream_type));
+            }
+            Some(TsPayload::PesStart(pes)) if video.is_some_and(|(v, _)| v == pid) => {
+                packets.push((data.len(), pes.header.pts.map(|t| t.as_u64())));
+                data.extend_from_slice(&pes.data);
+            }
+            Some(TsPayload::PesContinuation(more)) if video.is_some_and(|(v, _)| v == pid) && !packets.is_empty() => {
+                data.extend_from_slice(&more);
+            }
+            _ => {}
+        }
+    }
+    let Some((_, stream_type)) = video else {
+        return Err(corrupt("mpeg-ts", "no video stream in the program map"));
+    };
+    if stream_type != mpeg2ts::es::StreamType::H264 {
+        return Err(unsupported_codec(&format!("{stream_type:?}").to_lowercase()));
+    }
+    let first = packets.iter().filter_map(|(_, pts)| *pts).min().unwrap_or(0);
+    let mut units: Vec<Unit> = packets
+        .iter()
+        .enumerate()
+        .map(|(i, &(start, pts))| {
+            let end = packets.get(i + 1).map_or(data.len(), |p| p.0);
+            let time_ms = pts.map_or(0, |p| p.saturating_sub(first) / 90);
+            Unit { sync: has_idr(&data[start..end]), range: start..end, time_ms }
+        })
+        .collect();
+    // Pictures before the first keyframe cannot be decoded on their own.
+    if let Some(k) = units.iter().position(|u| u.sync) {
+        units.drain(..k);
+    }
+    let mut times: Vec<u64> = units.iter().map(|u| u.time_ms).collect();
+    times.sort_unstable();
+    let step = times.windows(2).map(|w| w[1] - w[0]).filter(|d| *d > 0).min().unwrap_or(40);
+    let duration_ms = times.last().map_or(0, |t| t + step);
+    Ok(Track { data, units, framing: Framing::AnnexB, duration_ms })
+}
+
+/// What probe reports for an MPEG-TS segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TsSummary {
+    pub frames: u64,
+    pub duration_ms: u64,
+    /// Coded size, from decoding the first keyframe alone.
+    pub size: Option<(u32, u32)>,
+}
+
+pub fn ts_summary(bytes: &[u8], limits: &Limits) -> Result<TsSummary> {
+    let track = ts_track(bytes)?;
+    let size = if track.units.is_empty() {
+        None
+    } else {
+        let mut budget = limits.max_source_pixels;
+        let first = decode_gop(&track, 0..1, &[0], &mut budget, limits)?;
+        first.into_iter().flatten().next().map(|img| img.dimensions())
+    };
+    Ok(TsSummary { frames: track.units.len() as u64, duration_ms: track.duration_ms, size })
+}
+
+fn is_video_stream(t: mpeg2ts::es::StreamType) -> bool {
+    use mpeg2ts::es::StreamType as S;
+    matches!(t, S::H264 | S::H265 | S::Mpeg1Video | S::Mpeg2Video | S::Mpeg4H263BasedVideo | S::UltraHdVideo)
+}
+
+/// Whether an Annex B access unit holds an IDR slice (NAL type 5).
+fn has_idr(au: &[u8]) -> bool {
+    au.windows(4).any(|w| w[0] == 0 && w[1] == 0 && w[2] == 1 && w[3] & 0x1f == 5)
+}
+
+/// Decodes the selected frames of the first video track of an MP4/MOV/fMP4 or MPEG-TS.
+pub fn frames(
+    format: Format,
+    bytes: &[u8],
+    init: Option<&[u8]>,
+    select: &Select,
+    limits: &Limits,
+) -> Result<Vec<Still>> {
+    let track = match format {
+        Format::Mp4 | Format::Mov | Format::Fmp4 => mp4_track(bytes, init, limits)?,
+        Format::MpegTs => ts_track(bytes)?,
+        other => {
+            return Err(Error::Unsupported {
+                format: format!("{} frames", other.name()),
+                hint: Some(
+                    "frames decode MP4, MOV, fragmented MP4 and MPEG-TS here; other containers need the ffmpeg CLI"
+                        .into(),
+                ),
+            });
+        }
+    };
+    let max_ms = limits.max_video_seconds.saturating_mul(1000);
+    if track.duration_ms > max_ms {
+        return Err(Error::LimitExceeded {
+            limit: LimitKind::VideoSeconds,
+            max: limits.max_video_seconds,
+            actual: track.duration_ms.div_ceil(1000),
+        });
+    }
+    let units = &track.units;
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&i| (units[i].time_ms, i));
+    let pictures: Vec<Picture> = order
+        .iter()
+        .enumerate()
+        .map(|(d, &i)| {
+            let start = units[i].time_ms;
+            let end = order.get(d + 1).map_or(track.duration_ms.max(start), |&n| units[n].time_ms);
+            Picture { unit: i, time_ms: start, duration_ms: end.saturating_sub(start), keyframe: units[i].sync }
+        })
+        .collect();
+    let Some(last) = pictures.last() else {
+        return Err(corrupt(format.name(), "the video track has no pictures"));
+    };
+    let wanted: Vec<usize> = match select {
+        Select::Keyframes => (0..pictures.len()).filter(|&d| pictures[d].keyframe).collect(),
+        other => {
+            let starts: Vec<u64> = pictures.iter().map(|p| p.time_ms).collect();
+            other.resolve(&starts, track.duration_ms.max(last.time_ms))?
+        }
+    };
+    limits.check_frames(wanted.len() as u64)?;
+
+    // Group the wanted pictures by the GOP (keyframe in decode order) that holds them.
+    let gop_of = |unit: usize| (0..=unit).rev().find(|&u| units[u].sync).unwrap_or(0);
+    let mut by_gop: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+    for &d in &wanted {
+        by_gop.entry(gop_of(pictures[d].unit)).or_default().push(d);
+    }
     let mut out = Vec::with_capacity(wanted.len());
     let mut budget = limits.max_source_pixels;
     for (start, want) in by_gop {
-        let end = (start + 1..samples.len()).find(|&s| samples[s].is_sync).unwrap_or(samples.len());
+        let end = (start + 1..units.len()).find(|&u| units[u].sync).unwrap_or(units.len());
         // The GOP's pictures in display order, matched to the decoder's output order.
         let mut gop: Vec<usize> = (start..end).collect();
-        gop.sort_by_key(|&i| (samples[i].composition_timestamp, i));
+        gop.sort_by_key(|&i| (units[i].time_ms, i));
         let ranks: Vec<usize> =
-            want.iter().map(|&d| gop.iter().position(|&s| s == pictures[d].sample).unwrap_or(usize::MAX)).collect();
-        let mut decoded = decode_gop(&data, samples, start..end, &params, length_size, &ranks, &mut budget, limits)?;
+            want.iter().map(|&d| gop.iter().position(|&u| u == pictures[d].unit).unwrap_or(usize::MAX)).collect();
+        let mut decoded = decode_gop(&track, start..end, &ranks, &mut budget, limits)?;
         for (d, rank) in want.into_iter().zip(ranks) {
             let pic = pictures[d];
             let image = decoded.get_mut(rank).and_then(Option::take).ok_or_else(|| {
-                corrupt(format!(
-                    "frame at {} ms did not decode ({} of {} pictures did)",
-                    pic.time_ms,
-                    decoded.len(),
-                    gop.len()
-                ))
+                corrupt(
+                    format.name(),
+                    format!(
+                        "frame at {} ms did not decode ({} of {} pictures did)",
+                        pic.time_ms,
+                        decoded.len(),
+                        gop.len()
+                    ),
+                )
             })?;
             out.push(Still {
                 image: DynamicImage::ImageRgb8(image),
@@ -144,21 +293,47 @@ pub fn frames(bytes: &[u8], init: Option<&[u8]>, select: &Select, limits: &Limit
     Ok(out)
 }
 
-/// Decodes samples `range` (one GOP, decode order); returns its pictures in output order, as
-/// RGB only at the `keep` ranks (the rest are decoded as references and dropped). Kept pixels
+/// The Annex B bytes of one unit (length prefixes become start codes; the GOP's first unit
+/// carries the parameter sets).
+fn annex_b(track: &Track, unit: &Unit, first: bool, packet: &mut Vec<u8>) -> Result<()> {
+    packet.clear();
+    let sample = track.data.get(unit.range.clone()).ok_or_else(|| Error::Truncated {
+        format: "video",
+        detail: format!("a picture at {} ms lies past the end of the data", unit.time_ms),
+    })?;
+    match &track.framing {
+        Framing::AnnexB => packet.extend_from_slice(sample),
+        Framing::Avcc { length_size, params } => {
+            if first {
+                packet.extend_from_slice(params);
+            }
+            let mut rest = sample;
+            while !rest.is_empty() {
+                let (len, body) =
+                    rest.split_at_checked(*length_size).ok_or_else(|| corrupt("mp4", "NAL length cut short"))?;
+                let len = len.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+                let (nal, tail) =
+                    body.split_at_checked(len).ok_or_else(|| corrupt("mp4", "NAL unit runs past its sample"))?;
+                packet.extend_from_slice(&[0, 0, 0, 1]);
+                packet.extend_from_slice(nal);
+                rest = tail;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes units `range` (one GOP, decode order); returns its pictures in output order, as
+/// RGB only at the `keep_ranks` (the rest are decoded as references and dropped). Kept pixels
 /// count against `budget`, shared by every GOP of one request.
-#[allow(clippy::too_many_arguments, reason = "one private call site")]
 fn decode_gop(
-    data: &[u8],
-    samples: &[re_mp4::Sample],
+    track: &Track,
     range: std::ops::Range<usize>,
-    params: &[u8],
-    length_size: usize,
     keep_ranks: &[usize],
     budget: &mut u64,
     limits: &Limits,
 ) -> Result<Vec<Option<RgbImage>>> {
-    let fail = |e: openh264::Error| corrupt(format!("H.264: {e}"));
+    let fail = |e: openh264::Error| corrupt("h264", e.to_string());
     let api = openh264::OpenH264API::from_source();
     let config = openh264::decoder::DecoderConfig::new().flush_after_decode(openh264::decoder::Flush::NoFlush);
     let mut decoder = openh264::decoder::Decoder::with_api_config(api, config).map_err(fail)?;
@@ -180,24 +355,8 @@ fn decode_gop(
         Ok(RgbImage::from_raw(w as u32, h as u32, rgb))
     };
     let mut packet = Vec::new();
-    for (n, s) in samples[range].iter().enumerate() {
-        let sample = data.get(s.byte_range()).ok_or_else(|| Error::Truncated {
-            format: "mp4",
-            detail: format!("sample {} lies past the end of the data", s.id),
-        })?;
-        packet.clear();
-        if n == 0 {
-            packet.extend_from_slice(params);
-        }
-        let mut rest = sample;
-        while !rest.is_empty() {
-            let (len, body) = rest.split_at_checked(length_size).ok_or_else(|| corrupt("NAL length cut short"))?;
-            let len = len.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-            let (nal, tail) = body.split_at_checked(len).ok_or_else(|| corrupt("NAL unit runs past its sample"))?;
-            packet.extend_from_slice(&[0, 0, 0, 1]);
-            packet.extend_from_slice(nal);
-            rest = tail;
-        }
+    for (i, unit) in track.units[range].iter().enumerate() {
+        annex_b(track, unit, i == 0, &mut packet)?;
         if let Some(yuv) = decoder.decode(&packet).map_err(fail)? {
             let picture = keep(&yuv, pictures.len())?;
             pictures.push(picture);
@@ -250,23 +409,97 @@ pub(crate) mod tests {
         bx(name, &[&version_flags.to_be_bytes()[..], body].concat())
     }
 
-    /// A small H.264 MP4, made here: `frames` 64x48 pictures of 40 ms whose luma is
-    /// `20 + 10 * i`, a keyframe every `gop` pictures.
-    pub(crate) fn mp4(frames: usize, gop: usize) -> Vec<u8> {
+    /// `frames` 64x48 H.264 pictures (Annex B, keyframe flag) whose luma is `20 + 10 * i`,
+    /// a keyframe every `gop` pictures; made here with OpenH264's encoder.
+    fn encoded(frames: usize, gop: usize) -> Vec<(Vec<u8>, bool)> {
         let (w, h) = (64usize, 48usize);
         let mut enc = openh264::encoder::Encoder::new().unwrap();
+        (0..frames)
+            .map(|i| {
+                let mut yuv = vec![(20 + 10 * i) as u8; w * h];
+                yuv.extend(std::iter::repeat_n(128u8, w * h / 2));
+                let buf = openh264::formats::YUVBuffer::from_vec(yuv, w, h);
+                if i % gop == 0 {
+                    enc.force_intra_frame();
+                }
+                (enc.encode(&buf).unwrap().to_vec(), i % gop == 0)
+            })
+            .collect()
+    }
+
+    /// The same pictures as an MPEG-TS segment: PAT, PMT, one PES per picture at 25 fps,
+    /// timestamps starting at 10 s as a mid-stream segment's would.
+    pub(crate) fn ts(frames: usize, gop: usize) -> Vec<u8> {
+        use mpeg2ts::es::{StreamId, StreamType};
+        use mpeg2ts::pes::PesHeader;
+        use mpeg2ts::time::Timestamp;
+        use mpeg2ts::ts::payload::{Bytes, Pat, Pes, Pmt};
+        use mpeg2ts::ts::{
+            ContinuityCounter, EsInfo, Pid, ProgramAssociation, TransportScramblingControl, TsHeader, TsPacket,
+            TsPacketWriter, TsPayload, VersionNumber, WriteTsPacket,
+        };
+        let (pmt_pid, video_pid) = (Pid::new(0x1000).unwrap(), Pid::new(0x100).unwrap());
+        let mut counter = 0u8;
+        let mut writer = TsPacketWriter::new(Vec::new());
+        let mut put = |pid: Pid, payload: TsPayload, counter: &mut u8| {
+            let header = TsHeader {
+                transport_error_indicator: false,
+                transport_priority: false,
+                pid,
+                transport_scrambling_control: TransportScramblingControl::NotScrambled,
+                continuity_counter: ContinuityCounter::from_u8(*counter % 16).unwrap(),
+            };
+            *counter = counter.wrapping_add(1);
+            writer.write_ts_packet(&TsPacket { header, adaptation_field: None, payload: Some(payload) }).unwrap();
+        };
+        let pat = Pat {
+            transport_stream_id: 1,
+            version_number: VersionNumber::default(),
+            table: vec![ProgramAssociation { program_num: 1, program_map_pid: pmt_pid }],
+        };
+        put(Pid::new(0).unwrap(), TsPayload::Pat(pat), &mut 0);
+        let es = EsInfo { stream_type: StreamType::H264, elementary_pid: video_pid, descriptors: vec![] };
+        let pmt = Pmt {
+            program_num: 1,
+            pcr_pid: Some(video_pid),
+            version_number: VersionNumber::default(),
+            program_info: vec![],
+            es_info: vec![es],
+        };
+        put(pmt_pid, TsPayload::Pmt(pmt), &mut 0);
+        for (i, (au, _)) in encoded(frames, gop).into_iter().enumerate() {
+            let header = PesHeader {
+                stream_id: StreamId::new(0xE0),
+                priority: false,
+                data_alignment_indicator: true,
+                copyright: false,
+                original_or_copy: false,
+                pts: Some(Timestamp::new(900_000 + i as u64 * 3600).unwrap()),
+                dts: None,
+                escr: None,
+            };
+            let (head, mut rest) = au.split_at(au.len().min(150));
+            let pes = Pes { header, pes_packet_len: 0, data: Bytes::new(head).unwrap() };
+            put(video_pid, TsPayload::PesStart(pes), &mut counter);
+            while !rest.is_empty() {
+                let (chunk, tail) = rest.split_at(rest.len().min(150));
+                put(video_pid, TsPayload::PesContinuation(Bytes::new(chunk).unwrap()), &mut counter);
+                rest = tail;
+            }
+        }
+        writer.into_stream()
+    }
+
+    /// The same pictures in a small MP4 (ftyp, moov, mdat), 40 ms each.
+    pub(crate) fn mp4(frames: usize, gop: usize) -> Vec<u8> {
+        let (w, h) = (64usize, 48usize);
         let (mut sps, mut pps) = (Vec::new(), Vec::new());
         let mut samples: Vec<Vec<u8>> = Vec::new();
         let mut sync = Vec::new();
-        for i in 0..frames {
-            let mut yuv = vec![(20 + 10 * i) as u8; w * h];
-            yuv.extend(std::iter::repeat_n(128u8, w * h / 2));
-            let buf = openh264::formats::YUVBuffer::from_vec(yuv, w, h);
-            if i % gop == 0 {
-                enc.force_intra_frame();
+        for (i, (stream, key)) in encoded(frames, gop).into_iter().enumerate() {
+            if key {
                 sync.push(i as u32 + 1);
             }
-            let stream = enc.encode(&buf).unwrap().to_vec();
             let mut sample = Vec::new();
             for nal in nal_units(&stream) {
                 match nal[0] & 0x1f {
@@ -363,7 +596,7 @@ pub(crate) mod tests {
             (probe.width, probe.height, probe.frames, probe.duration_ms),
             (Some(64), Some(48), Some(12), Some(480))
         );
-        let stills = frames(&video, None, &Select::Times(vec![0, 130, 440]), &Limits::default()).unwrap();
+        let stills = frames(Format::Mp4, &video, None, &Select::Times(vec![0, 130, 440]), &Limits::default()).unwrap();
         let got: Vec<(u32, u64, u8)> = stills.iter().map(|s| (s.pos.index, s.pos.time_ms, mean_luma(s))).collect();
         assert_eq!(got.len(), 3);
         for ((index, time, luma), want) in got.iter().zip([0u32, 3, 11]) {
@@ -372,45 +605,65 @@ pub(crate) mod tests {
             let expected = ((20 + 10 * want as i32 - 16) * 255 / 219) as u8;
             assert!(luma.abs_diff(expected) <= 3, "frame {want}: luma {luma}, expected {expected}");
         }
-        let keys = frames(&video, None, &Select::Keyframes, &Limits::default()).unwrap();
+        let keys = frames(Format::Mp4, &video, None, &Select::Keyframes, &Limits::default()).unwrap();
         assert_eq!(keys.iter().map(|s| s.pos.index).collect::<Vec<_>>(), [0, 4, 8]);
-        let even = frames(&video, None, &Select::Count(2), &Limits::default()).unwrap();
+        let even = frames(Format::Mp4, &video, None, &Select::Count(2), &Limits::default()).unwrap();
         assert_eq!(even.iter().map(|s| s.pos.index).collect::<Vec<_>>(), [3, 9], "midpoints 120 and 360 ms");
         // Break the first GOP's first sample: frames of the last GOP still decode, because
         // nothing before their keyframe is read; the first GOP's do not.
         let mut broken = video.clone();
         let mdat = broken.windows(4).position(|w| w == b"mdat").unwrap() + 4;
         broken[mdat..mdat + 4].copy_from_slice(&[0xff; 4]);
-        let late = frames(&broken, None, &Select::Indices(vec![9]), &Limits::default()).unwrap();
+        let late = frames(Format::Mp4, &broken, None, &Select::Indices(vec![9]), &Limits::default()).unwrap();
         assert_eq!(late[0].pos.index, 9);
         assert_eq!(
-            frames(&broken, None, &Select::Indices(vec![1]), &Limits::default()).unwrap_err().code(),
+            frames(Format::Mp4, &broken, None, &Select::Indices(vec![1]), &Limits::default()).unwrap_err().code(),
             "corrupt_input"
         );
+    }
+
+    #[test]
+    fn mpeg_ts_segments_decode_by_pts() {
+        let seg = ts(10, 5);
+        assert_eq!(crate::format::sniff(&seg), Some(Format::MpegTs));
+        let stills = frames(Format::MpegTs, &seg, None, &Select::Times(vec![0, 200, 360]), &Limits::default()).unwrap();
+        let got: Vec<(u32, u64)> = stills.iter().map(|s| (s.pos.index, s.pos.time_ms)).collect();
+        assert_eq!(got, [(0, 0), (5, 200), (9, 360)], "times count from the segment's first PTS");
+        for s in &stills {
+            let expected = ((20 + 10 * s.pos.index as i32 - 16) * 255 / 219) as u8;
+            assert!(mean_luma(s).abs_diff(expected) <= 3, "frame {}", s.pos.index);
+        }
+        let summary = ts_summary(&seg, &Limits::default()).unwrap();
+        assert_eq!(summary, TsSummary { frames: 10, duration_ms: 400, size: Some((64, 48)) });
+        let keys = frames(Format::MpegTs, &seg, None, &Select::Keyframes, &Limits::default()).unwrap();
+        assert_eq!(keys.iter().map(|s| s.pos.index).collect::<Vec<_>>(), [0, 5]);
+        // Cut mid-packet: a typed error, never a panic.
+        let err = frames(Format::MpegTs, &seg[..seg.len() / 2 + 7], None, &Select::All, &Limits::default());
+        assert!(err.is_err() || err.is_ok_and(|v| v.len() < 10));
     }
 
     #[test]
     fn limits_and_damage_are_typed_errors() {
         let video = mp4(6, 3);
         let short = Limits { max_frames: 2, ..Limits::default() };
-        assert_eq!(frames(&video, None, &Select::All, &short).unwrap_err().code(), "limit_exceeded");
+        assert_eq!(frames(Format::Mp4, &video, None, &Select::All, &short).unwrap_err().code(), "limit_exceeded");
         let tiny = Limits { max_source_pixels: 64 * 48 * 2, ..Limits::default() };
-        assert_eq!(frames(&video, None, &Select::All, &tiny).unwrap_err().code(), "limit_exceeded");
-        let err = frames(&video, None, &Select::Times(vec![999]), &Limits::default()).unwrap_err();
+        assert_eq!(frames(Format::Mp4, &video, None, &Select::All, &tiny).unwrap_err().code(), "limit_exceeded");
+        let err = frames(Format::Mp4, &video, None, &Select::Times(vec![999]), &Limits::default()).unwrap_err();
         assert_eq!(err.code(), "bad_parameter");
         // Cut inside the sample data: the container parses, the samples are missing.
         let cut = &video[..video.len() - 200];
-        let err = frames(cut, None, &Select::Indices(vec![5]), &Limits::default()).unwrap_err();
+        let err = frames(Format::Mp4, cut, None, &Select::Indices(vec![5]), &Limits::default()).unwrap_err();
         assert!(matches!(err.code(), "truncated_input" | "corrupt_input"), "{err}");
         // Without its moov a media segment asks for the init segment.
-        let err = frames(&video[..24], None, &Select::All, &Limits::default()).unwrap_err();
+        let err = frames(Format::Mp4, &video[..24], None, &Select::All, &Limits::default()).unwrap_err();
         assert!(err.to_string().contains("init"), "{err}");
         for n in [0, 7, 100, 1000, 3000] {
             let mut broken = video.clone();
             if n < broken.len() {
                 broken[n] ^= 0xff;
             }
-            let _ = frames(&broken, None, &Select::All, &Limits::default());
+            let _ = frames(Format::Mp4, &broken, None, &Select::All, &Limits::default());
         }
     }
 }

@@ -338,3 +338,58 @@ fn video_frames_from_real_files() {
         p.run(&read("video/bigbuckbunny_h264_1280x720_5s.mp4"), &RunOptions { limits: short, ..Default::default() });
     assert_eq!(err.unwrap_err().code(), "limit_exceeded");
 }
+
+/// The real Big Buck Bunny clip remuxed by ffmpeg (no re-encoding) into an MPEG-TS segment and
+/// a fragmented MP4, the latter also split into init and media segments: the same frames come
+/// out of every form. The corpus suite needs the ffmpeg CLI for this (`.ci/run` installs it).
+#[test]
+fn video_segments_remuxed_by_ffmpeg() {
+    let dir = corpus_dir();
+    let src = dir.join("video/bigbuckbunny_h264_1280x720_5s.mp4");
+    let tmp = std::env::temp_dir().join(format!("pixflow-remux-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let remux = |out: &str, extra: &[&str]| {
+        let path = tmp.join(out);
+        let status = std::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-i"])
+            .arg(&src)
+            .args(["-an", "-c:v", "copy"])
+            .args(extra)
+            .arg(&path)
+            .status()
+            .expect("the corpus suite needs the ffmpeg CLI to remux its test video (apt-get install ffmpeg)");
+        assert!(status.success(), "ffmpeg failed for {out}");
+        std::fs::read(path).unwrap()
+    };
+    let ts = remux("bbb.ts", &["-bsf:v", "h264_mp4toannexb", "-f", "mpegts"]);
+    let fmp4 = remux("bbb.mp4", &["-movflags", "+frag_keyframe+empty_moov+default_base_moof", "-f", "mp4"]);
+    let moof = fmp4.windows(4).position(|w| w == b"moof").unwrap() - 4;
+    let (init, segment) = fmp4.split_at(moof);
+    let steps = || Pipeline::from_steps([("frames", vec![("times", "0,2.5"), ("init", "init")])]).unwrap();
+    let plain = || Pipeline::from_steps([("frames", vec![("times", "0,2.5")])]).unwrap();
+    let png = EncodeOptions { format: Some(OutFormat::Png), ..Default::default() };
+    let original = plain()
+        .run(&std::fs::read(&src).unwrap(), &RunOptions { final_output: Some(&png), ..Default::default() })
+        .unwrap();
+    let inputs = std::collections::BTreeMap::from([("init".to_owned(), init.to_vec())]);
+    let forms = [
+        ("mpeg-ts", plain().run(&ts, &RunOptions { final_output: Some(&png), ..Default::default() }).unwrap()),
+        ("fmp4", plain().run(&fmp4, &RunOptions { final_output: Some(&png), ..Default::default() }).unwrap()),
+        (
+            "init + segment",
+            steps()
+                .run(segment, &RunOptions { final_output: Some(&png), inputs: Some(&inputs), ..Default::default() })
+                .unwrap(),
+        ),
+    ];
+    for (form, out) in forms {
+        assert_eq!(out.len(), 2, "{form}");
+        for (a, b) in out.iter().zip(&original) {
+            assert_eq!(a.frame.map(|f| f.time_ms), b.frame.map(|f| f.time_ms), "{form}");
+            assert!(a.bytes == b.bytes, "{form}: frame at {:?} differs from the MP4's", a.frame);
+        }
+    }
+    let p = probe(&ts, &Limits::default(), None).unwrap();
+    assert_eq!((p.width, p.height, p.frames, p.kind), (Some(1280), Some(720), Some(132), MediaKind::VideoSegment));
+    std::fs::remove_dir_all(&tmp).ok();
+}
