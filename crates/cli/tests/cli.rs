@@ -394,3 +394,47 @@ fn compose_reads_the_template_and_the_inputs_it_names() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("unknown field `size`") && err.contains("line 4"), "{err}");
 }
+
+/// Video in codecs without a bundled decoder (here MPEG-1) goes through ffmpeg when it is
+/// installed (`.ci/run` sets PIXFLOW_TEST_FFMPEG), and fails with a clear error when not.
+#[test]
+fn other_video_codecs_use_ffmpeg_or_fail_clearly() {
+    let dir = temp_dir("video-ffmpeg");
+    // An MPEG-1 sequence header (384x288) is enough to be recognised as MPEG video.
+    std::fs::write(dir.join("seq.mpg"), [0, 0, 1, 0xB3, 0x18, 0x01, 0x20, 0x13, 0xff, 0xff, 0xe0, 0x18]).unwrap();
+    let missing = Command::new(env!("CARGO_BIN_EXE_pixflow"))
+        .args(["run", "frames", "count=2", "--input", "seq.mpg", "--output", "f-{n}.png"])
+        .env("PIXFLOW_FFMPEG", dir.join("no-such-ffmpeg"))
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("[unsupported_format]") && err.contains("ffmpeg"), "{err}");
+
+    if std::env::var_os("PIXFLOW_TEST_FFMPEG").is_none() {
+        return;
+    }
+    // Two seconds of ffmpeg's test pattern at 25 fps in MPEG-1.
+    let made = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=25", "-t", "2", "-c:v", "mpeg1video"])
+        .arg(dir.join("clip.mpg"))
+        .status()
+        .expect("PIXFLOW_TEST_FFMPEG is set but ffmpeg cannot be started");
+    assert!(made.success());
+    let out = pixflow(&["run", "frames", "times=0,1.5", "--input", "clip.mpg", "--output", "t-{ms}.png"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Through ffmpeg a time picks the first frame at or after it (here within one 40 ms frame).
+    let mut times: Vec<u64> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("t-")?.strip_suffix(".png")?.parse().ok())
+        .collect();
+    times.sort_unstable();
+    assert!(times.len() == 2 && times[0] == 0 && times[1].abs_diff(1500) <= 40, "{times:?}");
+    assert_eq!(dims(&dir.join(format!("t-{}.png", times[1]))), (96, 64));
+    let out = pixflow(
+        &["run", "frames", "count=4", "+", "sprite", "columns=4", "--input", "clip.mpg", "--output", "s.png"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("s.png")), (4 * 96, 64));
+}

@@ -33,6 +33,18 @@ pub struct Decoded {
 pub trait ForeignDecoder: Send + Sync {
     /// Returns `Ok(None)` when this decoder cannot handle `format` either.
     fn decode(&self, format: Format, bytes: &[u8], limits: &Limits) -> Result<Option<DynamicImage>>;
+
+    /// Frames of a video whose codec or container has no bundled decoder, picked by `select`
+    /// (in time order); `Ok(None)` when this decoder cannot read it either.
+    fn video_frames(
+        &self,
+        _format: Format,
+        _bytes: &[u8],
+        _select: &crate::sequence::Select,
+        _limits: &Limits,
+    ) -> Result<Option<Vec<crate::sequence::Still>>> {
+        Ok(None)
+    }
 }
 
 /// How to decode.

@@ -337,7 +337,18 @@ impl Pipeline {
         };
         let limits = opts.limits;
         let started = Instant::now();
-        let stills = crate::video::frames(format, input, init, &frames.select, &limits)?;
+        let stills = match crate::video::frames(format, input, init, &frames.select, &limits) {
+            // A codec or container without a bundled decoder: the foreign decoder (ffmpeg), if any.
+            Err(unsupported @ Error::Unsupported { .. }) => {
+                let whole = init.map_or_else(|| input.to_vec(), |i| [i, input].concat());
+                match opts.foreign {
+                    Some(f) => f.video_frames(format, &whole, &frames.select, &limits)?.ok_or(unsupported)?,
+                    None => return Err(unsupported),
+                }
+            }
+            other => other?,
+        };
+        limits.check_frames(stills.len() as u64)?;
         if started.elapsed().as_millis() > u128::from(limits.max_op_millis) {
             return Err(Error::Timeout { op: "frames".into(), limit_ms: limits.max_op_millis });
         }
