@@ -5,7 +5,7 @@
 
 use std::io::Cursor;
 
-use image::{AnimationDecoder, DynamicImage, Frame};
+use image::{AnimationDecoder, DynamicImage};
 
 use crate::encode::{EncodeOptions, OutFormat};
 use crate::error::{Error, LimitKind, Result};
@@ -83,6 +83,76 @@ pub fn decode(format: Format, bytes: &[u8], frames: u64, limits: &Limits) -> Res
     Ok(Animation { frames: out, loop_count })
 }
 
+/// Animated GIF with inter-frame optimisation: after the first frame, an opaque frame is
+/// stored as the rectangle that changed since the previous one, with unchanged pixels inside
+/// it transparent (they show the previous frame), which shrinks files and encode time. Frames
+/// with transparency are stored whole and cleared after display, so transparent areas never
+/// show an older frame.
+fn encode_gif(anim: &Animation, (w, h): (u32, u32)) -> Result<Vec<u8>> {
+    let fail = |e: gif::EncodingError| Error::Encode { format: "gif", detail: e.to_string() };
+    let too_big = || Error::Encode { format: "gif", detail: format!("{w}x{h} exceeds GIF's 65535 pixel sides") };
+    let (gw, gh) = (u16::try_from(w).map_err(|_| too_big())?, u16::try_from(h).map_err(|_| too_big())?);
+    let mut out = Vec::new();
+    {
+        let mut enc = gif::Encoder::new(&mut out, gw, gh, &[]).map_err(fail)?;
+        enc.set_repeat(match anim.loop_count {
+            None => gif::Repeat::Infinite,
+            Some(n) => gif::Repeat::Finite(u16::try_from(n).unwrap_or(u16::MAX)),
+        })
+        .map_err(fail)?;
+        let mut prev: Option<image::RgbaImage> = None;
+        for f in &anim.frames {
+            let cur = f.image.to_rgba8();
+            if cur.dimensions() != (w, h) {
+                return Err(Error::Encode { format: "gif", detail: "frames differ in size".into() });
+            }
+            let opaque = cur.pixels().all(|p| p.0[3] == 255);
+            let (x, y, mut px, rw, rh) = match (&prev, opaque) {
+                (Some(before), true) => changed_rect(before, &cur),
+                _ => (0, 0, cur.as_raw().clone(), w, h),
+            };
+            // NeuQuant sampling factor: 1 best .. 30 fastest; 10 is gif's own default.
+            let mut frame = gif::Frame::from_rgba_speed(rw as u16, rh as u16, &mut px, 10);
+            frame.left = x as u16;
+            frame.top = y as u16;
+            frame.delay = u16::try_from(f.delay_ms.saturating_add(5) / 10).unwrap_or(u16::MAX);
+            frame.dispose = if opaque { gif::DisposalMethod::Keep } else { gif::DisposalMethod::Background };
+            enc.write_frame(&frame).map_err(fail)?;
+            prev = opaque.then_some(cur);
+        }
+    }
+    Ok(out)
+}
+
+/// The smallest rectangle holding every pixel that differs between two same-sized opaque
+/// frames, as RGBA with the unchanged pixels transparent: (x, y, pixels, width, height). An
+/// identical frame gives one transparent pixel (the frame is kept for its delay).
+fn changed_rect(before: &image::RgbaImage, cur: &image::RgbaImage) -> (u32, u32, Vec<u8>, u32, u32) {
+    let (w, h) = cur.dimensions();
+    let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+    for (y, (a, b)) in before.rows().zip(cur.rows()).enumerate() {
+        for (x, (p, q)) in a.zip(b).enumerate() {
+            if p != q {
+                x0 = x0.min(x as u32);
+                x1 = x1.max(x as u32 + 1);
+                y0 = y0.min(y as u32);
+                y1 = y1.max(y as u32 + 1);
+            }
+        }
+    }
+    if x0 >= x1 {
+        return (0, 0, vec![0, 0, 0, 0], 1, 1);
+    }
+    let mut px = Vec::with_capacity(((x1 - x0) * (y1 - y0) * 4) as usize);
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let q = cur.get_pixel(x, y);
+            px.extend_from_slice(if before.get_pixel(x, y) == q { &[0, 0, 0, 0] } else { &q.0 });
+        }
+    }
+    (x0, y0, px, x1 - x0, y1 - y0)
+}
+
 fn image_format(f: Format) -> image::ImageFormat {
     match f {
         Format::Webp => image::ImageFormat::WebP,
@@ -98,24 +168,7 @@ pub fn encode(anim: &Animation, format: OutFormat, opts: &EncodeOptions) -> Resu
     };
     let (w, h) = (first.image.width(), first.image.height());
     match format {
-        OutFormat::Gif => {
-            let mut out = Vec::new();
-            {
-                // NeuQuant sampling factor: 1 best .. 30 fastest; 10 is gif's own default.
-                let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut out, 10);
-                let repeat = match anim.loop_count {
-                    None => image::codecs::gif::Repeat::Infinite,
-                    Some(n) => image::codecs::gif::Repeat::Finite(u16::try_from(n).unwrap_or(u16::MAX)),
-                };
-                let fail = |e: image::ImageError| Error::Encode { format: "gif", detail: e.to_string() };
-                enc.set_repeat(repeat).map_err(fail)?;
-                for f in &anim.frames {
-                    let delay = image::Delay::from_numer_denom_ms(f.delay_ms, 1);
-                    enc.encode_frame(Frame::from_parts(f.image.to_rgba8(), 0, 0, delay)).map_err(fail)?;
-                }
-            }
-            Ok(out)
-        }
+        OutFormat::Gif => encode_gif(anim, (w, h)),
         OutFormat::Webp => {
             let mut config = webp::WebPConfig::new()
                 .map_err(|()| Error::Encode { format: "webp", detail: "libwebp config".into() })?;
@@ -154,7 +207,8 @@ mod tests {
             enc.set_repeat(loops).unwrap();
             for i in 0..frames {
                 let img = image::RgbaImage::from_pixel(20, 10, image::Rgba([i * 60, 255 - i * 60, 0, 255]));
-                enc.encode_frame(Frame::from_parts(img, 0, 0, image::Delay::from_numer_denom_ms(70, 1))).unwrap();
+                enc.encode_frame(image::Frame::from_parts(img, 0, 0, image::Delay::from_numer_denom_ms(70, 1)))
+                    .unwrap();
             }
         }
         out
@@ -197,5 +251,55 @@ mod tests {
         // A container that under-declares its frames is still held to the budget while decoding.
         let err = decode(Format::Gif, &src, 1, &small).unwrap_err();
         assert!(matches!(err, Error::LimitExceeded { actual, .. } if actual == 20 * 10 * 4), "{err:?}");
+    }
+
+    /// A 64x48 animation: a 6x6 square moving right over a background that is grey, or
+    /// transparent.
+    fn moving_square(frames: u32, transparent: bool) -> Animation {
+        let bg = if transparent { image::Rgba([0, 0, 0, 0]) } else { image::Rgba([90, 90, 90, 255]) };
+        let frames = (0..frames)
+            .map(|i| {
+                let mut img = image::RgbaImage::from_pixel(64, 48, bg);
+                for y in 20..26 {
+                    for x in 4 + i * 8..10 + i * 8 {
+                        img.put_pixel(x, y, image::Rgba([250, 30, 30, 255]));
+                    }
+                }
+                AnimFrame { image: DynamicImage::ImageRgba8(img), delay_ms: 50 }
+            })
+            .collect();
+        Animation { frames, loop_count: None }
+    }
+
+    #[test]
+    fn gif_frames_after_the_first_store_only_what_changed() {
+        let anim = moving_square(6, false);
+        let bytes = encode(&anim, OutFormat::Gif, &EncodeOptions::default()).unwrap();
+        let mut opts = gif::DecodeOptions::new();
+        opts.set_color_output(gif::ColorOutput::Indexed);
+        let mut dec = opts.read_info(bytes.as_slice()).unwrap();
+        let mut rects = Vec::new();
+        while let Some(f) = dec.read_next_frame().unwrap() {
+            rects.push((f.left, f.top, f.width, f.height));
+        }
+        assert_eq!(rects[0], (0, 0, 64, 48));
+        assert!(rects[1..].iter().all(|&(_, top, w, h)| top == 20 && w == 14 && h == 6), "{rects:?}");
+        // Played back, every frame is the source frame.
+        let back = decode(Format::Gif, &bytes, 6, &Limits::default()).unwrap();
+        for (a, b) in anim.frames.iter().zip(&back.frames) {
+            let (a, b) = (a.image.to_rgba8(), b.image.to_rgba8());
+            let worst = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+            assert!(worst <= 8, "frame differs by up to {worst}");
+        }
+    }
+
+    #[test]
+    fn gif_transparency_never_shows_an_older_frame() {
+        let anim = moving_square(3, true);
+        let bytes = encode(&anim, OutFormat::Gif, &EncodeOptions::default()).unwrap();
+        let back = decode(Format::Gif, &bytes, 3, &Limits::default()).unwrap();
+        let last = back.frames[2].image.to_rgba8();
+        assert_eq!(last.get_pixel(6, 22).0[3], 0, "where the square was in frame 0 is transparent again");
+        assert_eq!(last.get_pixel(22, 22).0[3], 255, "the square is where frame 2 puts it");
     }
 }
