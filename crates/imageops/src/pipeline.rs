@@ -270,6 +270,10 @@ impl Pipeline {
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
                 Step::Frames(Frames { select, .. }) => {
+                    if matches!(media, Media::Animation(_)) {
+                        // Frames of an animation are stills; PNG keeps their palette and alpha.
+                        source_out = OutFormat::Png;
+                    }
                     media = Media::Stills(match media {
                         Media::Still(image) => {
                             let pos = FramePos { index: 0, time_ms: 0, duration_ms: 0 };
@@ -285,7 +289,7 @@ impl Pipeline {
                     vector = None;
                 }
                 Step::Sprite(sprite) => {
-                    if !matches!(media, Media::Still(_)) {
+                    if matches!(media, Media::Animation(_)) {
                         // A sheet of frames is a still picture, whatever the animation was.
                         source_out = OutFormat::Png;
                     }
@@ -358,7 +362,8 @@ impl Pipeline {
             media: Media::Stills(stills),
             skip: 1,
             first_resize: None,
-            source_out: OutFormat::Png,
+            // Video frames are photographs: JPEG, like a poster frame or thumbnail.
+            source_out: OutFormat::Jpeg,
             icc: None,
             vector: None,
         };
@@ -474,8 +479,7 @@ fn emit(
                     format!("{} frames were picked; put {{n}} (frame number) or {{ms}} (time) in `{n}`", stills.len()),
                 ));
             }
-            // Stills default to PNG whatever the animation was.
-            let format = o.format.or(named).unwrap_or(OutFormat::Png);
+            let format = o.format.or(named).unwrap_or(source_out);
             for s in stills {
                 let mut r = render(&s.image, name.map(|n| sequence::frame_name(n, s.pos)), format, o, icc)?;
                 r.frame = Some(s.pos);
@@ -666,7 +670,7 @@ mod tests {
         let out = p.run(&video, &RunOptions::default()).unwrap();
         assert_eq!(
             out.iter().map(|r| (r.frame.unwrap().index, r.width, r.format)).collect::<Vec<_>>(),
-            [(2, 32, OutFormat::Png), (5, 32, OutFormat::Png)]
+            [(2, 32, OutFormat::Jpeg), (5, 32, OutFormat::Jpeg)]
         );
         // A media segment without its moov, given the init segment by name.
         let mdat = video.windows(4).position(|w| w == b"mdat").unwrap() - 4;

@@ -263,8 +263,10 @@ pub fn frames(
     let mut out = Vec::with_capacity(wanted.len());
     let mut budget = limits.max_source_pixels;
     for (start, want) in by_gop {
-        let end = (start + 1..units.len()).find(|&u| units[u].sync).unwrap_or(units.len());
-        // The GOP's pictures in display order, matched to the decoder's output order.
+        // Decoding stops after the last wanted unit (decode order): flushed, the decoder gives
+        // exactly the units fed so far, in display order, so the rest of the GOP is never read.
+        let end = want.iter().map(|&d| pictures[d].unit + 1).max().unwrap_or(start + 1);
+        // The fed units in display order, matched to the decoder's output order.
         let mut gop: Vec<usize> = (start..end).collect();
         gop.sort_by_key(|&i| (units[i].time_ms, i));
         let ranks: Vec<usize> =

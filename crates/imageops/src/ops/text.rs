@@ -214,7 +214,7 @@ impl Text {
             let (c, o) = paint(s.color);
             (
                 format!(
-                    r#"<filter id="shadow" x="-50%" y="-50%" width="200%" height="200%"><feDropShadow dx="{}" dy="{}" stdDeviation="{}" flood-color="{c}" flood-opacity="{o}"/></filter>"#,
+                    r#"<filter id="shadow" x="-50%" y="-50%" width="200%" height="200%" color-interpolation-filters="sRGB"><feDropShadow dx="{}" dy="{}" stdDeviation="{}" flood-color="{c}" flood-opacity="{o}"/></filter>"#,
                     s.dx, s.dy, s.blur
                 ),
                 r#" filter="url(#shadow)""#.to_owned(),
