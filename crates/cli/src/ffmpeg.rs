@@ -31,15 +31,32 @@ fn fail(detail: impl Into<String>) -> Error {
 }
 
 /// A file holding the input for ffmpeg (video needs a seekable input); removed on drop.
+/// Created with a random name, exclusively (never through an existing file or link) and
+/// readable by this user only.
 struct TempInput(std::path::PathBuf);
 
 impl TempInput {
     fn new(bytes: &[u8]) -> pixflow_imageops::Result<Self> {
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("pixflow-ffmpeg-{}-{n}.bin", std::process::id()));
-        std::fs::write(&path, bytes).map_err(|e| fail(format!("cannot write a temporary file: {e}")))?;
-        Ok(TempInput(path))
+        use std::hash::{BuildHasher, Hasher};
+        use std::os::unix::fs::OpenOptionsExt;
+        for _ in 0..8 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+            );
+            let path = std::env::temp_dir().join(format!("pixflow-ffmpeg-{:016x}.bin", h.finish()));
+            let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+            match file {
+                Ok(mut f) => {
+                    let input = TempInput(path);
+                    f.write_all(bytes).map_err(|e| fail(format!("cannot write a temporary file: {e}")))?;
+                    return Ok(input);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(fail(format!("cannot create a temporary file: {e}"))),
+            }
+        }
+        Err(fail("cannot create a temporary file with a fresh name"))
     }
 }
 
@@ -199,7 +216,8 @@ impl ForeignDecoder for Ffmpeg {
 
     /// Frames through ffmpeg's `select` filter: frame-number selections by `n`, time selections
     /// as "the first frame at or after each time", keyframes by `key`. `showinfo` reports each
-    /// picked frame's time; frames are numbered in the order they come out.
+    /// picked frame's time. Frame numbers are exact for `every` and `indices`; for time and
+    /// keyframe selections frames are numbered in the order they come out.
     fn video_frames(
         &self,
         format: Format,
@@ -221,10 +239,43 @@ impl ForeignDecoder for Ffmpeg {
                 .join("+")
         };
         let duration = || -> pixflow_imageops::Result<u64> {
+            // The length bounds every selection and the video limit.
             self.duration_ms(&input, limits)?.ok_or_else(|| Error::Unsupported {
                 format: format!("{} frames", format.name()),
                 hint: Some("ffmpeg reports no duration, so time-spaced frames cannot be placed".into()),
             })
+        };
+        let total = duration()?;
+        let max_ms = limits.max_video_seconds.saturating_mul(1000);
+        if total > max_ms {
+            return Err(Error::LimitExceeded {
+                limit: pixflow_imageops::LimitKind::VideoSeconds,
+                max: limits.max_video_seconds,
+                actual: total.div_ceil(1000),
+            });
+        }
+        if let Select::Times(v) = select
+            && let Some(late) = v.iter().find(|t| **t > total)
+        {
+            return Err(Error::BadParameter {
+                op: "frames".into(),
+                param: "times".into(),
+                reason: format!("{:.3} s is past the end ({:.3} s)", *late as f64 / 1000.0, total as f64 / 1000.0),
+            });
+        }
+        // Frame numbers are known for selections by number; otherwise frames are numbered in
+        // the order they come out.
+        let numbers: Option<Vec<u32>> = match select {
+            Select::Every(k) => {
+                Some((0..).map(|i: u32| i.saturating_mul(*k)).take(limits.max_frames as usize + 1).collect())
+            }
+            Select::Indices(v) => {
+                let mut v = v.clone();
+                v.sort_unstable();
+                v.dedup();
+                Some(v)
+            }
+            _ => None,
         };
         let expr = match select {
             Select::All => None,
@@ -233,13 +284,18 @@ impl ForeignDecoder for Ffmpeg {
             Select::Keyframes => Some("eq(key\\,1)".to_owned()),
             Select::Times(v) => Some(times(v)),
             Select::IntervalMs(step) => {
-                let total = duration()?;
-                let ts: Vec<u64> = (0..).map(|k| k * step).take_while(|t| *t < total.max(1)).take(10_000).collect();
+                let ts: Vec<u64> = (0..)
+                    .map(|k: u64| k.saturating_mul(*step))
+                    .take_while(|t| *t < total.max(1))
+                    .take(10_000)
+                    .collect();
                 Some(times(&ts))
             }
             Select::Count(c) => {
-                let (c, total) = (u64::from(*c), duration()?);
-                Some(times(&(0..c).map(|k| (2 * k + 1) * total / (2 * c)).collect::<Vec<_>>()))
+                let c = u64::from(*c);
+                Some(times(
+                    &(0..c).map(|k| ((2 * k + 1) as f64 * total as f64 / (2 * c) as f64) as u64).collect::<Vec<_>>(),
+                ))
             }
         };
         let filter = expr.map_or("showinfo".to_owned(), |e| format!("select='{e}',showinfo"));
@@ -266,11 +322,20 @@ impl ForeignDecoder for Ffmpeg {
         let times = shown_times(&run.stderr);
         let opts = DecodeOptions { limits: *limits, ..DecodeOptions::default() };
         let mut stills = Vec::with_capacity(pngs.len());
+        // Kept pixels share one budget, as in the bundled decoder.
+        let mut budget = limits.max_source_pixels;
         for (i, png) in pngs.into_iter().enumerate() {
             let time_ms = times.get(i).copied().unwrap_or(0);
             let next = times.get(i + 1).copied().unwrap_or(time_ms);
             let image = pixflow_imageops::decode::decode(png, &opts)?.image;
-            let pos = FramePos { index: i as u32, time_ms, duration_ms: next.saturating_sub(time_ms) };
+            let px = u64::from(image.width()) * u64::from(image.height());
+            budget = budget.checked_sub(px).ok_or(Error::LimitExceeded {
+                limit: pixflow_imageops::LimitKind::SourcePixels,
+                max: limits.max_source_pixels,
+                actual: limits.max_source_pixels.saturating_add(px),
+            })?;
+            let index = numbers.as_ref().and_then(|n| n.get(i).copied()).unwrap_or(i as u32);
+            let pos = FramePos { index, time_ms, duration_ms: next.saturating_sub(time_ms) };
             stills.push(Still { image, pos });
         }
         Ok(Some(stills))

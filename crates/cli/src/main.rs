@@ -164,10 +164,24 @@ fn read_named_inputs(
         .into_iter()
         .map(|name| Ok((name.to_owned(), read_input(Path::new(name), limits)?)))
         .collect::<Result<_>>()?;
-    // A compose template names further inputs (images, fonts); read those too.
+    // A compose template names further inputs (images, fonts). A template may come from
+    // someone else, so what it names is read only from beside it: relative paths without `..`,
+    // resolved against the template's folder.
+    let base = match pipeline.steps.first() {
+        Some(pixflow_imageops::pipeline::Step::Op(pixflow_imageops::Op::Compose(c))) => {
+            Path::new(&c.template).parent().map(Path::to_path_buf).unwrap_or_default()
+        }
+        _ => PathBuf::new(),
+    };
     for name in pipeline.nested_input_names(&inputs)? {
+        let rel = PathBuf::from(&name);
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            anyhow::bail!(
+                "the template names `{name}`: templates may only name files beside them (no absolute paths or `..`)"
+            );
+        }
         if let std::collections::btree_map::Entry::Vacant(slot) = inputs.entry(name) {
-            let bytes = read_input(Path::new(slot.key()), limits)?;
+            let bytes = read_input(&base.join(rel), limits)?;
             slot.insert(bytes);
         }
     }
@@ -232,6 +246,9 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
             },
             (None, None) => unreachable!("checked above"),
         };
+        if !r.cues.is_empty() && path == Path::new("-") {
+            anyhow::bail!("sprite vtt=true writes the WebVTT file beside the sheet; give --output a file name");
+        }
         write_output(&path, &r.bytes)?;
         if path != Path::new("-") {
             eprintln!("{}: {}x{} {} {} bytes", path.display(), r.width, r.height, r.format.mime(), r.bytes.len());

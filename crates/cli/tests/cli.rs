@@ -336,6 +336,8 @@ fn frames_and_storyboards_from_an_animation() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(dims(&dir.join("s.jpg")), (48, 16));
     let vtt = std::fs::read_to_string(dir.join("s.vtt")).unwrap();
+    let out = pixflow(&["run", "sprite", "vtt=true", "--input", "a.gif", "--output", "-", "--format", "png"], &dir);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("file name"));
     assert!(
         vtt.starts_with("WEBVTT\n") && vtt.contains("00:00:02.500 --> 00:00:03.000\ns.jpg#xywh=32,8,16,8"),
         "{vtt}"
@@ -373,14 +375,16 @@ fn text_draws_with_the_builtin_font_and_names_missing_glyphs() {
 #[test]
 fn compose_reads_the_template_and_the_inputs_it_names() {
     let dir = temp_dir("compose");
-    image::RgbImage::from_pixel(50, 50, image::Rgb([0, 0, 200])).save(dir.join("photo.png")).unwrap();
+    // The template and its photo live in a sub-folder: names resolve beside the template.
+    std::fs::create_dir_all(dir.join("t")).unwrap();
+    image::RgbImage::from_pixel(50, 50, image::Rgb([0, 0, 200])).save(dir.join("t/photo.png")).unwrap();
     std::fs::write(
-        dir.join("poster.yaml"),
+        dir.join("t/poster.yaml"),
         "width: 120\nheight: 80\nbackground: '#ffffff'\nlayers:\n  - {type: image, input: photo.png, x: 10, y: 10, width: 40, height: 40}\n  - {type: text, text: Hi, x: 60, y: 10, size: 30, color: '#000000'}\n",
     )
     .unwrap();
     let out =
-        pixflow(&["run", "compose", "template=poster.yaml", "+", "resize", "width=60", "--output", "p.png"], &dir);
+        pixflow(&["run", "compose", "template=t/poster.yaml", "+", "resize", "width=60", "--output", "p.png"], &dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let img = image::open(dir.join("p.png")).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (60, 40));
@@ -393,6 +397,17 @@ fn compose_reads_the_template_and_the_inputs_it_names() {
     let out = pixflow(&["run", "compose", "template=bad.yaml", "--output", "b.png"], &dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("unknown field `size`") && err.contains("line 4"), "{err}");
+    // A template cannot reach files outside its folder.
+    for name in ["/etc/hostname", "../photo.png"] {
+        std::fs::write(
+            dir.join("t/escape.yaml"),
+            format!("width: 10\nheight: 10\nlayers: [{{type: image, input: '{name}'}}]\n"),
+        )
+        .unwrap();
+        let out = pixflow(&["run", "compose", "template=t/escape.yaml", "--output", "e.png"], &dir);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("beside them"), "{name}: {err}");
+    }
 }
 
 /// Video in codecs without a bundled decoder (here MPEG-1) goes through ffmpeg when it is
@@ -431,6 +446,12 @@ fn other_video_codecs_use_ffmpeg_or_fail_clearly() {
     times.sort_unstable();
     assert!(times.len() == 2 && times[0] == 0 && times[1].abs_diff(1500) <= 40, "{times:?}");
     assert_eq!(dims(&dir.join(format!("t-{}.png", times[1]))), (96, 64));
+    // Frame numbers are exact for selections by number.
+    let out = pixflow(&["run", "frames", "indices=3,10", "--input", "clip.mpg", "--output", "i-{n}.png"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("i-3.png").exists() && dir.join("i-10.png").exists());
+    let out = pixflow(&["run", "frames", "times=9", "--input", "clip.mpg", "--output", "late-{n}.png"], &dir);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("past the end"));
     let out = pixflow(
         &["run", "frames", "count=4", "+", "sprite", "columns=4", "--input", "clip.mpg", "--output", "s.png"],
         &dir,

@@ -235,8 +235,9 @@ fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
     };
     let mut p = Probe::empty(Some(format), kind, bytes.len());
     match format {
-        Format::Mp4 | Format::Mov | Format::Fmp4 => match re_mp4::Mp4::read_bytes(bytes) {
-            Ok(mp4) => {
+        Format::Mp4 | Format::Mov | Format::Fmp4 => match crate::video::read_mp4(bytes) {
+            Err(e) => p.problem = Some(Problem { code: e.code(), message: e.to_string() }),
+            Ok(Ok(mp4)) => {
                 if let Some(t) = mp4.tracks().values().find(|t| t.kind == Some(re_mp4::TrackKind::Video)) {
                     // Coded size from the sample entry (as ffprobe reports it); the track
                     // header's size can include a pixel-aspect correction.
@@ -251,7 +252,7 @@ fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
                     p.codec = t.codec_string(&mp4);
                 }
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 let message = e.to_string();
                 let code = if message.contains("moov") || message.contains("eof") || message.contains("larger") {
                     "truncated_input"

@@ -36,8 +36,9 @@ struct Unit {
 enum Framing {
     /// MP4: NAL units prefixed by their length; parameter sets live in `avcC`.
     Avcc { length_size: usize, params: Vec<u8> },
-    /// MPEG-TS: start codes, parameter sets in the stream.
-    AnnexB,
+    /// MPEG-TS: start codes; parameter sets in the stream. `params[i]` holds the SPS/PPS NAL
+    /// units (with start codes) last seen at or before unit `i`, for GOPs that do not repeat them.
+    AnnexB { params: Vec<std::rc::Rc<Vec<u8>>> },
 }
 
 /// A video track reduced to what frame extraction needs.
@@ -59,6 +60,70 @@ fn unsupported_codec(codec: &str) -> Error {
     }
 }
 
+/// Sample counts an MP4 declares (`stsz`, `stz2`, `stts`, `trun`) may not exceed the bytes
+/// that could hold them: the demuxer expands them into one entry per sample before anything
+/// else can be checked, so a 300-byte file claiming four billion samples would otherwise
+/// allocate hundreds of gigabytes.
+fn check_sample_counts(data: &[u8]) -> Result<()> {
+    fn walk(data: &[u8], depth: usize, total: usize) -> Result<()> {
+        let mut at = 0usize;
+        while at + 8 <= data.len() {
+            let size32 = u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+            let kind = &data[at + 4..at + 8];
+            let (header, size) = match size32 {
+                0 => (8, data.len() - at),
+                1 if at + 16 <= data.len() => {
+                    let big = u64::from_be_bytes(data[at + 8..at + 16].try_into().expect("8 bytes"));
+                    (16, usize::try_from(big).unwrap_or(usize::MAX))
+                }
+                1 => return Ok(()),
+                n => (8, n),
+            };
+            if size < header {
+                return Ok(()); // the demuxer reports malformed boxes itself
+            }
+            let end = at.saturating_add(size).min(data.len());
+            let body = &data[(at + header).min(end)..end];
+            let count_at = |offset: usize| {
+                body.get(offset..offset + 4).map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+            };
+            let declared = match kind {
+                b"stsz" | b"stz2" => count_at(8),
+                b"trun" => count_at(4),
+                b"stts" => {
+                    // Sum of the run lengths.
+                    let entries = count_at(4).min(body.len() / 8);
+                    (0..entries).map(|i| count_at(8 + i * 8)).fold(0usize, usize::saturating_add)
+                }
+                _ => 0,
+            };
+            if declared > total {
+                return Err(corrupt(
+                    "mp4",
+                    format!("{} declares {declared} samples in a {total}-byte file", String::from_utf8_lossy(kind)),
+                ));
+            }
+            if depth < 8 && matches!(kind, b"moov" | b"trak" | b"mdia" | b"minf" | b"stbl" | b"moof" | b"traf") {
+                walk(body, depth + 1, total)?;
+            }
+            if end <= at {
+                break;
+            }
+            at = end;
+        }
+        Ok(())
+    }
+    walk(data, 0, data.len())
+}
+
+/// Parses an MP4 with `re_mp4` after [`check_sample_counts`], turning a demuxer panic on
+/// malformed tables into a typed error.
+pub(crate) fn read_mp4(data: &[u8]) -> Result<std::result::Result<re_mp4::Mp4, re_mp4::Error>> {
+    check_sample_counts(data)?;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| re_mp4::Mp4::read_bytes(data)))
+        .map_err(|_| corrupt("mp4", "malformed sample tables"))
+}
+
 /// The video track of an MP4/MOV/fMP4 (prefixed by `init` for a media segment without its own
 /// `moov`).
 fn mp4_track(bytes: &[u8], init: Option<&[u8]>, limits: &Limits) -> Result<Track> {
@@ -66,7 +131,7 @@ fn mp4_track(bytes: &[u8], init: Option<&[u8]>, limits: &Limits) -> Result<Track
         Some(init) => [init, bytes].concat(),
         None => bytes.to_vec(),
     };
-    let mp4 = re_mp4::Mp4::read_bytes(&data).map_err(|e| {
+    let mp4 = read_mp4(&data)?.map_err(|e| {
         let message = e.to_string();
         if message.contains("moov") || message.contains("ftyp") {
             let detail = format!("{message} (a media segment needs its init segment: frames init=NAME)");
@@ -167,7 +232,17 @@ fn ts_track(bytes: &[u8]) -> Result<Track> {
     times.sort_unstable();
     let step = times.windows(2).map(|w| w[1] - w[0]).filter(|d| *d > 0).min().unwrap_or(40);
     let duration_ms = times.last().map_or(0, |t| t + step);
-    Ok(Track { data, units, framing: Framing::AnnexB, duration_ms })
+    // The parameter sets in force at each unit: streams may send them once, at the start.
+    let mut params = Vec::with_capacity(units.len());
+    let mut current = std::rc::Rc::new(Vec::new());
+    for u in &units {
+        let sets = parameter_sets(&data[u.range.clone()]);
+        if !sets.is_empty() {
+            current = std::rc::Rc::new(sets);
+        }
+        params.push(current.clone());
+    }
+    Ok(Track { data, units, framing: Framing::AnnexB { params }, duration_ms })
 }
 
 /// What probe reports for an MPEG-TS segment.
@@ -196,6 +271,20 @@ fn is_video_stream(t: mpeg2ts::es::StreamType) -> bool {
     matches!(t, S::H264 | S::H265 | S::Mpeg1Video | S::Mpeg2Video | S::Mpeg4H263BasedVideo | S::UltraHdVideo)
 }
 
+/// The SPS and PPS NAL units (types 7 and 8) of an Annex B access unit, with start codes.
+fn parameter_sets(au: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let starts: Vec<usize> = au.windows(3).enumerate().filter(|(_, w)| *w == [0, 0, 1]).map(|(i, _)| i + 3).collect();
+    for (n, &s) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).map_or(au.len(), |&e| e - 3);
+        if s < end && matches!(au[s] & 0x1f, 7 | 8) {
+            out.extend_from_slice(&[0, 0, 0, 1]);
+            out.extend_from_slice(au[s..end].strip_suffix(&[0]).unwrap_or(&au[s..end]));
+        }
+    }
+    out
+}
+
 /// Whether an Annex B access unit holds an IDR slice (NAL type 5).
 fn has_idr(au: &[u8]) -> bool {
     au.windows(4).any(|w| w[0] == 0 && w[1] == 0 && w[2] == 1 && w[3] & 0x1f == 5)
@@ -222,6 +311,9 @@ pub fn frames(
             });
         }
     };
+    // Headers can understate the length: the last picture's time counts too.
+    let last_time = track.units.iter().map(|u| u.time_ms).max().unwrap_or(0);
+    let track = Track { duration_ms: track.duration_ms.max(last_time), ..track };
     let max_ms = limits.max_video_seconds.saturating_mul(1000);
     if track.duration_ms > max_ms {
         return Err(Error::LimitExceeded {
@@ -266,12 +358,30 @@ pub fn frames(
         // Decoding stops after the last wanted unit (decode order): flushed, the decoder gives
         // exactly the units fed so far, in display order, so the rest of the GOP is never read.
         let end = want.iter().map(|&d| pictures[d].unit + 1).max().unwrap_or(start + 1);
+        // Leading pictures of an open GOP (shown before its keyframe) reference the previous
+        // GOP: decode from the keyframe before it.
+        let leading = want.iter().any(|&d| pictures[d].time_ms < units[start].time_ms);
+        let start = if leading && start > 0 { gop_of(start - 1) } else { start };
         // The fed units in display order, matched to the decoder's output order.
         let mut gop: Vec<usize> = (start..end).collect();
         gop.sort_by_key(|&i| (units[i].time_ms, i));
         let ranks: Vec<usize> =
             want.iter().map(|&d| gop.iter().position(|&u| u == pictures[d].unit).unwrap_or(usize::MAX)).collect();
         let mut decoded = decode_gop(&track, start..end, &ranks, &mut budget, limits)?;
+        if decoded.len() != gop.len() {
+            // Pictures are matched to units by position; a unit that gave no picture (or two)
+            // would shift every later one, so refuse rather than return the wrong frames.
+            return Err(corrupt(
+                format.name(),
+                format!(
+                    "{} of {} pictures decoded between {} and {} ms",
+                    decoded.len(),
+                    gop.len(),
+                    units[start].time_ms,
+                    units[end - 1].time_ms
+                ),
+            ));
+        }
         for (d, rank) in want.into_iter().zip(ranks) {
             let pic = pictures[d];
             let image = decoded.get_mut(rank).and_then(Option::take).ok_or_else(|| {
@@ -297,14 +407,20 @@ pub fn frames(
 
 /// The Annex B bytes of one unit (length prefixes become start codes; the GOP's first unit
 /// carries the parameter sets).
-fn annex_b(track: &Track, unit: &Unit, first: bool, packet: &mut Vec<u8>) -> Result<()> {
+fn annex_b(track: &Track, index: usize, first: bool, packet: &mut Vec<u8>) -> Result<()> {
     packet.clear();
+    let unit = &track.units[index];
     let sample = track.data.get(unit.range.clone()).ok_or_else(|| Error::Truncated {
         format: "video",
         detail: format!("a picture at {} ms lies past the end of the data", unit.time_ms),
     })?;
     match &track.framing {
-        Framing::AnnexB => packet.extend_from_slice(sample),
+        Framing::AnnexB { params } => {
+            if first && let Some(sets) = params.get(index) {
+                packet.extend_from_slice(sets);
+            }
+            packet.extend_from_slice(sample);
+        }
         Framing::Avcc { length_size, params } => {
             if first {
                 packet.extend_from_slice(params);
@@ -357,8 +473,12 @@ fn decode_gop(
         Ok(RgbImage::from_raw(w as u32, h as u32, rgb))
     };
     let mut packet = Vec::new();
-    for (i, unit) in track.units[range].iter().enumerate() {
-        annex_b(track, unit, i == 0, &mut packet)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limits.max_op_millis);
+    for index in range.clone() {
+        annex_b(track, index, index == range.start, &mut packet)?;
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Timeout { op: "frames".into(), limit_ms: limits.max_op_millis });
+        }
         if let Some(yuv) = decoder.decode(&packet).map_err(fail)? {
             let picture = keep(&yuv, pictures.len())?;
             pictures.push(picture);
@@ -432,6 +552,12 @@ pub(crate) mod tests {
     /// The same pictures as an MPEG-TS segment: PAT, PMT, one PES per picture at 25 fps,
     /// timestamps starting at 10 s as a mid-stream segment's would.
     pub(crate) fn ts(frames: usize, gop: usize) -> Vec<u8> {
+        ts_with(frames, gop, false)
+    }
+
+    /// As [`ts`]; with `params_once`, SPS and PPS appear only in the first picture, as some
+    /// streams send them.
+    fn ts_with(frames: usize, gop: usize, params_once: bool) -> Vec<u8> {
         use mpeg2ts::es::{StreamId, StreamType};
         use mpeg2ts::pes::PesHeader;
         use mpeg2ts::time::Timestamp;
@@ -470,6 +596,15 @@ pub(crate) mod tests {
         };
         put(pmt_pid, TsPayload::Pmt(pmt), &mut 0);
         for (i, (au, _)) in encoded(frames, gop).into_iter().enumerate() {
+            let au: Vec<u8> = if params_once && i > 0 {
+                nal_units(&au)
+                    .into_iter()
+                    .filter(|n| !matches!(n[0] & 0x1f, 7 | 8))
+                    .flat_map(|n| [&[0, 0, 0, 1][..], n].concat())
+                    .collect()
+            } else {
+                au
+            };
             let header = PesHeader {
                 stream_id: StreamId::new(0xE0),
                 priority: false,
@@ -642,6 +777,33 @@ pub(crate) mod tests {
         // Cut mid-packet: a typed error, never a panic.
         let err = frames(Format::MpegTs, &seg[..seg.len() / 2 + 7], None, &Select::All, &Limits::default());
         assert!(err.is_err() || err.is_ok_and(|v| v.len() < 10));
+    }
+
+    #[test]
+    fn parameter_sets_sent_once_serve_every_gop() {
+        let seg = ts_with(10, 5, true);
+        let late = frames(Format::MpegTs, &seg, None, &Select::Indices(vec![7]), &Limits::default()).unwrap();
+        assert_eq!(late[0].pos.index, 7);
+        let expected = ((20 + 10 * 7 - 16) * 255 / 219) as u8;
+        assert!(mean_luma(&late[0]).abs_diff(expected) <= 3);
+    }
+
+    #[test]
+    fn malformed_sample_tables_are_refused_without_allocating_or_panicking() {
+        let video = mp4(4, 2);
+        // stsz claiming 2^32-1 samples: refused before the demuxer expands it.
+        let mut huge = video.clone();
+        let at = huge.windows(4).position(|w| w == b"stsz").unwrap();
+        huge[at + 12..at + 16].copy_from_slice(&u32::MAX.to_be_bytes());
+        let err = frames(Format::Mp4, &huge, None, &Select::All, &Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("declares 4294967295 samples"), "{err}");
+        assert_eq!(crate::probe(&huge, &Limits::default(), None).unwrap().problem.unwrap().code, "corrupt_input");
+        // No chunk offsets: the demuxer panics inside; a typed error comes out.
+        let mut no_stco = video.clone();
+        let at = no_stco.windows(4).position(|w| w == b"stco").unwrap();
+        no_stco[at..at + 4].copy_from_slice(b"free");
+        assert!(frames(Format::Mp4, &no_stco, None, &Select::All, &Limits::default()).is_err());
+        assert!(crate::probe(&no_stco, &Limits::default(), None).is_ok());
     }
 
     #[test]

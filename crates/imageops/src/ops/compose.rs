@@ -387,6 +387,7 @@ impl Compose {
                         (None, Some(name)) => src.bytes(name)?,
                         _ => return Err(bad(format!("layer {i} (svg): give exactly one of `svg` or `input`"))),
                     };
+                    check_svg_budget(doc).map_err(|e| bad(format!("layer {i} (svg): {e}")))?;
                     let tree = fonts.parse_svg(doc).map_err(|e| bad(format!("layer {i} (svg): {e}")))?;
                     let natural = tree.size();
                     let w = l.width.unwrap_or(natural.width().ceil() as u32);
@@ -416,10 +417,18 @@ fn text_of(l: &TextLayer, i: usize) -> Result<Text> {
         "right" => Align::Right,
         other => return Err(bad(format!("layer {i}: align `{other}` is not left, center or right"))),
     };
-    let size = l.size.unwrap_or(48.0);
-    if !(1.0..=1000.0).contains(&size) {
-        return Err(bad(format!("layer {i}: size {size} is not between 1 and 1000")));
-    }
+    // The same ranges as the `text` operation's schema.
+    let in_range = |what: &str, v: f64, lo: f64, hi: f64| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(bad(format!("layer {i}: {what} {v} is not between {lo} and {hi}")))
+        }
+    };
+    let size = in_range("size", l.size.unwrap_or(48.0), 1.0, 1000.0)?;
+    let stroke_width = in_range("stroke_width", l.stroke_width.unwrap_or(2.0), 0.0, 100.0)?;
+    let line_height = in_range("line_height", l.line_height.unwrap_or(1.25), 0.5, 5.0)?;
+    let angle = in_range("angle", l.angle, -360.0, 360.0)?;
     Ok(Text {
         text: l.text.clone(),
         font: l.font.clone(),
@@ -428,7 +437,7 @@ fn text_of(l: &TextLayer, i: usize) -> Result<Text> {
         stroke: l
             .stroke
             .as_deref()
-            .map(|s| Ok::<_, Error>((color(Some(s), Color::BLACK, &at("stroke"))?, l.stroke_width.unwrap_or(2.0))))
+            .map(|s| Ok::<_, Error>((color(Some(s), Color::BLACK, &at("stroke"))?, stroke_width)))
             .transpose()?,
         shadow: l
             .shadow
@@ -439,10 +448,10 @@ fn text_of(l: &TextLayer, i: usize) -> Result<Text> {
             .transpose()?,
         align,
         width: l.width,
-        line_height: l.line_height.unwrap_or(1.25).clamp(0.5, 5.0),
+        line_height,
         gravity: super::geometry::Gravity::CENTER,
         offset: (0, 0),
-        angle: l.angle,
+        angle,
         opacity: 1.0,
         tile: false,
         spacing: 0,
@@ -505,7 +514,8 @@ fn gradient_svg(w: u32, h: u32, from: Color, to: Color, angle: f64) -> String {
 }
 
 fn rect_svg(l: &RectLayer, fill: Color, stroke: Option<Color>) -> String {
-    let sw = if stroke.is_some() { l.stroke_width.clamp(0.0, 1000.0) } else { 0.0 };
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let sw = if stroke.is_some() { finite(l.stroke_width).clamp(0.0, 1000.0) } else { 0.0 };
     let stroke_attr = stroke.map_or(String::new(), |c| {
         let [r, g, b, a] = c.0;
         format!(
@@ -520,10 +530,62 @@ fn rect_svg(l: &RectLayer, fill: Color, stroke: Option<Color>) -> String {
         o = sw / 2.0,
         iw = (f64::from(l.width) - sw).max(0.0),
         ih = (f64::from(l.height) - sw).max(0.0),
-        r = l.radius.clamp(0.0, 1e6),
+        r = finite(l.radius).clamp(0.0, 1e6),
         fill = paint(fill),
         stroke = stroke_attr,
     )
+}
+
+/// Most elements an untrusted SVG may expand to once every `<use>` is resolved, and the deepest
+/// nesting: `<use>` chains grow exponentially (ten levels of ten copies are ten billion nodes)
+/// and every nested group may hold a canvas-sized layer while rendering.
+const MAX_SVG_NODES: u64 = 200_000;
+const MAX_SVG_DEPTH: usize = 128;
+
+/// Refuses an SVG whose expanded size or depth is past the bounds above, before usvg builds it.
+fn check_svg_budget(svg: &[u8]) -> Result<()> {
+    let text = std::str::from_utf8(svg).map_err(|e| bad(format!("svg: not UTF-8: {e}")))?;
+    let doc = roxmltree::Document::parse(text).map_err(|e| bad(format!("svg: {e}")))?;
+    let by_id: BTreeMap<&str, roxmltree::Node<'_, '_>> =
+        doc.descendants().filter_map(|n| n.attribute("id").map(|id| (id, n))).collect();
+    // Expanded size of each node, memoised by position; a reference cycle counts once (usvg
+    // refuses cycles itself).
+    fn expand<'a, 'i>(
+        n: roxmltree::Node<'a, 'i>,
+        by_id: &BTreeMap<&str, roxmltree::Node<'a, 'i>>,
+        memo: &mut BTreeMap<usize, u64>,
+        active: &mut Vec<usize>,
+        depth: usize,
+    ) -> Result<u64> {
+        if depth > MAX_SVG_DEPTH {
+            return Err(bad(format!("svg: nested deeper than {MAX_SVG_DEPTH} elements")));
+        }
+        let key = n.range().start;
+        if let Some(v) = memo.get(&key) {
+            return Ok(*v);
+        }
+        if active.contains(&key) {
+            return Ok(1);
+        }
+        active.push(key);
+        let mut total = 1u64;
+        for child in n.children().filter(roxmltree::Node::is_element) {
+            total = total.saturating_add(expand(child, by_id, memo, active, depth + 1)?);
+        }
+        if n.tag_name().name() == "use" {
+            let href = n.attribute(("http://www.w3.org/1999/xlink", "href")).or_else(|| n.attribute("href"));
+            if let Some(target) = href.and_then(|h| h.strip_prefix('#')).and_then(|id| by_id.get(id)) {
+                total = total.saturating_add(expand(*target, by_id, memo, active, depth + 1)?);
+            }
+        }
+        active.pop();
+        if total > MAX_SVG_NODES {
+            return Err(bad(format!("svg: expands to more than {MAX_SVG_NODES} elements")));
+        }
+        memo.insert(key, total);
+        Ok(total)
+    }
+    expand(doc.root_element(), &by_id, &mut BTreeMap::new(), &mut Vec::new(), 0).map(|_| ())
 }
 
 /// Renders SVG bytes scaled to fit `size` (aspect kept, centred).
@@ -547,6 +609,7 @@ fn render_svg_document(bytes: &[u8], limits: &Limits) -> Result<DynamicImage> {
     if bytes.len() > MAX_TEMPLATE_BYTES {
         return Err(bad(format!("{} bytes; templates are limited to {MAX_TEMPLATE_BYTES}", bytes.len())));
     }
+    check_svg_budget(bytes)?;
     let fonts = Fonts::new(None)?;
     let tree = fonts.parse_svg(bytes).map_err(|e| bad(format!("svg: {e}")))?;
     let size = tree.size().to_int_size();
@@ -651,11 +714,35 @@ layers:
             ("width: 10\nheight: 10\nlayers: [{type: svg, svg: '<svg'}]", "layer 0 (svg)"),
             ("width: 10\nheight: 10\nlayers: [{type: qrcode, content: '', size: 30}]", "layer 0 (qrcode)"),
             ("[1, 2", "template"),
+            (
+                "width: 10\nheight: 10\nlayers: [{type: text, text: hi, stroke: red, stroke_width: 1e12}]",
+                "stroke_width",
+            ),
+            ("width: 10\nheight: 10\nlayers: [{type: text, text: hi, line_height: .nan}]", "line_height"),
         ];
         for (t, expect) in cases {
             let err = compose(t, &[]).unwrap_err();
             assert!(err.to_string().contains(expect), "{t}: {err}");
         }
+        // A `<use>` bomb: ten levels of ten references each.
+        let mut bomb = String::from(
+            "<svg xmlns='http://www.w3.org/2000/svg' xmlns:xlink='http://www.w3.org/1999/xlink' width='8' height='8'><defs><rect id='l0' width='1' height='1'/>",
+        );
+        for level in 1..10 {
+            bomb.push_str(&format!("<g id='l{level}'>"));
+            for _ in 0..10 {
+                bomb.push_str(&format!("<use xlink:href='#l{}'/>", level - 1));
+            }
+            bomb.push_str("</g>");
+        }
+        bomb.push_str("</defs><use xlink:href='#l9'/></svg>");
+        assert!(compose(&bomb, &[]).unwrap_err().to_string().contains("expands to more than"));
+        let deep = format!(
+            "<svg xmlns='http://www.w3.org/2000/svg' width='8' height='8'>{}{}</svg>",
+            "<g>".repeat(200),
+            "</g>".repeat(200)
+        );
+        assert!(compose(&deep, &[]).unwrap_err().to_string().contains("nested deeper"));
         let huge = "x".repeat(MAX_TEMPLATE_BYTES + 1);
         assert!(compose(&huge, &[]).unwrap_err().to_string().contains("limited"));
         // SVG image references never reach the file system.

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use image::{DynamicImage, RgbaImage};
 use resvg::{tiny_skia, usvg};
 
-use super::geometry::Gravity;
+use super::geometry::{Gravity, OVERLAY_GRAVITY, OVERLAY_X, OVERLAY_Y};
 use super::watermark::Watermark;
 use crate::Limits;
 use crate::color::Color;
@@ -43,14 +43,9 @@ pub static SPEC: OpSpec = OpSpec {
         choice("align", &["left", "center", "right"], Some("left"), "Alignment of the lines within the block."),
         int("width", 1, 65_535, None, "Wrap lines to this width in pixels (at spaces, and between CJK characters)."),
         float("line_height", 0.5, 5.0, Some("1.25"), "Distance between baselines, in multiples of the size."),
-        choice(
-            "gravity",
-            &["center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest"],
-            Some("southeast"),
-            "Where the block sits.",
-        ),
-        int("x", -65_535, 65_535, Some("0"), "Horizontal offset in pixels, inward from the gravity edge."),
-        int("y", -65_535, 65_535, Some("0"), "Vertical offset in pixels, inward from the gravity edge."),
+        OVERLAY_GRAVITY,
+        OVERLAY_X,
+        OVERLAY_Y,
         float("angle", -360.0, 360.0, Some("0"), "Clockwise rotation of the text in degrees."),
         float("opacity", 0.0, 1.0, Some("1.0"), "Multiplies the text's alpha."),
         choice(
@@ -183,7 +178,13 @@ impl Text {
         };
         let tree = fonts.parse(&self.svg(&lines, &fonts.family_list()))?;
         let bbox = tree.root().abs_layer_bounding_box();
-        let (w, h) = (bbox.width().ceil() as u32 + 2, bbox.height().ceil() as u32 + 2);
+        // Sizes in f64 first: a huge stroke or thousands of lines must be a limit error, not an
+        // overflowing cast.
+        let side = |v: f32| {
+            let v = f64::from(v).ceil() + 2.0;
+            if v.is_finite() && v <= f64::from(u32::MAX) { v as u32 } else { u32::MAX }
+        };
+        let (w, h) = (side(bbox.width()), side(bbox.height()));
         limits.check_output(w, h)?;
         let mut pixmap = tiny_skia::Pixmap::new(w, h)
             .ok_or_else(|| Error::bad("text", "size", "the text block is empty or too large"))?;
