@@ -2,7 +2,7 @@
 //! point) and where a box of one size sits inside another.
 
 use crate::error::Result;
-use crate::params::Args;
+use crate::params::{Args, Param, choice, int};
 
 /// Where to anchor a box inside a larger one.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -17,6 +17,19 @@ pub enum Gravity {
 
 pub const GRAVITY_VALUES: &[&str] =
     &["center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest", "focal", "smart"];
+
+/// The placement parameters of overlays (watermark, text): a compass position and an offset
+/// pushing inward from the anchored edges.
+pub const OVERLAY_GRAVITY: Param = choice(
+    "gravity",
+    &["center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest"],
+    Some("southeast"),
+    "Where it sits on the image.",
+);
+pub const OVERLAY_X: Param =
+    int("x", -65_535, 65_535, Some("0"), "Horizontal offset in pixels, inward from the gravity edge.");
+pub const OVERLAY_Y: Param =
+    int("y", -65_535, 65_535, Some("0"), "Vertical offset in pixels, inward from the gravity edge.");
 
 impl Gravity {
     pub const CENTER: Gravity = Gravity::Fraction(0.5, 0.5);

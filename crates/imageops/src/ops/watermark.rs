@@ -5,13 +5,13 @@
 
 use image::{DynamicImage, RgbaImage};
 
-use super::geometry::Gravity;
+use super::geometry::{Gravity, OVERLAY_GRAVITY, OVERLAY_X, OVERLAY_Y};
 use super::resize::{Kernel, resample};
 use super::rotate::Rotate;
 use crate::Limits;
 use crate::color::Color;
 use crate::error::Result;
-use crate::params::{Args, OpSpec, boolean, choice, float, int, text};
+use crate::params::{Args, OpSpec, boolean, float, int, text};
 use crate::raster;
 
 pub static SPEC: OpSpec = OpSpec {
@@ -19,14 +19,9 @@ pub static SPEC: OpSpec = OpSpec {
     doc: "Overlay a logo image at a position, or tiled, with opacity.",
     params: &[
         text("image", 1024, None, "Name of the logo input (the CLI reads it as a file path). Required."),
-        choice(
-            "gravity",
-            &["center", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest"],
-            Some("southeast"),
-            "Where the logo sits.",
-        ),
-        int("x", -65_535, 65_535, Some("0"), "Horizontal offset in pixels, inward from the gravity edge."),
-        int("y", -65_535, 65_535, Some("0"), "Vertical offset in pixels, inward from the gravity edge."),
+        OVERLAY_GRAVITY,
+        OVERLAY_X,
+        OVERLAY_Y,
         float("scale", 0.001, 1.0, None, "Logo width as a fraction of the base width (default: logo's own size)."),
         float("opacity", 0.0, 1.0, Some("1.0"), "Multiplies the logo's alpha."),
         boolean("tile", "false", "Repeat the logo over the whole image."),
