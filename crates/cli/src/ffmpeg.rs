@@ -223,6 +223,7 @@ impl ForeignDecoder for Ffmpeg {
         format: Format,
         bytes: &[u8],
         select: &Select,
+        width: Option<u32>,
         limits: &Limits,
     ) -> pixflow_imageops::Result<Option<Vec<Still>>> {
         if !self.available() {
@@ -298,7 +299,11 @@ impl ForeignDecoder for Ffmpeg {
                 ))
             }
         };
-        let filter = expr.map_or("showinfo".to_owned(), |e| format!("select='{e}',showinfo"));
+        let mut filter = expr.map_or("showinfo".to_owned(), |e| format!("select='{e}',showinfo"));
+        if let Some(w) = width {
+            // Scaled down (never up) in ffmpeg, keeping the aspect with an even height.
+            filter.push_str(&format!(",scale='min({w},iw)':-2"));
+        }
         let mut args: Vec<String> = ["-hide_banner", "-nostdin", "-nostats", "-v", "info"].map(String::from).to_vec();
         args.extend(["-i".into(), input.0.to_string_lossy().into_owned()]);
         args.extend(["-map", "0:v:0", "-an", "-vf"].map(String::from));

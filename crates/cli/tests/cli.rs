@@ -446,6 +446,10 @@ fn other_video_codecs_use_ffmpeg_or_fail_clearly() {
     times.sort_unstable();
     assert!(times.len() == 2 && times[0] == 0 && times[1].abs_diff(1500) <= 40, "{times:?}");
     assert_eq!(dims(&dir.join(format!("t-{}.png", times[1]))), (96, 64));
+    let out =
+        pixflow(&["run", "frames", "indices=0", "width=48", "--input", "clip.mpg", "--output", "w-{n}.png"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dims(&dir.join("w-0.png")), (48, 32));
     // Frame numbers are exact for selections by number.
     let out = pixflow(&["run", "frames", "indices=3,10", "--input", "clip.mpg", "--output", "i-{n}.png"], &dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -35,12 +35,14 @@ pub trait ForeignDecoder: Send + Sync {
     fn decode(&self, format: Format, bytes: &[u8], limits: &Limits) -> Result<Option<DynamicImage>>;
 
     /// Frames of a video whose codec or container has no bundled decoder, picked by `select`
-    /// (in time order); `Ok(None)` when this decoder cannot read it either.
+    /// (in time order) and scaled down to `width` if given; `Ok(None)` when this decoder cannot
+    /// read it either.
     fn video_frames(
         &self,
         _format: Format,
         _bytes: &[u8],
         _select: &crate::sequence::Select,
+        _width: Option<u32>,
         _limits: &Limits,
     ) -> Result<Option<Vec<crate::sequence::Still>>> {
         Ok(None)

@@ -269,7 +269,7 @@ impl Pipeline {
                     check_time(op, started, &limits)?;
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
-                Step::Frames(Frames { select, .. }) => {
+                Step::Frames(Frames { select, width, .. }) => {
                     if matches!(media, Media::Animation(_)) {
                         // Frames of an animation are stills; PNG keeps their palette and alpha.
                         source_out = OutFormat::Png;
@@ -286,6 +286,11 @@ impl Pipeline {
                         )?,
                         Media::Stills(_) => return Err(Error::bad("frames", "step", "frames were already picked")),
                     });
+                    if let Media::Stills(stills) = &mut media {
+                        for s in stills.iter_mut() {
+                            s.image = sequence::shrink_to_width(std::mem::take(&mut s.image), *width)?;
+                        }
+                    }
                     vector = None;
                 }
                 Step::Sprite(sprite) => {
@@ -341,12 +346,14 @@ impl Pipeline {
         };
         let limits = opts.limits;
         let started = Instant::now();
-        let stills = match crate::video::frames(format, input, init, &frames.select, &limits) {
+        let stills = match crate::video::frames(format, input, init, &frames.select, frames.width, &limits) {
             // A codec or container without a bundled decoder: the foreign decoder (ffmpeg), if any.
             Err(unsupported @ Error::Unsupported { .. }) => {
                 let whole = init.map_or_else(|| input.to_vec(), |i| [i, input].concat());
                 match opts.foreign {
-                    Some(f) => f.video_frames(format, &whole, &frames.select, &limits)?.ok_or(unsupported)?,
+                    Some(f) => {
+                        f.video_frames(format, &whole, &frames.select, frames.width, &limits)?.ok_or(unsupported)?
+                    }
                     None => return Err(unsupported),
                 }
             }
@@ -657,6 +664,14 @@ mod tests {
         );
         let clash = pipeline(&[("frames", &[]), ("output", &[("name", "same.png")])]).unwrap();
         assert_eq!(clash.run(&gif(3), &RunOptions::default()).unwrap_err().code(), "bad_parameter");
+        // Frames can be scaled down as they are picked.
+        let small = pipeline(&[("frames", &[("every", "2"), ("width", "10")])]).unwrap();
+        let out = small.run(&gif(5), &RunOptions::default()).unwrap();
+        assert!(
+            out.iter().all(|r| (r.width, r.height) == (10, 5)),
+            "{:?}",
+            out.iter().map(|r| (r.width, r.height)).collect::<Vec<_>>()
+        );
         // A still is a one-frame sequence.
         let out =
             pipeline(&[("frames", &[("times", "0")])]).unwrap().run(&jpeg(32, 32), &RunOptions::default()).unwrap();

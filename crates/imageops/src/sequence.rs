@@ -24,6 +24,13 @@ pub static FRAMES: OpSpec = OpSpec {
         float("interval", 0.001, 86_400.0, None, "One frame every N seconds, from 0."),
         int("count", 1, 10_000, None, "N frames evenly spaced in time (the middle of N equal spans)."),
         boolean("keyframes", "false", "Video only: every keyframe (sync sample), the cheapest frames to decode."),
+        int(
+            "width",
+            1,
+            8192,
+            None,
+            "Scale each picked frame down to this width as it is decoded (aspect kept, never enlarged): long storyboards stay within the pixel limit.",
+        ),
         text(
             "init",
             1024,
@@ -65,12 +72,22 @@ pub enum Select {
 pub struct Frames {
     pub select: Select,
     pub init: Option<String>,
+    /// Scale picked frames down to this width as they are decoded.
+    pub width: Option<u32>,
 }
 
 impl Frames {
     pub fn from_args(a: &Args) -> Result<Self> {
-        Ok(Frames { select: Select::from_args(a)?, init: a.text("init").map(str::to_owned) })
+        Ok(Frames { select: Select::from_args(a)?, init: a.text("init").map(str::to_owned), width: a.u32("width") })
     }
+}
+
+/// `img` scaled down to `width` (aspect kept), or unchanged when it is not wider.
+pub fn shrink_to_width(img: DynamicImage, width: Option<u32>) -> Result<DynamicImage> {
+    let Some(w) = width.filter(|w| *w < img.width()) else { return Ok(img) };
+    let h = ((u64::from(img.height()) * u64::from(w)).div_ceil(u64::from(img.width())) as u32).max(1);
+    let full = (0.0, 0.0, f64::from(img.width()), f64::from(img.height()));
+    resample(&img, full, (w, h), Kernel::Lanczos3)
 }
 
 /// Where a frame sits in its source.

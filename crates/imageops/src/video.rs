@@ -260,7 +260,7 @@ pub fn ts_summary(bytes: &[u8], limits: &Limits) -> Result<TsSummary> {
         None
     } else {
         let mut budget = limits.max_source_pixels;
-        let first = decode_gop(&track, 0..1, &[0], &mut budget, limits)?;
+        let first = decode_gop(&track, 0..1, &[0], None, &mut budget, limits)?;
         first.into_iter().flatten().next().map(|img| img.dimensions())
     };
     Ok(TsSummary { frames: track.units.len() as u64, duration_ms: track.duration_ms, size })
@@ -290,12 +290,15 @@ fn has_idr(au: &[u8]) -> bool {
     au.windows(4).any(|w| w[0] == 0 && w[1] == 0 && w[2] == 1 && w[3] & 0x1f == 5)
 }
 
-/// Decodes the selected frames of the first video track of an MP4/MOV/fMP4 or MPEG-TS.
+/// Decodes the selected frames of the first video track of an MP4/MOV/fMP4 or MPEG-TS. With
+/// `width`, each kept picture is scaled down to it as soon as it is decoded, and only the
+/// scaled pixels count against the budget.
 pub fn frames(
     format: Format,
     bytes: &[u8],
     init: Option<&[u8]>,
     select: &Select,
+    width: Option<u32>,
     limits: &Limits,
 ) -> Result<Vec<Still>> {
     let track = match format {
@@ -367,7 +370,7 @@ pub fn frames(
         gop.sort_by_key(|&i| (units[i].time_ms, i));
         let ranks: Vec<usize> =
             want.iter().map(|&d| gop.iter().position(|&u| u == pictures[d].unit).unwrap_or(usize::MAX)).collect();
-        let mut decoded = decode_gop(&track, start..end, &ranks, &mut budget, limits)?;
+        let mut decoded = decode_gop(&track, start..end, &ranks, width, &mut budget, limits)?;
         if decoded.len() != gop.len() {
             // Pictures are matched to units by position; a unit that gave no picture (or two)
             // would shift every later one, so refuse rather than return the wrong frames.
@@ -448,6 +451,7 @@ fn decode_gop(
     track: &Track,
     range: std::ops::Range<usize>,
     keep_ranks: &[usize],
+    width: Option<u32>,
     budget: &mut u64,
     limits: &Limits,
 ) -> Result<Vec<Option<RgbImage>>> {
@@ -461,16 +465,18 @@ fn decode_gop(
             return Ok(None);
         }
         let (w, h) = yuv.dimensions();
-        let px = (w as u64).saturating_mul(h as u64);
         limits.check_source(w as u32, h as u32)?;
+        let mut rgb = vec![0u8; w * h * 3];
+        yuv.write_rgb8(&mut rgb);
+        let img = RgbImage::from_raw(w as u32, h as u32, rgb).ok_or_else(|| corrupt("h264", "picture size"))?;
+        let img = crate::sequence::shrink_to_width(DynamicImage::ImageRgb8(img), width)?.to_rgb8();
+        let px = u64::from(img.width()) * u64::from(img.height());
         *budget = budget.checked_sub(px).ok_or(Error::LimitExceeded {
             limit: LimitKind::SourcePixels,
             max: limits.max_source_pixels,
             actual: limits.max_source_pixels.saturating_add(px),
         })?;
-        let mut rgb = vec![0u8; w * h * 3];
-        yuv.write_rgb8(&mut rgb);
-        Ok(RgbImage::from_raw(w as u32, h as u32, rgb))
+        Ok(Some(img))
     };
     let mut packet = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limits.max_op_millis);
@@ -733,7 +739,8 @@ pub(crate) mod tests {
             (probe.width, probe.height, probe.frames, probe.duration_ms),
             (Some(64), Some(48), Some(12), Some(480))
         );
-        let stills = frames(Format::Mp4, &video, None, &Select::Times(vec![0, 130, 440]), &Limits::default()).unwrap();
+        let stills =
+            frames(Format::Mp4, &video, None, &Select::Times(vec![0, 130, 440]), None, &Limits::default()).unwrap();
         let got: Vec<(u32, u64, u8)> = stills.iter().map(|s| (s.pos.index, s.pos.time_ms, mean_luma(s))).collect();
         assert_eq!(got.len(), 3);
         for ((index, time, luma), want) in got.iter().zip([0u32, 3, 11]) {
@@ -742,19 +749,19 @@ pub(crate) mod tests {
             let expected = ((20 + 10 * want as i32 - 16) * 255 / 219) as u8;
             assert!(luma.abs_diff(expected) <= 3, "frame {want}: luma {luma}, expected {expected}");
         }
-        let keys = frames(Format::Mp4, &video, None, &Select::Keyframes, &Limits::default()).unwrap();
+        let keys = frames(Format::Mp4, &video, None, &Select::Keyframes, None, &Limits::default()).unwrap();
         assert_eq!(keys.iter().map(|s| s.pos.index).collect::<Vec<_>>(), [0, 4, 8]);
-        let even = frames(Format::Mp4, &video, None, &Select::Count(2), &Limits::default()).unwrap();
+        let even = frames(Format::Mp4, &video, None, &Select::Count(2), None, &Limits::default()).unwrap();
         assert_eq!(even.iter().map(|s| s.pos.index).collect::<Vec<_>>(), [3, 9], "midpoints 120 and 360 ms");
         // Break the first GOP's first sample: frames of the last GOP still decode, because
         // nothing before their keyframe is read; the first GOP's do not.
         let mut broken = video.clone();
         let mdat = broken.windows(4).position(|w| w == b"mdat").unwrap() + 4;
         broken[mdat..mdat + 4].copy_from_slice(&[0xff; 4]);
-        let late = frames(Format::Mp4, &broken, None, &Select::Indices(vec![9]), &Limits::default()).unwrap();
+        let late = frames(Format::Mp4, &broken, None, &Select::Indices(vec![9]), None, &Limits::default()).unwrap();
         assert_eq!(late[0].pos.index, 9);
         assert_eq!(
-            frames(Format::Mp4, &broken, None, &Select::Indices(vec![1]), &Limits::default()).unwrap_err().code(),
+            frames(Format::Mp4, &broken, None, &Select::Indices(vec![1]), None, &Limits::default()).unwrap_err().code(),
             "corrupt_input"
         );
     }
@@ -763,7 +770,8 @@ pub(crate) mod tests {
     fn mpeg_ts_segments_decode_by_pts() {
         let seg = ts(10, 5);
         assert_eq!(crate::format::sniff(&seg), Some(Format::MpegTs));
-        let stills = frames(Format::MpegTs, &seg, None, &Select::Times(vec![0, 200, 360]), &Limits::default()).unwrap();
+        let stills =
+            frames(Format::MpegTs, &seg, None, &Select::Times(vec![0, 200, 360]), None, &Limits::default()).unwrap();
         let got: Vec<(u32, u64)> = stills.iter().map(|s| (s.pos.index, s.pos.time_ms)).collect();
         assert_eq!(got, [(0, 0), (5, 200), (9, 360)], "times count from the segment's first PTS");
         for s in &stills {
@@ -772,17 +780,31 @@ pub(crate) mod tests {
         }
         let summary = ts_summary(&seg, &Limits::default()).unwrap();
         assert_eq!(summary, TsSummary { frames: 10, duration_ms: 400, size: Some((64, 48)) });
-        let keys = frames(Format::MpegTs, &seg, None, &Select::Keyframes, &Limits::default()).unwrap();
+        let keys = frames(Format::MpegTs, &seg, None, &Select::Keyframes, None, &Limits::default()).unwrap();
         assert_eq!(keys.iter().map(|s| s.pos.index).collect::<Vec<_>>(), [0, 5]);
         // Cut mid-packet: a typed error, never a panic.
-        let err = frames(Format::MpegTs, &seg[..seg.len() / 2 + 7], None, &Select::All, &Limits::default());
+        let err = frames(Format::MpegTs, &seg[..seg.len() / 2 + 7], None, &Select::All, None, &Limits::default());
         assert!(err.is_err() || err.is_ok_and(|v| v.len() < 10));
+    }
+
+    #[test]
+    fn frames_shrink_as_they_are_decoded_within_the_pixel_budget() {
+        let video = mp4(12, 4);
+        // Twelve 64x48 pictures are 36 864 pixels: over a 20 000 budget at full size, under it at
+        // 32x24.
+        let tight = Limits { max_source_pixels: 20_000, ..Limits::default() };
+        assert_eq!(frames(Format::Mp4, &video, None, &Select::All, None, &tight).unwrap_err().code(), "limit_exceeded");
+        let small = frames(Format::Mp4, &video, None, &Select::All, Some(32), &tight).unwrap();
+        assert_eq!(small.len(), 12);
+        assert!(small.iter().all(|s| (s.image.width(), s.image.height()) == (32, 24)));
+        let expected = ((20 + 10 * 5 - 16) * 255 / 219) as u8;
+        assert!(mean_luma(&small[5]).abs_diff(expected) <= 3);
     }
 
     #[test]
     fn parameter_sets_sent_once_serve_every_gop() {
         let seg = ts_with(10, 5, true);
-        let late = frames(Format::MpegTs, &seg, None, &Select::Indices(vec![7]), &Limits::default()).unwrap();
+        let late = frames(Format::MpegTs, &seg, None, &Select::Indices(vec![7]), None, &Limits::default()).unwrap();
         assert_eq!(late[0].pos.index, 7);
         let expected = ((20 + 10 * 7 - 16) * 255 / 219) as u8;
         assert!(mean_luma(&late[0]).abs_diff(expected) <= 3);
@@ -795,14 +817,14 @@ pub(crate) mod tests {
         let mut huge = video.clone();
         let at = huge.windows(4).position(|w| w == b"stsz").unwrap();
         huge[at + 12..at + 16].copy_from_slice(&u32::MAX.to_be_bytes());
-        let err = frames(Format::Mp4, &huge, None, &Select::All, &Limits::default()).unwrap_err();
+        let err = frames(Format::Mp4, &huge, None, &Select::All, None, &Limits::default()).unwrap_err();
         assert!(err.to_string().contains("declares 4294967295 samples"), "{err}");
         assert_eq!(crate::probe(&huge, &Limits::default(), None).unwrap().problem.unwrap().code, "corrupt_input");
         // No chunk offsets: the demuxer panics inside; a typed error comes out.
         let mut no_stco = video.clone();
         let at = no_stco.windows(4).position(|w| w == b"stco").unwrap();
         no_stco[at..at + 4].copy_from_slice(b"free");
-        assert!(frames(Format::Mp4, &no_stco, None, &Select::All, &Limits::default()).is_err());
+        assert!(frames(Format::Mp4, &no_stco, None, &Select::All, None, &Limits::default()).is_err());
         assert!(crate::probe(&no_stco, &Limits::default(), None).is_ok());
     }
 
@@ -810,24 +832,24 @@ pub(crate) mod tests {
     fn limits_and_damage_are_typed_errors() {
         let video = mp4(6, 3);
         let short = Limits { max_frames: 2, ..Limits::default() };
-        assert_eq!(frames(Format::Mp4, &video, None, &Select::All, &short).unwrap_err().code(), "limit_exceeded");
+        assert_eq!(frames(Format::Mp4, &video, None, &Select::All, None, &short).unwrap_err().code(), "limit_exceeded");
         let tiny = Limits { max_source_pixels: 64 * 48 * 2, ..Limits::default() };
-        assert_eq!(frames(Format::Mp4, &video, None, &Select::All, &tiny).unwrap_err().code(), "limit_exceeded");
-        let err = frames(Format::Mp4, &video, None, &Select::Times(vec![999]), &Limits::default()).unwrap_err();
+        assert_eq!(frames(Format::Mp4, &video, None, &Select::All, None, &tiny).unwrap_err().code(), "limit_exceeded");
+        let err = frames(Format::Mp4, &video, None, &Select::Times(vec![999]), None, &Limits::default()).unwrap_err();
         assert_eq!(err.code(), "bad_parameter");
         // Cut inside the sample data: the container parses, the samples are missing.
         let cut = &video[..video.len() - 200];
-        let err = frames(Format::Mp4, cut, None, &Select::Indices(vec![5]), &Limits::default()).unwrap_err();
+        let err = frames(Format::Mp4, cut, None, &Select::Indices(vec![5]), None, &Limits::default()).unwrap_err();
         assert!(matches!(err.code(), "truncated_input" | "corrupt_input"), "{err}");
         // Without its moov a media segment asks for the init segment.
-        let err = frames(Format::Mp4, &video[..24], None, &Select::All, &Limits::default()).unwrap_err();
+        let err = frames(Format::Mp4, &video[..24], None, &Select::All, None, &Limits::default()).unwrap_err();
         assert!(err.to_string().contains("init"), "{err}");
         for n in [0, 7, 100, 1000, 3000] {
             let mut broken = video.clone();
             if n < broken.len() {
                 broken[n] ^= 0xff;
             }
-            let _ = frames(Format::Mp4, &broken, None, &Select::All, &Limits::default());
+            let _ = frames(Format::Mp4, &broken, None, &Select::All, None, &Limits::default());
         }
     }
 }

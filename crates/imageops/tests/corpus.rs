@@ -322,6 +322,10 @@ fn video_frames_from_real_files() {
     assert_eq!(got, [(0, 0, 1280, 720), (62, 2480, 1280, 720), (125, 5000, 1280, 720)]);
     // Frames of a real clip differ from each other (a stuck decoder would repeat one).
     assert_ne!(out[0].bytes, out[1].bytes);
+    let small =
+        run("video/bigbuckbunny_h264_1280x720_5s.mp4", vec![("frames", vec![("count", "10"), ("width", "320")])])
+            .unwrap();
+    assert!(small.len() == 10 && small.iter().all(|r| (r.width, r.height) == (320, 180)));
     let out = run(
         "video/carphone_h264_176x144_4s.mp4",
         vec![("frames", vec![("count", "6")]), ("sprite", vec![("columns", "3"), ("vtt", "true")])],
