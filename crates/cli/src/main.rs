@@ -62,10 +62,25 @@ enum Command {
         #[command(flatten)]
         limits: limits::LimitArgs,
     },
+    /// Function manifests: `pixflow functions check FILE...` validates them and prints what
+    /// each would deploy.
+    Functions {
+        #[command(subcommand)]
+        command: FunctionsCommand,
+    },
     /// Print the operations and their parameter schemas (JSON, or Markdown with --markdown).
     Ops {
         #[arg(long)]
         markdown: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FunctionsCommand {
+    /// Validate manifests (YAML or JSON); prints every problem with its field, exits 1 if any.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -115,6 +130,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs)?;
             Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Functions { command: FunctionsCommand::Check { files } } => {
+            let mut ok = true;
+            for file in &files {
+                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                match pixflow_runtime::parse(&text) {
+                    Ok(d) => {
+                        let what = match &d.runnable {
+                            pixflow_runtime::Runnable::Pipeline { steps, .. } => {
+                                steps.iter().map(|s| s.op.as_str()).collect::<Vec<_>>().join(" + ")
+                            }
+                            pixflow_runtime::Runnable::Process(p) => format!("process {}", p.command.join(" ")),
+                        };
+                        println!(
+                            "{}: {} {}: {what}; {} concurrent per instance, {}..{} instances, timeout {:?}",
+                            file.display(),
+                            d.name,
+                            d.version,
+                            d.quota.concurrency,
+                            d.scaling.min,
+                            d.scaling.max,
+                            d.quota.timeout
+                        );
+                    }
+                    Err(invalid) => {
+                        ok = false;
+                        for problem in &invalid.0 {
+                            eprintln!("{}: {problem}", file.display());
+                        }
+                    }
+                }
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Ops { markdown } => {
             if markdown {

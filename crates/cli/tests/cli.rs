@@ -463,3 +463,23 @@ fn other_video_codecs_use_ffmpeg_or_fail_clearly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(dims(&dir.join("s.png")), (4 * 96, 64));
 }
+
+#[test]
+fn functions_check_validates_manifests() {
+    let dir = temp_dir("manifests");
+    std::fs::write(dir.join("ok.yaml"), "name: thumb\nversion: '1'\nbuiltin: resize\nparams: {width: 800}\n").unwrap();
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "name: thumb\nversion: '1'\nbuiltin: resize\nparams: {width: -1}\nscaling: {min: 3, max: 1}\n",
+    )
+    .unwrap();
+    let out = pixflow(&["functions", "check", "ok.yaml"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("thumb 1: resize"));
+    let out = pixflow(&["functions", "check", "ok.yaml", "bad.yaml"], &dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.yaml: params") && err.contains("bad.yaml: scaling.min"),
+        "{err}"
+    );
+}
