@@ -270,27 +270,18 @@ impl Pipeline {
                 }
                 Step::Convert(c) => encode_opts = encode_opts.overlay(c),
                 Step::Frames(Frames { select, width, .. }) => {
+                    if matches!(media, Media::Stills(_)) {
+                        return Err(Error::bad("frames", "step", "frames were already picked"));
+                    }
                     if matches!(media, Media::Animation(_)) {
                         // Frames of an animation are stills; PNG keeps their palette and alpha.
                         source_out = OutFormat::Png;
                     }
-                    media = Media::Stills(match media {
-                        Media::Still(image) => {
-                            let pos = FramePos { index: 0, time_ms: 0, duration_ms: 0 };
-                            select.resolve(&[0], 0)?;
-                            vec![Still { image, pos }]
-                        }
-                        Media::Animation(anim) => sequence::pick(
-                            anim.frames.into_iter().map(|f| (f.image, u64::from(f.delay_ms))).collect(),
-                            select,
-                        )?,
-                        Media::Stills(_) => return Err(Error::bad("frames", "step", "frames were already picked")),
-                    });
-                    if let Media::Stills(stills) = &mut media {
-                        for s in stills.iter_mut() {
-                            s.image = sequence::shrink_to_width(std::mem::take(&mut s.image), *width)?;
-                        }
+                    let mut stills = into_stills(media, select)?;
+                    for s in &mut stills {
+                        s.image = sequence::shrink_to_width(std::mem::take(&mut s.image), *width)?;
                     }
+                    media = Media::Stills(stills);
                     vector = None;
                 }
                 Step::Sprite(sprite) => {
@@ -298,17 +289,7 @@ impl Pipeline {
                         // A sheet of frames is a still picture, whatever the animation was.
                         source_out = OutFormat::Png;
                     }
-                    let stills = match media {
-                        Media::Still(image) => {
-                            vec![Still { image, pos: FramePos { index: 0, time_ms: 0, duration_ms: 0 } }]
-                        }
-                        Media::Animation(anim) => sequence::pick(
-                            anim.frames.into_iter().map(|f| (f.image, u64::from(f.delay_ms))).collect(),
-                            &Select::All,
-                        )?,
-                        Media::Stills(stills) => stills,
-                    };
-                    let (sheet, sheet_cues) = sprite.apply(&stills, &limits)?;
+                    let (sheet, sheet_cues) = sprite.apply(&into_stills(media, &Select::All)?, &limits)?;
                     cues = if sprite.vtt { sheet_cues } else { Vec::new() };
                     media = Media::Still(sheet);
                     vector = None;
@@ -404,6 +385,21 @@ struct Start {
     icc: Option<Vec<u8>>,
     /// The same picture as SVG, while no raster operation has run on it.
     vector: Option<String>,
+}
+
+/// The media as a sequence of stills: a still is one frame at 0 ms, an animation gives the
+/// frames `select` picks, picked stills stay as they are.
+fn into_stills(media: Media, select: &Select) -> Result<Vec<Still>> {
+    Ok(match media {
+        Media::Still(image) => {
+            select.resolve(&[0], 0)?;
+            vec![Still { image, pos: FramePos { index: 0, time_ms: 0, duration_ms: 0 } }]
+        }
+        Media::Animation(anim) => {
+            sequence::pick(anim.frames.into_iter().map(|f| (f.image, u64::from(f.delay_ms))).collect(), select)?
+        }
+        Media::Stills(stills) => stills,
+    })
 }
 
 /// Runs one operation over the media: the raster, every frame, or every picked still.

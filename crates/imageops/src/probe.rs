@@ -237,7 +237,7 @@ fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
     match format {
         Format::Mp4 | Format::Mov | Format::Fmp4 => match crate::video::read_mp4(bytes) {
             Err(e) => p.problem = Some(Problem { code: e.code(), message: e.to_string() }),
-            Ok(Ok(mp4)) => {
+            Ok(mp4) => {
                 if let Some(t) = mp4.tracks().values().find(|t| t.kind == Some(re_mp4::TrackKind::Video)) {
                     // Coded size from the sample entry (as ffprobe reports it); the track
                     // header's size can include a pixel-aspect correction.
@@ -251,16 +251,6 @@ fn probe_video(format: Format, bytes: &[u8], limits: &Limits) -> Probe {
                     p.duration_ms = t.duration.saturating_mul(1000).checked_div(t.timescale);
                     p.codec = t.codec_string(&mp4);
                 }
-            }
-            Ok(Err(e)) => {
-                let message = e.to_string();
-                let code = if message.contains("moov") || message.contains("eof") || message.contains("larger") {
-                    "truncated_input"
-                } else {
-                    "corrupt_input"
-                };
-                p.problem =
-                    Some(Problem { code, message: format!("cannot read {} container: {message}", format.name()) });
             }
         },
         Format::MpegTs => match crate::video::ts_summary(bytes, limits) {

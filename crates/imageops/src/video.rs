@@ -117,21 +117,13 @@ fn check_sample_counts(data: &[u8]) -> Result<()> {
 }
 
 /// Parses an MP4 with `re_mp4` after [`check_sample_counts`], turning a demuxer panic on
-/// malformed tables into a typed error.
-pub(crate) fn read_mp4(data: &[u8]) -> Result<std::result::Result<re_mp4::Mp4, re_mp4::Error>> {
+/// malformed tables into a typed error, and its errors into ours: a missing `ftyp`/`moov`
+/// (a media segment without its init segment) or a box longer than the data is truncation.
+pub(crate) fn read_mp4(data: &[u8]) -> Result<re_mp4::Mp4> {
     check_sample_counts(data)?;
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| re_mp4::Mp4::read_bytes(data)))
-        .map_err(|_| corrupt("mp4", "malformed sample tables"))
-}
-
-/// The video track of an MP4/MOV/fMP4 (prefixed by `init` for a media segment without its own
-/// `moov`).
-fn mp4_track(bytes: &[u8], init: Option<&[u8]>, limits: &Limits) -> Result<Track> {
-    let data = match init {
-        Some(init) => [init, bytes].concat(),
-        None => bytes.to_vec(),
-    };
-    let mp4 = read_mp4(&data)?.map_err(|e| {
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| re_mp4::Mp4::read_bytes(data)))
+        .map_err(|_| corrupt("mp4", "malformed sample tables"))?;
+    parsed.map_err(|e| {
         let message = e.to_string();
         if message.contains("moov") || message.contains("ftyp") {
             let detail = format!("{message} (a media segment needs its init segment: frames init=NAME)");
@@ -142,7 +134,17 @@ fn mp4_track(bytes: &[u8], init: Option<&[u8]>, limits: &Limits) -> Result<Track
         } else {
             corrupt("mp4", message)
         }
-    })?;
+    })
+}
+
+/// The video track of an MP4/MOV/fMP4 (prefixed by `init` for a media segment without its own
+/// `moov`).
+fn mp4_track(bytes: &[u8], init: Option<&[u8]>, limits: &Limits) -> Result<Track> {
+    let data = match init {
+        Some(init) => [init, bytes].concat(),
+        None => bytes.to_vec(),
+    };
+    let mp4 = read_mp4(&data)?;
     let track = mp4
         .tracks()
         .values()
