@@ -40,10 +40,47 @@ pub struct Manifest {
     pub quota: QuotaSpec,
     #[serde(default)]
     pub scaling: ScalingSpec,
+    /// Who may invoke: `token` (default: any API token) or `none` (open to anyone who can reach
+    /// the gateway). The management API always needs an admin token.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Retries of asynchronous invocations.
+    #[serde(default)]
+    pub retry: RetrySpec,
+}
+
+/// Who may invoke a function.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Token,
+    None,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Token => "token",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+/// Retry policy of asynchronous invocations as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts in all, the first included (1 = no retry).
+    pub attempts: Option<u32>,
+    /// Wait before the first retry; doubles per attempt.
+    pub backoff: Option<String>,
+    /// Longest wait between attempts.
+    pub max_backoff: Option<String>,
 }
 
 /// One pipeline step: an operation and its parameters.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
     pub op: String,
@@ -62,7 +99,7 @@ pub enum ParamValue {
 }
 
 impl ParamValue {
-    fn as_text(&self) -> String {
+    pub(crate) fn as_text(&self) -> String {
         match self {
             ParamValue::Bool(b) => b.to_string(),
             ParamValue::Int(i) => i.to_string(),
@@ -73,7 +110,7 @@ impl ParamValue {
 }
 
 /// How to start a process function (the of-watchdog model: an HTTP server on `$PORT`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
     /// Program and arguments; relative paths resolve against the manifest's folder.
@@ -104,6 +141,8 @@ pub struct QuotaSpec {
     /// Engine limits for this function's images.
     pub max_pixels: Option<u64>,
     pub max_frames: Option<u64>,
+    /// Requests that may wait for a free slot before new ones get 429.
+    pub max_queue: Option<u32>,
 }
 
 /// Scaling policy as written (Knative KPA's knobs).
@@ -126,7 +165,7 @@ pub struct ScalingSpec {
 }
 
 /// What a validated function runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Runnable {
     /// An engine pipeline (a built-in is a one-step pipeline); `overridable` parameters may be
     /// set per request.
@@ -145,7 +184,24 @@ pub struct Quota {
     pub max_request_bytes: u64,
     pub max_response_bytes: u64,
     pub concurrency: u32,
+    pub max_queue: u32,
     pub limits: Limits,
+}
+
+/// Resolved retry policy of asynchronous invocations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Retry {
+    /// Wait before attempt `next` (2 = the first retry): `backoff * 2^(next-2)`, capped.
+    pub fn delay(&self, next: u32) -> Duration {
+        let doublings = next.saturating_sub(2).min(30);
+        self.backoff.saturating_mul(1 << doublings).min(self.max_backoff)
+    }
 }
 
 /// Resolved scaling policy.
@@ -162,7 +218,7 @@ pub struct Scaling {
 }
 
 /// A manifest that passed validation: what the runtime deploys.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Deployment {
     pub name: String,
     pub version: String,
@@ -170,6 +226,8 @@ pub struct Deployment {
     pub runnable: Runnable,
     pub quota: Quota,
     pub scaling: Scaling,
+    pub auth: AuthMode,
+    pub retry: Retry,
 }
 
 /// One thing wrong with a manifest: the field it concerns (`scaling.max`, `pipeline[1].params`)
@@ -276,6 +334,7 @@ impl Manifest {
         let quota = self.quota(&mut problems);
         let scaling = self.scaling(&mut problems);
         let runnable = self.runnable(&mut problems);
+        let retry = self.retry(&mut problems);
         match (runnable, problems.is_empty()) {
             (Some(runnable), true) => Ok(Deployment {
                 name: self.name,
@@ -284,6 +343,8 @@ impl Manifest {
                 runnable,
                 quota,
                 scaling,
+                auth: self.auth,
+                retry,
             }),
             _ => Err(Invalid(problems)),
         }
@@ -358,6 +419,10 @@ impl Manifest {
         if let Some(f) = q.max_frames {
             limits.max_frames = f;
         }
+        let max_queue = q.max_queue.unwrap_or(100);
+        if max_queue > 100_000 {
+            problems.push(diag("quota.max_queue", "at most 100000"));
+        }
         let max_request_bytes = bytes("max_request_bytes", &q.max_request_bytes, 32 << 20, problems);
         limits.max_input_bytes = limits.max_input_bytes.min(max_request_bytes);
         limits.max_op_millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -367,8 +432,30 @@ impl Manifest {
             max_request_bytes,
             max_response_bytes: bytes("max_response_bytes", &q.max_response_bytes, 64 << 20, problems),
             concurrency: concurrency.clamp(1, 1000),
+            max_queue: max_queue.min(100_000),
             limits,
         }
+    }
+
+    fn retry(&self, problems: &mut Vec<Diagnostic>) -> Retry {
+        let r = &self.retry;
+        let attempts = r.attempts.unwrap_or(3);
+        if !(1..=100).contains(&attempts) {
+            problems.push(diag("retry.attempts", "between 1 and 100"));
+        }
+        let dur = |field: &str, v: &Option<String>, default: Duration, problems: &mut Vec<Diagnostic>| match v {
+            None => default,
+            Some(t) => parse_duration(t).unwrap_or_else(|| {
+                problems.push(diag(format!("retry.{field}"), format!("`{t}` is not a duration like 1s")));
+                default
+            }),
+        };
+        let backoff = dur("backoff", &r.backoff, Duration::from_secs(1), problems);
+        let max_backoff = dur("max_backoff", &r.max_backoff, Duration::from_secs(300), problems);
+        if backoff > max_backoff {
+            problems.push(diag("retry.backoff", "must not be longer than retry.max_backoff"));
+        }
+        Retry { attempts: attempts.clamp(1, 100), backoff, max_backoff }
     }
 
     fn scaling(&self, problems: &mut Vec<Diagnostic>) -> Scaling {
@@ -446,13 +533,19 @@ mod tests {
             (4, Duration::from_secs(30), 0, 10)
         );
         assert_eq!(d.quota.limits.max_op_millis, 30_000);
+        assert_eq!((d.auth, d.retry.attempts, d.quota.max_queue), (AuthMode::Token, 3, 100));
+        assert_eq!(d.retry.delay(2), Duration::from_secs(1));
+        assert_eq!(d.retry.delay(4), Duration::from_secs(4));
+        assert_eq!(d.retry.delay(40), Duration::from_secs(300));
         let json = r#"{"name": "poster", "version": "2", "pipeline": [{"op": "resize", "params": {"width": 400}}, {"op": "convert", "params": {"format": "webp"}}],
                        "quota": {"memory": "256Mi", "timeout": "10s", "concurrency": 2, "max_pixels": 1000000},
-                       "scaling": {"min": 1, "max": 5, "target_concurrency": 1.5, "scale_to_zero_after": "5m"}}"#;
+                       "scaling": {"min": 1, "max": 5, "target_concurrency": 1.5, "scale_to_zero_after": "5m"},
+                       "auth": "none", "retry": {"attempts": 1}}"#;
         let d = parse(json).unwrap();
         assert_eq!(d.quota.memory_bytes, 256 << 20);
         assert_eq!(d.quota.limits.max_source_pixels, 1_000_000);
         assert_eq!((d.scaling.min, d.scaling.initial, d.scaling.scale_to_zero_after), (1, 1, Duration::from_secs(300)));
+        assert_eq!((d.auth, d.retry.attempts), (AuthMode::None, 1));
     }
 
     #[test]
@@ -468,7 +561,8 @@ mod tests {
     fn every_problem_is_reported_with_its_field() {
         let p = problems(
             "name: Bad_Name\nversion: '1'\nbuiltin: resize\nparams: {width: -5}\noverridable: [nope]\n\
-             quota: {timeout: soon, concurrency: 0, memory: lots}\nscaling: {min: 5, max: 2, panic_window: 2m}\n",
+             quota: {timeout: soon, concurrency: 0, memory: lots}\nscaling: {min: 5, max: 2, panic_window: 2m}\n\
+             retry: {attempts: 0, backoff: 10m, max_backoff: 1m}\n",
         );
         let joined = p.join("\n");
         for field in [
@@ -480,6 +574,8 @@ mod tests {
             "quota.memory",
             "scaling.min: 5 is above",
             "scaling.panic_window",
+            "retry.attempts",
+            "retry.backoff",
         ] {
             assert!(joined.contains(field), "missing {field} in:\n{joined}");
         }

@@ -1,0 +1,452 @@
+//! The node's durable state in one SQLite file (the embedded default): functions deployed
+//! through the API, API tokens (hashes only), and the asynchronous invocation queue.
+//!
+//! The queue is a table: `enqueue` commits before the caller is told "accepted"; a worker
+//! `claim`s the oldest due row with a lease (one `UPDATE ... RETURNING`, so two workers never
+//! take the same row); `finish` records the result, `retry_at` puts it back with a later due
+//! time, `bury` dead-letters it. Rows whose lease ran out (the node died mid-run) are put back
+//! by `requeue_expired`, so work is delivered at least once. The store knows nothing of
+//! functions' payload formats: payloads, results and errors are opaque bytes and text.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, sqlite::SqliteRow};
+
+/// A failure of the state store.
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(#[from] sqlx::Error);
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Where an invocation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    /// Dead-lettered: failed on its last attempt, or with an error retrying cannot fix.
+    Dead,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Dead => "dead",
+        }
+    }
+
+    fn parse(s: &str) -> Status {
+        match s {
+            "running" => Status::Running,
+            "succeeded" => Status::Succeeded,
+            "dead" => Status::Dead,
+            _ => Status::Queued,
+        }
+    }
+}
+
+/// A new asynchronous invocation.
+#[derive(Debug, Clone)]
+pub struct NewInvocation {
+    pub id: String,
+    pub function: String,
+    pub max_attempts: u32,
+    /// Request description (parameters, content type), opaque to the store.
+    pub meta: String,
+    /// Request bytes, opaque to the store.
+    pub payload: Vec<u8>,
+    /// Where to report completion, if anywhere.
+    pub callback: Option<String>,
+}
+
+/// An invocation as stored (without its payload and result bytes).
+#[derive(Debug, Clone)]
+pub struct InvocationRow {
+    pub id: String,
+    pub function: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub meta: String,
+    pub callback: Option<String>,
+    pub result_meta: Option<String>,
+    pub error: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub next_ms: i64,
+}
+
+/// A claimed invocation: the row and its payload.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub row: InvocationRow,
+    pub payload: Vec<u8>,
+}
+
+/// The columns [`row`] reads, spliced into queries at compile time.
+macro_rules! row_columns {
+    () => {
+        "id, function, status, attempts, max_attempts, meta, callback, result_meta, error, created_ms, updated_ms, next_ms"
+    };
+}
+
+fn row(r: &SqliteRow) -> InvocationRow {
+    let int = |c: &str| r.get::<i64, _>(c);
+    InvocationRow {
+        id: r.get("id"),
+        function: r.get("function"),
+        status: Status::parse(r.get::<&str, _>("status")),
+        attempts: u32::try_from(int("attempts")).unwrap_or(0),
+        max_attempts: u32::try_from(int("max_attempts")).unwrap_or(1),
+        meta: r.get("meta"),
+        callback: r.get("callback"),
+        result_meta: r.get("result_meta"),
+        error: r.get("error"),
+        created_ms: int("created_ms"),
+        updated_ms: int("updated_ms"),
+        next_ms: int("next_ms"),
+    }
+}
+
+/// The node's state.
+#[derive(Clone)]
+pub struct Store {
+    db: SqlitePool,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS functions (
+        name TEXT PRIMARY KEY, version TEXT NOT NULL, manifest TEXT NOT NULL, updated_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tokens (
+        hash BLOB PRIMARY KEY, role TEXT NOT NULL, label TEXT NOT NULL, created_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS invocations (
+        id TEXT PRIMARY KEY, function TEXT NOT NULL, status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+        meta TEXT NOT NULL, payload BLOB NOT NULL, callback TEXT,
+        result_meta TEXT, result BLOB, error TEXT,
+        created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+        next_ms INTEGER NOT NULL, lease_ms INTEGER NOT NULL DEFAULT 0)",
+    "CREATE INDEX IF NOT EXISTS invocations_due ON invocations (status, next_ms)",
+];
+
+impl Store {
+    /// Opens (creating if needed) the state file. Commits are synchronous (`synchronous=FULL`
+    /// with the WAL), so an accepted invocation survives a crash of the process or the machine.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        Self::connect(opts, 4).await
+    }
+
+    /// A store that lives in memory (tests).
+    pub async fn memory() -> Result<Store> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        // One connection: every connection to `:memory:` is a separate database.
+        Self::connect(opts, 1).await
+    }
+
+    async fn connect(opts: SqliteConnectOptions, connections: u32) -> Result<Store> {
+        let db = SqlitePoolOptions::new().max_connections(connections).connect_with(opts).await?;
+        for statement in SCHEMA {
+            sqlx::query(*statement).execute(&db).await?;
+        }
+        Ok(Store { db })
+    }
+
+    // ---- functions deployed through the API ----
+
+    pub async fn save_function(&self, name: &str, version: &str, manifest: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO functions (name, version, manifest, updated_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET version = excluded.version, manifest = excluded.manifest,
+             updated_ms = excluded.updated_ms",
+        )
+        .bind(name)
+        .bind(version)
+        .bind(manifest)
+        .bind(now_ms())
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_function(&self, name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM functions WHERE name = ?").bind(name).execute(&self.db).await?;
+        Ok(())
+    }
+
+    /// `(name, manifest)` of every function deployed through the API.
+    pub async fn functions(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT name, manifest FROM functions ORDER BY name").fetch_all(&self.db).await?;
+        Ok(rows.iter().map(|r| (r.get("name"), r.get("manifest"))).collect())
+    }
+
+    // ---- API tokens (SHA-256 hashes; the tokens themselves are never stored) ----
+
+    pub async fn add_token(&self, hash: &[u8], role: &str, label: &str) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO tokens (hash, role, label, created_ms) VALUES (?, ?, ?, ?)")
+            .bind(hash)
+            .bind(role)
+            .bind(label)
+            .bind(now_ms())
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// The role of the token with this hash.
+    pub async fn token_role(&self, hash: &[u8]) -> Result<Option<String>> {
+        let r = sqlx::query("SELECT role FROM tokens WHERE hash = ?").bind(hash).fetch_optional(&self.db).await?;
+        Ok(r.map(|r| r.get("role")))
+    }
+
+    // ---- the invocation queue ----
+
+    /// Stores a new invocation, due now. Returns once it is committed.
+    pub async fn enqueue(&self, inv: &NewInvocation) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms, updated_ms, next_ms)
+             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&inv.id)
+        .bind(&inv.function)
+        .bind(i64::from(inv.max_attempts))
+        .bind(&inv.meta)
+        .bind(&inv.payload)
+        .bind(&inv.callback)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes the oldest due invocation and leases it for `lease`; counts the attempt.
+    pub async fn claim(&self, lease: Duration) -> Result<Option<Claimed>> {
+        let now = now_ms();
+        let lease_end = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let r = sqlx::query(concat!(
+            "UPDATE invocations SET status = 'running', attempts = attempts + 1, lease_ms = ?, updated_ms = ?
+             WHERE id = (SELECT id FROM invocations WHERE status = 'queued' AND next_ms <= ? ORDER BY next_ms, created_ms LIMIT 1)
+             RETURNING ",
+            row_columns!(),
+            ", payload"
+        ))
+        .bind(lease_end)
+        .bind(now)
+        .bind(now)
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(r.map(|r| Claimed { row: row(&r), payload: r.get("payload") }))
+    }
+
+    /// Records success; the payload is dropped (it is no longer needed).
+    pub async fn finish(&self, id: &str, result_meta: &str, result: &[u8]) -> Result<()> {
+        sqlx::query(
+            "UPDATE invocations SET status = 'succeeded', result_meta = ?, result = ?, error = NULL,
+             payload = x'', updated_ms = ? WHERE id = ?",
+        )
+        .bind(result_meta)
+        .bind(result)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Puts a failed attempt back in the queue, due after `delay`.
+    pub async fn retry_at(&self, id: &str, error: &str, delay: Duration) -> Result<()> {
+        let now = now_ms();
+        let next = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        sqlx::query("UPDATE invocations SET status = 'queued', error = ?, next_ms = ?, updated_ms = ? WHERE id = ?")
+            .bind(error)
+            .bind(next)
+            .bind(now)
+            .bind(id)
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Dead-letters an invocation, keeping its payload so it can be re-driven.
+    pub async fn bury(&self, id: &str, error: &str) -> Result<()> {
+        sqlx::query("UPDATE invocations SET status = 'dead', error = ?, updated_ms = ? WHERE id = ?")
+            .bind(error)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Puts a dead letter back in the queue with a fresh set of attempts. Returns whether one
+    /// was re-driven.
+    pub async fn redrive(&self, id: &str) -> Result<bool> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE invocations SET status = 'queued', attempts = 0, next_ms = ?, updated_ms = ?
+             WHERE id = ? AND status = 'dead'",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Re-queues running invocations whose lease has run out (their node stopped mid-run).
+    pub async fn requeue_expired(&self) -> Result<u64> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE invocations SET status = 'queued', next_ms = ?, updated_ms = ? WHERE status = 'running' AND lease_ms <= ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<InvocationRow>> {
+        let r = sqlx::query(concat!("SELECT ", row_columns!(), " FROM invocations WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.db)
+            .await?;
+        Ok(r.as_ref().map(row))
+    }
+
+    /// The result bytes of a succeeded invocation.
+    pub async fn result(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let r = sqlx::query("SELECT result FROM invocations WHERE id = ? AND status = 'succeeded'")
+            .bind(id)
+            .fetch_optional(&self.db)
+            .await?;
+        Ok(r.map(|r| r.get("result")))
+    }
+
+    /// Dead letters, oldest first, after the id `after` (pagination).
+    pub async fn dead_letters(&self, after: Option<&str>, limit: u32) -> Result<Vec<InvocationRow>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            row_columns!(),
+            " FROM invocations WHERE status = 'dead' AND id > ? ORDER BY id LIMIT ?"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows.iter().map(row).collect())
+    }
+
+    /// Invocations waiting or running.
+    pub async fn queue_depth(&self) -> Result<u64> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM invocations WHERE status IN ('queued', 'running')")
+            .fetch_one(&self.db)
+            .await?;
+        Ok(u64::try_from(r.get::<i64, _>("n")).unwrap_or(0))
+    }
+
+    /// Closes the connections, flushing the WAL.
+    pub async fn close(&self) {
+        self.db.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(id: &str) -> NewInvocation {
+        NewInvocation {
+            id: id.into(),
+            function: "thumb".into(),
+            max_attempts: 3,
+            meta: "{}".into(),
+            payload: vec![1, 2, 3],
+            callback: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn queue_life_cycle() {
+        let s = Store::memory().await.unwrap();
+        s.enqueue(&inv("a")).await.unwrap();
+        s.enqueue(&inv("b")).await.unwrap();
+        assert_eq!(s.queue_depth().await.unwrap(), 2);
+        let c = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!((c.row.id.as_str(), c.row.attempts, c.payload.as_slice()), ("a", 1, &[1u8, 2, 3][..]));
+        // A claimed row is not handed out twice.
+        let c2 = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!(c2.row.id, "b");
+        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
+        s.finish("a", "{\"ok\":true}", b"out").await.unwrap();
+        assert_eq!(s.result("a").await.unwrap().unwrap(), b"out");
+        assert_eq!(s.get("a").await.unwrap().unwrap().status, Status::Succeeded);
+        // A retry is not due before its delay.
+        s.retry_at("b", "boom", Duration::from_secs(3600)).await.unwrap();
+        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
+        s.retry_at("b", "boom", Duration::ZERO).await.unwrap();
+        let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!((again.row.id.as_str(), again.row.attempts), ("b", 2));
+        s.bury("b", "dead").await.unwrap();
+        let dead = s.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].error.as_deref(), Some("dead"));
+        assert!(s.redrive("b").await.unwrap());
+        assert!(!s.redrive("b").await.unwrap());
+        let redriven = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!((redriven.row.attempts, redriven.payload.len()), (1, 3));
+    }
+
+    #[tokio::test]
+    async fn expired_leases_come_back() {
+        let s = Store::memory().await.unwrap();
+        s.enqueue(&inv("a")).await.unwrap();
+        s.claim(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(s.requeue_expired().await.unwrap(), 1);
+        assert_eq!(s.claim(Duration::from_secs(60)).await.unwrap().unwrap().row.attempts, 2);
+        assert_eq!(s.requeue_expired().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn survives_reopening_the_file() {
+        let dir = std::env::temp_dir().join(format!("pixflow-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        {
+            let s = Store::open(&path).await.unwrap();
+            s.enqueue(&inv("kept")).await.unwrap();
+            s.save_function("thumb", "1", "name: thumb").await.unwrap();
+            s.add_token(&[7; 32], "admin", "first").await.unwrap();
+            s.close().await;
+        }
+        let s = Store::open(&path).await.unwrap();
+        assert_eq!(s.claim(Duration::from_secs(1)).await.unwrap().unwrap().row.id, "kept");
+        assert_eq!(s.functions().await.unwrap(), vec![("thumb".into(), "name: thumb".into())]);
+        assert_eq!(s.token_role(&[7; 32]).await.unwrap().as_deref(), Some("admin"));
+        assert_eq!(s.token_role(&[8; 32]).await.unwrap(), None);
+        s.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,374 @@
+//! One deployed function version and how a request runs on it: the request's size is checked
+//! against the quota, the node admits it (or answers "overloaded"), the function's pool gives
+//! it a slot (or "queue full"), and the engine runs on the node's bounded CPU pool under the
+//! function's timeout. Every outcome is counted in the metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use pixflow_imageops::{Pipeline, Rendition, RunOptions};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::manifest::{Deployment, Runnable, StepSpec};
+use crate::pool::{Pool, Rejected};
+
+/// Why an invocation failed; the server maps each to one HTTP status and problem type.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+    /// The node holds as much work as it may.
+    #[error("the node is overloaded ({0}); retry later")]
+    Overloaded(&'static str),
+    #[error(transparent)]
+    Engine(#[from] pixflow_imageops::Error),
+    /// A request parameter the function does not let callers set.
+    #[error("parameter `{param}` cannot be set on `{function}`: {reason}")]
+    Parameter { function: String, param: String, reason: String },
+    #[error("the function ran longer than its timeout of {0:?}")]
+    Timeout(Duration),
+    #[error("the request is {actual} bytes; this function accepts at most {limit}")]
+    RequestTooLarge { limit: u64, actual: u64 },
+    #[error("the function's result is {actual} bytes; its quota allows at most {limit}")]
+    ResponseTooLarge { limit: u64, actual: u64 },
+    /// The function cannot run here (e.g. a process function on a node without them).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl InvokeError {
+    /// Stable name for metrics labels and problem types.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvokeError::Rejected(Rejected::QueueFull { .. }) => "queue_full",
+            InvokeError::Rejected(Rejected::WaitTimeout(_)) => "queue_timeout",
+            InvokeError::Rejected(Rejected::Closed) => "shutting_down",
+            InvokeError::Overloaded(_) => "overloaded",
+            InvokeError::Engine(e) => e.code(),
+            InvokeError::Parameter { .. } => "bad_parameter",
+            InvokeError::Timeout(_) => "timeout",
+            InvokeError::RequestTooLarge { .. } => "request_too_large",
+            InvokeError::ResponseTooLarge { .. } => "response_too_large",
+            InvokeError::Unavailable(_) => "unavailable",
+            InvokeError::Internal(_) => "internal",
+        }
+    }
+
+    /// Whether running the same request again could succeed (asynchronous retries).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            InvokeError::Rejected(_)
+                | InvokeError::Overloaded(_)
+                | InvokeError::Timeout(_)
+                | InvokeError::Unavailable(_)
+                | InvokeError::Internal(_)
+        )
+    }
+}
+
+/// What a caller sends.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    /// The image (or video) bytes; empty for functions that make their own image.
+    pub input: Vec<u8>,
+    /// Per-request parameters; each must be one the manifest lists as `overridable`.
+    pub params: Vec<(String, String)>,
+    /// Extra named inputs (logos, fonts) the pipeline refers to.
+    pub inputs: BTreeMap<String, Vec<u8>>,
+}
+
+impl Invocation {
+    fn bytes(&self) -> u64 {
+        self.input.len() as u64 + self.inputs.values().map(|v| v.len() as u64).sum::<u64>()
+    }
+}
+
+/// Node-wide limits shared by every function: the CPU pool and the memory held by admitted
+/// requests.
+pub struct Node {
+    cpu: Arc<Semaphore>,
+    cpus: usize,
+    held_bytes: AtomicU64,
+    max_held_bytes: u64,
+    requests: AtomicU64,
+    max_requests: u64,
+}
+
+/// Node limits.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeLimits {
+    /// Image work running at once (default: one per CPU).
+    pub cpus: usize,
+    /// Request bytes held in memory by admitted requests, running or queued.
+    pub max_held_bytes: u64,
+    /// Requests admitted at once, running or queued, over all functions.
+    pub max_requests: u64,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            cpus: std::thread::available_parallelism().map_or(2, usize::from),
+            max_held_bytes: 1 << 30,
+            max_requests: 1024,
+        }
+    }
+}
+
+/// Bytes and a request slot held on the node until dropped.
+struct NodeTicket {
+    node: Arc<Node>,
+    bytes: u64,
+}
+
+impl Drop for NodeTicket {
+    fn drop(&mut self) {
+        self.node.held_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.node.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Node {
+    pub fn new(limits: NodeLimits) -> Arc<Node> {
+        let cpus = limits.cpus.max(1);
+        Arc::new(Node {
+            cpu: Arc::new(Semaphore::new(cpus)),
+            cpus,
+            held_bytes: AtomicU64::new(0),
+            max_held_bytes: limits.max_held_bytes,
+            requests: AtomicU64::new(0),
+            max_requests: limits.max_requests,
+        })
+    }
+
+    fn admit(self: &Arc<Self>, bytes: u64) -> Result<NodeTicket, InvokeError> {
+        if self.requests.fetch_add(1, Ordering::AcqRel) >= self.max_requests {
+            self.requests.fetch_sub(1, Ordering::AcqRel);
+            return Err(InvokeError::Overloaded("too many requests in progress"));
+        }
+        let before = self.held_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > self.max_held_bytes {
+            self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.requests.fetch_sub(1, Ordering::AcqRel);
+            return Err(InvokeError::Overloaded("too many request bytes held in memory"));
+        }
+        Ok(NodeTicket { node: self.clone(), bytes })
+    }
+
+    /// Requests admitted right now (running or queued), over all functions.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Acquire)
+    }
+
+    pub fn cpus(&self) -> usize {
+        self.cpus
+    }
+}
+
+/// One deployed version of a function.
+pub struct Function {
+    pub deployment: Deployment,
+    /// The manifest as deployed (for `GET` and persistence).
+    pub manifest: String,
+    pub deployed_at: SystemTime,
+    pub pool: Arc<Pool>,
+    /// The pipeline without per-request overrides, built once.
+    base: Option<Pipeline>,
+    retired: AtomicBool,
+    retire: Notify,
+}
+
+impl Function {
+    pub fn new(deployment: Deployment, manifest: String) -> Arc<Function> {
+        let base = match &deployment.runnable {
+            Runnable::Pipeline { steps, .. } => build(steps).ok(),
+            Runnable::Process(_) => None,
+        };
+        let pool = Pool::new(deployment.quota.concurrency, deployment.quota.max_queue, deployment.scaling.initial);
+        Arc::new(Function {
+            deployment,
+            manifest,
+            deployed_at: SystemTime::now(),
+            pool,
+            base,
+            retired: AtomicBool::new(false),
+            retire: Notify::new(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.deployment.name
+    }
+
+    /// Marks this version as replaced or removed: it takes no new requests; the ones it holds
+    /// finish.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.retire.notify_waiters();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn retired(&self) {
+        let wait = self.retire.notified();
+        if !self.is_retired() {
+            wait.await;
+        }
+    }
+
+    /// The pipeline for one request: the manifest's steps with the caller's overrides.
+    pub fn pipeline(&self, params: &[(String, String)]) -> Result<Pipeline, InvokeError> {
+        let Runnable::Pipeline { steps, overridable } = &self.deployment.runnable else {
+            return Err(InvokeError::Unavailable("not a pipeline function".into()));
+        };
+        if params.is_empty()
+            && let Some(p) = &self.base
+        {
+            return Ok(p.clone());
+        }
+        let mut steps = as_text(steps);
+        let mut encode: Vec<(String, String)> = Vec::new();
+        for (key, value) in params {
+            if !overridable.contains(key) {
+                let reason = if overridable.is_empty() {
+                    "this function takes no request parameters".to_owned()
+                } else {
+                    format!("callers may set {}", overridable.join(", "))
+                };
+                return Err(InvokeError::Parameter { function: self.name().to_owned(), param: key.clone(), reason });
+            }
+            let mut placed = false;
+            for (op, step_params) in &mut steps {
+                let takes = pixflow_imageops::ops::spec(op).is_some_and(|s| s.params.iter().any(|p| p.name == key));
+                if takes {
+                    step_params.retain(|(k, _)| k != key);
+                    step_params.push((key.clone(), value.clone()));
+                    placed = true;
+                }
+            }
+            if !placed {
+                encode.push((key.clone(), value.clone()));
+            }
+        }
+        if !encode.is_empty() {
+            // Encoding overrides apply to every output: before the first named output, else last.
+            let at = steps.iter().position(|(op, _)| op == "output").unwrap_or(steps.len());
+            steps.insert(at, ("convert".into(), encode));
+        }
+        Ok(from_text(&steps)?)
+    }
+}
+
+type StepText = Vec<(String, Vec<(String, String)>)>;
+
+fn as_text(steps: &[StepSpec]) -> StepText {
+    steps.iter().map(|s| (s.op.clone(), s.params.iter().map(|(k, v)| (k.clone(), v.as_text())).collect())).collect()
+}
+
+fn from_text(steps: &StepText) -> pixflow_imageops::Result<Pipeline> {
+    Pipeline::from_steps(steps.iter().map(|(op, ps)| (op.as_str(), ps.iter().map(|(k, v)| (k.as_str(), v.as_str())))))
+}
+
+fn build(steps: &[StepSpec]) -> pixflow_imageops::Result<Pipeline> {
+    from_text(&as_text(steps))
+}
+
+/// What a successful invocation produced.
+#[derive(Debug)]
+pub struct Output {
+    pub renditions: Vec<Rendition>,
+    /// Time spent waiting for a slot.
+    pub queued: Duration,
+    /// CPU time of the engine work.
+    pub cpu: Duration,
+}
+
+/// Runs one request on `f`: admission, a slot, the engine on the CPU pool, under the timeout.
+pub async fn invoke(
+    node: &Arc<Node>,
+    f: &Arc<Function>,
+    req: Invocation,
+    foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
+) -> Result<Output, InvokeError> {
+    let name = f.name().to_owned();
+    let started = tokio::time::Instant::now();
+    let result = invoke_inner(node, f, req, foreign).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    metrics::counter!("pixflow_invocations_total", "function" => name.clone(), "outcome" => outcome).increment(1);
+    metrics::histogram!("pixflow_invocation_duration_seconds", "function" => name.clone())
+        .record(started.elapsed().as_secs_f64());
+    if let Ok(out) = &result {
+        let bytes: u64 = out.renditions.iter().map(|r| r.bytes.len() as u64).sum();
+        let pixels: u64 = out.renditions.iter().map(|r| u64::from(r.width) * u64::from(r.height)).sum();
+        metrics::counter!("pixflow_bytes_out_total", "function" => name.clone()).increment(bytes);
+        metrics::counter!("pixflow_pixels_processed_total", "function" => name.clone()).increment(pixels);
+        metrics::histogram!("pixflow_invocation_cpu_seconds", "function" => name).record(out.cpu.as_secs_f64());
+    }
+    result
+}
+
+async fn invoke_inner(
+    node: &Arc<Node>,
+    f: &Arc<Function>,
+    req: Invocation,
+    foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
+) -> Result<Output, InvokeError> {
+    let quota = &f.deployment.quota;
+    let bytes = req.bytes();
+    metrics::counter!("pixflow_bytes_in_total", "function" => f.name().to_owned()).increment(bytes);
+    if bytes > quota.max_request_bytes {
+        return Err(InvokeError::RequestTooLarge { limit: quota.max_request_bytes, actual: bytes });
+    }
+    if f.is_retired() {
+        return Err(Rejected::Closed.into());
+    }
+    let pipeline = f.pipeline(&req.params)?;
+    let _ticket = node.admit(bytes)?;
+    let waited = tokio::time::Instant::now();
+    let permit = f.pool.acquire(quota.timeout).await?;
+    let queued = waited.elapsed();
+    let cpu_permit =
+        node.cpu.clone().acquire_owned().await.map_err(|_| InvokeError::Internal("CPU pool closed".into()))?;
+    let mut limits = quota.limits;
+    // The time spent queueing counts against the timeout.
+    let left = quota.timeout.saturating_sub(queued);
+    limits.max_op_millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    let work = tokio::task::spawn_blocking(move || {
+        // The slot and the CPU are held until the engine actually stops, even after the
+        // caller stopped waiting, so the node never runs more than it admitted.
+        let _held = (permit, cpu_permit);
+        let clock = cpu_time::ThreadTime::now();
+        let opts = RunOptions {
+            limits,
+            foreign: foreign.as_deref().map(|f| f as &dyn pixflow_imageops::ForeignDecoder),
+            final_output: None,
+            inputs: Some(&req.inputs),
+        };
+        let renditions = pipeline.run(&req.input, &opts);
+        (renditions, clock.elapsed())
+    });
+    let (renditions, cpu) = match tokio::time::timeout(left, work).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(join)) => return Err(InvokeError::Internal(format!("the engine stopped: {join}"))),
+        Err(_) => return Err(InvokeError::Timeout(quota.timeout)),
+    };
+    let renditions = renditions.map_err(|e| match e {
+        pixflow_imageops::Error::Timeout { .. } => InvokeError::Timeout(quota.timeout),
+        e => InvokeError::Engine(e),
+    })?;
+    let out_bytes: u64 = renditions.iter().map(|r| r.bytes.len() as u64).sum();
+    if out_bytes > quota.max_response_bytes {
+        return Err(InvokeError::ResponseTooLarge { limit: quota.max_response_bytes, actual: out_bytes });
+    }
+    Ok(Output { renditions, queued, cpu })
+}
