@@ -216,6 +216,15 @@ impl Store {
         Ok(r.map(|r| r.get("role")))
     }
 
+    /// Whether any token has `role`.
+    pub async fn has_role(&self, role: &str) -> Result<bool> {
+        let r = sqlx::query("SELECT 1 AS one FROM tokens WHERE role = ? LIMIT 1")
+            .bind(role)
+            .fetch_optional(&self.db)
+            .await?;
+        Ok(r.is_some())
+    }
+
     // ---- the invocation queue ----
 
     /// Stores a new invocation, due now. Returns once it is committed.
@@ -446,6 +455,7 @@ mod tests {
         assert_eq!(s.functions().await.unwrap(), vec![("thumb".into(), "name: thumb".into())]);
         assert_eq!(s.token_role(&[7; 32]).await.unwrap().as_deref(), Some("admin"));
         assert_eq!(s.token_role(&[8; 32]).await.unwrap(), None);
+        assert!(s.has_role("admin").await.unwrap() && !s.has_role("invoke").await.unwrap());
         s.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

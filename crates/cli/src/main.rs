@@ -1,13 +1,16 @@
 //! The `pixflow` binary: argument parsing and wiring only. Image work lives in
-//! `pixflow-imageops`; this crate reads and writes files, draws progress, and supplies the
-//! optional `ffmpeg`-backed decoder.
+//! `pixflow-imageops`, the platform in `pixflow-server`; this crate reads and writes files,
+//! draws progress, supplies the optional `ffmpeg`-backed decoder, and makes the HTTP calls of
+//! the client commands (`deploy`, `functions list`).
 
 mod alloc;
 mod batch;
 mod chain;
+mod client;
 mod ffmpeg;
 mod limits;
 mod opsdoc;
+mod serve;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +32,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the platform on this machine: HTTP API, functions, durable queue (embedded defaults).
+    Serve(serve::ServeArgs),
+    /// Deploy function manifests to a running node (`PUT /v1/functions/{name}`).
+    Deploy {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        remote: client::Remote,
+    },
     /// Run a pipeline on one file: `pixflow run OP [key=value ...] [+ OP ...] --input IN --output OUT`.
     /// `probe` as the only operation prints the file's facts as JSON.
     Run {
@@ -62,8 +74,8 @@ enum Command {
         #[command(flatten)]
         limits: limits::LimitArgs,
     },
-    /// Function manifests: `pixflow functions check FILE...` validates them and prints what
-    /// each would deploy.
+    /// Function manifests and deployed functions: `check` validates files offline, `list` shows
+    /// what a node runs and its live state.
     Functions {
         #[command(subcommand)]
         command: FunctionsCommand,
@@ -81,6 +93,11 @@ enum FunctionsCommand {
     Check {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+    /// List a node's functions with their live state (`GET /v1/functions`).
+    List {
+        #[command(flatten)]
+        remote: client::Remote,
     },
 }
 
@@ -131,6 +148,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs)?;
             Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Serve(args) => {
+            serve::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deploy { files, remote } => block_on(deploy(&files, &remote)),
+        Command::Functions { command: FunctionsCommand::List { remote } } => block_on(list(&remote)),
         Command::Functions { command: FunctionsCommand::Check { files } } => {
             let mut ok = true;
             for file in &files {
@@ -173,6 +196,64 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?.block_on(f)
+}
+
+/// Validates each manifest here, then PUTs it; a file that fails is reported and the rest go on.
+async fn deploy(files: &[PathBuf], remote: &client::Remote) -> Result<ExitCode> {
+    let mut ok = true;
+    for file in files {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let name = match pixflow_runtime::parse(&text) {
+            Ok(d) => d.name,
+            Err(invalid) => {
+                ok = false;
+                for problem in &invalid.0 {
+                    eprintln!("{}: {problem}", file.display());
+                }
+                continue;
+            }
+        };
+        let (status, body) =
+            remote.call(hyper::Method::PUT, &format!("/v1/functions/{name}"), text.into_bytes()).await?;
+        if (200..300).contains(&status) {
+            println!(
+                "{}: {name} {} {}",
+                file.display(),
+                body["version"].as_str().unwrap_or("?"),
+                body["result"].as_str().unwrap_or("deployed")
+            );
+        } else {
+            ok = false;
+            eprintln!("{}: {}", file.display(), client::problem_line(status, &body));
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn list(remote: &client::Remote) -> Result<ExitCode> {
+    let (status, body) = remote.call(hyper::Method::GET, "/v1/functions", Vec::new()).await?;
+    if status != 200 {
+        eprintln!("{}", client::problem_line(status, &body));
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("{:<24} {:<10} {:>5} {:>9} {:>6}  RUNS", "NAME", "VERSION", "READY", "IN-FLIGHT", "QUEUED");
+    for f in body["functions"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let state = &f["state"];
+        println!(
+            "{:<24} {:<10} {:>5} {:>9} {:>6}  {}",
+            f["name"].as_str().unwrap_or("?"),
+            f["version"].as_str().unwrap_or("?"),
+            state["ready_instances"].to_string(),
+            state["in_flight"].to_string(),
+            state["queued"].to_string(),
+            f["runs"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Encoding for the final output: `--format`, else the output name's extension; `--quality`.

@@ -483,3 +483,79 @@ fn functions_check_validates_manifests() {
         "{err}"
     );
 }
+
+/// One HTTP/1.1 exchange over a plain socket; returns the whole answer as text.
+fn http(addr: &str, request_head: &str, body: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request_head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn serve_deploy_list_invoke_and_stop() {
+    use std::io::BufRead;
+    let dir = temp_dir("serve");
+    std::fs::create_dir_all(dir.join("fns")).unwrap();
+    std::fs::write(
+        dir.join("fns/thumb.yaml"),
+        "name: thumb\nversion: '1'\nbuiltin: resize\nparams: {width: 40}\nauth: none\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("flip.yaml"), "name: flipper\nversion: '1'\nbuiltin: flip\n").unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_pixflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data", "--functions", "fns"])
+        .current_dir(&dir)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let mut token = None;
+    let addr = loop {
+        let line = lines.next().expect("serve exited early").unwrap();
+        if let Some(t) = line.strip_prefix("admin token (shown once; also in data/admin-token): ") {
+            token = Some(t.to_owned());
+        }
+        if let Some(rest) = line.strip_prefix("pixflow serving on http://") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    assert!(token.unwrap().starts_with("pfx_"));
+    let url = format!("http://{addr}");
+    // The client reads the admin token from the data folder.
+    let out = pixflow(&["deploy", "flip.yaml", "--server", &url, "--data-dir", "data"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("flipper 1 created"));
+    let out = pixflow(&["deploy", "flip.yaml", "--server", &url, "--token", "pfx_wrong"], &dir);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401 [unauthorized]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = pixflow(&["functions", "list", "--server", &url, "--data-dir", "data"], &dir);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("flipper") && table.contains("thumb"), "{table}");
+
+    write_jpeg(&dir.join("in.jpg"), 200, 100);
+    let jpeg = std::fs::read(dir.join("in.jpg")).unwrap();
+    let head = format!(
+        "POST /v1/functions/thumb/invoke HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        jpeg.len()
+    );
+    let answer = http(&addr, &head, &jpeg);
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&answer[..split]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200") && head.contains("content-type: image/jpeg"), "{head}");
+    let img = image::load_from_memory(&answer[split + 4..]).unwrap();
+    assert_eq!((img.width(), img.height()), (40, 20));
+
+    // SIGTERM: the node drains and exits cleanly.
+    let killed = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert!(server.wait().unwrap().success());
+}

@@ -1,1 +1,309 @@
-//! placeholder
+//! The composition root: the only crate with HTTP and JSON wire types. [`App::start`] opens the
+//! node's state, loads functions (from the state file, then from a folder, GitOps style),
+//! creates the admin token on first start and runs the asynchronous workers; [`router`] is the
+//! versioned API; [`serve`] runs it on a listener until a shutdown future resolves, then drains.
+
+pub mod auth;
+mod functions;
+mod invocations;
+mod invoke;
+pub mod problem;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use pixflow_backends::Store;
+use pixflow_runtime::{Node, NodeLimits, Registry, RegistryOptions};
+use tokio::sync::Notify;
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the state file (and a generated admin token) live.
+    pub data_dir: PathBuf,
+    /// Manifests deployed at start (`*.yaml`, `*.yml`, `*.json`).
+    pub functions_dir: Option<PathBuf>,
+    pub node: NodeLimits,
+    /// Autoscaler sampling period.
+    pub tick: Duration,
+    /// Longest a shutdown waits for in-flight work.
+    pub shutdown_grace: Duration,
+    /// Asynchronous invocations run at once (0: this node only queues them).
+    pub async_workers: usize,
+    /// An admin token to accept (besides generated ones), e.g. from `PIXFLOW_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
+    /// Keep state in memory only (tests).
+    pub in_memory: bool,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        let node = NodeLimits::default();
+        Config {
+            data_dir: data_dir.into(),
+            functions_dir: None,
+            async_workers: node.cpus,
+            node,
+            tick: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
+            admin_token: None,
+            in_memory: false,
+        }
+    }
+}
+
+/// One running node.
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub node: Arc<Node>,
+    pub store: Store,
+    pub config: Config,
+    foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
+    metrics: PrometheusHandle,
+    ready: AtomicBool,
+    stopping: AtomicBool,
+    /// Wakes asynchronous workers when work is queued or the node stops.
+    queue_wake: Notify,
+    workers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// What [`App::start`] has to tell the operator.
+pub struct Started {
+    pub app: Arc<App>,
+    /// An admin token created on this start (printed once; also written to the data folder).
+    pub new_admin_token: Option<String>,
+}
+
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+            let builder = PrometheusBuilder::new();
+            let builder = builder.set_buckets(&buckets).unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Only the first recorder of the process is installed; later apps (tests) share it.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+impl App {
+    /// Opens state, deploys functions, starts workers. Call inside a tokio runtime.
+    pub async fn start(
+        config: Config,
+        foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
+    ) -> Result<Started> {
+        let store = if config.in_memory {
+            Store::memory().await?
+        } else {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating {}", config.data_dir.display()))?;
+            Store::open(&config.data_dir.join("state.db")).await?
+        };
+        let new_admin_token = admin_token(&store, &config).await?;
+        let app = Arc::new(App {
+            registry: Registry::new(RegistryOptions { tick: config.tick }),
+            node: Node::new(config.node),
+            store,
+            foreign,
+            metrics: metrics_handle(),
+            ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            queue_wake: Notify::new(),
+            workers: std::sync::Mutex::new(Vec::new()),
+            config,
+        });
+        app.load_functions().await?;
+        let requeued = app.store.requeue_expired().await?;
+        if requeued > 0 {
+            tracing::info!(requeued, "asynchronous invocations interrupted by a stop are queued again");
+        }
+        let workers = (0..app.config.async_workers).map(|_| tokio::spawn(invocations::worker(app.clone()))).collect();
+        *app.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = workers;
+        app.ready.store(true, Ordering::Release);
+        Ok(Started { app, new_admin_token })
+    }
+
+    async fn load_functions(&self) -> Result<()> {
+        for (name, manifest) in self.store.functions().await? {
+            match pixflow_runtime::parse(&manifest) {
+                Ok(d) => {
+                    self.registry.deploy(d, manifest)?;
+                }
+                Err(e) => tracing::error!(function = %name, error = %e, "a stored manifest no longer validates"),
+            }
+        }
+        if let Some(dir) = &self.config.functions_dir {
+            for (path, text) in read_manifests(dir)? {
+                let d = pixflow_runtime::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let name = d.name.clone();
+                let outcome = self.registry.deploy(d, text).with_context(|| format!("deploying {}", path.display()))?;
+                tracing::info!(function = %name, file = %path.display(), ?outcome, "deployed from folder");
+            }
+        }
+        Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Stops taking work: readiness turns 503, workers stop claiming.
+    fn begin_shutdown(&self) {
+        self.ready.store(false, Ordering::Release);
+        self.stopping.store(true, Ordering::Release);
+        self.queue_wake.notify_waiters();
+    }
+
+    /// Shuts down: no new work, in-flight work finishes within the grace period, state is
+    /// flushed. Queued asynchronous work stays in the state file for the next start.
+    pub async fn shutdown(&self) {
+        self.begin_shutdown();
+        let grace = self.config.shutdown_grace;
+        let left = self.registry.drain(grace).await;
+        if left > 0 {
+            tracing::warn!(left, "requests still running at the shutdown deadline");
+        }
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for w in workers {
+            if tokio::time::timeout(grace, w).await.is_err() {
+                tracing::warn!("an asynchronous invocation was cut at the shutdown deadline; its lease returns it");
+            }
+        }
+        self.store.close().await;
+    }
+}
+
+/// Ensures an admin token exists; returns one created now.
+async fn admin_token(store: &Store, config: &Config) -> Result<Option<String>> {
+    if let Some(token) = &config.admin_token {
+        store.add_token(&auth::digest(token), auth::Role::Admin.as_str(), "configured").await?;
+        return Ok(None);
+    }
+    if store.has_role(auth::Role::Admin.as_str()).await? {
+        return Ok(None);
+    }
+    let token = auth::generate().context("generating the admin token")?;
+    store.add_token(&auth::digest(&token), auth::Role::Admin.as_str(), "generated at first start").await?;
+    if !config.in_memory {
+        write_secret(&config.data_dir.join("admin-token"), &token)?;
+    }
+    Ok(Some(token))
+}
+
+/// Writes a file only its owner can read, without ever leaving it readable by others.
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(secret.as_bytes())
+        .and_then(|()| f.write_all(b"\n"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Manifests in a folder (not recursive), sorted by file name.
+fn read_manifests(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let len = std::fs::metadata(&p).with_context(|| format!("reading {}", p.display()))?.len();
+            anyhow::ensure!(
+                len <= pixflow_runtime::manifest::MAX_MANIFEST_BYTES as u64,
+                "{}: {len} bytes; a manifest is at most {} bytes",
+                p.display(),
+                pixflow_runtime::manifest::MAX_MANIFEST_BYTES
+            );
+            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            Ok((p, text))
+        })
+        .collect()
+}
+
+/// The HTTP API.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/functions", get(functions::list))
+        .route("/v1/functions/{name}", get(functions::show).put(functions::deploy).delete(functions::remove))
+        .route("/v1/functions/{name}/invoke", post(invoke::invoke))
+        .route("/v1/invocations/{id}", get(invocations::status))
+        .route("/v1/invocations/{id}/result", get(invocations::result))
+        .route("/v1/invocations/{id}/redrive", post(invocations::redrive))
+        .route("/v1/dead-letters", get(invocations::dead_letters))
+        .route("/v1/tokens", post(functions::create_token))
+        .fallback(|| async { problem::Problem::not_found("not_found", "no such endpoint") })
+        .with_state(app)
+}
+
+async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if app.ready.load(Ordering::Acquire) {
+        axum::Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        problem::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the node is starting or stopping",
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Ok(depth) = app.store.queue_depth().await {
+        metrics::gauge!("pixflow_async_queue_depth").set(depth as f64);
+    }
+    metrics::gauge!("pixflow_node_requests").set(app.node.requests() as f64);
+    app.metrics.run_upkeep();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
+/// requests finish (up to the grace period) and shuts the app down.
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let signalled = Arc::new(Notify::new());
+    let server = {
+        let (app, signalled) = (app.clone(), signalled.clone());
+        axum::serve(listener, router(app.clone())).with_graceful_shutdown(async move {
+            shutdown.await;
+            app.begin_shutdown();
+            signalled.notify_one();
+        })
+    };
+    let grace = app.config.shutdown_grace;
+    tokio::select! {
+        served = server.into_future() => served.context("serving HTTP")?,
+        () = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("connections still open at the shutdown deadline were closed");
+        }
+    }
+    app.shutdown().await;
+    Ok(())
+}

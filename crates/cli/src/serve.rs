@@ -1,0 +1,96 @@
+//! `pixflow serve`: one node on embedded defaults (state and queue in a SQLite file in the
+//! data folder), functions from a folder and the API, until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "PIXFLOW_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Folder for the node's state (SQLite) and its generated admin token.
+    #[arg(long, env = "PIXFLOW_DATA_DIR", default_value = "pixflow-data")]
+    data_dir: PathBuf,
+    /// Folder of function manifests deployed at start (GitOps style).
+    #[arg(long, env = "PIXFLOW_FUNCTIONS")]
+    functions: Option<PathBuf>,
+    /// Image work running at once (default: one per CPU).
+    #[arg(long)]
+    cpus: Option<usize>,
+    /// Asynchronous invocations run at once (default: one per CPU).
+    #[arg(long)]
+    async_workers: Option<usize>,
+    /// Longest a shutdown waits for in-flight work, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Accept this admin token (instead of generating one on first start).
+    #[arg(long, env = "PIXFLOW_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    pixflow_runtime::manifest::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration like 30s"))
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = pixflow_server::Config::new(&args.data_dir);
+    config.functions_dir = args.functions;
+    if let Some(n) = args.cpus {
+        config.node.cpus = n.max(1);
+        config.async_workers = n.max(1);
+    }
+    if let Some(n) = args.async_workers {
+        config.async_workers = n;
+    }
+    config.shutdown_grace = args.shutdown_grace;
+    config.admin_token = args.admin_token;
+    let foreign: Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync> = Arc::new(crate::ffmpeg::Ffmpeg::new());
+    let started = pixflow_server::App::start(config, Some(foreign)).await?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if let Some(token) = &started.new_admin_token {
+        eprintln!("admin token (shown once; also in {}): {token}", args.data_dir.join("admin-token").display());
+    }
+    eprintln!(
+        "pixflow serving on http://{addr} ({} functions; state in {})",
+        started.app.registry.list().len(),
+        args.data_dir.display()
+    );
+    pixflow_server::serve(started.app, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM; stop with Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("stopping: finishing in-flight work");
+}

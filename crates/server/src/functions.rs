@@ -1,0 +1,196 @@
+//! The management API: list, show, deploy (`PUT` a manifest), remove functions, and create API
+//! tokens. Writes need an admin token; reads need any token. A deploy through the API is
+//! persisted in the state file and comes back after a restart.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use pixflow_runtime::{Deployed, Function, Runnable};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::auth::{self, Role};
+use crate::problem::{FieldError, Problem};
+
+/// Reads a request body of at most `limit` bytes.
+pub(crate) async fn read_body(body: Body, limit: u64) -> Result<bytes::Bytes, Problem> {
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match http_body_util::Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("the request body is larger than {limit} bytes"),
+        )),
+        Err(e) => Err(Problem::bad_request(format!("reading the request body: {e}"))),
+    }
+}
+
+/// A function as the API shows it.
+pub(crate) fn describe(f: &Function, with_manifest: bool) -> Value {
+    let d = &f.deployment;
+    let stats = f.pool.stats();
+    let kind = match &d.runnable {
+        Runnable::Pipeline { steps, .. } if steps.len() == 1 => json!({"builtin": steps[0].op}),
+        Runnable::Pipeline { steps, .. } => {
+            json!({"pipeline": steps.iter().map(|s| s.op.as_str()).collect::<Vec<_>>()})
+        }
+        Runnable::Process(p) => json!({"process": p.command}),
+    };
+    let overridable = match &d.runnable {
+        Runnable::Pipeline { overridable, .. } => overridable.clone(),
+        Runnable::Process(_) => Vec::new(),
+    };
+    let deployed_at = f.deployed_at.duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis());
+    let mut v = json!({
+        "name": d.name,
+        "version": d.version,
+        "description": d.description,
+        "runs": kind,
+        "overridable": overridable,
+        "auth": d.auth.as_str(),
+        "deployed_at_ms": deployed_at,
+        "state": {"ready_instances": stats.ready, "in_flight": stats.in_flight, "queued": stats.queued},
+        "quota": {
+            "memory_bytes": d.quota.memory_bytes,
+            "timeout_ms": d.quota.timeout.as_millis(),
+            "max_request_bytes": d.quota.max_request_bytes,
+            "max_response_bytes": d.quota.max_response_bytes,
+            "concurrency": d.quota.concurrency,
+            "max_queue": d.quota.max_queue,
+        },
+        "scaling": {
+            "min": d.scaling.min,
+            "max": d.scaling.max,
+            "target_concurrency": d.scaling.target_concurrency,
+            "scale_to_zero_after_ms": d.scaling.scale_to_zero_after.as_millis(),
+        },
+        "retry": {"attempts": d.retry.attempts, "backoff_ms": d.retry.backoff.as_millis()},
+    });
+    if with_manifest {
+        v["manifest"] = Value::String(f.manifest.clone());
+    }
+    v
+}
+
+pub(crate) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<Value>, Problem> {
+    auth::role(&app.store, &headers).await?;
+    let functions: Vec<Value> = app.registry.list().iter().map(|f| describe(f, false)).collect();
+    Ok(Json(json!({ "functions": functions })))
+}
+
+pub(crate) async fn show(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Problem> {
+    auth::role(&app.store, &headers).await?;
+    let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
+    Ok(Json(describe(&f, true)))
+}
+
+pub(crate) fn not_found(name: &str) -> Problem {
+    Problem::not_found("function_not_found", format!("no function named `{name}` is deployed"))
+}
+
+pub(crate) async fn deploy(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    auth::admin(&app.store, &headers).await?;
+    let body = read_body(body, pixflow_runtime::manifest::MAX_MANIFEST_BYTES as u64).await?;
+    let text = String::from_utf8(body.to_vec()).map_err(|_| Problem::bad_request("the manifest is not UTF-8 text"))?;
+    let deployment = pixflow_runtime::parse(&text).map_err(|invalid| {
+        let errors = invalid
+            .0
+            .iter()
+            .map(|d| FieldError { field: d.field.clone(), message: d.message.clone(), line: d.line, column: d.column })
+            .collect();
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest", invalid.to_string()).with_errors(errors)
+    })?;
+    if deployment.name != name {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name_mismatch",
+            format!("the manifest names `{}` but was sent to `{name}`", deployment.name),
+        ));
+    }
+    if let Runnable::Process(_) = deployment.runnable {
+        return Err(Problem::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "process_functions_unavailable",
+            "process functions cannot be deployed on this node yet; deploy a builtin or pipeline",
+        ));
+    }
+    let version = deployment.version.clone();
+    let outcome = app
+        .registry
+        .deploy(deployment, text.clone())
+        .map_err(|e| Problem::new(StatusCode::CONFLICT, "version_conflict", e.to_string()))?;
+    if outcome != Deployed::Unchanged {
+        app.store.save_function(&name, &version, &text).await?;
+    }
+    let (status, result) = match &outcome {
+        Deployed::Created => (StatusCode::CREATED, "created"),
+        Deployed::Updated { .. } => (StatusCode::OK, "updated"),
+        Deployed::Unchanged => (StatusCode::OK, "unchanged"),
+    };
+    tracing::info!(function = %name, %version, result, "deploy");
+    let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
+    let mut body = describe(&f, false);
+    body["result"] = Value::from(result);
+    if let Deployed::Updated { previous } = outcome {
+        body["previous_version"] = Value::from(previous);
+    }
+    Ok((status, Json(body)).into_response())
+}
+
+pub(crate) async fn remove(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, Problem> {
+    auth::admin(&app.store, &headers).await?;
+    if !app.registry.remove(&name) {
+        return Err(not_found(&name));
+    }
+    app.store.delete_function(&name).await?;
+    tracing::info!(function = %name, "removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewToken {
+    role: String,
+    #[serde(default)]
+    label: String,
+}
+
+/// `POST /v1/tokens {"role": "invoke", "label": "cms"}`: the token is shown once.
+pub(crate) async fn create_token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    auth::admin(&app.store, &headers).await?;
+    let body = read_body(body, 4096).await?;
+    let req: NewToken = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request(format!("expected {{\"role\", \"label\"}}: {e}")))?;
+    let role = Role::parse(&req.role)
+        .ok_or_else(|| Problem::bad_request(format!("role `{}`: expected `admin` or `invoke`", req.role)))?;
+    if req.label.len() > 200 {
+        return Err(Problem::bad_request("label: at most 200 characters"));
+    }
+    let token = auth::generate().map_err(Problem::internal)?;
+    app.store.add_token(&auth::digest(&token), role.as_str(), &req.label).await?;
+    Ok((StatusCode::CREATED, Json(json!({"token": token, "role": role.as_str(), "label": req.label}))).into_response())
+}

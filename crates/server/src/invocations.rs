@@ -1,0 +1,248 @@
+//! Asynchronous invocations: their status and results, dead letters and re-driving, and the
+//! workers that run them from the durable queue.
+//!
+//! A worker claims the oldest due invocation, runs it through the same path as a synchronous
+//! call (so quotas, queues and node limits apply alike), then records the result, puts it back
+//! with exponential backoff (errors a retry can fix: overload, timeouts, internal failures), or
+//! dead-letters it (its last attempt failed, or the input itself is wrong, which no retry fixes).
+//! An invocation id is an unguessable capability: whoever holds it may read its status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use pixflow_backends::{Claimed, InvocationRow, Status};
+use pixflow_runtime::{Invocation, InvokeError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::auth;
+use crate::invoke::{QueuedMeta, rendition_meta};
+use crate::problem::Problem;
+
+/// How long a claimed invocation is leased beyond its function's timeout; after that (the node
+/// died mid-run) it is queued again.
+const LEASE_MARGIN: Duration = Duration::from_secs(60);
+
+fn describe(row: &InvocationRow) -> Value {
+    let mut v = json!({
+        "id": row.id,
+        "function": row.function,
+        "status": row.status.as_str(),
+        "attempts": row.attempts,
+        "max_attempts": row.max_attempts,
+        "created_at_ms": row.created_ms,
+        "updated_at_ms": row.updated_ms,
+    });
+    if row.status == Status::Queued && row.attempts > 0 {
+        v["next_attempt_at_ms"] = Value::from(row.next_ms);
+    }
+    if let Some(e) = &row.error {
+        v["error"] = serde_json::from_str(e).unwrap_or_else(|_| Value::String(e.clone()));
+    }
+    if let Some(m) = &row.result_meta {
+        let renditions: Value = serde_json::from_str(m).unwrap_or(Value::Null);
+        v["result"] = json!({
+            "renditions": renditions,
+            "url": format!("/v1/invocations/{}/result", row.id),
+        });
+    }
+    v
+}
+
+fn not_found(id: &str) -> Problem {
+    Problem::not_found("invocation_not_found", format!("no invocation `{id}`"))
+}
+
+/// Ids are hex; anything else cannot exist (and is not worth a query).
+fn check_id(id: &str) -> Result<(), Problem> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(not_found(id));
+    }
+    Ok(())
+}
+
+pub(crate) async fn status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+    check_id(&id)?;
+    let row = app.store.get(&id).await?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(describe(&row)))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ResultQuery {
+    #[serde(default)]
+    rendition: usize,
+}
+
+/// The bytes of one rendition of a succeeded invocation.
+pub(crate) async fn result(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResultQuery>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let row = app.store.get(&id).await?.ok_or_else(|| not_found(&id))?;
+    if row.status != Status::Succeeded {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "invocation_not_done",
+            format!("invocation `{id}` is {}", row.status.as_str()),
+        ));
+    }
+    let bytes = app.store.result(&id).await?.ok_or_else(|| not_found(&id))?;
+    let metas: Vec<Value> = row.result_meta.as_deref().and_then(|m| serde_json::from_str(m).ok()).unwrap_or_default();
+    // Renditions are stored back to back; each one's size says where the next begins.
+    let mut offset = 0usize;
+    for (i, m) in metas.iter().enumerate() {
+        let size = m["size"].as_u64().and_then(|s| usize::try_from(s).ok()).unwrap_or(0);
+        let end = offset.saturating_add(size).min(bytes.len());
+        if i == q.rendition {
+            let mut resp = bytes[offset..end].to_vec().into_response();
+            let mime = m["content_type"].as_str().unwrap_or("application/octet-stream");
+            if let Ok(v) = HeaderValue::from_str(mime) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            return Ok(resp);
+        }
+        offset = end;
+    }
+    Err(Problem::not_found("rendition_not_found", format!("invocation `{id}` has {} renditions", metas.len())))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Page {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+pub(crate) async fn dead_letters(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, Problem> {
+    auth::admin(&app.store, &headers).await?;
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = app.store.dead_letters(page.after.as_deref(), limit).await?;
+    let next = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.clone())).flatten();
+    Ok(Json(json!({
+        "dead_letters": rows.iter().map(describe).collect::<Vec<_>>(),
+        "next_after": next,
+    })))
+}
+
+pub(crate) async fn redrive(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    auth::admin(&app.store, &headers).await?;
+    check_id(&id)?;
+    if !app.store.redrive(&id).await? {
+        return match app.store.get(&id).await? {
+            None => Err(not_found(&id)),
+            Some(row) => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "not_dead_lettered",
+                format!("invocation `{id}` is {}, not dead-lettered", row.status.as_str()),
+            )),
+        };
+    }
+    app.queue_wake.notify_one();
+    metrics::counter!("pixflow_async_redriven_total").increment(1);
+    let row = app.store.get(&id).await?.ok_or_else(|| not_found(&id))?;
+    Ok((StatusCode::ACCEPTED, Json(describe(&row))).into_response())
+}
+
+/// One worker: claims and runs queued invocations until the node stops.
+pub(crate) async fn worker(app: Arc<App>) {
+    while !app.stopping() {
+        let lease =
+            app.registry.list().iter().map(|f| f.deployment.quota.timeout).max().unwrap_or_default() + LEASE_MARGIN;
+        match app.store.claim(lease).await {
+            Ok(Some(claimed)) => run(&app, claimed).await,
+            Ok(None) => {
+                tokio::select! {
+                    () = app.queue_wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "claiming queued invocations");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn problem_json(p: &Problem) -> String {
+    serde_json::to_string(p).unwrap_or_default()
+}
+
+async fn run(app: &Arc<App>, claimed: Claimed) {
+    let Claimed { row, payload } = claimed;
+    let outcome = attempt(app, &row, payload).await;
+    let recorded = match outcome {
+        Ok((meta, bytes)) => app.store.finish(&row.id, &meta, &bytes).await,
+        Err((problem, retry)) => {
+            let error = problem_json(&problem);
+            match retry {
+                Some(delay) if row.attempts < row.max_attempts => {
+                    metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone()).increment(1);
+                    app.store.retry_at(&row.id, &error, delay).await
+                }
+                _ => {
+                    metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
+                    tracing::warn!(id = %row.id, function = %row.function, code = problem.code, "dead-lettered");
+                    app.store.bury(&row.id, &error).await
+                }
+            }
+        }
+    };
+    if let Err(e) = recorded {
+        // The lease brings the invocation back; nothing is lost.
+        tracing::error!(id = %row.id, error = %e, "recording an invocation's outcome");
+    }
+}
+
+/// Runs one attempt: the stored result (renditions' metadata, their bytes back to back), or the
+/// problem and, when a retry could help, the delay before it.
+async fn attempt(
+    app: &Arc<App>,
+    row: &InvocationRow,
+    payload: Vec<u8>,
+) -> Result<(String, Vec<u8>), (Problem, Option<Duration>)> {
+    let Some(f) = app.registry.get(&row.function) else {
+        return Err((crate::functions::not_found(&row.function), None));
+    };
+    let meta: QueuedMeta = serde_json::from_str(&row.meta)
+        .map_err(|e| (Problem::internal(format!("stored invocation {}: {e}", row.id)), None))?;
+    let mut inputs = BTreeMap::new();
+    for (name, b64) in meta.inputs {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| (Problem::internal(format!("stored input {name}: {e}")), None))?;
+        inputs.insert(name, bytes);
+    }
+    let invocation = Invocation { input: payload, params: meta.params, inputs };
+    match pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone()).await {
+        Ok(out) => {
+            let metas: Vec<Value> = out.renditions.iter().map(rendition_meta).collect();
+            let bytes = out.renditions.into_iter().flat_map(|r| r.bytes).collect();
+            Ok((serde_json::to_string(&metas).unwrap_or_default(), bytes))
+        }
+        Err(e) => {
+            let retry = e.retryable().then(|| f.deployment.retry.delay(row.attempts + 1));
+            let retry = retry.or(match e {
+                InvokeError::Engine(pixflow_imageops::Error::Timeout { .. }) => Some(f.deployment.retry.backoff),
+                _ => None,
+            });
+            Err((Problem::from(e), retry))
+        }
+    }
+}

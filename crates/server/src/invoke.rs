@@ -1,0 +1,270 @@
+//! `POST /v1/functions/{name}/invoke`.
+//!
+//! - Raw bytes in (parameters in the query string) and, for a single result, the image bytes
+//!   out, with its size in `X-Pixflow-Width`/`-Height` and the queue and CPU time in
+//!   `Server-Timing`.
+//! - `Content-Type: application/json` in: `{"input": {"base64": ...}, "params": {...},
+//!   "inputs": {"logo.png": {"base64": ...}}}`; a JSON description of every rendition out
+//!   (bytes in base64). A function with several renditions always answers in JSON.
+//! - `Prefer: respond-async`: the request is validated, committed to the durable queue and
+//!   answered `202 Accepted` with the invocation's id and `Location`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use pixflow_runtime::{AuthMode, Function, Invocation, Output};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::auth;
+use crate::functions::{not_found, read_body};
+use crate::problem::Problem;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// How the caller spoke, so the answer (now or from the queue) speaks the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Mode {
+    Raw,
+    Json,
+}
+
+/// Bytes in a JSON document: inline base64, or (with object storage) a reference.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Data {
+    base64: Option<String>,
+    bucket: Option<String>,
+    key: Option<String>,
+}
+
+impl Data {
+    fn bytes(self, what: &str) -> Result<Vec<u8>, Problem> {
+        match (self.base64, self.bucket, self.key) {
+            (Some(b), None, None) => {
+                B64.decode(b.as_bytes()).map_err(|e| Problem::bad_request(format!("{what}.base64: {e}")))
+            }
+            (None, Some(_), Some(_)) => Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "object_references_unavailable",
+                format!(
+                    "{what}: object references need object storage, which this node does not have yet; send base64"
+                ),
+            )),
+            _ => Err(Problem::bad_request(format!("{what}: give `base64`, or `bucket` and `key`"))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRequest {
+    input: Option<Data>,
+    #[serde(default)]
+    params: BTreeMap<String, Value>,
+    #[serde(default)]
+    inputs: BTreeMap<String, Data>,
+}
+
+fn param_text(key: &str, v: Value) -> Result<String, Problem> {
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        _ => Err(Problem::bad_request(format!("params.{key}: a string, number or boolean"))),
+    }
+}
+
+/// Reads the request into an invocation.
+async fn decode(
+    f: &Function,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Invocation, Mode), Problem> {
+    let max = f.deployment.quota.max_request_bytes;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    let mut params: Vec<(String, String)> = match &query {
+        Some(q) => serde_urlencoded::from_str(q).map_err(|e| Problem::bad_request(format!("query string: {e}")))?,
+        None => Vec::new(),
+    };
+    if !is_json {
+        let input = read_body(body, max).await?.to_vec();
+        return Ok((Invocation { input, params, inputs: BTreeMap::new() }, Mode::Raw));
+    }
+    // Base64 is 4/3 of the bytes it carries; leave room for the rest of the document.
+    let body = read_body(body, max.saturating_mul(4) / 3 + (64 << 10)).await?;
+    let req: JsonRequest =
+        serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("request document: {e}")))?;
+    drop(body);
+    for (k, v) in req.params {
+        let text = param_text(&k, v)?;
+        params.push((k, text));
+    }
+    let input = match req.input {
+        Some(d) => d.bytes("input")?,
+        None => Vec::new(),
+    };
+    let mut inputs = BTreeMap::new();
+    for (name, d) in req.inputs {
+        let bytes = d.bytes(&format!("inputs.{name}"))?;
+        inputs.insert(name, bytes);
+    }
+    Ok((Invocation { input, params, inputs }, Mode::Json))
+}
+
+/// 401/403 unless the caller may invoke `f`.
+pub(crate) async fn check_invoke(app: &App, f: &Function, headers: &HeaderMap) -> Result<(), Problem> {
+    match f.deployment.auth {
+        AuthMode::None => Ok(()),
+        AuthMode::Token => auth::role(&app.store, headers).await.map(|_| ()),
+    }
+}
+
+fn wants_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|p| p.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("respond-async")))
+    })
+}
+
+pub(crate) async fn invoke(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
+    check_invoke(&app, &f, &headers).await?;
+    let (invocation, mode) = decode(&f, query, &headers, body).await?;
+    if wants_async(&headers) {
+        return enqueue(&app, &f, invocation, mode).await;
+    }
+    let out = pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone()).await?;
+    Ok(respond(&f, out, mode))
+}
+
+/// The answer to a successful synchronous invocation.
+fn respond(f: &Function, out: Output, mode: Mode) -> Response {
+    let timing = format!("queue;dur={:.3}, cpu;dur={:.3}", ms(out.queued), ms(out.cpu));
+    let mut response = if mode == Mode::Raw && out.renditions.len() == 1 {
+        let r = out.renditions.into_iter().next().expect("one rendition");
+        let mut resp = r.bytes.into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(r.format.mime()));
+        h.insert("x-pixflow-width", HeaderValue::from(r.width));
+        h.insert("x-pixflow-height", HeaderValue::from(r.height));
+        resp
+    } else {
+        Json(json!({
+            "function": f.deployment.name,
+            "version": f.deployment.version,
+            "renditions": out.renditions.iter().map(|r| {
+                let mut v = rendition_meta(r);
+                v["base64"] = Value::String(B64.encode(&r.bytes));
+                v
+            }).collect::<Vec<_>>(),
+            "timing": {"queued_ms": ms(out.queued), "cpu_ms": ms(out.cpu)},
+        }))
+        .into_response()
+    };
+    if let Ok(v) = HeaderValue::from_str(&timing) {
+        response.headers_mut().insert("server-timing", v);
+    }
+    response
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// What a rendition is, without its bytes.
+pub(crate) fn rendition_meta(r: &pixflow_imageops::Rendition) -> Value {
+    let mut v = json!({
+        "name": r.name,
+        "content_type": r.format.mime(),
+        "width": r.width,
+        "height": r.height,
+        "size": r.bytes.len(),
+    });
+    if let Some(pos) = r.frame {
+        v["frame"] = json!({"index": pos.index, "time_ms": pos.time_ms, "duration_ms": pos.duration_ms});
+    }
+    v
+}
+
+/// The stored form of a queued request's parameters.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct QueuedMeta {
+    pub mode: Mode,
+    pub params: Vec<(String, String)>,
+    /// Extra named inputs, base64.
+    pub inputs: BTreeMap<String, String>,
+}
+
+async fn enqueue(app: &App, f: &Function, invocation: Invocation, mode: Mode) -> Result<Response, Problem> {
+    if app.stopping() {
+        return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
+    }
+    let quota = &f.deployment.quota;
+    let size = invocation.input.len() as u64 + invocation.inputs.values().map(|v| v.len() as u64).sum::<u64>();
+    if size > quota.max_request_bytes {
+        return Err(
+            pixflow_runtime::InvokeError::RequestTooLarge { limit: quota.max_request_bytes, actual: size }.into()
+        );
+    }
+    // Refuse now what would only fail later: parameters are checked before anything is queued.
+    f.pipeline(&invocation.params)?;
+    let meta = QueuedMeta {
+        mode,
+        params: invocation.params,
+        inputs: invocation.inputs.iter().map(|(k, v)| (k.clone(), B64.encode(v))).collect(),
+    };
+    let id = auth::invocation_id().map_err(Problem::internal)?;
+    let new = pixflow_backends::NewInvocation {
+        id: id.clone(),
+        function: f.deployment.name.clone(),
+        max_attempts: f.deployment.retry.attempts,
+        meta: serde_json::to_string(&meta).map_err(Problem::internal)?,
+        payload: invocation.input,
+        callback: None,
+    };
+    app.store.enqueue(&new).await?;
+    app.queue_wake.notify_one();
+    metrics::counter!("pixflow_async_accepted_total", "function" => f.deployment.name.clone()).increment(1);
+    let location = format!("/v1/invocations/{id}");
+    let mut resp =
+        (StatusCode::ACCEPTED, Json(json!({"id": id, "status": "queued", "status_url": location}))).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert("preference-applied", HeaderValue::from_static("respond-async"));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefer_respond_async_is_recognised_among_other_preferences() {
+        let mut h = HeaderMap::new();
+        assert!(!wants_async(&h));
+        h.insert("prefer", "return=minimal, respond-async; wait=10".parse().unwrap());
+        assert!(wants_async(&h));
+        h.insert("prefer", "respond-asyncx".parse().unwrap());
+        assert!(!wants_async(&h));
+    }
+}

@@ -1,0 +1,444 @@
+//! The HTTP API end to end: in-process through `Router::oneshot`, and over a real socket where
+//! the test is about connections (graceful shutdown).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use pixflow_server::{App, Config};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const ADMIN: &str = "pfx_test-admin-token";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn config() -> Config {
+    let mut c = Config::new("unused");
+    c.in_memory = true;
+    c.admin_token = Some(ADMIN.into());
+    c.async_workers = 1;
+    c.tick = Duration::from_millis(50);
+    c
+}
+
+async fn start(c: Config) -> Arc<App> {
+    App::start(c, None).await.unwrap().app
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Asserts a problem response with this status and code.
+    fn problem(&self, status: StatusCode, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", String::from_utf8_lossy(&self.body));
+        assert_eq!(self.headers["content-type"], "application/problem+json");
+        let p = self.json();
+        assert_eq!(p["code"], code, "{p}");
+        assert_eq!(p["type"], format!("urn:pixflow:problem:{code}"));
+        assert_eq!(p["status"], status.as_u16());
+        p
+    }
+}
+
+async fn call(
+    app: &Arc<App>,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = pixflow_server::router(app.clone()).oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    Reply { status, headers, body }
+}
+
+async fn deploy(app: &Arc<App>, manifest: &str) -> Reply {
+    let name = manifest.lines().find_map(|l| l.strip_prefix("name: ")).unwrap().trim().to_owned();
+    call(app, Method::PUT, &format!("/v1/functions/{name}"), Some(ADMIN), &[], manifest.as_bytes().to_vec()).await
+}
+
+const THUMB: &str =
+    "name: thumb\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\noverridable: [width, format]\nauth: none\n";
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let app = start(config()).await;
+    assert_eq!(call(&app, Method::GET, "/healthz", None, &[], vec![]).await.status, StatusCode::OK);
+    assert_eq!(call(&app, Method::GET, "/readyz", None, &[], vec![]).await.status, StatusCode::OK);
+    deploy(&app, THUMB).await;
+    call(&app, Method::POST, "/v1/functions/thumb/invoke", None, &[], png(32, 32)).await;
+    let m = call(&app, Method::GET, "/metrics", None, &[], vec![]).await;
+    let text = String::from_utf8(m.body).unwrap();
+    for series in [
+        "pixflow_invocations_total{function=\"thumb\",outcome=\"ok\"}",
+        "pixflow_invocation_duration_seconds_bucket{function=\"thumb\"",
+        "pixflow_bytes_in_total{function=\"thumb\"}",
+        "pixflow_pixels_processed_total{function=\"thumb\"}",
+        "pixflow_invocation_cpu_seconds_sum{function=\"thumb\"}",
+        "pixflow_async_queue_depth",
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+    }
+    let r = call(&app, Method::GET, "/v2/nothing", None, &[], vec![]).await;
+    r.problem(StatusCode::NOT_FOUND, "not_found");
+    app.shutdown().await;
+    call(&app, Method::GET, "/readyz", None, &[], vec![]).await.problem(StatusCode::SERVICE_UNAVAILABLE, "not_ready");
+}
+
+#[tokio::test]
+async fn management_needs_tokens_and_validates_manifests() {
+    let app = start(config()).await;
+    let put = |token: Option<&'static str>, body: &'static str| {
+        let app = app.clone();
+        async move { call(&app, Method::PUT, "/v1/functions/thumb", token, &[], body.as_bytes().to_vec()).await }
+    };
+    let r = put(None, THUMB).await;
+    r.problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    put(Some("pfx_wrong"), THUMB).await.problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    // An invoke token may list but not deploy.
+    let t = call(&app, Method::POST, "/v1/tokens", Some(ADMIN), &[], br#"{"role": "invoke", "label": "cms"}"#.to_vec())
+        .await;
+    assert_eq!(t.status, StatusCode::CREATED);
+    let invoke_token = t.json()["token"].as_str().unwrap().to_owned();
+    let r = call(&app, Method::PUT, "/v1/functions/thumb", Some(&invoke_token), &[], THUMB.as_bytes().to_vec()).await;
+    r.problem(StatusCode::FORBIDDEN, "forbidden");
+
+    let bad = put(Some(ADMIN), "name: thumb\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\nscalling: {}\n").await;
+    let p = bad.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest");
+    assert_eq!((p["errors"][0]["line"].as_u64(), p["errors"][0]["column"].as_u64()), (Some(5), Some(1)), "{p}");
+    put(Some(ADMIN), "name: other\nversion: '1'\nbuiltin: flip\n")
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, "name_mismatch");
+
+    let created = put(Some(ADMIN), THUMB).await;
+    assert_eq!((created.status, created.json()["result"].as_str()), (StatusCode::CREATED, Some("created")));
+    let again = put(Some(ADMIN), THUMB).await;
+    assert_eq!((again.status, again.json()["result"].as_str()), (StatusCode::OK, Some("unchanged")));
+    put(Some(ADMIN), "name: thumb\nversion: '1'\nbuiltin: resize\nparams: {width: 17}\n")
+        .await
+        .problem(StatusCode::CONFLICT, "version_conflict");
+    let updated = put(Some(ADMIN), "name: thumb\nversion: '2'\nbuiltin: resize\nparams: {width: 17}\n").await;
+    assert_eq!(updated.json()["previous_version"], "1");
+
+    let list = call(&app, Method::GET, "/v1/functions", Some(&invoke_token), &[], vec![]).await.json();
+    assert_eq!(list["functions"][0]["name"], "thumb");
+    assert_eq!(list["functions"][0]["version"], "2");
+    assert!(list["functions"][0]["state"]["ready_instances"].is_u64());
+    let one = call(&app, Method::GET, "/v1/functions/thumb", Some(ADMIN), &[], vec![]).await.json();
+    assert!(one["manifest"].as_str().unwrap().contains("width: 17"));
+    assert_eq!(
+        call(&app, Method::DELETE, "/v1/functions/thumb", Some(ADMIN), &[], vec![]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    call(&app, Method::GET, "/v1/functions/thumb", Some(ADMIN), &[], vec![])
+        .await
+        .problem(StatusCode::NOT_FOUND, "function_not_found");
+    put(Some(ADMIN), "name: thumb\nversion: '1'\nprocess: {command: [./serve]}\n")
+        .await
+        .problem(StatusCode::NOT_IMPLEMENTED, "process_functions_unavailable");
+}
+
+#[tokio::test]
+async fn synchronous_invocation_raw_and_json() {
+    let app = start(config()).await;
+    deploy(&app, THUMB).await;
+    let r = call(&app, Method::POST, "/v1/functions/thumb/invoke?format=webp", None, &[], png(64, 32)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["content-type"], "image/webp");
+    assert_eq!(
+        (&r.headers["x-pixflow-width"], &r.headers["x-pixflow-height"]),
+        (&"16".parse().unwrap(), &"8".parse().unwrap())
+    );
+    assert!(r.headers["server-timing"].to_str().unwrap().contains("cpu;dur="));
+    let img = image::load_from_memory(&r.body).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 8));
+
+    let doc = json!({"input": {"base64": B64.encode(png(64, 64))}, "params": {"width": 8}});
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/functions/thumb/invoke",
+        None,
+        &[("content-type", "application/json")],
+        doc.to_string().into_bytes(),
+    )
+    .await;
+    let v = r.json();
+    assert_eq!(
+        (v["renditions"][0]["width"].as_u64(), v["renditions"][0]["content_type"].as_str()),
+        (Some(8), Some("image/png"))
+    );
+    let bytes = B64.decode(v["renditions"][0]["base64"].as_str().unwrap()).unwrap();
+    assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 8);
+
+    let uri = "/v1/functions/thumb/invoke";
+    call(&app, Method::POST, "/v1/functions/thumb/invoke?height=3", None, &[], png(8, 8))
+        .await
+        .problem(StatusCode::BAD_REQUEST, "bad_parameter");
+    call(&app, Method::POST, uri, None, &[], b"not an image".to_vec())
+        .await
+        .problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format");
+    let mut truncated = png(64, 64);
+    truncated.truncate(60);
+    let r = call(&app, Method::POST, uri, None, &[], truncated).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&r.body));
+    call(&app, Method::POST, uri, None, &[("content-type", "application/json")], b"{\"input\": 5}".to_vec())
+        .await
+        .problem(StatusCode::BAD_REQUEST, "bad_request");
+    let by_ref = json!({"input": {"bucket": "b", "key": "k"}});
+    call(&app, Method::POST, uri, None, &[("content-type", "application/json")], by_ref.to_string().into_bytes())
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, "object_references_unavailable");
+    call(&app, Method::POST, "/v1/functions/nope/invoke", None, &[], png(8, 8))
+        .await
+        .problem(StatusCode::NOT_FOUND, "function_not_found");
+
+    // Quota: request bytes are refused before anything is read past the limit.
+    deploy(&app, "name: small\nversion: '1'\nbuiltin: flip\nquota: {max_request_bytes: 100}\nauth: none\n").await;
+    call(&app, Method::POST, "/v1/functions/small/invoke", None, &[], png(64, 64))
+        .await
+        .problem(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large");
+    // Token-protected functions (the default).
+    deploy(&app, "name: private\nversion: '1'\nbuiltin: flip\n").await;
+    call(&app, Method::POST, "/v1/functions/private/invoke", None, &[], png(8, 8))
+        .await
+        .problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(
+        call(&app, Method::POST, "/v1/functions/private/invoke", Some(ADMIN), &[], png(8, 8)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_and_an_overloaded_node_503() {
+    let mut c = config();
+    c.node.max_requests = 3;
+    let app = start(c).await;
+    deploy(&app, "name: one\nversion: '1'\nbuiltin: flip\nquota: {concurrency: 1, max_queue: 1}\nscaling: {min: 1, max: 1}\nauth: none\n").await;
+    let f = app.registry.get("one").unwrap();
+    let held = f.pool.acquire(Duration::from_secs(5)).await.unwrap();
+    let queued = {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, Method::POST, "/v1/functions/one/invoke", None, &[], png(4, 4)).await })
+    };
+    while f.pool.stats().queued == 0 {
+        tokio::task::yield_now().await;
+    }
+    let r = call(&app, Method::POST, "/v1/functions/one/invoke", None, &[], png(4, 4)).await;
+    r.problem(StatusCode::TOO_MANY_REQUESTS, "queue_full");
+    assert_eq!(r.headers["retry-after"], "1");
+    drop(held);
+    assert_eq!(queued.await.unwrap().status, StatusCode::OK);
+
+    // Node-wide: with every admitted request slot taken, the next one gets 503.
+    deploy(&app, "name: wide\nversion: '1'\nbuiltin: flip\nquota: {concurrency: 1, max_queue: 10}\nscaling: {min: 1, max: 1}\nauth: none\n").await;
+    let w = app.registry.get("wide").unwrap();
+    let held = w.pool.acquire(Duration::from_secs(5)).await.unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let app = app.clone();
+        waiting.push(tokio::spawn(async move {
+            call(&app, Method::POST, "/v1/functions/wide/invoke", None, &[], png(4, 4)).await
+        }));
+    }
+    while app.node.requests() < 3 {
+        tokio::task::yield_now().await;
+    }
+    let r = call(&app, Method::POST, "/v1/functions/wide/invoke", None, &[], png(4, 4)).await;
+    r.problem(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    assert!(r.headers.contains_key("retry-after"));
+    drop(held);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status, StatusCode::OK);
+    }
+}
+
+async fn wait_for(app: &Arc<App>, id: &str, status: &str) -> Value {
+    for _ in 0..2000 {
+        let v = call(app, Method::GET, &format!("/v1/invocations/{id}"), None, &[], vec![]).await.json();
+        if v["status"] == status {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("invocation {id} never became {status}");
+}
+
+#[tokio::test]
+async fn asynchronous_invocations_complete_retry_and_dead_letter() {
+    let app = start(config()).await;
+    deploy(&app, THUMB).await;
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/functions/thumb/invoke?width=10",
+        None,
+        &[("prefer", "respond-async")],
+        png(40, 20),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(r.headers["preference-applied"], "respond-async");
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(r.headers["location"], format!("/v1/invocations/{id}").as_str());
+    let done = wait_for(&app, &id, "succeeded").await;
+    assert_eq!(done["result"]["renditions"][0]["width"], 10);
+    let bytes = call(&app, Method::GET, done["result"]["url"].as_str().unwrap(), None, &[], vec![]).await;
+    assert_eq!(bytes.headers["content-type"], "image/png");
+    assert_eq!(image::load_from_memory(&bytes.body).unwrap().height(), 5);
+
+    // Bad parameters are refused before anything is queued.
+    call(&app, Method::POST, "/v1/functions/thumb/invoke?width=0", None, &[("prefer", "respond-async")], png(4, 4))
+        .await
+        .problem(StatusCode::BAD_REQUEST, "bad_parameter");
+    // Input no retry can fix is dead-lettered after one attempt.
+    let r =
+        call(&app, Method::POST, "/v1/functions/thumb/invoke", None, &[("prefer", "respond-async")], b"junk".to_vec())
+            .await;
+    let bad = r.json()["id"].as_str().unwrap().to_owned();
+    let dead = wait_for(&app, &bad, "dead").await;
+    assert_eq!((dead["attempts"].as_u64(), dead["error"]["code"].as_str()), (Some(1), Some("unsupported_format")));
+    call(&app, Method::GET, "/v1/dead-letters", None, &[], vec![])
+        .await
+        .problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    let letters = call(&app, Method::GET, "/v1/dead-letters", Some(ADMIN), &[], vec![]).await.json();
+    assert_eq!(letters["dead_letters"][0]["id"], bad.as_str());
+    let redriven = call(&app, Method::POST, &format!("/v1/invocations/{bad}/redrive"), Some(ADMIN), &[], vec![]).await;
+    assert_eq!(redriven.status, StatusCode::ACCEPTED);
+    wait_for(&app, &bad, "dead").await;
+    call(&app, Method::POST, &format!("/v1/invocations/{id}/redrive"), Some(ADMIN), &[], vec![])
+        .await
+        .problem(StatusCode::CONFLICT, "not_dead_lettered");
+    call(&app, Method::GET, "/v1/invocations/zz", None, &[], vec![])
+        .await
+        .problem(StatusCode::NOT_FOUND, "invocation_not_found");
+}
+
+#[tokio::test]
+async fn retryable_failures_back_off_then_dead_letter() {
+    let mut c = config();
+    // Every run finds the node full: a failure that a retry could fix.
+    c.node.max_held_bytes = 10;
+    let app = start(c).await;
+    deploy(&app, "name: flaky\nversion: '1'\nbuiltin: flip\nauth: none\nretry: {attempts: 3, backoff: 10ms, max_backoff: 20ms}\n").await;
+    let r =
+        call(&app, Method::POST, "/v1/functions/flaky/invoke", None, &[("prefer", "respond-async")], png(8, 8)).await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let dead = wait_for(&app, &id, "dead").await;
+    assert_eq!((dead["attempts"].as_u64(), dead["error"]["code"].as_str()), (Some(3), Some("overloaded")));
+}
+
+#[tokio::test]
+async fn queued_work_and_deployed_functions_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("pixflow-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let functions = dir.join("functions");
+    std::fs::create_dir_all(&functions).unwrap();
+    std::fs::write(functions.join("flip.yaml"), "name: flipper\nversion: '1'\nbuiltin: flip\nauth: none\n").unwrap();
+    let mut c = Config::new(dir.join("data"));
+    c.functions_dir = Some(functions.clone());
+    c.async_workers = 0;
+    let started = App::start(c.clone(), None).await.unwrap();
+    // First start: an admin token is made, shown once and kept beside the state (owner only).
+    let token = started.new_admin_token.unwrap();
+    let on_disk = std::fs::read_to_string(dir.join("data/admin-token")).unwrap();
+    assert_eq!(on_disk.trim(), token);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("data/admin-token")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+    let app = started.app;
+    assert!(app.registry.get("flipper").is_some());
+    let put = call(&app, Method::PUT, "/v1/functions/thumb", Some(&token), &[], THUMB.as_bytes().to_vec()).await;
+    assert_eq!(put.status, StatusCode::CREATED);
+    let r =
+        call(&app, Method::POST, "/v1/functions/thumb/invoke", None, &[("prefer", "respond-async")], png(32, 32)).await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    app.shutdown().await;
+    drop(app);
+
+    c.async_workers = 1;
+    let again = App::start(c, None).await.unwrap();
+    assert!(again.new_admin_token.is_none());
+    let app = again.app;
+    assert!(app.registry.get("thumb").is_some() && app.registry.get("flipper").is_some());
+    assert_eq!(call(&app, Method::GET, "/v1/functions", Some(&token), &[], vec![]).await.status, StatusCode::OK);
+    let done = wait_for(&app, &id, "succeeded").await;
+    assert_eq!(done["result"]["renditions"][0]["width"], 16);
+    app.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_over_a_socket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = start(config()).await;
+    deploy(
+        &app,
+        "name: one\nversion: '1'\nbuiltin: flip\nquota: {concurrency: 1}\nscaling: {min: 1, max: 1}\nauth: none\n",
+    )
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(pixflow_server::serve(app.clone(), listener, async move {
+        let _ = stop_rx.await;
+    }));
+    let f = app.registry.get("one").unwrap();
+    let held = f.pool.acquire(Duration::from_secs(5)).await.unwrap();
+    let body = png(6, 6);
+    let client = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/functions/one/invoke HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&body).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    while f.pool.stats().queued == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Stop while the request waits; it must still be answered.
+    stop_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(held);
+    let answer = client.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.await.unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+}
