@@ -13,6 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::manifest::{Deployment, Runnable, StepSpec};
 use crate::pool::{Pool, Rejected};
+use crate::process::{MemoryLimiter, Processes};
 
 /// Why an invocation failed; the server maps each to one HTTP status and problem type.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,9 @@ pub enum InvokeError {
     /// The function cannot run here (e.g. a process function on a node without them).
     #[error("{0}")]
     Unavailable(String),
+    /// A process function's program failed to answer (crashed, closed the connection).
+    #[error("{0}")]
+    FunctionFailed(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -54,6 +58,7 @@ impl InvokeError {
             InvokeError::RequestTooLarge { .. } => "request_too_large",
             InvokeError::ResponseTooLarge { .. } => "response_too_large",
             InvokeError::Unavailable(_) => "unavailable",
+            InvokeError::FunctionFailed(_) => "function_failed",
             InvokeError::Internal(_) => "internal",
         }
     }
@@ -66,6 +71,7 @@ impl InvokeError {
                 | InvokeError::Overloaded(_)
                 | InvokeError::Timeout(_)
                 | InvokeError::Unavailable(_)
+                | InvokeError::FunctionFailed(_)
                 | InvokeError::Internal(_)
         )
     }
@@ -80,6 +86,8 @@ pub struct Invocation {
     pub params: Vec<(String, String)>,
     /// Extra named inputs (logos, fonts) the pipeline refers to.
     pub inputs: BTreeMap<String, Vec<u8>>,
+    /// The caller's content type (passed on to process functions).
+    pub content_type: Option<String>,
 }
 
 impl Invocation {
@@ -179,23 +187,46 @@ pub struct Function {
     pub pool: Arc<Pool>,
     /// The pipeline without per-request overrides, built once.
     base: Option<Pipeline>,
+    /// The child processes of a process function.
+    pub processes: Option<Arc<Processes>>,
     retired: AtomicBool,
     retire: Notify,
 }
 
 impl Function {
-    pub fn new(deployment: Deployment, manifest: String) -> Arc<Function> {
-        let base = match &deployment.runnable {
-            Runnable::Pipeline { steps, .. } => build(steps).ok(),
-            Runnable::Process(_) => None,
+    /// A function version; a process function's programs run in `workdir` (the manifest's
+    /// folder) with memory limited by `limiter`.
+    pub fn new(
+        deployment: Deployment,
+        manifest: String,
+        workdir: &std::path::Path,
+        limiter: &MemoryLimiter,
+    ) -> Arc<Function> {
+        // Built-in instances are ready at once; process instances when their port opens.
+        let is_process = matches!(deployment.runnable, Runnable::Process(_));
+        let ready = if is_process { 0 } else { deployment.scaling.initial };
+        let pool = Pool::new(deployment.quota.concurrency, deployment.quota.max_queue, ready);
+        let (base, processes) = match &deployment.runnable {
+            Runnable::Pipeline { steps, .. } => (build(steps).ok(), None),
+            Runnable::Process(spec) => {
+                let p = Processes::new(
+                    &deployment.name,
+                    spec.clone(),
+                    workdir.to_path_buf(),
+                    deployment.quota.memory_bytes,
+                    limiter.clone(),
+                    pool.clone(),
+                );
+                (None, Some(Arc::new(p)))
+            }
         };
-        let pool = Pool::new(deployment.quota.concurrency, deployment.quota.max_queue, deployment.scaling.initial);
         Arc::new(Function {
             deployment,
             manifest,
             deployed_at: SystemTime::now(),
             pool,
             base,
+            processes,
             retired: AtomicBool::new(false),
             retire: Notify::new(),
         })
@@ -280,14 +311,41 @@ fn build(steps: &[StepSpec]) -> pixflow_imageops::Result<Pipeline> {
     from_text(&as_text(steps))
 }
 
+/// A process function's HTTP answer, relayed as it came.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// What a function produced.
+#[derive(Debug)]
+pub enum Produced {
+    /// The engine's renditions (built-ins and pipelines).
+    Renditions(Vec<Rendition>),
+    /// A process function's answer.
+    Reply(Reply),
+}
+
 /// What a successful invocation produced.
 #[derive(Debug)]
 pub struct Output {
-    pub renditions: Vec<Rendition>,
+    pub produced: Produced,
     /// Time spent waiting for a slot.
     pub queued: Duration,
-    /// CPU time of the engine work.
+    /// CPU time of the engine work (zero for process functions, whose CPU is their own).
     pub cpu: Duration,
+}
+
+impl Output {
+    /// The engine's renditions; none for a process function.
+    pub fn renditions(&self) -> &[Rendition] {
+        match &self.produced {
+            Produced::Renditions(r) => r,
+            Produced::Reply(_) => &[],
+        }
+    }
 }
 
 /// Runs one request on `f`: admission, a slot, the engine on the CPU pool, under the timeout.
@@ -301,6 +359,7 @@ pub async fn invoke(
     let started = tokio::time::Instant::now();
     let result = invoke_inner(node, f, req, foreign).await;
     let outcome = match &result {
+        Ok(Output { produced: Produced::Reply(r), .. }) if r.status >= 400 => "function_error",
         Ok(_) => "ok",
         Err(e) => e.code(),
     };
@@ -308,8 +367,11 @@ pub async fn invoke(
     metrics::histogram!("pixflow_invocation_duration_seconds", "function" => name.clone())
         .record(started.elapsed().as_secs_f64());
     if let Ok(out) = &result {
-        let bytes: u64 = out.renditions.iter().map(|r| r.bytes.len() as u64).sum();
-        let pixels: u64 = out.renditions.iter().map(|r| u64::from(r.width) * u64::from(r.height)).sum();
+        let bytes: u64 = match &out.produced {
+            Produced::Renditions(r) => r.iter().map(|r| r.bytes.len() as u64).sum(),
+            Produced::Reply(r) => r.bytes.len() as u64,
+        };
+        let pixels: u64 = out.renditions().iter().map(|r| u64::from(r.width) * u64::from(r.height)).sum();
         metrics::counter!("pixflow_bytes_out_total", "function" => name.clone()).increment(bytes);
         metrics::counter!("pixflow_pixels_processed_total", "function" => name.clone()).increment(pixels);
         metrics::histogram!("pixflow_invocation_cpu_seconds", "function" => name).record(out.cpu.as_secs_f64());
@@ -332,16 +394,26 @@ async fn invoke_inner(
     if f.is_retired() {
         return Err(Rejected::Closed.into());
     }
-    let pipeline = f.pipeline(&req.params)?;
+    let pipeline = match &f.processes {
+        Some(_) => None,
+        None => Some(f.pipeline(&req.params)?),
+    };
     let _ticket = node.admit(bytes)?;
     let waited = tokio::time::Instant::now();
     let permit = f.pool.acquire(quota.timeout).await?;
     let queued = waited.elapsed();
+    let left = quota.timeout.saturating_sub(queued);
+    let Some(pipeline) = pipeline else {
+        let processes = f.processes.as_ref().ok_or_else(|| InvokeError::Internal("no processes".into()))?;
+        let reply =
+            processes.call(req.input, &req.params, req.content_type.as_deref(), left, quota.max_response_bytes).await;
+        drop(permit);
+        return Ok(Output { produced: Produced::Reply(reply?), queued, cpu: Duration::ZERO });
+    };
     let cpu_permit =
         node.cpu.clone().acquire_owned().await.map_err(|_| InvokeError::Internal("CPU pool closed".into()))?;
     let mut limits = quota.limits;
     // The time spent queueing counts against the timeout.
-    let left = quota.timeout.saturating_sub(queued);
     limits.max_op_millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
     let work = tokio::task::spawn_blocking(move || {
         // The slot and the CPU are held until the engine actually stops, even after the
@@ -370,5 +442,5 @@ async fn invoke_inner(
     if out_bytes > quota.max_response_bytes {
         return Err(InvokeError::ResponseTooLarge { limit: quota.max_response_bytes, actual: out_bytes });
     }
-    Ok(Output { renditions, queued, cpu })
+    Ok(Output { produced: Produced::Renditions(renditions), queued, cpu })
 }

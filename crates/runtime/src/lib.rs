@@ -1,14 +1,17 @@
 //! The function runtime: manifests become validated deployments; deployed functions get
 //! instances, admission (bounded queues, node limits) and a KPA-style autoscaler, and run
-//! requests on a bounded CPU pool. Knows nothing of HTTP; the server crate drives it.
+//! requests on a bounded CPU pool; process functions run as child processes it speaks HTTP to
+//! on loopback. No API wire types: the server crate drives it.
 
 pub mod autoscaler;
 pub mod function;
 pub mod manifest;
 pub mod pool;
+pub mod process;
 pub mod registry;
 
-pub use function::{Function, Invocation, InvokeError, Node, NodeLimits, Output, invoke};
+pub use function::{Function, Invocation, InvokeError, Node, NodeLimits, Output, Produced, Reply, invoke};
 pub use manifest::{AuthMode, Deployment, Diagnostic, Invalid, Manifest, Quota, Retry, Runnable, Scaling, parse};
 pub use pool::{Pool, PoolStats, Rejected};
+pub use process::MemoryLimiter;
 pub use registry::{DeployError, Deployed, Registry, RegistryOptions};

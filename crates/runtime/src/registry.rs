@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::autoscaler::Kpa;
 use crate::function::Function;
 use crate::manifest::Deployment;
+use crate::process::MemoryLimiter;
 
 /// What a deploy did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,11 +53,17 @@ impl Default for RegistryOptions {
 pub struct Registry {
     functions: RwLock<BTreeMap<String, Arc<Function>>>,
     options: RegistryOptions,
+    limiter: MemoryLimiter,
 }
 
 impl Registry {
     pub fn new(options: RegistryOptions) -> Arc<Registry> {
-        Arc::new(Registry { functions: RwLock::new(BTreeMap::new()), options })
+        Arc::new(Registry { functions: RwLock::new(BTreeMap::new()), options, limiter: MemoryLimiter::detect() })
+    }
+
+    /// How process functions' memory is limited on this node.
+    pub fn memory_limiter(&self) -> &MemoryLimiter {
+        &self.limiter
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Function>>> {
@@ -68,9 +75,15 @@ impl Registry {
         self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Deploys `deployment` (from `manifest`); must be called inside a tokio runtime, which runs
-    /// the function's autoscaler.
-    pub fn deploy(&self, deployment: Deployment, manifest: String) -> Result<Deployed, DeployError> {
+    /// Deploys `deployment` (from `manifest`, whose folder is `workdir`: a process function's
+    /// programs run there); must be called inside a tokio runtime, which runs the function's
+    /// autoscaler.
+    pub fn deploy(
+        &self,
+        deployment: Deployment,
+        manifest: String,
+        workdir: &std::path::Path,
+    ) -> Result<Deployed, DeployError> {
         let mut map = self.write();
         let previous = map.get(&deployment.name).cloned();
         if let Some(old) = &previous
@@ -88,7 +101,7 @@ impl Registry {
             let s = &mut deployment.scaling;
             s.initial = s.initial.max(ready.min(s.max));
         }
-        let f = Function::new(deployment, manifest);
+        let f = Function::new(deployment, manifest, workdir, &self.limiter);
         tokio::spawn(scale(f.clone(), self.options.tick));
         map.insert(f.name().to_owned(), f.clone());
         drop(map);
@@ -145,6 +158,10 @@ async fn scale(f: Arc<Function>, tick: Duration) {
     let gauge_instances = metrics::gauge!("pixflow_instances", "function" => name.clone());
     let gauge_queued = metrics::gauge!("pixflow_queue_depth", "function" => name.clone());
     let gauge_in_flight = metrics::gauge!("pixflow_in_flight", "function" => name.clone());
+    // Process functions start their initial instances now; built-ins have them already.
+    if let Some(p) = &f.processes {
+        p.scale(f.deployment.scaling.initial);
+    }
     loop {
         if f.is_retired() {
             tokio::select! {
@@ -156,6 +173,7 @@ async fn scale(f: Arc<Function>, tick: Duration) {
                 () = tokio::time::sleep(tick) => {}
                 () = f.pool.demand() => {}
                 () = f.retired() => {}
+                () = processes_changed(&f) => {}
             }
         }
         let stats = f.pool.stats();
@@ -163,6 +181,9 @@ async fn scale(f: Arc<Function>, tick: Duration) {
             if stats.in_flight + stats.queued == 0 {
                 f.pool.close();
                 f.pool.set_ready(0);
+                if let Some(p) = &f.processes {
+                    p.stop_all();
+                }
                 return;
             }
             // Keep serving what it holds; a waiter at zero still needs an instance.
@@ -178,7 +199,10 @@ async fn scale(f: Arc<Function>, tick: Duration) {
         if want > stats.ready {
             start_instances(&f, want);
         } else if want < stats.ready {
-            f.pool.set_ready(want);
+            match &f.processes {
+                Some(p) => p.scale(want),
+                None => f.pool.set_ready(want),
+            }
         }
         let after = f.pool.stats();
         gauge_instances.set(f64::from(after.ready));
@@ -187,9 +211,22 @@ async fn scale(f: Arc<Function>, tick: Duration) {
     }
 }
 
+/// Resolves when a process function's instance died or failed to start.
+async fn processes_changed(f: &Function) {
+    match &f.processes {
+        Some(p) => p.changed.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Brings the function to `want` ready instances. A built-in instance is a warm slot on the
-/// node's CPU pool: starting one is building its pipeline, timed as its cold start.
+/// node's CPU pool: starting one is building its pipeline, timed as its cold start. A process
+/// function's instances are child processes, ready when their port opens.
 fn start_instances(f: &Arc<Function>, want: u32) {
+    if let Some(p) = &f.processes {
+        p.scale(want);
+        return;
+    }
     let started = Instant::now();
     let before = f.pool.stats().ready;
     // Building the pipeline again checks the deployment still resolves in the engine.
@@ -225,12 +262,12 @@ mod tests {
     async fn same_version_is_a_no_op_and_a_changed_one_conflicts() {
         let reg = Registry::new(RegistryOptions::default());
         let (d, t) = manifest("1", "");
-        assert_eq!(reg.deploy(d.clone(), t.clone()), Ok(Deployed::Created));
-        assert_eq!(reg.deploy(d, t), Ok(Deployed::Unchanged));
+        assert_eq!(reg.deploy(d.clone(), t.clone(), std::path::Path::new(".")), Ok(Deployed::Created));
+        assert_eq!(reg.deploy(d, t, std::path::Path::new(".")), Ok(Deployed::Unchanged));
         let (d2, t2) = manifest("1", "quota: {concurrency: 2}\n");
-        assert!(matches!(reg.deploy(d2, t2), Err(DeployError::VersionConflict { .. })));
+        assert!(matches!(reg.deploy(d2, t2, std::path::Path::new(".")), Err(DeployError::VersionConflict { .. })));
         let (d3, t3) = manifest("2", "");
-        assert_eq!(reg.deploy(d3, t3), Ok(Deployed::Updated { previous: "1".into() }));
+        assert_eq!(reg.deploy(d3, t3, std::path::Path::new(".")), Ok(Deployed::Updated { previous: "1".into() }));
         assert_eq!(reg.get("thumb").unwrap().deployment.version, "2");
     }
 
@@ -239,7 +276,7 @@ mod tests {
         let reg = Registry::new(RegistryOptions::default());
         let node = Node::new(NodeLimits::default());
         let (d, t) = manifest("1", "quota: {concurrency: 1}\nscaling: {min: 1, max: 1}\n");
-        reg.deploy(d, t).unwrap();
+        reg.deploy(d, t, std::path::Path::new(".")).unwrap();
         let old = reg.get("thumb").unwrap();
         // Occupy the old version's only slot, queue a request behind it, then roll over.
         let held = old.pool.acquire(Duration::from_secs(5)).await.unwrap();
@@ -253,18 +290,18 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let (d2, t2) = manifest("2", "quota: {concurrency: 1}\nscaling: {min: 1, max: 1}\n");
-        reg.deploy(d2, t2).unwrap();
+        reg.deploy(d2, t2, std::path::Path::new(".")).unwrap();
         // New requests go to version 2 while version 1 still holds one.
         let new = reg.get("thumb").unwrap();
         let out = invoke(&node, &new, Invocation { input: png(32, 16), ..Default::default() }, None).await.unwrap();
-        assert_eq!((out.renditions[0].width, out.renditions[0].height), (8, 4));
+        assert_eq!((out.renditions()[0].width, out.renditions()[0].height), (8, 4));
         assert!(matches!(
             invoke(&node, &old, Invocation { input: png(4, 4), ..Default::default() }, None).await,
             Err(crate::function::InvokeError::Rejected(Rejected::Closed))
         ));
         drop(held);
         let out = queued.await.unwrap().unwrap();
-        assert_eq!(out.renditions[0].width, 8);
+        assert_eq!(out.renditions()[0].width, 8);
     }
 
     #[tokio::test(start_paused = true)]
@@ -275,12 +312,12 @@ mod tests {
             "1",
             "scaling: {min: 0, initial: 0, scale_to_zero_after: 10s, stable_window: 6s, scale_down_delay: 2s}\n",
         );
-        reg.deploy(d, t).unwrap();
+        reg.deploy(d, t, std::path::Path::new(".")).unwrap();
         let f = reg.get("thumb").unwrap();
         assert_eq!(f.pool.stats().ready, 0);
         // A request at zero waits for a cold start rather than failing.
         let out = invoke(&node, &f, Invocation { input: png(16, 16), ..Default::default() }, None).await.unwrap();
-        assert_eq!(out.renditions[0].width, 8);
+        assert_eq!(out.renditions()[0].width, 8);
         assert_eq!(f.pool.stats().ready, 1);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(f.pool.stats().ready, 0);
@@ -291,7 +328,7 @@ mod tests {
         let reg = Registry::new(RegistryOptions::default());
         let node = Node::new(NodeLimits::default());
         let (d, t) = manifest("1", "overridable: [width, format]\n");
-        reg.deploy(d, t).unwrap();
+        reg.deploy(d, t, std::path::Path::new(".")).unwrap();
         let f = reg.get("thumb").unwrap();
         let req = |params: &[(&str, &str)]| Invocation {
             input: png(40, 20),
@@ -299,7 +336,7 @@ mod tests {
             ..Default::default()
         };
         let out = invoke(&node, &f, req(&[("width", "20"), ("format", "webp")]), None).await.unwrap();
-        let r = &out.renditions[0];
+        let r = &out.renditions()[0];
         assert_eq!((r.width, r.height, r.format), (20, 10, pixflow_imageops::OutFormat::Webp));
         let err = invoke(&node, &f, req(&[("height", "5")]), None).await.unwrap_err();
         assert_eq!(err.code(), "bad_parameter");
@@ -312,13 +349,13 @@ mod tests {
     async fn quota_and_node_limits_refuse_before_any_work() {
         let reg = Registry::new(RegistryOptions::default());
         let (d, t) = manifest("1", "quota: {max_request_bytes: 100}\n");
-        reg.deploy(d, t).unwrap();
+        reg.deploy(d, t, std::path::Path::new(".")).unwrap();
         let f = reg.get("thumb").unwrap();
         let node = Node::new(NodeLimits::default());
         let err = invoke(&node, &f, Invocation { input: png(64, 64), ..Default::default() }, None).await.unwrap_err();
         assert_eq!(err.code(), "request_too_large");
         let (d, t) = manifest("2", "");
-        reg.deploy(d, t).unwrap();
+        reg.deploy(d, t, std::path::Path::new(".")).unwrap();
         let f = reg.get("thumb").unwrap();
         let tiny = Node::new(NodeLimits { cpus: 1, max_held_bytes: 10, max_requests: 10 });
         let err = invoke(&tiny, &f, Invocation { input: png(8, 8), ..Default::default() }, None).await.unwrap_err();

@@ -123,17 +123,11 @@ pub(crate) async fn deploy(
             format!("the manifest names `{}` but was sent to `{name}`", deployment.name),
         ));
     }
-    if let Runnable::Process(_) = deployment.runnable {
-        return Err(Problem::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "process_functions_unavailable",
-            "process functions cannot be deployed on this node yet; deploy a builtin or pipeline",
-        ));
-    }
     let version = deployment.version.clone();
+    // Process functions deployed through the API run in the data folder.
     let outcome = app
         .registry
-        .deploy(deployment, text.clone())
+        .deploy(deployment, text.clone(), &app.config.data_dir)
         .map_err(|e| Problem::new(StatusCode::CONFLICT, "version_conflict", e.to_string()))?;
     if outcome != Deployed::Unchanged {
         app.store.save_function(&name, &version, &text).await?;

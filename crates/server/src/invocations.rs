@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use pixflow_backends::{Claimed, InvocationRow, Status};
-use pixflow_runtime::{Invocation, InvokeError};
+use pixflow_runtime::{Invocation, InvokeError, Produced};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -229,13 +229,31 @@ async fn attempt(
             .map_err(|e| (Problem::internal(format!("stored input {name}: {e}")), None))?;
         inputs.insert(name, bytes);
     }
-    let invocation = Invocation { input: payload, params: meta.params, inputs };
+    let invocation = Invocation { input: payload, params: meta.params, inputs, content_type: meta.content_type };
     match pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone()).await {
-        Ok(out) => {
-            let metas: Vec<Value> = out.renditions.iter().map(rendition_meta).collect();
-            let bytes = out.renditions.into_iter().flat_map(|r| r.bytes).collect();
-            Ok((serde_json::to_string(&metas).unwrap_or_default(), bytes))
-        }
+        Ok(out) => match out.produced {
+            Produced::Renditions(renditions) => {
+                let metas: Vec<Value> = renditions.iter().map(rendition_meta).collect();
+                let bytes = renditions.into_iter().flat_map(|r| r.bytes).collect();
+                Ok((serde_json::to_string(&metas).unwrap_or_default(), bytes))
+            }
+            Produced::Reply(reply) if (200..300).contains(&reply.status) => {
+                let metas =
+                    json!([{"content_type": reply.content_type, "size": reply.bytes.len(), "status": reply.status}]);
+                Ok((metas.to_string(), reply.bytes))
+            }
+            // The program answered with an error: its own 5xx may pass on a retry, 4xx not.
+            Produced::Reply(reply) => {
+                let text = String::from_utf8_lossy(&reply.bytes[..reply.bytes.len().min(500)]).into_owned();
+                let problem = Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "function_error",
+                    format!("the function answered {}: {text}", reply.status),
+                );
+                let retry = (reply.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+                Err((problem, retry))
+            }
+        },
         Err(e) => {
             let retry = e.retryable().then(|| f.deployment.retry.delay(row.attempts + 1));
             let retry = retry.or(match e {

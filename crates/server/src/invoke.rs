@@ -18,7 +18,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use pixflow_runtime::{AuthMode, Function, Invocation, Output};
+use pixflow_runtime::{AuthMode, Function, Invocation, Output, Produced};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -101,7 +101,8 @@ async fn decode(
     };
     if !is_json {
         let input = read_body(body, max).await?.to_vec();
-        return Ok((Invocation { input, params, inputs: BTreeMap::new() }, Mode::Raw));
+        let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        return Ok((Invocation { input, params, inputs: BTreeMap::new(), content_type }, Mode::Raw));
     }
     // Base64 is 4/3 of the bytes it carries; leave room for the rest of the document.
     let body = read_body(body, max.saturating_mul(4) / 3 + (64 << 10)).await?;
@@ -121,7 +122,7 @@ async fn decode(
         let bytes = d.bytes(&format!("inputs.{name}"))?;
         inputs.insert(name, bytes);
     }
-    Ok((Invocation { input, params, inputs }, Mode::Json))
+    Ok((Invocation { input, params, inputs, content_type: None }, Mode::Json))
 }
 
 /// 401/403 unless the caller may invoke `f`.
@@ -158,8 +159,23 @@ pub(crate) async fn invoke(
 /// The answer to a successful synchronous invocation.
 fn respond(f: &Function, out: Output, mode: Mode) -> Response {
     let timing = format!("queue;dur={:.3}, cpu;dur={:.3}", ms(out.queued), ms(out.cpu));
-    let mut response = if mode == Mode::Raw && out.renditions.len() == 1 {
-        let r = out.renditions.into_iter().next().expect("one rendition");
+    let renditions = match out.produced {
+        Produced::Renditions(r) => r,
+        // A process function's answer is relayed as it came.
+        Produced::Reply(reply) => {
+            let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut resp = (status, reply.bytes).into_response();
+            if let Ok(v) = HeaderValue::from_str(&reply.content_type) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&format!("queue;dur={:.3}", ms(out.queued))) {
+                resp.headers_mut().insert("server-timing", v);
+            }
+            return resp;
+        }
+    };
+    let mut response = if mode == Mode::Raw && renditions.len() == 1 {
+        let r = renditions.into_iter().next().expect("one rendition");
         let mut resp = r.bytes.into_response();
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(r.format.mime()));
@@ -170,7 +186,7 @@ fn respond(f: &Function, out: Output, mode: Mode) -> Response {
         Json(json!({
             "function": f.deployment.name,
             "version": f.deployment.version,
-            "renditions": out.renditions.iter().map(|r| {
+            "renditions": renditions.iter().map(|r| {
                 let mut v = rendition_meta(r);
                 v["base64"] = Value::String(B64.encode(&r.bytes));
                 v
@@ -208,6 +224,8 @@ pub(crate) fn rendition_meta(r: &pixflow_imageops::Rendition) -> Value {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct QueuedMeta {
     pub mode: Mode,
+    #[serde(default)]
+    pub content_type: Option<String>,
     pub params: Vec<(String, String)>,
     /// Extra named inputs, base64.
     pub inputs: BTreeMap<String, String>,
@@ -225,9 +243,12 @@ async fn enqueue(app: &App, f: &Function, invocation: Invocation, mode: Mode) ->
         );
     }
     // Refuse now what would only fail later: parameters are checked before anything is queued.
-    f.pipeline(&invocation.params)?;
+    if f.processes.is_none() {
+        f.pipeline(&invocation.params)?;
+    }
     let meta = QueuedMeta {
         mode,
+        content_type: invocation.content_type,
         params: invocation.params,
         inputs: invocation.inputs.iter().map(|(k, v)| (k.clone(), B64.encode(v))).collect(),
     };

@@ -137,7 +137,7 @@ impl App {
         for (name, manifest) in self.store.functions().await? {
             match pixflow_runtime::parse(&manifest) {
                 Ok(d) => {
-                    self.registry.deploy(d, manifest)?;
+                    self.registry.deploy(d, manifest, &self.config.data_dir)?;
                 }
                 Err(e) => tracing::error!(function = %name, error = %e, "a stored manifest no longer validates"),
             }
@@ -146,7 +146,8 @@ impl App {
             for (path, text) in read_manifests(dir)? {
                 let d = pixflow_runtime::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 let name = d.name.clone();
-                let outcome = self.registry.deploy(d, text).with_context(|| format!("deploying {}", path.display()))?;
+                let outcome =
+                    self.registry.deploy(d, text, dir).with_context(|| format!("deploying {}", path.display()))?;
                 tracing::info!(function = %name, file = %path.display(), ?outcome, "deployed from folder");
             }
         }

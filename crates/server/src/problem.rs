@@ -167,7 +167,10 @@ impl From<InvokeError> for Problem {
             InvokeError::Timeout(_) => Problem::new(StatusCode::GATEWAY_TIMEOUT, code, detail),
             InvokeError::RequestTooLarge { .. } => Problem::new(StatusCode::PAYLOAD_TOO_LARGE, code, detail),
             InvokeError::ResponseTooLarge { .. } => Problem::new(StatusCode::BAD_GATEWAY, code, detail),
-            InvokeError::Unavailable(_) => Problem::new(StatusCode::NOT_IMPLEMENTED, code, detail),
+            InvokeError::Unavailable(_) => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, detail).retry_after(Duration::from_secs(1))
+            }
+            InvokeError::FunctionFailed(_) => Problem::new(StatusCode::BAD_GATEWAY, code, detail),
             InvokeError::Internal(_) => Problem::internal(detail),
         }
     }

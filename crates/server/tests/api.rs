@@ -162,9 +162,6 @@ async fn management_needs_tokens_and_validates_manifests() {
     call(&app, Method::GET, "/v1/functions/thumb", Some(ADMIN), &[], vec![])
         .await
         .problem(StatusCode::NOT_FOUND, "function_not_found");
-    put(Some(ADMIN), "name: thumb\nversion: '1'\nprocess: {command: [./serve]}\n")
-        .await
-        .problem(StatusCode::NOT_IMPLEMENTED, "process_functions_unavailable");
 }
 
 #[tokio::test]
@@ -441,4 +438,109 @@ async fn graceful_shutdown_finishes_in_flight_requests_over_a_socket() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     server.await.unwrap().unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+}
+
+#[tokio::test]
+async fn the_example_process_function_deploys_from_its_folder_and_answers() {
+    let mut c = config();
+    c.functions_dir =
+        Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/functions/image-info"));
+    let app = start(c).await;
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/functions/image-info/invoke",
+        None,
+        &[("content-type", "image/png")],
+        png(37, 21),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(r.json(), json!({"format": "png", "width": 37, "height": 21}));
+    // The program's own errors are relayed as it answered them.
+    let r = call(&app, Method::POST, "/v1/functions/image-info/invoke", None, &[], b"nope".to_vec()).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let m = String::from_utf8(call(&app, Method::GET, "/metrics", None, &[], vec![]).await.body).unwrap();
+    assert!(m.contains("pixflow_cold_start_seconds_count{function=\"image-info\"}"), "{m}");
+    app.shutdown().await;
+}
+
+/// A process function that misbehaves on request: sleeps, allocates, or exits mid-request.
+const UNRULY: &str = r#"
+import os, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import urlparse, parse_qs
+
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        q = parse_qs(urlparse(self.path).query)
+        if "sleep" in q:
+            time.sleep(float(q["sleep"][0]))
+        if "alloc" in q:
+            n = int(q["alloc"][0]) << 20
+            b = bytearray(n)
+            for i in range(0, n, 4096):
+                b[i] = 1
+        if "exit" in q:
+            os._exit(3)
+        out = str(os.getpid()).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[tokio::test]
+async fn process_functions_are_killed_at_timeout_limited_in_memory_and_restarted() {
+    let dir = std::env::temp_dir().join(format!("pixflow-unruly-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("unruly.py"), UNRULY).unwrap();
+    let manifest = |name: &str, memory: &str| {
+        format!(
+            "name: {name}\nversion: '1'\nprocess: {{command: [python3, unruly.py]}}\n\
+             quota: {{memory: {memory}, timeout: 2s, concurrency: 1}}\nscaling: {{min: 1, max: 1}}\nauth: none\n"
+        )
+    };
+    std::fs::write(dir.join("small.yaml"), manifest("small", "128Mi")).unwrap();
+    std::fs::write(dir.join("large.yaml"), manifest("large", "2Gi")).unwrap();
+    let mut c = config();
+    c.functions_dir = Some(dir.clone());
+    let app = start(c).await;
+    let invoke = |name: &'static str, query: &'static str| {
+        let app = app.clone();
+        async move {
+            call(&app, Method::POST, &format!("/v1/functions/{name}/invoke{query}"), None, &[], vec![1, 2, 3]).await
+        }
+    };
+    let first = invoke("small", "").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", String::from_utf8_lossy(&first.body));
+    let pid = String::from_utf8(first.body).unwrap();
+
+    // Past the timeout: 504, and the stuck instance is killed and replaced.
+    invoke("small", "?sleep=30").await.problem(StatusCode::GATEWAY_TIMEOUT, "timeout");
+    let after = invoke("small", "").await;
+    assert_eq!(after.status, StatusCode::OK, "{}", String::from_utf8_lossy(&after.body));
+    let new_pid = String::from_utf8(after.body).unwrap();
+    assert_ne!(pid, new_pid, "the timed-out instance still serves");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} outlived its timeout");
+
+    // Memory: 400 MiB does not fit a 128 MiB quota, and does fit a 2 GiB one.
+    invoke("small", "?alloc=400").await.problem(StatusCode::BAD_GATEWAY, "function_failed");
+    assert_eq!(invoke("large", "?alloc=400").await.status, StatusCode::OK);
+
+    // A crash mid-request: 502, then a fresh instance serves the next request.
+    invoke("small", "?exit=1").await.problem(StatusCode::BAD_GATEWAY, "function_failed");
+    assert_eq!(invoke("small", "").await.status, StatusCode::OK);
+    let m = String::from_utf8(call(&app, Method::GET, "/metrics", None, &[], vec![]).await.body).unwrap();
+    assert!(m.contains("pixflow_instance_restarts_total{function=\"small\",reason=\"timeout\"}"), "{m}");
+    assert!(m.contains("pixflow_instance_restarts_total{function=\"small\",reason=\"failed\"}"), "{m}");
+    app.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }
