@@ -25,12 +25,22 @@ pub struct ServeArgs {
     /// Asynchronous invocations run at once (default: one per CPU).
     #[arg(long)]
     async_workers: Option<usize>,
+    /// Requests admitted at once over all functions, running or queued; beyond it, 503.
+    #[arg(long, default_value_t = 1024)]
+    max_requests: u64,
+    /// Request bytes admitted requests may hold in memory, e.g. 1Gi; beyond it, 503.
+    #[arg(long, default_value = "1Gi", value_parser = parse_bytes)]
+    max_held_bytes: u64,
     /// Longest a shutdown waits for in-flight work, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
     /// Accept this admin token (instead of generating one on first start).
     #[arg(long, env = "PIXFLOW_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    pixflow_runtime::manifest::parse_bytes(s).ok_or_else(|| format!("`{s}` is not a size like 512Mi or 1Gi"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -56,6 +66,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(n) = args.async_workers {
         config.async_workers = n;
     }
+    config.node.max_requests = args.max_requests;
+    config.node.max_held_bytes = args.max_held_bytes;
     config.shutdown_grace = args.shutdown_grace;
     config.admin_token = args.admin_token;
     let foreign: Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync> = Arc::new(crate::ffmpeg::Ffmpeg::new());

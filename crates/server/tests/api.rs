@@ -441,11 +441,19 @@ async fn graceful_shutdown_finishes_in_flight_requests_over_a_socket() {
 }
 
 #[tokio::test]
-async fn the_example_process_function_deploys_from_its_folder_and_answers() {
+async fn the_example_functions_deploy_from_their_folder_and_answer() {
     let mut c = config();
-    c.functions_dir =
-        Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/functions/image-info"));
+    c.functions_dir = Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/functions"));
     let app = start(c).await;
+    let r = call(&app, Method::POST, "/v1/functions/thumbnail-800/invoke?format=jpeg", None, &[], png(1600, 900)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["content-type"], "image/jpeg");
+    let img = image::load_from_memory(&r.body).unwrap();
+    assert_eq!((img.width(), img.height()), (800, 450));
+    let r = call(&app, Method::POST, "/v1/functions/poster-webp/invoke?text=Hello", Some(ADMIN), &[], png(2400, 1600))
+        .await;
+    assert_eq!((r.status, r.headers["content-type"].to_str().unwrap()), (StatusCode::OK, "image/webp"));
+    assert_eq!(image::load_from_memory(&r.body).unwrap().width(), 1200);
     let r = call(
         &app,
         Method::POST,
@@ -510,6 +518,9 @@ async fn process_functions_are_killed_at_timeout_limited_in_memory_and_restarted
     };
     std::fs::write(dir.join("small.yaml"), manifest("small", "128Mi")).unwrap();
     std::fs::write(dir.join("large.yaml"), manifest("large", "2Gi")).unwrap();
+    let from_zero =
+        manifest("idle", "128Mi").replace("scaling: {min: 1, max: 1}", "scaling: {min: 0, max: 1, initial: 0}");
+    std::fs::write(dir.join("idle.yaml"), from_zero).unwrap();
     let mut c = config();
     c.functions_dir = Some(dir.clone());
     let app = start(c).await;
@@ -519,6 +530,10 @@ async fn process_functions_are_killed_at_timeout_limited_in_memory_and_restarted
             call(&app, Method::POST, &format!("/v1/functions/{name}/invoke{query}"), None, &[], vec![1, 2, 3]).await
         }
     };
+    // At zero instances a request waits for the cold start.
+    assert_eq!(app.registry.get("idle").unwrap().pool.stats().ready, 0);
+    let cold = invoke("idle", "").await;
+    assert_eq!(cold.status, StatusCode::OK, "{}", String::from_utf8_lossy(&cold.body));
     let first = invoke("small", "").await;
     assert_eq!(first.status, StatusCode::OK, "{}", String::from_utf8_lossy(&first.body));
     let pid = String::from_utf8(first.body).unwrap();
