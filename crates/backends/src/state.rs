@@ -248,18 +248,23 @@ impl Store {
         Ok(())
     }
 
-    /// Takes the oldest due invocation and leases it for `lease`; counts the attempt.
+    /// Takes the oldest due invocation and leases it for `lease`; counts the attempt. A running
+    /// invocation whose lease has run out (its node stopped mid-run) is due again, so accepted
+    /// work is delivered at least once; the caller dead-letters one whose attempts are spent.
     pub async fn claim(&self, lease: Duration) -> Result<Option<Claimed>> {
         let now = now_ms();
         let lease_end = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         let r = sqlx::query(concat!(
             "UPDATE invocations SET status = 'running', attempts = attempts + 1, lease_ms = ?, updated_ms = ?
-             WHERE id = (SELECT id FROM invocations WHERE status = 'queued' AND next_ms <= ? ORDER BY next_ms, created_ms LIMIT 1)
+             WHERE id = (SELECT id FROM invocations
+                         WHERE (status = 'queued' AND next_ms <= ?) OR (status = 'running' AND lease_ms <= ?)
+                         ORDER BY next_ms, created_ms LIMIT 1)
              RETURNING ",
             row_columns!(),
             ", payload"
         ))
         .bind(lease_end)
+        .bind(now)
         .bind(now)
         .bind(now)
         .fetch_optional(&self.db)
@@ -376,6 +381,21 @@ impl Store {
         Ok(u64::try_from(r.get::<i64, _>("n")).unwrap_or(0))
     }
 
+    /// Deletes finished invocations (succeeded or dead) last updated before `before_ms`.
+    pub async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM invocations WHERE status IN ('succeeded', 'dead') AND updated_ms < ?")
+            .bind(before_ms)
+            .execute(&self.db)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Forgets every token with this label (a configured admin token replaced by another).
+    pub async fn delete_tokens_labelled(&self, label: &str) -> Result<()> {
+        sqlx::query("DELETE FROM tokens WHERE label = ?").bind(label).execute(&self.db).await?;
+        Ok(())
+    }
+
     /// Closes the connections, flushing the WAL.
     pub async fn close(&self) {
         self.db.close().await;
@@ -434,8 +454,24 @@ mod tests {
         s.enqueue(&inv("a")).await.unwrap();
         s.claim(Duration::ZERO).await.unwrap().unwrap();
         assert_eq!(s.requeue_expired().await.unwrap(), 1);
-        assert_eq!(s.claim(Duration::from_secs(60)).await.unwrap().unwrap().row.attempts, 2);
+        assert_eq!(s.claim(Duration::ZERO).await.unwrap().unwrap().row.attempts, 2);
+        // Without a restart, a claim takes a running row whose lease ran out.
+        let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!((again.row.id.as_str(), again.row.attempts), ("a", 3));
+        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
         assert_eq!(s.requeue_expired().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn finished_invocations_are_purged_after_retention() {
+        let s = Store::memory().await.unwrap();
+        s.enqueue(&inv("a")).await.unwrap();
+        s.enqueue(&inv("b")).await.unwrap();
+        s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        s.finish("a", "[]", b"x").await.unwrap();
+        assert_eq!(s.purge_finished(now_ms() - 60_000).await.unwrap(), 0);
+        assert_eq!(s.purge_finished(now_ms() + 1).await.unwrap(), 1);
+        assert!(s.get("a").await.unwrap().is_none() && s.get("b").await.unwrap().is_some());
     }
 
     #[tokio::test]

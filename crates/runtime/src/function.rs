@@ -129,7 +129,7 @@ impl Default for NodeLimits {
 }
 
 /// Bytes and a request slot held on the node until dropped.
-struct NodeTicket {
+pub struct NodeTicket {
     node: Arc<Node>,
     bytes: u64,
 }
@@ -154,7 +154,9 @@ impl Node {
         })
     }
 
-    fn admit(self: &Arc<Self>, bytes: u64) -> Result<NodeTicket, InvokeError> {
+    /// Admits a request holding `bytes` in memory, or answers that the node is overloaded.
+    /// Front ends call it before reading a body, with the size they are about to hold.
+    pub fn admit(self: &Arc<Self>, bytes: u64) -> Result<NodeTicket, InvokeError> {
         if self.requests.fetch_add(1, Ordering::AcqRel) >= self.max_requests {
             self.requests.fetch_sub(1, Ordering::AcqRel);
             return Err(InvokeError::Overloaded("too many requests in progress"));
@@ -189,22 +191,26 @@ pub struct Function {
     base: Option<Pipeline>,
     /// The child processes of a process function.
     pub processes: Option<Arc<Processes>>,
+    /// Instances started at deploy.
+    pub initial: u32,
     retired: AtomicBool,
     retire: Notify,
 }
 
 impl Function {
     /// A function version; a process function's programs run in `workdir` (the manifest's
-    /// folder) with memory limited by `limiter`.
+    /// folder) with memory limited by `limiter`. `initial` instances start at once (at least
+    /// the manifest's; a rollover passes the old version's count).
     pub fn new(
         deployment: Deployment,
         manifest: String,
         workdir: &std::path::Path,
         limiter: &MemoryLimiter,
+        initial: u32,
     ) -> Arc<Function> {
         // Built-in instances are ready at once; process instances when their port opens.
         let is_process = matches!(deployment.runnable, Runnable::Process(_));
-        let ready = if is_process { 0 } else { deployment.scaling.initial };
+        let ready = if is_process { 0 } else { initial };
         let pool = Pool::new(deployment.quota.concurrency, deployment.quota.max_queue, ready);
         let (base, processes) = match &deployment.runnable {
             Runnable::Pipeline { steps, .. } => (build(steps).ok(), None),
@@ -227,6 +233,7 @@ impl Function {
             pool,
             base,
             processes,
+            initial,
             retired: AtomicBool::new(false),
             retire: Notify::new(),
         })
@@ -349,15 +356,18 @@ impl Output {
 }
 
 /// Runs one request on `f`: admission, a slot, the engine on the CPU pool, under the timeout.
+/// `ticket` is the node admission a front end took before reading the request (else it is
+/// taken here).
 pub async fn invoke(
     node: &Arc<Node>,
     f: &Arc<Function>,
     req: Invocation,
     foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
+    ticket: Option<NodeTicket>,
 ) -> Result<Output, InvokeError> {
     let name = f.name().to_owned();
     let started = tokio::time::Instant::now();
-    let result = invoke_inner(node, f, req, foreign).await;
+    let result = invoke_inner(node, f, req, foreign, ticket).await;
     let outcome = match &result {
         Ok(Output { produced: Produced::Reply(r), .. }) if r.status >= 400 => "function_error",
         Ok(_) => "ok",
@@ -384,6 +394,7 @@ async fn invoke_inner(
     f: &Arc<Function>,
     req: Invocation,
     foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
+    ticket: Option<NodeTicket>,
 ) -> Result<Output, InvokeError> {
     let quota = &f.deployment.quota;
     let bytes = req.bytes();
@@ -398,27 +409,39 @@ async fn invoke_inner(
         Some(_) => None,
         None => Some(f.pipeline(&req.params)?),
     };
-    let _ticket = node.admit(bytes)?;
+    let ticket = match ticket {
+        Some(t) => t,
+        None => node.admit(bytes)?,
+    };
     let waited = tokio::time::Instant::now();
+    let deadline = waited + quota.timeout;
     let permit = f.pool.acquire(quota.timeout).await?;
-    let queued = waited.elapsed();
-    let left = quota.timeout.saturating_sub(queued);
     let Some(pipeline) = pipeline else {
+        let queued = waited.elapsed();
         let processes = f.processes.as_ref().ok_or_else(|| InvokeError::Internal("no processes".into()))?;
-        let reply =
-            processes.call(req.input, &req.params, req.content_type.as_deref(), left, quota.max_response_bytes).await;
-        drop(permit);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let reply = processes
+            .call(req.input, &req.params, req.content_type.as_deref(), left, quota.timeout, quota.max_response_bytes)
+            .await;
+        drop((permit, ticket));
         return Ok(Output { produced: Produced::Reply(reply?), queued, cpu: Duration::ZERO });
     };
-    let cpu_permit =
-        node.cpu.clone().acquire_owned().await.map_err(|_| InvokeError::Internal("CPU pool closed".into()))?;
+    // Waiting for a CPU counts against the timeout too.
+    let cpu_permit = match tokio::time::timeout_at(deadline, node.cpu.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return Err(InvokeError::Internal("CPU pool closed".into())),
+        Err(_) => return Err(InvokeError::Timeout(quota.timeout)),
+    };
+    let queued = waited.elapsed();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let mut limits = quota.limits;
     // The time spent queueing counts against the timeout.
     limits.max_op_millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
     let work = tokio::task::spawn_blocking(move || {
-        // The slot and the CPU are held until the engine actually stops, even after the
-        // caller stopped waiting, so the node never runs more than it admitted.
-        let _held = (permit, cpu_permit);
+        // The slot, the CPU and the node's admission (with the input's bytes) are held until
+        // the engine actually stops, even after the caller stopped waiting, so the node never
+        // runs or holds more than it admitted.
+        let _held = (permit, cpu_permit, ticket);
         let clock = cpu_time::ThreadTime::now();
         let opts = RunOptions {
             limits,

@@ -486,6 +486,12 @@ impl Manifest {
                 format!("{target} must be above 0 and at most quota.concurrency ({concurrency})"),
             ));
         }
+        if min == 0 && self.quota.max_queue == Some(0) {
+            problems.push(diag(
+                "quota.max_queue",
+                "0 leaves nowhere to wait for a cold start; give scaling.min >= 1 or a queue",
+            ));
+        }
         let stable_window = dur("stable_window", &s.stable_window, 60, problems);
         let panic_window = dur("panic_window", &s.panic_window, 6, problems);
         if panic_window > stable_window {

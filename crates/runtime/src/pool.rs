@@ -133,6 +133,10 @@ impl Pool {
             }
             s.waiters.retain(|w| !w.is_closed());
             if s.waiters.len() >= self.max_queue as usize {
+                if s.ready == 0 {
+                    // Refused, but the demand still starts an instance for the next request.
+                    self.demand.notify_one();
+                }
                 return Err(Rejected::QueueFull { queued: s.waiters.len(), max_queue: self.max_queue });
             }
             let (tx, rx) = oneshot::channel();

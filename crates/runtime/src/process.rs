@@ -36,6 +36,10 @@ use crate::pool::Pool;
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An instance up this long resets the backoff when it exits.
+const STABLE_UPTIME: Duration = Duration::from_secs(10);
+/// A request with less time left than this is not sent (it could only time out).
+const MIN_SEND_BUDGET: Duration = Duration::from_millis(5);
 
 /// How memory limits are enforced on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +72,7 @@ impl MemoryLimiter {
 /// One running child.
 struct Instance {
     port: u16,
+    started: Instant,
     in_flight: AtomicU32,
     kill: Notify,
     killed: AtomicBool,
@@ -82,6 +87,8 @@ pub struct Processes {
     limiter: MemoryLimiter,
     live: Mutex<Vec<Arc<Instance>>>,
     starting: AtomicU32,
+    /// Set by `stop_all`: starts still under way kill their child instead of adding it.
+    stopped: AtomicBool,
     failures: AtomicU32,
     next_start: Mutex<Instant>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -109,6 +116,7 @@ impl Processes {
             limiter,
             live: Mutex::new(Vec::new()),
             starting: AtomicU32::new(0),
+            stopped: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             next_start: Mutex::new(Instant::now()),
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -186,9 +194,11 @@ impl Processes {
         }
     }
 
-    /// Stops every instance.
+    /// Stops every instance, including ones still starting.
     pub fn stop_all(&self) {
-        for i in self.live().drain(..) {
+        let mut list = self.live();
+        self.stopped.store(true, Ordering::Release);
+        for i in list.drain(..) {
             i.killed.store(true, Ordering::Release);
             i.kill.notify_one();
         }
@@ -200,9 +210,13 @@ impl Processes {
         self.starting.fetch_sub(1, Ordering::AcqRel);
         match result {
             Ok(instance) => {
-                self.failures.store(0, Ordering::Release);
                 {
                     let mut list = self.live();
+                    if self.stopped.load(Ordering::Acquire) {
+                        instance.killed.store(true, Ordering::Release);
+                        instance.kill.notify_one();
+                        return;
+                    }
                     list.push(instance);
                     self.publish(list.len());
                 }
@@ -244,8 +258,12 @@ impl Processes {
                 c
             }
         };
-        cmd.current_dir(&self.workdir)
-            .envs(&self.spec.env)
+        // Only what the manifest gives (and PATH): never the node's own secrets.
+        cmd.current_dir(&self.workdir).env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
+        cmd.envs(&self.spec.env)
             .env(&self.spec.port_env, port.to_string())
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
@@ -281,6 +299,7 @@ impl Processes {
         }
         let instance = Arc::new(Instance {
             port,
+            started: Instant::now(),
             in_flight: AtomicU32::new(0),
             kill: Notify::new(),
             killed: AtomicBool::new(false),
@@ -300,6 +319,10 @@ impl Processes {
             }
             if !watched.killed.load(Ordering::Acquire) {
                 tracing::warn!(function = %me.name, ?status, "process function instance exited");
+                // Only a program that stayed up a while earns a fresh backoff.
+                if watched.started.elapsed() >= STABLE_UPTIME {
+                    me.failures.store(0, Ordering::Release);
+                }
                 me.replace(&watched, "exited");
                 // A program that keeps dying is restarted ever more slowly.
                 me.back_off();
@@ -308,22 +331,32 @@ impl Processes {
         Ok(instance)
     }
 
-    /// Sends one request to the least busy instance.
+    /// Sends one request to the least busy instance with `left` of the function's `timeout`
+    /// remaining. An instance is killed only when a request has run (nearly) the whole timeout
+    /// on it.
     pub async fn call(
         &self,
         body: Vec<u8>,
         params: &[(String, String)],
         content_type: Option<&str>,
+        left: Duration,
         timeout: Duration,
         max_response: u64,
     ) -> Result<Reply, InvokeError> {
-        let instance = self
-            .live()
-            .iter()
-            .min_by_key(|i| i.in_flight.load(Ordering::Acquire))
-            .cloned()
-            .ok_or_else(|| InvokeError::Unavailable("no instance of the function is running".into()))?;
-        instance.in_flight.fetch_add(1, Ordering::AcqRel);
+        if left < MIN_SEND_BUDGET {
+            return Err(InvokeError::Timeout(timeout));
+        }
+        let instance = {
+            let list = self.live();
+            let picked = list
+                .iter()
+                .min_by_key(|i| i.in_flight.load(Ordering::Acquire))
+                .cloned()
+                .ok_or_else(|| InvokeError::Unavailable("no instance of the function is running".into()))?;
+            // Counted under the lock, so a scale-down never picks it as idle.
+            picked.in_flight.fetch_add(1, Ordering::AcqRel);
+            picked
+        };
         struct Busy(Arc<Instance>);
         impl Drop for Busy {
             fn drop(&mut self) {
@@ -366,11 +399,15 @@ impl Processes {
             };
             Ok(Reply { status, content_type, bytes })
         };
-        match tokio::time::timeout(timeout, exchange).await {
+        match tokio::time::timeout(left, exchange).await {
             Ok(result) => result,
             Err(_) => {
-                // A stuck instance is killed and replaced.
-                self.replace(&instance, "timeout");
+                // A request that ran (nearly) the whole timeout on the instance found it
+                // stuck: kill and replace it. One that spent a tenth of its time queueing
+                // first only times out.
+                if left.as_secs_f64() >= timeout.as_secs_f64() * 0.9 {
+                    self.replace(&instance, "timeout");
+                }
                 Err(InvokeError::Timeout(timeout))
             }
         }

@@ -95,13 +95,10 @@ impl Registry {
                 Err(DeployError::VersionConflict { name: deployment.name, version: deployment.version })
             };
         }
-        let mut deployment = deployment;
-        if let Some(old) = &previous {
-            let ready = old.pool.stats().ready;
-            let s = &mut deployment.scaling;
-            s.initial = s.initial.max(ready.min(s.max));
-        }
-        let f = Function::new(deployment, manifest, workdir, &self.limiter);
+        // A new version starts with at least as many instances as the old one has.
+        let s = &deployment.scaling;
+        let initial = s.initial.max(previous.as_ref().map_or(0, |old| old.pool.stats().ready.min(s.max)));
+        let f = Function::new(deployment, manifest, workdir, &self.limiter, initial);
         tokio::spawn(scale(f.clone(), self.options.tick));
         map.insert(f.name().to_owned(), f.clone());
         drop(map);
@@ -160,7 +157,7 @@ async fn scale(f: Arc<Function>, tick: Duration) {
     let gauge_in_flight = metrics::gauge!("pixflow_in_flight", "function" => name.clone());
     // Process functions start their initial instances now; built-ins have them already.
     if let Some(p) = &f.processes {
-        p.scale(f.deployment.scaling.initial);
+        p.scale(f.initial);
     }
     loop {
         if f.is_retired() {
@@ -267,8 +264,13 @@ mod tests {
         let (d2, t2) = manifest("1", "quota: {concurrency: 2}\n");
         assert!(matches!(reg.deploy(d2, t2, std::path::Path::new(".")), Err(DeployError::VersionConflict { .. })));
         let (d3, t3) = manifest("2", "");
-        assert_eq!(reg.deploy(d3, t3, std::path::Path::new(".")), Ok(Deployed::Updated { previous: "1".into() }));
+        assert_eq!(
+            reg.deploy(d3.clone(), t3.clone(), std::path::Path::new(".")),
+            Ok(Deployed::Updated { previous: "1".into() })
+        );
         assert_eq!(reg.get("thumb").unwrap().deployment.version, "2");
+        // Redeploying what runs after a rollover is still a no-op.
+        assert_eq!(reg.deploy(d3, t3, std::path::Path::new(".")), Ok(Deployed::Unchanged));
     }
 
     #[tokio::test]
@@ -283,7 +285,7 @@ mod tests {
         let queued = {
             let (node, old) = (node.clone(), old.clone());
             tokio::spawn(async move {
-                invoke(&node, &old, Invocation { input: png(32, 16), ..Default::default() }, None).await
+                invoke(&node, &old, Invocation { input: png(32, 16), ..Default::default() }, None, None).await
             })
         };
         while old.pool.stats().queued == 0 {
@@ -293,10 +295,11 @@ mod tests {
         reg.deploy(d2, t2, std::path::Path::new(".")).unwrap();
         // New requests go to version 2 while version 1 still holds one.
         let new = reg.get("thumb").unwrap();
-        let out = invoke(&node, &new, Invocation { input: png(32, 16), ..Default::default() }, None).await.unwrap();
+        let out =
+            invoke(&node, &new, Invocation { input: png(32, 16), ..Default::default() }, None, None).await.unwrap();
         assert_eq!((out.renditions()[0].width, out.renditions()[0].height), (8, 4));
         assert!(matches!(
-            invoke(&node, &old, Invocation { input: png(4, 4), ..Default::default() }, None).await,
+            invoke(&node, &old, Invocation { input: png(4, 4), ..Default::default() }, None, None).await,
             Err(crate::function::InvokeError::Rejected(Rejected::Closed))
         ));
         drop(held);
@@ -316,7 +319,7 @@ mod tests {
         let f = reg.get("thumb").unwrap();
         assert_eq!(f.pool.stats().ready, 0);
         // A request at zero waits for a cold start rather than failing.
-        let out = invoke(&node, &f, Invocation { input: png(16, 16), ..Default::default() }, None).await.unwrap();
+        let out = invoke(&node, &f, Invocation { input: png(16, 16), ..Default::default() }, None, None).await.unwrap();
         assert_eq!(out.renditions()[0].width, 8);
         assert_eq!(f.pool.stats().ready, 1);
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -335,13 +338,13 @@ mod tests {
             params: params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             ..Default::default()
         };
-        let out = invoke(&node, &f, req(&[("width", "20"), ("format", "webp")]), None).await.unwrap();
+        let out = invoke(&node, &f, req(&[("width", "20"), ("format", "webp")]), None, None).await.unwrap();
         let r = &out.renditions()[0];
         assert_eq!((r.width, r.height, r.format), (20, 10, pixflow_imageops::OutFormat::Webp));
-        let err = invoke(&node, &f, req(&[("height", "5")]), None).await.unwrap_err();
+        let err = invoke(&node, &f, req(&[("height", "5")]), None, None).await.unwrap_err();
         assert_eq!(err.code(), "bad_parameter");
         assert!(err.to_string().contains("callers may set width, format"), "{err}");
-        let err = invoke(&node, &f, req(&[("width", "-3")]), None).await.unwrap_err();
+        let err = invoke(&node, &f, req(&[("width", "-3")]), None, None).await.unwrap_err();
         assert_eq!(err.code(), "bad_parameter");
     }
 
@@ -352,13 +355,15 @@ mod tests {
         reg.deploy(d, t, std::path::Path::new(".")).unwrap();
         let f = reg.get("thumb").unwrap();
         let node = Node::new(NodeLimits::default());
-        let err = invoke(&node, &f, Invocation { input: png(64, 64), ..Default::default() }, None).await.unwrap_err();
+        let err =
+            invoke(&node, &f, Invocation { input: png(64, 64), ..Default::default() }, None, None).await.unwrap_err();
         assert_eq!(err.code(), "request_too_large");
         let (d, t) = manifest("2", "");
         reg.deploy(d, t, std::path::Path::new(".")).unwrap();
         let f = reg.get("thumb").unwrap();
         let tiny = Node::new(NodeLimits { cpus: 1, max_held_bytes: 10, max_requests: 10 });
-        let err = invoke(&tiny, &f, Invocation { input: png(8, 8), ..Default::default() }, None).await.unwrap_err();
+        let err =
+            invoke(&tiny, &f, Invocation { input: png(8, 8), ..Default::default() }, None, None).await.unwrap_err();
         assert_eq!(err.code(), "overloaded");
         assert_eq!(tiny.requests(), 0);
     }

@@ -84,8 +84,9 @@ pub(crate) struct ResultQuery {
 pub(crate) async fn result(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-    Query(q): Query<ResultQuery>,
+    q: Result<Query<ResultQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
+    let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
     check_id(&id)?;
     let row = app.store.get(&id).await?.ok_or_else(|| not_found(&id))?;
     if row.status != Status::Succeeded {
@@ -124,9 +125,10 @@ pub(crate) struct Page {
 pub(crate) async fn dead_letters(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Query(page): Query<Page>,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Problem> {
     auth::admin(&app.store, &headers).await?;
+    let Query(page) = page.map_err(|e| Problem::bad_request(e.body_text()))?;
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let rows = app.store.dead_letters(page.after.as_deref(), limit).await?;
     let next = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.clone())).flatten();
@@ -184,8 +186,45 @@ fn problem_json(p: &Problem) -> String {
     serde_json::to_string(p).unwrap_or_default()
 }
 
+/// Deletes finished invocations past the retention period, hourly.
+pub(crate) async fn retention(app: Arc<App>) {
+    loop {
+        // Registered before the check, so a stop between the two is not missed.
+        let stop = app.stop.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if app.stopping() {
+            return;
+        }
+        let keep = i64::try_from(app.config.async_retention.as_millis()).unwrap_or(i64::MAX);
+        match app.store.purge_finished(pixflow_backends::state::now_ms().saturating_sub(keep)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "finished asynchronous invocations past retention deleted"),
+            Err(e) => tracing::error!(error = %e, "purging finished invocations"),
+        }
+        tokio::select! {
+            () = stop => {}
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
 async fn run(app: &Arc<App>, claimed: Claimed) {
     let Claimed { row, payload } = claimed;
+    if row.attempts > row.max_attempts {
+        // Its lease ran out on the last attempt: the node stopped while running it, maybe
+        // because of it. It is not run again.
+        let problem = Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "attempt_lost",
+            "the node stopped while running the last attempt",
+        );
+        metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
+        if let Err(e) = app.store.bury(&row.id, &problem_json(&problem)).await {
+            tracing::error!(id = %row.id, error = %e, "dead-lettering an invocation");
+        }
+        return;
+    }
     let outcome = attempt(app, &row, payload).await;
     let recorded = match outcome {
         Ok((meta, bytes)) => app.store.finish(&row.id, &meta, &bytes).await,
@@ -230,7 +269,7 @@ async fn attempt(
         inputs.insert(name, bytes);
     }
     let invocation = Invocation { input: payload, params: meta.params, inputs, content_type: meta.content_type };
-    match pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone()).await {
+    match pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), None).await {
         Ok(out) => match out.produced {
             Produced::Renditions(renditions) => {
                 let metas: Vec<Value> = renditions.iter().map(rendition_meta).collect();

@@ -68,19 +68,61 @@ impl Data {
 #[serde(deny_unknown_fields)]
 struct JsonRequest {
     input: Option<Data>,
+    /// Kept as unparsed text: a parameter is a scalar, and a nested document is refused
+    /// without building it in memory.
     #[serde(default)]
-    params: BTreeMap<String, Value>,
+    params: BTreeMap<String, Box<serde_json::value::RawValue>>,
     #[serde(default)]
     inputs: BTreeMap<String, Data>,
 }
 
-fn param_text(key: &str, v: Value) -> Result<String, Problem> {
-    match v {
+/// Most parameters and named inputs one request may carry.
+const MAX_PARAMS: usize = 64;
+const MAX_INPUTS: usize = 16;
+
+fn param_text(key: &str, raw: &serde_json::value::RawValue) -> Result<String, Problem> {
+    let text = raw.get().trim_start();
+    let scalar = || Problem::bad_request(format!("params.{key}: a string, number or boolean"));
+    if text.starts_with(['[', '{']) {
+        return Err(scalar());
+    }
+    match serde_json::from_str::<Value>(text).map_err(|_| scalar())? {
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
-        _ => Err(Problem::bad_request(format!("params.{key}: a string, number or boolean"))),
+        _ => Err(scalar()),
     }
+}
+
+/// Bytes a request will hold once read: what it declares, else the most it may send. JSON
+/// holds the document and the decoded bytes at once.
+pub(crate) fn reserve(f: &Function, headers: &HeaderMap) -> Result<u64, Problem> {
+    let max = f.deployment.quota.max_request_bytes;
+    let json = is_json(headers);
+    let limit = if json { json_limit(max) } else { max };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit => Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("the request body is {n} bytes; this function accepts at most {limit}"),
+        )),
+        Some(n) => Ok(if json { n.saturating_mul(2) } else { n }),
+        None => Ok(if json { limit.saturating_mul(2) } else { limit }),
+    }
+}
+
+/// Base64 is 4/3 of the bytes it carries; leave room for the rest of the document.
+fn json_limit(max: u64) -> u64 {
+    max.saturating_mul(4) / 3 + (64 << 10)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")))
 }
 
 /// Reads the request into an invocation.
@@ -91,27 +133,29 @@ async fn decode(
     body: Body,
 ) -> Result<(Invocation, Mode), Problem> {
     let max = f.deployment.quota.max_request_bytes;
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    let is_json = is_json(headers);
     let mut params: Vec<(String, String)> = match &query {
         Some(q) => serde_urlencoded::from_str(q).map_err(|e| Problem::bad_request(format!("query string: {e}")))?,
         None => Vec::new(),
     };
+    if params.len() > MAX_PARAMS {
+        return Err(Problem::bad_request(format!("at most {MAX_PARAMS} query parameters")));
+    }
     if !is_json {
         let input = read_body(body, max).await?.to_vec();
         let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         return Ok((Invocation { input, params, inputs: BTreeMap::new(), content_type }, Mode::Raw));
     }
-    // Base64 is 4/3 of the bytes it carries; leave room for the rest of the document.
-    let body = read_body(body, max.saturating_mul(4) / 3 + (64 << 10)).await?;
+    let body = read_body(body, json_limit(max)).await?;
     let req: JsonRequest =
         serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("request document: {e}")))?;
     drop(body);
-    for (k, v) in req.params {
-        let text = param_text(&k, v)?;
-        params.push((k, text));
+    if req.params.len() > MAX_PARAMS || req.inputs.len() > MAX_INPUTS {
+        return Err(Problem::bad_request(format!("at most {MAX_PARAMS} params and {MAX_INPUTS} inputs")));
+    }
+    for (k, v) in &req.params {
+        let text = param_text(k, v)?;
+        params.push((k.clone(), text));
     }
     let input = match req.input {
         Some(d) => d.bytes("input")?,
@@ -148,11 +192,18 @@ pub(crate) async fn invoke(
 ) -> Result<Response, Problem> {
     let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
     check_invoke(&app, &f, &headers).await?;
+    // The node admits the bytes before they are read, so uploads cannot pile up unbounded.
+    let ticket = app.node.admit(reserve(&f, &headers)?)?;
     let (invocation, mode) = decode(&f, query, &headers, body).await?;
     if wants_async(&headers) {
         return enqueue(&app, &f, invocation, mode).await;
     }
-    let out = pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone()).await?;
+    // A new version may have rolled out while the body arrived: the request goes to it.
+    let f = match app.registry.get(&name) {
+        Some(latest) if f.is_retired() => latest,
+        _ => f,
+    };
+    let out = pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), Some(ticket)).await?;
     Ok(respond(&f, out, mode))
 }
 
@@ -234,6 +285,18 @@ pub(crate) struct QueuedMeta {
 async fn enqueue(app: &App, f: &Function, invocation: Invocation, mode: Mode) -> Result<Response, Problem> {
     if app.stopping() {
         return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
+    }
+    let depth = app.store.queue_depth().await?;
+    if depth >= app.config.max_async_queued {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "async_queue_full",
+            format!(
+                "{depth} asynchronous invocations are waiting (the node holds {}); retry later",
+                app.config.max_async_queued
+            ),
+        )
+        .retry_after(std::time::Duration::from_secs(5)));
     }
     let quota = &f.deployment.quota;
     let size = invocation.input.len() as u64 + invocation.inputs.values().map(|v| v.len() as u64).sum::<u64>();

@@ -40,6 +40,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Keep state in memory only (tests).
     pub in_memory: bool,
+    /// Asynchronous invocations waiting or running before new ones get 503.
+    pub max_async_queued: u64,
+    /// How long finished asynchronous invocations (results, dead letters) are kept.
+    pub async_retention: Duration,
 }
 
 impl Config {
@@ -54,6 +58,8 @@ impl Config {
             shutdown_grace: Duration::from_secs(30),
             admin_token: None,
             in_memory: false,
+            max_async_queued: 10_000,
+            async_retention: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -70,6 +76,8 @@ pub struct App {
     stopping: AtomicBool,
     /// Wakes asynchronous workers when work is queued or the node stops.
     queue_wake: Notify,
+    /// Wakes background loops when the node stops.
+    stop: Notify,
     workers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -119,6 +127,7 @@ impl App {
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             queue_wake: Notify::new(),
+            stop: Notify::new(),
             workers: std::sync::Mutex::new(Vec::new()),
             config,
         });
@@ -127,7 +136,9 @@ impl App {
         if requeued > 0 {
             tracing::info!(requeued, "asynchronous invocations interrupted by a stop are queued again");
         }
-        let workers = (0..app.config.async_workers).map(|_| tokio::spawn(invocations::worker(app.clone()))).collect();
+        let mut workers: Vec<_> =
+            (0..app.config.async_workers).map(|_| tokio::spawn(invocations::worker(app.clone()))).collect();
+        workers.push(tokio::spawn(invocations::retention(app.clone())));
         *app.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = workers;
         app.ready.store(true, Ordering::Release);
         Ok(Started { app, new_admin_token })
@@ -163,6 +174,7 @@ impl App {
         self.ready.store(false, Ordering::Release);
         self.stopping.store(true, Ordering::Release);
         self.queue_wake.notify_waiters();
+        self.stop.notify_waiters();
     }
 
     /// Shuts down: no new work, in-flight work finishes within the grace period, state is
@@ -175,8 +187,12 @@ impl App {
             tracing::warn!(left, "requests still running at the shutdown deadline");
         }
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        // One deadline for all workers together.
+        let end = tokio::time::Instant::now() + grace;
         for w in workers {
-            if tokio::time::timeout(grace, w).await.is_err() {
+            let abort = w.abort_handle();
+            if tokio::time::timeout_at(end, w).await.is_err() {
+                abort.abort();
                 tracing::warn!("an asynchronous invocation was cut at the shutdown deadline; its lease returns it");
             }
         }
@@ -187,6 +203,9 @@ impl App {
 /// Ensures an admin token exists; returns one created now.
 async fn admin_token(store: &Store, config: &Config) -> Result<Option<String>> {
     if let Some(token) = &config.admin_token {
+        anyhow::ensure!(token.len() >= 16, "the configured admin token is too short: use at least 16 characters");
+        // A token configured before (and since replaced) stops working.
+        store.delete_tokens_labelled("configured").await?;
         store.add_token(&auth::digest(token), auth::Role::Admin.as_str(), "configured").await?;
         return Ok(None);
     }
@@ -255,6 +274,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/dead-letters", get(invocations::dead_letters))
         .route("/v1/tokens", post(functions::create_token))
         .fallback(|| async { problem::Problem::not_found("not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            problem::Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
         .with_state(app)
 }
 

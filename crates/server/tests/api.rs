@@ -342,16 +342,22 @@ async fn asynchronous_invocations_complete_retry_and_dead_letter() {
 
 #[tokio::test]
 async fn retryable_failures_back_off_then_dead_letter() {
-    let mut c = config();
-    // Every run finds the node full: a failure that a retry could fix.
-    c.node.max_held_bytes = 10;
-    let app = start(c).await;
-    deploy(&app, "name: flaky\nversion: '1'\nbuiltin: flip\nauth: none\nretry: {attempts: 3, backoff: 10ms, max_backoff: 20ms}\n").await;
+    let app = start(config()).await;
+    // One slot, no queue, and the slot held: every attempt finds the function full, a
+    // failure that a retry could fix.
+    deploy(
+        &app,
+        "name: flaky\nversion: '1'\nbuiltin: flip\nauth: none\nquota: {concurrency: 1, max_queue: 0}\n\
+         scaling: {min: 1, max: 1}\nretry: {attempts: 3, backoff: 10ms, max_backoff: 20ms}\n",
+    )
+    .await;
+    let held = app.registry.get("flaky").unwrap().pool.acquire(Duration::from_secs(5)).await.unwrap();
     let r =
         call(&app, Method::POST, "/v1/functions/flaky/invoke", None, &[("prefer", "respond-async")], png(8, 8)).await;
     let id = r.json()["id"].as_str().unwrap().to_owned();
     let dead = wait_for(&app, &id, "dead").await;
-    assert_eq!((dead["attempts"].as_u64(), dead["error"]["code"].as_str()), (Some(3), Some("overloaded")));
+    assert_eq!((dead["attempts"].as_u64(), dead["error"]["code"].as_str()), (Some(3), Some("queue_full")));
+    drop(held);
 }
 
 #[tokio::test]
@@ -556,6 +562,65 @@ async fn process_functions_are_killed_at_timeout_limited_in_memory_and_restarted
     let m = String::from_utf8(call(&app, Method::GET, "/metrics", None, &[], vec![]).await.body).unwrap();
     assert!(m.contains("pixflow_instance_restarts_total{function=\"small\",reason=\"timeout\"}"), "{m}");
     assert!(m.contains("pixflow_instance_restarts_total{function=\"small\",reason=\"failed\"}"), "{m}");
+    app.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn untrusted_requests_get_specific_problems_before_work() {
+    let mut c = config();
+    c.async_workers = 0;
+    c.max_async_queued = 1;
+    let app = start(c).await;
+    deploy(&app, THUMB).await;
+    let uri = "/v1/functions/thumb/invoke";
+    let json = [("content-type", "application/json")];
+    // Nested parameters are refused without being built.
+    let nested = format!("{{\"params\": {{\"width\": [{}0]}}}}", "0,".repeat(10_000));
+    call(&app, Method::POST, uri, None, &json, nested.into_bytes())
+        .await
+        .problem(StatusCode::BAD_REQUEST, "bad_request");
+    // A declared body over the quota is refused before it is read.
+    call(&app, Method::POST, uri, None, &[("content-length", "999999999")], vec![])
+        .await
+        .problem(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large");
+    call(&app, Method::GET, uri, None, &[], vec![]).await.problem(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    call(&app, Method::GET, "/v1/dead-letters?limit=many", Some(ADMIN), &[], vec![])
+        .await
+        .problem(StatusCode::BAD_REQUEST, "bad_request");
+    // The asynchronous queue is bounded.
+    let a = call(&app, Method::POST, uri, None, &[("prefer", "respond-async")], png(4, 4)).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    call(&app, Method::POST, uri, None, &[("prefer", "respond-async")], png(4, 4))
+        .await
+        .problem(StatusCode::SERVICE_UNAVAILABLE, "async_queue_full");
+    // A configured admin token must be long enough to be a secret.
+    let mut weak = config();
+    weak.admin_token = Some("short".into());
+    assert!(App::start(weak, None).await.is_err());
+}
+
+#[tokio::test]
+async fn an_attempt_lost_with_its_node_is_retried_and_the_last_one_dead_lettered() {
+    let dir = std::env::temp_dir().join(format!("pixflow-lost-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut c = Config::new(&dir);
+    c.admin_token = Some(ADMIN.into());
+    c.async_workers = 0;
+    let app = start(c.clone()).await;
+    deploy(&app, "name: once\nversion: '1'\nbuiltin: flip\nauth: none\nretry: {attempts: 2}\n").await;
+    let r =
+        call(&app, Method::POST, "/v1/functions/once/invoke", None, &[("prefer", "respond-async")], png(4, 4)).await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // Two attempts start and their node dies each time (the leases run out unanswered).
+    for _ in 0..2 {
+        app.store.claim(Duration::ZERO).await.unwrap().unwrap();
+    }
+    app.shutdown().await;
+    c.async_workers = 1;
+    let app = start(c).await;
+    let dead = wait_for(&app, &id, "dead").await;
+    assert_eq!(dead["error"]["code"], "attempt_lost");
     app.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
