@@ -117,7 +117,7 @@ def run_load(name, url, pid, lua, env, seconds):
 def start_pixflow(fdir, data, port, extra=()):
     p = subprocess.Popen(
         ["taskset", "-c", "0", PIXFLOW, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
-         "--functions", fdir, "--cpus", "1", "--admin-token", "pfx_bench", *extra],
+         "--functions", fdir, "--cpus", "1", "--admin-token", "pfx_bench-load-admin-token", *extra],
         stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"},
     )
     wait_http(port, "/readyz")

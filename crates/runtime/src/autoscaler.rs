@@ -66,7 +66,8 @@ impl Kpa {
         let stable = self.instances_for(self.average(now, p.stable_window));
         let panic = self.instances_for(self.average(now, p.panic_window));
 
-        let bursting = if ready == 0 { panic > 0 } else { f64::from(panic) / f64::from(ready) >= PANIC_THRESHOLD };
+        // As in Knative, zero ready instances count as one when judging a burst.
+        let bursting = f64::from(panic) / f64::from(ready.max(1)) >= PANIC_THRESHOLD;
         if bursting {
             self.panic_since = Some(now);
         } else if self.panic_since.is_some_and(|t| now.saturating_duration_since(t) >= p.stable_window) {

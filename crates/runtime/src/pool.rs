@@ -159,6 +159,15 @@ impl Pool {
         }
     }
 
+    /// The refusal a request would get right now if every slot is busy and the queue is full
+    /// (a hint for front ends, to refuse before reading a body; `acquire` decides for real).
+    pub fn refusal(&self) -> Option<Rejected> {
+        let s = self.lock();
+        let queued = s.waiters.iter().filter(|w| !w.is_closed()).count();
+        let full = s.in_flight >= self.capacity(&s) && queued >= self.max_queue as usize && s.ready > 0;
+        full.then_some(Rejected::QueueFull { queued, max_queue: self.max_queue })
+    }
+
     fn forget_closed_waiters(&self) {
         let mut s = self.lock();
         s.waiters.retain(|w| !w.is_closed());
@@ -259,9 +268,11 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(pool.stats(), PoolStats { ready: 1, in_flight: 2, queued: 1 });
         assert_eq!(pool.acquire(LONG).await.err(), Some(Rejected::QueueFull { queued: 1, max_queue: 1 }));
+        assert_eq!(pool.refusal(), Some(Rejected::QueueFull { queued: 1, max_queue: 1 }));
         drop(a);
         assert_eq!(waiting.await.unwrap(), Ok(()));
         assert_eq!(pool.stats(), PoolStats { ready: 1, in_flight: 1, queued: 0 });
+        assert_eq!(pool.refusal(), None);
     }
 
     #[tokio::test(start_paused = true)]

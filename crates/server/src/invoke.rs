@@ -192,10 +192,15 @@ pub(crate) async fn invoke(
 ) -> Result<Response, Problem> {
     let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
     check_invoke(&app, &f, &headers).await?;
-    // The node admits the bytes before they are read, so uploads cannot pile up unbounded.
+    // A full function is refused before its body is read; the node admits the bytes before
+    // they are read, so uploads cannot pile up unbounded.
+    let asynchronous = wants_async(&headers);
+    if !asynchronous && let Some(full) = f.pool.refusal() {
+        return Err(pixflow_runtime::InvokeError::Rejected(full).into());
+    }
     let ticket = app.node.admit(reserve(&f, &headers)?)?;
     let (invocation, mode) = decode(&f, query, &headers, body).await?;
-    if wants_async(&headers) {
+    if asynchronous {
         return enqueue(&app, &f, invocation, mode).await;
     }
     // A new version may have rolled out while the body arrived: the request goes to it.
