@@ -114,6 +114,15 @@ def run_load(name, url, pid, lua, env, seconds):
     return rows, proc_hwm_mb(pid)
 
 
+def overload(url, pid, lua, env, seconds):
+    """64 connections for `seconds`, with the server's peak RSS before and after."""
+    before = proc_hwm_mb(pid)
+    r = wrk(url, 64, seconds, lua, env)
+    r["rss_before_mb"], r["rss_after_mb"] = before, proc_hwm_mb(pid)
+    print(json.dumps(r), flush=True)
+    return r
+
+
 def start_pixflow(fdir, data, port, extra=()):
     p = subprocess.Popen(
         ["taskset", "-c", "0", PIXFLOW, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
@@ -205,11 +214,7 @@ def main():
         print(json.dumps(results["gateway_wrk"]), flush=True)
 
         # Overload: the function's queue.
-        before = proc_hwm_mb(px.pid)
-        r = wrk(f"{base}/tight/invoke", 64, seconds, lua, env)
-        r["rss_before_mb"], r["rss_after_mb"] = before, proc_hwm_mb(px.pid)
-        results["overload_queue"] = r
-        print(json.dumps(r), flush=True)
+        results["overload_queue"] = overload(f"{base}/tight/invoke", px.pid, lua, env, seconds)
     finally:
         px.terminate()
         px.wait()
@@ -217,11 +222,7 @@ def main():
     # Overload: the node (8 admitted requests), function queue large.
     px = start_pixflow(fdir, os.path.join(work, "data2"), 18081, ["--max-requests", "8"])
     try:
-        before = proc_hwm_mb(px.pid)
-        r = wrk("http://127.0.0.1:18081/v1/functions/thumbnail/invoke", 64, seconds, lua, {"BODY": image, "CTYPE": "image/jpeg"})
-        r["rss_before_mb"], r["rss_after_mb"] = before, proc_hwm_mb(px.pid)
-        results["overload_node"] = r
-        print(json.dumps(r), flush=True)
+        results["overload_node"] = overload("http://127.0.0.1:18081/v1/functions/thumbnail/invoke", px.pid, lua, env, seconds)
     finally:
         px.terminate()
         px.wait()
