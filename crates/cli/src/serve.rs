@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// Longest a shutdown waits for in-flight work, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// `host:port` an asynchronous invocation's `X-Callback-Url` may point at (repeatable).
+    #[arg(long = "callback-allow", env = "PIXFLOW_CALLBACK_ALLOW", value_delimiter = ',')]
+    callback_allow: Vec<String>,
     /// Accept this admin token (instead of generating one on first start).
     #[arg(long, env = "PIXFLOW_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -66,6 +69,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(n) = args.async_workers {
         config.async_workers = n;
     }
+    config.callback_allow = args.callback_allow;
     config.node.max_requests = args.max_requests;
     config.node.max_held_bytes = args.max_held_bytes;
     config.shutdown_grace = args.shutdown_grace;

@@ -222,7 +222,9 @@ async fn run(app: &Arc<App>, claimed: Claimed) {
         metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
         if let Err(e) = app.store.bury(&row.id, &problem_json(&problem)).await {
             tracing::error!(id = %row.id, error = %e, "dead-lettering an invocation");
+            return;
         }
+        notify(app, &row.id).await;
         return;
     }
     let outcome = attempt(app, &row, payload).await;
@@ -246,6 +248,21 @@ async fn run(app: &Arc<App>, claimed: Claimed) {
     if let Err(e) = recorded {
         // The lease brings the invocation back; nothing is lost.
         tracing::error!(id = %row.id, error = %e, "recording an invocation's outcome");
+        return;
+    }
+    notify(app, &row.id).await;
+}
+
+/// Sends the completion callback of a finished invocation, if it asked for one.
+async fn notify(app: &Arc<App>, id: &str) {
+    match app.store.get(id).await {
+        Ok(Some(row)) if matches!(row.status, Status::Succeeded | Status::Dead) => {
+            if let Some(url) = row.callback.clone() {
+                crate::callback::send(app, row.id.clone(), url, describe(&row));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(%id, error = %e, "reading an invocation for its callback"),
     }
 }
 

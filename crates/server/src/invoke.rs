@@ -7,7 +7,8 @@
 //!   "inputs": {"logo.png": {"base64": ...}}}`; a JSON description of every rendition out
 //!   (bytes in base64). A function with several renditions always answers in JSON.
 //! - `Prefer: respond-async`: the request is validated, committed to the durable queue and
-//!   answered `202 Accepted` with the invocation's id and `Location`.
+//!   answered `202 Accepted` with the invocation's id and `Location`; `X-Callback-Url` names
+//!   where its completion is POSTed (allowed destinations only).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -201,7 +202,15 @@ pub(crate) async fn invoke(
     let ticket = app.node.admit(reserve(&f, &headers)?)?;
     let (invocation, mode) = decode(&f, query, &headers, body).await?;
     if asynchronous {
-        return enqueue(&app, &f, invocation, mode).await;
+        let callback = match headers.get("x-callback-url") {
+            None => None,
+            Some(v) => {
+                let url = v.to_str().map_err(|_| Problem::bad_request("X-Callback-Url: not text"))?;
+                crate::callback::check(url, &app.config.callback_allow)?;
+                Some(url.to_owned())
+            }
+        };
+        return enqueue(&app, &f, invocation, mode, callback).await;
     }
     // A new version may have rolled out while the body arrived: the request goes to it.
     let f = match app.registry.get(&name) {
@@ -287,7 +296,13 @@ pub(crate) struct QueuedMeta {
     pub inputs: BTreeMap<String, String>,
 }
 
-async fn enqueue(app: &App, f: &Function, invocation: Invocation, mode: Mode) -> Result<Response, Problem> {
+async fn enqueue(
+    app: &App,
+    f: &Function,
+    invocation: Invocation,
+    mode: Mode,
+    callback: Option<String>,
+) -> Result<Response, Problem> {
     if app.stopping() {
         return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
     }
@@ -327,7 +342,7 @@ async fn enqueue(app: &App, f: &Function, invocation: Invocation, mode: Mode) ->
         max_attempts: f.deployment.retry.attempts,
         meta: serde_json::to_string(&meta).map_err(Problem::internal)?,
         payload: invocation.input,
-        callback: None,
+        callback,
     };
     app.store.enqueue(&new).await?;
     app.queue_wake.notify_one();

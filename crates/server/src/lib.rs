@@ -4,6 +4,7 @@
 //! versioned API; [`serve`] runs it on a listener until a shutdown future resolves, then drains.
 
 pub mod auth;
+mod callback;
 mod functions;
 mod invocations;
 mod invoke;
@@ -44,6 +45,8 @@ pub struct Config {
     pub max_async_queued: u64,
     /// How long finished asynchronous invocations (results, dead letters) are kept.
     pub async_retention: Duration,
+    /// `host:port` destinations completion callbacks may go to (none by default).
+    pub callback_allow: Vec<String>,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
             in_memory: false,
             max_async_queued: 10_000,
             async_retention: Duration::from_secs(7 * 86_400),
+            callback_allow: Vec::new(),
         }
     }
 }

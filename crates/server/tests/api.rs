@@ -624,3 +624,57 @@ async fn an_attempt_lost_with_its_node_is_retried_and_the_last_one_dead_lettered
     app.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn completions_are_posted_to_allowed_callback_urls() {
+    use axum::routing::post;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+    let hook = axum::Router::new().route(
+        "/done",
+        post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let tx = tx.clone();
+            async move {
+                let id = headers["x-pixflow-invocation-id"].to_str().unwrap().to_owned();
+                tx.send((id, serde_json::from_slice(&body).unwrap())).unwrap();
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+
+    let mut c = config();
+    c.callback_allow = vec![hook_addr.to_string()];
+    let app = start(c).await;
+    deploy(&app, THUMB).await;
+    let url = format!("http://{hook_addr}/done");
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/functions/thumb/invoke",
+        None,
+        &[("prefer", "respond-async"), ("x-callback-url", &url)],
+        png(32, 32),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let (got_id, status) = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(got_id, id);
+    assert_eq!(
+        (status["status"].as_str(), status["result"]["renditions"][0]["width"].as_u64()),
+        (Some("succeeded"), Some(16))
+    );
+    // Anywhere else is refused when the invocation is submitted.
+    call(
+        &app,
+        Method::POST,
+        "/v1/functions/thumb/invoke",
+        None,
+        &[("prefer", "respond-async"), ("x-callback-url", "http://169.254.169.254/")],
+        png(4, 4),
+    )
+    .await
+    .problem(StatusCode::UNPROCESSABLE_ENTITY, "callback_not_allowed");
+}
