@@ -75,6 +75,8 @@ struct JsonRequest {
     params: BTreeMap<String, Box<serde_json::value::RawValue>>,
     #[serde(default)]
     inputs: BTreeMap<String, Data>,
+    /// Where to store the result (object storage; not on this node yet).
+    output: Option<Data>,
 }
 
 /// Most parameters and named inputs one request may carry.
@@ -151,6 +153,13 @@ async fn decode(
     let req: JsonRequest =
         serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("request document: {e}")))?;
     drop(body);
+    if req.output.is_some() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "object_references_unavailable",
+            "output: storing results needs object storage, which this node does not have yet; omit `output` to get the bytes back",
+        ));
+    }
     if req.params.len() > MAX_PARAMS || req.inputs.len() > MAX_INPUTS {
         return Err(Problem::bad_request(format!("at most {MAX_PARAMS} params and {MAX_INPUTS} inputs")));
     }

@@ -215,6 +215,10 @@ async fn synchronous_invocation_raw_and_json() {
     call(&app, Method::POST, uri, None, &[("content-type", "application/json")], by_ref.to_string().into_bytes())
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY, "object_references_unavailable");
+    let to_ref = json!({"input": {"base64": B64.encode(png(4, 4))}, "output": {"bucket": "b", "key": "k"}});
+    call(&app, Method::POST, uri, None, &[("content-type", "application/json")], to_ref.to_string().into_bytes())
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, "object_references_unavailable");
     call(&app, Method::POST, "/v1/functions/nope/invoke", None, &[], png(8, 8))
         .await
         .problem(StatusCode::NOT_FOUND, "function_not_found");
