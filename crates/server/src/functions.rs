@@ -124,6 +124,8 @@ pub(crate) async fn deploy(
         ));
     }
     let version = deployment.version.clone();
+    // Deploys and removals apply one at a time, so the state file ends with what runs.
+    let _serial = app.deploys.lock().await;
     // Process functions deployed through the API run in the data folder.
     let outcome = app
         .registry
@@ -153,6 +155,7 @@ pub(crate) async fn remove(
     headers: HeaderMap,
 ) -> Result<StatusCode, Problem> {
     auth::admin(&app.store, &headers).await?;
+    let _serial = app.deploys.lock().await;
     if !app.registry.remove(&name) {
         return Err(not_found(&name));
     }

@@ -82,6 +82,8 @@ pub struct App {
     queue_wake: Notify,
     /// Wakes background loops when the node stops.
     stop: Notify,
+    /// Serialises deploys and removals (registry and state file change together).
+    deploys: tokio::sync::Mutex<()>,
     workers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -132,6 +134,7 @@ impl App {
             stopping: AtomicBool::new(false),
             queue_wake: Notify::new(),
             stop: Notify::new(),
+            deploys: tokio::sync::Mutex::new(()),
             workers: std::sync::Mutex::new(Vec::new()),
             config,
         });

@@ -682,3 +682,31 @@ async fn completions_are_posted_to_allowed_callback_urls() {
     .await
     .problem(StatusCode::UNPROCESSABLE_ENTITY, "callback_not_allowed");
 }
+
+#[tokio::test]
+async fn load_scales_a_function_out_and_queued_requests_run_on_the_new_instances() {
+    let app = start(config()).await;
+    deploy(
+        &app,
+        "name: wide\nversion: '1'\nbuiltin: flip\nauth: none\nquota: {concurrency: 1}\n\
+         scaling: {min: 1, max: 4, target_concurrency: 1, panic_window: 1s, stable_window: 10s}\n",
+    )
+    .await;
+    let f = app.registry.get("wide").unwrap();
+    assert_eq!(f.pool.stats().ready, 1);
+    // The one instance is busy; three more requests wait. Only new instances can serve them.
+    let held = f.pool.acquire(Duration::from_secs(5)).await.unwrap();
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(
+                async move { call(&app, Method::POST, "/v1/functions/wide/invoke", None, &[], png(4, 4)).await },
+            )
+        })
+        .collect();
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status, StatusCode::OK);
+    }
+    assert!(f.pool.stats().ready >= 2, "{:?}", f.pool.stats());
+    drop(held);
+}
