@@ -193,6 +193,12 @@ impl App {
         if left > 0 {
             tracing::warn!(left, "requests still running at the shutdown deadline");
         }
+        // Process functions' children stop with the node.
+        for f in self.registry.list() {
+            if let Some(p) = &f.processes {
+                p.stop_all();
+            }
+        }
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         // One deadline for all workers together.
         let end = tokio::time::Instant::now() + grace;

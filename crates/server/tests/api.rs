@@ -481,7 +481,16 @@ async fn the_example_functions_deploy_from_their_folder_and_answer() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     let m = String::from_utf8(call(&app, Method::GET, "/metrics", None, &[], vec![]).await.body).unwrap();
     assert!(m.contains("pixflow_cold_start_seconds_count{function=\"image-info\"}"), "{m}");
+    // Its program runs as our child until the node stops.
+    assert!(!example_children().is_empty());
     app.shutdown().await;
+    for _ in 0..500 {
+        if example_children().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(example_children(), Vec::<String>::new(), "the example's program outlived the node");
 }
 
 /// A process function that misbehaves on request: sleeps, allocates, or exits mid-request.
@@ -709,4 +718,20 @@ async fn load_scales_a_function_out_and_queued_requests_run_on_the_new_instances
     }
     assert!(f.pool.stats().ready >= 2, "{:?}", f.pool.stats());
     drop(held);
+}
+
+/// Pids of this test process's children running the example's program (threads included:
+/// tokio spawns children from its worker threads).
+fn example_children() -> Vec<String> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children.split_whitespace() {
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmd.contains("image_info.py") {
+                pids.push(pid.to_owned());
+            }
+        }
+    }
+    pids
 }
