@@ -1,5 +1,6 @@
-//! `pixflow serve`: one node on embedded defaults (state and queue in a SQLite file in the
-//! data folder), functions from a folder and the API, until SIGINT/SIGTERM.
+//! `pixflow serve`: one node on embedded defaults (state and queue in a SQLite file, objects in
+//! the embedded store, both in the data folder), functions from a folder and the API, until
+//! SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,18 @@ pub struct ServeArgs {
     /// `host:port` an asynchronous invocation's `X-Callback-Url` may point at (repeatable).
     #[arg(long = "callback-allow", env = "PIXFLOW_CALLBACK_ALLOW", value_delimiter = ',')]
     callback_allow: Vec<String>,
+    /// Folder of the embedded object store (default: `objects/` in the data folder).
+    #[arg(long, env = "PIXFLOW_OBJECTS_DIR")]
+    objects_dir: Option<PathBuf>,
+    /// Largest object one PUT may store, e.g. 5Gi.
+    #[arg(long, default_value = "5Gi", value_parser = parse_bytes)]
+    max_object_bytes: u64,
+    /// Base of the CDN URLs handed out for stored objects (default: http://LISTEN).
+    #[arg(long, env = "PIXFLOW_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// `Cache-Control` of CDN answers for buckets that set none.
+    #[arg(long, default_value = "public, max-age=3600")]
+    cdn_cache_control: String,
     /// Accept this admin token (instead of generating one on first start).
     #[arg(long, env = "PIXFLOW_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -74,6 +87,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.node.max_held_bytes = args.max_held_bytes;
     config.shutdown_grace = args.shutdown_grace;
     config.admin_token = args.admin_token;
+    config.objects_dir = args.objects_dir;
+    config.max_object_bytes = args.max_object_bytes;
+    config.cdn_cache_control = args.cdn_cache_control;
+    config.public_url = args.public_url.unwrap_or_else(|| format!("http://{}", args.listen));
     let foreign: Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync> = Arc::new(crate::ffmpeg::Ffmpeg::new());
     let started = pixflow_server::App::start(config, Some(foreign)).await?;
     let listener =

@@ -88,6 +88,9 @@ pub struct Invocation {
     pub inputs: BTreeMap<String, Vec<u8>>,
     /// The caller's content type (passed on to process functions).
     pub content_type: Option<String>,
+    /// How many of the input bytes came from object storage rather than the request itself;
+    /// only the rest counts against `max_request_bytes` (the engine's input limit bounds all).
+    pub referenced_bytes: u64,
 }
 
 impl Invocation {
@@ -132,6 +135,20 @@ impl Default for NodeLimits {
 pub struct NodeTicket {
     node: Arc<Node>,
     bytes: u64,
+}
+
+impl NodeTicket {
+    /// Holds `bytes` more (inputs read from object storage after admission), or answers that
+    /// the node is overloaded; on refusal the ticket holds what it held before.
+    pub fn grow(&mut self, bytes: u64) -> Result<(), InvokeError> {
+        let before = self.node.held_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > self.node.max_held_bytes {
+            self.node.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(InvokeError::Overloaded("too many request bytes held in memory"));
+        }
+        self.bytes += bytes;
+        Ok(())
+    }
 }
 
 impl Drop for NodeTicket {
@@ -399,8 +416,9 @@ async fn invoke_inner(
     let quota = &f.deployment.quota;
     let bytes = req.bytes();
     metrics::counter!("pixflow_bytes_in_total", "function" => f.name().to_owned()).increment(bytes);
-    if bytes > quota.max_request_bytes {
-        return Err(InvokeError::RequestTooLarge { limit: quota.max_request_bytes, actual: bytes });
+    let inline = bytes.saturating_sub(req.referenced_bytes);
+    if inline > quota.max_request_bytes {
+        return Err(InvokeError::RequestTooLarge { limit: quota.max_request_bytes, actual: inline });
     }
     if f.is_retired() {
         return Err(Rejected::Closed.into());

@@ -6,12 +6,14 @@
 pub mod autoscaler;
 pub mod function;
 pub mod manifest;
+pub mod output;
 pub mod pool;
 pub mod process;
 pub mod registry;
 
 pub use function::{Function, Invocation, InvokeError, Node, NodeLimits, Output, Produced, Reply, invoke};
 pub use manifest::{AuthMode, Deployment, Diagnostic, Invalid, Manifest, Quota, Retry, Runnable, Scaling, parse};
+pub use output::{KeyTemplate, KeyVars, OutputSpec, OutputTarget};
 pub use pool::{Pool, PoolStats, Rejected};
 pub use process::MemoryLimiter;
 pub use registry::{DeployError, Deployed, Registry, RegistryOptions};

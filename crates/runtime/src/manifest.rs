@@ -10,6 +10,8 @@ use std::time::Duration;
 use pixflow_imageops::{Limits, Pipeline};
 use serde::Deserialize;
 
+use crate::output::{OutputSpec, OutputTarget};
+
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 256 << 10;
 
@@ -47,6 +49,9 @@ pub struct Manifest {
     /// Retries of asynchronous invocations.
     #[serde(default)]
     pub retry: RetrySpec,
+    /// Where results are stored (bucket and key template); the caller then gets references
+    /// and CDN URLs back instead of bytes.
+    pub output: Option<OutputSpec>,
 }
 
 /// Who may invoke a function.
@@ -134,8 +139,12 @@ pub struct QuotaSpec {
     pub memory: Option<String>,
     /// Longest a request may run.
     pub timeout: Option<String>,
+    /// Largest request body (inline bytes); larger inputs go by object reference.
     pub max_request_bytes: Option<String>,
     pub max_response_bytes: Option<String>,
+    /// Largest input the function reads, inline or from object storage (default: the larger
+    /// of 64Mi and `max_request_bytes`).
+    pub max_input_bytes: Option<String>,
     /// Requests one instance serves at once.
     pub concurrency: Option<u32>,
     /// Engine limits for this function's images.
@@ -228,6 +237,7 @@ pub struct Deployment {
     pub scaling: Scaling,
     pub auth: AuthMode,
     pub retry: Retry,
+    pub output: Option<OutputTarget>,
 }
 
 /// One thing wrong with a manifest: the field it concerns (`scaling.max`, `pipeline[1].params`)
@@ -335,6 +345,13 @@ impl Manifest {
         let scaling = self.scaling(&mut problems);
         let runnable = self.runnable(&mut problems);
         let retry = self.retry(&mut problems);
+        let output = self.output.as_ref().and_then(|o| match OutputTarget::parse(o) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(diag("output", e));
+                None
+            }
+        });
         match (runnable, problems.is_empty()) {
             (Some(runnable), true) => Ok(Deployment {
                 name: self.name,
@@ -345,6 +362,7 @@ impl Manifest {
                 scaling,
                 auth: self.auth,
                 retry,
+                output,
             }),
             _ => Err(Invalid(problems)),
         }
@@ -424,7 +442,8 @@ impl Manifest {
             problems.push(diag("quota.max_queue", "at most 100000"));
         }
         let max_request_bytes = bytes("max_request_bytes", &q.max_request_bytes, 32 << 20, problems);
-        limits.max_input_bytes = limits.max_input_bytes.min(max_request_bytes);
+        limits.max_input_bytes =
+            bytes("max_input_bytes", &q.max_input_bytes, limits.max_input_bytes.max(max_request_bytes), problems);
         limits.max_op_millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         Quota {
             memory_bytes: bytes("memory", &q.memory, 512 << 20, problems),

@@ -116,6 +116,17 @@ pub(crate) async fn deploy(
             .collect();
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest", invalid.to_string()).with_errors(errors)
     })?;
+    if let Some(out) = &deployment.output
+        && let Err(e) = pixflow_backends::objects::check_bucket(&out.bucket)
+    {
+        let message = e.to_string();
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_manifest",
+            format!("output.bucket: {message}"),
+        )
+        .with_errors(vec![FieldError { field: "output.bucket".into(), message, line: None, column: None }]));
+    }
     if deployment.name != name {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,

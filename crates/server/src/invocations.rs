@@ -7,7 +7,6 @@
 //! dead-letters it (its last attempt failed, or the input itself is wrong, which no retry fixes).
 //! An invocation id is an unguessable capability: whoever holds it may read its status.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,15 +14,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use pixflow_backends::{Claimed, InvocationRow, Status};
-use pixflow_runtime::{Invocation, InvokeError, Produced};
+use pixflow_runtime::{InvokeError, Produced};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::App;
 use crate::auth;
-use crate::invoke::{QueuedMeta, rendition_meta};
+use crate::invoke::{QueuedMeta, output_target, rendition_meta, resolve, storable, store_results};
 use crate::problem::Problem;
 
 /// How long a claimed invocation is leased beyond its function's timeout; after that (the node
@@ -48,12 +46,18 @@ fn describe(row: &InvocationRow) -> Value {
     }
     if let Some(m) = &row.result_meta {
         let renditions: Value = serde_json::from_str(m).unwrap_or(Value::Null);
-        v["result"] = json!({
-            "renditions": renditions,
-            "url": format!("/v1/invocations/{}/result", row.id),
-        });
+        v["result"] = if is_stored(&renditions) {
+            json!({"objects": renditions})
+        } else {
+            json!({"renditions": renditions, "url": format!("/v1/invocations/{}/result", row.id)})
+        };
     }
     v
+}
+
+/// Whether a result's renditions went to object storage (they then name their objects).
+fn is_stored(renditions: &Value) -> bool {
+    renditions.as_array().and_then(|a| a.first()).is_some_and(|r| r.get("key").is_some())
 }
 
 fn not_found(id: &str) -> Problem {
@@ -96,8 +100,24 @@ pub(crate) async fn result(
             format!("invocation `{id}` is {}", row.status.as_str()),
         ));
     }
-    let bytes = app.store.result(&id).await?.ok_or_else(|| not_found(&id))?;
     let metas: Vec<Value> = row.result_meta.as_deref().and_then(|m| serde_json::from_str(m).ok()).unwrap_or_default();
+    if is_stored(&Value::Array(metas.clone())) {
+        // The bytes live in the object store: point there.
+        let m = metas.get(q.rendition).ok_or_else(|| {
+            Problem::not_found("rendition_not_found", format!("invocation `{id}` has {} renditions", metas.len()))
+        })?;
+        let path = format!(
+            "/v1/buckets/{}/objects/{}",
+            m["bucket"].as_str().unwrap_or_default(),
+            crate::cdn::key_path(m["key"].as_str().unwrap_or_default())
+        );
+        let mut resp = StatusCode::SEE_OTHER.into_response();
+        if let Ok(v) = HeaderValue::from_str(&path) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return Ok(resp);
+    }
+    let bytes = app.store.result(&id).await?.ok_or_else(|| not_found(&id))?;
     // Renditions are stored back to back; each one's size says where the next begins.
     let mut offset = 0usize;
     for (i, m) in metas.iter().enumerate() {
@@ -266,6 +286,22 @@ async fn notify(app: &Arc<App>, id: &str) {
     }
 }
 
+/// A result kept in the queue: the renditions' metadata, and their bytes back to back.
+fn inline_result(produced: Produced) -> (String, Vec<u8>) {
+    match produced {
+        Produced::Renditions(renditions) => {
+            let metas: Vec<Value> = renditions.iter().map(rendition_meta).collect();
+            let bytes = renditions.into_iter().flat_map(|r| r.bytes).collect();
+            (serde_json::to_string(&metas).unwrap_or_default(), bytes)
+        }
+        Produced::Reply(reply) => {
+            let metas =
+                json!([{"content_type": reply.content_type, "size": reply.bytes.len(), "status": reply.status}]);
+            (metas.to_string(), reply.bytes)
+        }
+    }
+}
+
 /// Runs one attempt: the stored result (renditions' metadata, their bytes back to back), or the
 /// problem and, when a retry could help, the delay before it.
 async fn attempt(
@@ -278,37 +314,35 @@ async fn attempt(
     };
     let meta: QueuedMeta = serde_json::from_str(&row.meta)
         .map_err(|e| (Problem::internal(format!("stored invocation {}: {e}", row.id)), None))?;
-    let mut inputs = BTreeMap::new();
-    for (name, b64) in meta.inputs {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| (Problem::internal(format!("stored input {name}: {e}")), None))?;
-        inputs.insert(name, bytes);
-    }
-    let invocation = Invocation { input: payload, params: meta.params, inputs, content_type: meta.content_type };
+    let parsed = meta.into_parsed(payload).map_err(|e| (Problem::internal(e), None))?;
+    let target = output_target(&f, parsed.output.as_ref()).map_err(|p| (p, None))?;
+    // A stored input that went missing or changed will not come back by retrying.
+    let (invocation, source_key) = resolve(app, &f, parsed, None).await.map_err(|p| {
+        let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+        (p, retry)
+    })?;
     match pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), None).await {
-        Ok(out) => match out.produced {
-            Produced::Renditions(renditions) => {
-                let metas: Vec<Value> = renditions.iter().map(rendition_meta).collect();
-                let bytes = renditions.into_iter().flat_map(|r| r.bytes).collect();
-                Ok((serde_json::to_string(&metas).unwrap_or_default(), bytes))
-            }
-            Produced::Reply(reply) if (200..300).contains(&reply.status) => {
-                let metas =
-                    json!([{"content_type": reply.content_type, "size": reply.bytes.len(), "status": reply.status}]);
-                Ok((metas.to_string(), reply.bytes))
-            }
-            // The program answered with an error: its own 5xx may pass on a retry, 4xx not.
-            Produced::Reply(reply) => {
-                let text = String::from_utf8_lossy(&reply.bytes[..reply.bytes.len().min(500)]).into_owned();
-                let problem = Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "function_error",
-                    format!("the function answered {}: {text}", reply.status),
-                );
-                let retry = (reply.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
-                Err((problem, retry))
-            }
+        // The program answered with an error: its own 5xx may pass on a retry, 4xx not.
+        Ok(pixflow_runtime::Output { produced: Produced::Reply(reply), .. }) if !(200..300).contains(&reply.status) => {
+            let text = String::from_utf8_lossy(&reply.bytes[..reply.bytes.len().min(500)]).into_owned();
+            let problem = Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "function_error",
+                format!("the function answered {}: {text}", reply.status),
+            );
+            let retry = (reply.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+            Err((problem, retry))
+        }
+        Ok(out) => match &target {
+            None => Ok(inline_result(out.produced)),
+            // Stored: the result lists the objects and holds no bytes.
+            Some(t) => match store_results(app, t, source_key.as_deref(), &row.id, storable(&out.produced)).await {
+                Ok(objects) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
+                Err(p) => {
+                    let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+                    Err((p, retry))
+                }
+            },
         },
         Err(e) => {
             let retry = e.retryable().then(|| f.deployment.retry.delay(row.attempts + 1));

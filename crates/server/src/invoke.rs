@@ -5,7 +5,12 @@
 //!   `Server-Timing`.
 //! - `Content-Type: application/json` in: `{"input": {"base64": ...}, "params": {...},
 //!   "inputs": {"logo.png": {"base64": ...}}}`; a JSON description of every rendition out
-//!   (bytes in base64). A function with several renditions always answers in JSON.
+//!   (bytes in base64). A function with several renditions always answers in JSON. Any input
+//!   may instead be an object reference `{"bucket", "key", "etag"?}`, read from the object
+//!   store (bounded by the function's input limit, not its request limit).
+//! - Stored results: with `"output": {"bucket", "key"}` in the request, or an `output` in the
+//!   manifest, every rendition is stored under its expanded key template and the answer lists
+//!   the objects (reference, size, ETag, CDN URL) instead of bytes: the CMS upload in one call.
 //! - `Prefer: respond-async`: the request is validated, committed to the durable queue and
 //!   answered `202 Accepted` with the invocation's id and `Location`; `X-Callback-Url` names
 //!   where its completion is POSTed (allowed destinations only).
@@ -19,6 +24,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use pixflow_runtime::function::NodeTicket;
 use pixflow_runtime::{AuthMode, Function, Invocation, Output, Produced};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -38,30 +44,63 @@ pub(crate) enum Mode {
     Json,
 }
 
-/// Bytes in a JSON document: inline base64, or (with object storage) a reference.
+/// Bytes in a JSON document: inline base64, or a reference to a stored object.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Data {
     base64: Option<String>,
     bucket: Option<String>,
     key: Option<String>,
+    etag: Option<String>,
+}
+
+/// A stored object named as an input; with `etag`, only that content is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ObjectRef {
+    pub bucket: String,
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// Where an input's bytes are.
+pub(crate) enum Source {
+    Inline(Vec<u8>),
+    Stored(ObjectRef),
 }
 
 impl Data {
-    fn bytes(self, what: &str) -> Result<Vec<u8>, Problem> {
-        match (self.base64, self.bucket, self.key) {
-            (Some(b), None, None) => {
-                B64.decode(b.as_bytes()).map_err(|e| Problem::bad_request(format!("{what}.base64: {e}")))
+    fn source(self, what: &str) -> Result<Source, Problem> {
+        match (self.base64, self.bucket, self.key, self.etag) {
+            (Some(b), None, None, None) => B64
+                .decode(b.as_bytes())
+                .map(Source::Inline)
+                .map_err(|e| Problem::bad_request(format!("{what}.base64: {e}"))),
+            (None, Some(bucket), Some(key), etag) => {
+                pixflow_backends::objects::check_bucket(&bucket)?;
+                pixflow_backends::objects::check_key(&key)?;
+                let etag = etag.map(|e| e.trim_matches('"').to_owned());
+                Ok(Source::Stored(ObjectRef { bucket, key, etag }))
             }
-            (None, Some(_), Some(_)) => Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "object_references_unavailable",
-                format!(
-                    "{what}: object references need object storage, which this node does not have yet; send base64"
-                ),
-            )),
-            _ => Err(Problem::bad_request(format!("{what}: give `base64`, or `bucket` and `key`"))),
+            _ => Err(Problem::bad_request(format!("{what}: give `base64`, or `bucket` and `key` (and maybe `etag`)"))),
         }
+    }
+}
+
+/// Where results go, as a request names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OutputRequest {
+    pub bucket: String,
+    /// Key template (see `pixflow_runtime::output`).
+    pub key: String,
+}
+
+impl OutputRequest {
+    fn target(&self) -> Result<pixflow_runtime::OutputTarget, Problem> {
+        pixflow_backends::objects::check_bucket(&self.bucket)?;
+        let spec = pixflow_runtime::OutputSpec { bucket: self.bucket.clone(), key: self.key.clone() };
+        pixflow_runtime::OutputTarget::parse(&spec).map_err(|e| Problem::bad_request(format!("output.{e}")))
     }
 }
 
@@ -75,8 +114,8 @@ struct JsonRequest {
     params: BTreeMap<String, Box<serde_json::value::RawValue>>,
     #[serde(default)]
     inputs: BTreeMap<String, Data>,
-    /// Where to store the result (object storage; not on this node yet).
-    output: Option<Data>,
+    /// Where to store the results (overrides the manifest's `output`).
+    output: Option<OutputRequest>,
 }
 
 /// Most parameters and named inputs one request may carry.
@@ -128,13 +167,26 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")))
 }
 
-/// Reads the request into an invocation.
-async fn decode(
-    f: &Function,
-    query: Option<String>,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(Invocation, Mode), Problem> {
+/// A request as read, before stored inputs are fetched.
+pub(crate) struct Parsed {
+    pub input: Option<Source>,
+    pub inputs: BTreeMap<String, Source>,
+    pub params: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub mode: Mode,
+    pub output: Option<OutputRequest>,
+}
+
+impl Parsed {
+    /// Bytes the request carried itself (what `max_request_bytes` bounds).
+    fn inline_bytes(&self) -> u64 {
+        let inline = |s: &Source| if let Source::Inline(b) = s { b.len() as u64 } else { 0 };
+        self.input.as_ref().map_or(0, inline) + self.inputs.values().map(inline).sum::<u64>()
+    }
+}
+
+/// Reads the request.
+async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: Body) -> Result<Parsed, Problem> {
     let max = f.deployment.quota.max_request_bytes;
     let is_json = is_json(headers);
     let mut params: Vec<(String, String)> = match &query {
@@ -147,18 +199,21 @@ async fn decode(
     if !is_json {
         let input = read_body(body, max).await?.to_vec();
         let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        return Ok((Invocation { input, params, inputs: BTreeMap::new(), content_type }, Mode::Raw));
+        return Ok(Parsed {
+            input: Some(Source::Inline(input)),
+            inputs: BTreeMap::new(),
+            params,
+            content_type,
+            mode: Mode::Raw,
+            output: None,
+        });
     }
     let body = read_body(body, json_limit(max)).await?;
     let req: JsonRequest =
         serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("request document: {e}")))?;
     drop(body);
-    if req.output.is_some() {
-        return Err(Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "object_references_unavailable",
-            "output: storing results needs object storage, which this node does not have yet; omit `output` to get the bytes back",
-        ));
+    if let Some(o) = &req.output {
+        o.target()?;
     }
     if req.params.len() > MAX_PARAMS || req.inputs.len() > MAX_INPUTS {
         return Err(Problem::bad_request(format!("at most {MAX_PARAMS} params and {MAX_INPUTS} inputs")));
@@ -167,16 +222,198 @@ async fn decode(
         let text = param_text(k, v)?;
         params.push((k.clone(), text));
     }
-    let input = match req.input {
-        Some(d) => d.bytes("input")?,
-        None => Vec::new(),
-    };
+    let input = req.input.map(|d| d.source("input")).transpose()?;
     let mut inputs = BTreeMap::new();
     for (name, d) in req.inputs {
-        let bytes = d.bytes(&format!("inputs.{name}"))?;
+        let source = d.source(&format!("inputs.{name}"))?;
+        inputs.insert(name, source);
+    }
+    Ok(Parsed { input, inputs, params, content_type: None, mode: Mode::Json, output: req.output })
+}
+
+/// Reads one stored input: refused before reading when larger than the function takes, or
+/// when the node cannot hold it (the bytes join the request's ticket); `etag` pins the content.
+async fn fetch(app: &App, f: &Function, r: &ObjectRef, ticket: Option<&mut NodeTicket>) -> Result<Vec<u8>, Problem> {
+    let limit = f.deployment.quota.limits.max_input_bytes;
+    let head = app.objects.head(&r.bucket, &r.key).await?;
+    if head.size > limit {
+        return Err(pixflow_backends::ObjectError::TooLarge { limit, actual: head.size }.into());
+    }
+    if let Some(t) = ticket {
+        t.grow(head.size)?;
+    }
+    let (meta, bytes) = app.objects.read(&r.bucket, &r.key, head.size).await?;
+    if r.etag.as_ref().is_some_and(|e| *e != meta.etag) {
+        return Err(Problem::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            format!("`{}` in `{}` no longer has ETag {}", r.key, r.bucket, r.etag.as_deref().unwrap_or_default()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The invocation with every stored input read; the key of the stored main input, if any.
+pub(crate) async fn resolve(
+    app: &App,
+    f: &Function,
+    parsed: Parsed,
+    mut ticket: Option<&mut NodeTicket>,
+) -> Result<(Invocation, Option<String>), Problem> {
+    // Inline bytes are bounded by the request limit; refuse them before reading stored ones.
+    let size = parsed.inline_bytes();
+    let max = f.deployment.quota.max_request_bytes;
+    if size > max {
+        return Err(pixflow_runtime::InvokeError::RequestTooLarge { limit: max, actual: size }.into());
+    }
+    let mut referenced = 0u64;
+    let mut source_key = None;
+    let input = match parsed.input {
+        None => Vec::new(),
+        Some(Source::Inline(b)) => b,
+        Some(Source::Stored(r)) => {
+            let bytes = fetch(app, f, &r, ticket.as_deref_mut()).await?;
+            referenced += bytes.len() as u64;
+            source_key = Some(r.key);
+            bytes
+        }
+    };
+    let mut inputs = BTreeMap::new();
+    for (name, source) in parsed.inputs {
+        let bytes = match source {
+            Source::Inline(b) => b,
+            Source::Stored(r) => {
+                let bytes = fetch(app, f, &r, ticket.as_deref_mut()).await?;
+                referenced += bytes.len() as u64;
+                bytes
+            }
+        };
         inputs.insert(name, bytes);
     }
-    Ok((Invocation { input, params, inputs, content_type: None }, Mode::Json))
+    let invocation = Invocation {
+        input,
+        params: parsed.params,
+        inputs,
+        content_type: parsed.content_type,
+        referenced_bytes: referenced,
+    };
+    Ok((invocation, source_key))
+}
+
+/// Where this request's results are stored, if anywhere: the request's `output`, else the
+/// manifest's.
+pub(crate) fn output_target(
+    f: &Function,
+    requested: Option<&OutputRequest>,
+) -> Result<Option<pixflow_runtime::OutputTarget>, Problem> {
+    match requested {
+        Some(o) => o.target().map(Some),
+        None => Ok(f.deployment.output.clone()),
+    }
+}
+
+/// One result to store: its bytes and what it is.
+pub(crate) struct Stored<'a> {
+    pub bytes: &'a [u8],
+    pub content_type: &'a str,
+    pub ext: &'a str,
+    pub name: Option<&'a str>,
+    pub width: u32,
+    pub height: u32,
+    /// Facts about the result to show beside the object (size, frame, ...).
+    pub meta: Value,
+}
+
+/// Stores results under the target's keys (all keys distinct, checked before anything is
+/// written) and describes the objects.
+pub(crate) async fn store_results(
+    app: &App,
+    target: &pixflow_runtime::OutputTarget,
+    source_key: Option<&str>,
+    id: &str,
+    results: Vec<Stored<'_>>,
+) -> Result<Vec<Value>, Problem> {
+    use sha2::Digest as _;
+    let mut keys = Vec::with_capacity(results.len());
+    for (index, r) in results.iter().enumerate() {
+        let hash: String = sha2::Sha256::digest(r.bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let vars = pixflow_runtime::KeyVars {
+            source_key,
+            name: r.name,
+            ext: r.ext,
+            width: r.width,
+            height: r.height,
+            index,
+            hash: &hash,
+            id,
+        };
+        let key = target.key.expand(&vars).map_err(|e| Problem::bad_request(format!("output: {e}")))?;
+        pixflow_backends::objects::check_key(&key)
+            .map_err(|e| Problem::bad_request(format!("output key `{key}` (from `{}`): {e}", target.key.as_str())))?;
+        if keys.contains(&key) {
+            return Err(Problem::bad_request(format!(
+                "output: key template `{}` gives `{key}` to two renditions; use {{name}}, {{index}} or {{hash}}",
+                target.key.as_str()
+            )));
+        }
+        keys.push(key);
+    }
+    let public = app.objects.bucket(&target.bucket).await?.is_some_and(|b| b.config.public);
+    let mut described = Vec::with_capacity(results.len());
+    for (r, key) in results.into_iter().zip(keys) {
+        let meta = app
+            .objects
+            .put(&target.bucket, &key, r.content_type, &BTreeMap::new(), &pixflow_backends::Condition::None, r.bytes)
+            .await?;
+        let mut v = r.meta;
+        if let (Value::Object(v), Value::Object(o)) = (&mut v, crate::objects::describe_object(app, &meta, public)) {
+            v.extend(o);
+        }
+        described.push(v);
+    }
+    Ok(described)
+}
+
+/// The results of a run as storable items.
+pub(crate) fn storable(produced: &Produced) -> Vec<Stored<'_>> {
+    match produced {
+        Produced::Renditions(renditions) => renditions
+            .iter()
+            .map(|r| Stored {
+                bytes: &r.bytes,
+                content_type: r.format.mime(),
+                ext: r.format.extension(),
+                name: r.name.as_deref(),
+                width: r.width,
+                height: r.height,
+                meta: rendition_meta(r),
+            })
+            .collect(),
+        Produced::Reply(reply) => vec![Stored {
+            bytes: &reply.bytes,
+            content_type: &reply.content_type,
+            ext: extension_of(&reply.content_type),
+            name: None,
+            width: 0,
+            height: 0,
+            meta: json!({"content_type": reply.content_type, "size": reply.bytes.len()}),
+        }],
+    }
+}
+
+fn extension_of(content_type: &str) -> &'static str {
+    let mime = content_type.split(';').next().unwrap_or_default().trim();
+    [
+        pixflow_imageops::OutFormat::Jpeg,
+        pixflow_imageops::OutFormat::Png,
+        pixflow_imageops::OutFormat::Webp,
+        pixflow_imageops::OutFormat::Avif,
+        pixflow_imageops::OutFormat::Gif,
+        pixflow_imageops::OutFormat::Svg,
+    ]
+    .into_iter()
+    .find(|f| f.mime().eq_ignore_ascii_case(mime))
+    .map_or(if mime.eq_ignore_ascii_case("application/json") { "json" } else { "bin" }, |f| f.extension())
 }
 
 /// 401/403 unless the caller may invoke `f`.
@@ -208,8 +445,9 @@ pub(crate) async fn invoke(
     if !asynchronous && let Some(full) = f.pool.refusal() {
         return Err(pixflow_runtime::InvokeError::Rejected(full).into());
     }
-    let ticket = app.node.admit(reserve(&f, &headers)?)?;
-    let (invocation, mode) = decode(&f, query, &headers, body).await?;
+    let mut ticket = app.node.admit(reserve(&f, &headers)?)?;
+    let parsed = decode(&f, query, &headers, body).await?;
+    let target = output_target(&f, parsed.output.as_ref())?;
     if asynchronous {
         let callback = match headers.get("x-callback-url") {
             None => None,
@@ -219,7 +457,18 @@ pub(crate) async fn invoke(
                 Some(url.to_owned())
             }
         };
-        return enqueue(&app, &f, invocation, mode, callback).await;
+        return enqueue(&app, &f, parsed, callback).await;
+    }
+    let mode = parsed.mode;
+    let (invocation, source_key) = resolve(&app, &f, parsed, Some(&mut ticket)).await?;
+    if let Some(t) = &target
+        && t.key.needs_source()
+        && source_key.is_none()
+    {
+        return Err(Problem::bad_request(format!(
+            "output key `{}` names the source key: send the input as an object reference",
+            t.key.as_str()
+        )));
     }
     // A new version may have rolled out while the body arrived: the request goes to it.
     let f = match app.registry.get(&name) {
@@ -227,7 +476,31 @@ pub(crate) async fn invoke(
         _ => f,
     };
     let out = pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), Some(ticket)).await?;
-    Ok(respond(&f, out, mode))
+    match target {
+        None => Ok(respond(&f, out, mode)),
+        Some(target) => {
+            if let Produced::Reply(r) = &out.produced
+                && !(200..300).contains(&r.status)
+            {
+                // A process function's error is relayed, not stored.
+                return Ok(respond(&f, out, mode));
+            }
+            let id = auth::invocation_id().map_err(Problem::internal)?;
+            let objects = store_results(&app, &target, source_key.as_deref(), &id, storable(&out.produced)).await?;
+            let timing = format!("queue;dur={:.3}, cpu;dur={:.3}", ms(out.queued), ms(out.cpu));
+            let mut resp = Json(json!({
+                "function": f.deployment.name,
+                "version": f.deployment.version,
+                "objects": objects,
+                "timing": {"queued_ms": ms(out.queued), "cpu_ms": ms(out.cpu)},
+            }))
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&timing) {
+                resp.headers_mut().insert("server-timing", v);
+            }
+            Ok(resp)
+        }
+    }
 }
 
 /// The answer to a successful synchronous invocation.
@@ -303,15 +576,44 @@ pub(crate) struct QueuedMeta {
     pub params: Vec<(String, String)>,
     /// Extra named inputs, base64.
     pub inputs: BTreeMap<String, String>,
+    /// The main input, when it is a stored object (the payload is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_ref: Option<ObjectRef>,
+    /// Extra named inputs that are stored objects.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_refs: BTreeMap<String, ObjectRef>,
+    /// Where the results go (the request's; the manifest's applies when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputRequest>,
 }
 
-async fn enqueue(
-    app: &App,
-    f: &Function,
-    invocation: Invocation,
-    mode: Mode,
-    callback: Option<String>,
-) -> Result<Response, Problem> {
+impl QueuedMeta {
+    /// The request again, as [`decode`] would have read it.
+    pub(crate) fn into_parsed(self, payload: Vec<u8>) -> Result<Parsed, String> {
+        let mut inputs = BTreeMap::new();
+        for (name, b64) in self.inputs {
+            let bytes = B64.decode(b64).map_err(|e| format!("stored input {name}: {e}"))?;
+            inputs.insert(name, Source::Inline(bytes));
+        }
+        for (name, r) in self.input_refs {
+            inputs.insert(name, Source::Stored(r));
+        }
+        let input = match self.input_ref {
+            Some(r) => Some(Source::Stored(r)),
+            None => Some(Source::Inline(payload)),
+        };
+        Ok(Parsed {
+            input,
+            inputs,
+            params: self.params,
+            content_type: self.content_type,
+            mode: self.mode,
+            output: self.output,
+        })
+    }
+}
+
+async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<String>) -> Result<Response, Problem> {
     if app.stopping() {
         return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
     }
@@ -327,22 +629,55 @@ async fn enqueue(
         )
         .retry_after(std::time::Duration::from_secs(5)));
     }
-    let quota = &f.deployment.quota;
-    let size = invocation.input.len() as u64 + invocation.inputs.values().map(|v| v.len() as u64).sum::<u64>();
-    if size > quota.max_request_bytes {
-        return Err(
-            pixflow_runtime::InvokeError::RequestTooLarge { limit: quota.max_request_bytes, actual: size }.into()
-        );
+    let size = parsed.inline_bytes();
+    let max = f.deployment.quota.max_request_bytes;
+    if size > max {
+        return Err(pixflow_runtime::InvokeError::RequestTooLarge { limit: max, actual: size }.into());
     }
-    // Refuse now what would only fail later: parameters are checked before anything is queued.
+    // Refuse now what would only fail later: parameters, stored inputs and the output.
     if f.processes.is_none() {
-        f.pipeline(&invocation.params)?;
+        f.pipeline(&parsed.params)?;
+    }
+    let mut input_ref = None;
+    let mut payload = Vec::new();
+    match parsed.input {
+        Some(Source::Stored(r)) => {
+            app.objects.head(&r.bucket, &r.key).await?;
+            input_ref = Some(r);
+        }
+        Some(Source::Inline(b)) => payload = b,
+        None => {}
+    }
+    if let Some(t) = output_target(f, parsed.output.as_ref())?
+        && t.key.needs_source()
+        && input_ref.is_none()
+    {
+        return Err(Problem::bad_request(format!(
+            "output key `{}` names the source key: send the input as an object reference",
+            t.key.as_str()
+        )));
+    }
+    let mut inputs = BTreeMap::new();
+    let mut input_refs = BTreeMap::new();
+    for (name, source) in parsed.inputs {
+        match source {
+            Source::Inline(b) => {
+                inputs.insert(name, B64.encode(b));
+            }
+            Source::Stored(r) => {
+                app.objects.head(&r.bucket, &r.key).await?;
+                input_refs.insert(name, r);
+            }
+        }
     }
     let meta = QueuedMeta {
-        mode,
-        content_type: invocation.content_type,
-        params: invocation.params,
-        inputs: invocation.inputs.iter().map(|(k, v)| (k.clone(), B64.encode(v))).collect(),
+        mode: parsed.mode,
+        content_type: parsed.content_type,
+        params: parsed.params,
+        inputs,
+        input_ref,
+        input_refs,
+        output: parsed.output,
     };
     let id = auth::invocation_id().map_err(Problem::internal)?;
     let new = pixflow_backends::NewInvocation {
@@ -350,7 +685,7 @@ async fn enqueue(
         function: f.deployment.name.clone(),
         max_attempts: f.deployment.retry.attempts,
         meta: serde_json::to_string(&meta).map_err(Problem::internal)?,
-        payload: invocation.input,
+        payload,
         callback,
     };
     app.store.enqueue(&new).await?;

@@ -1,13 +1,16 @@
 //! The composition root: the only crate with HTTP and JSON wire types. [`App::start`] opens the
-//! node's state, loads functions (from the state file, then from a folder, GitOps style),
+//! node's state and object store, loads functions (from the state file, then from a folder, GitOps style),
 //! creates the admin token on first start and runs the asynchronous workers; [`router`] is the
 //! versioned API; [`serve`] runs it on a listener until a shutdown future resolves, then drains.
 
 pub mod auth;
 mod callback;
+mod cdn;
+mod delivery;
 mod functions;
 mod invocations;
 mod invoke;
+mod objects;
 pub mod problem;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use anyhow::{Context, Result};
 use axum::Router;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use pixflow_backends::Store;
+use pixflow_backends::{Objects, Store};
 use pixflow_runtime::{Node, NodeLimits, Registry, RegistryOptions};
 use tokio::sync::Notify;
 
@@ -47,6 +50,14 @@ pub struct Config {
     pub async_retention: Duration,
     /// `host:port` destinations completion callbacks may go to (none by default).
     pub callback_allow: Vec<String>,
+    /// The embedded object store's folder (default: `objects/` in the data folder).
+    pub objects_dir: Option<PathBuf>,
+    /// Largest object one PUT may store.
+    pub max_object_bytes: u64,
+    /// Base of the URLs handed out for stored objects (`{public_url}/cdn/{bucket}/{key}`).
+    pub public_url: String,
+    /// `Cache-Control` of CDN answers for buckets that set none.
+    pub cdn_cache_control: String,
 }
 
 impl Config {
@@ -64,6 +75,10 @@ impl Config {
             max_async_queued: 10_000,
             async_retention: Duration::from_secs(7 * 86_400),
             callback_allow: Vec::new(),
+            objects_dir: None,
+            max_object_bytes: 5 << 30,
+            public_url: "http://127.0.0.1:8080".into(),
+            cdn_cache_control: "public, max-age=3600".into(),
         }
     }
 }
@@ -73,6 +88,7 @@ pub struct App {
     pub registry: Arc<Registry>,
     pub node: Arc<Node>,
     pub store: Store,
+    pub objects: Objects,
     pub config: Config,
     foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
     metrics: PrometheusHandle,
@@ -124,10 +140,15 @@ impl App {
             Store::open(&config.data_dir.join("state.db")).await?
         };
         let new_admin_token = admin_token(&store, &config).await?;
+        let objects_dir = config.objects_dir.clone().unwrap_or_else(|| config.data_dir.join("objects"));
+        let objects = Objects::open(&objects_dir)
+            .await
+            .with_context(|| format!("opening the object store in {}", objects_dir.display()))?;
         let app = Arc::new(App {
             registry: Registry::new(RegistryOptions { tick: config.tick }),
             node: Node::new(config.node),
             store,
+            objects,
             foreign,
             metrics: metrics_handle(),
             ready: AtomicBool::new(false),
@@ -146,6 +167,15 @@ impl App {
         let mut workers: Vec<_> =
             (0..app.config.async_workers).map(|_| tokio::spawn(invocations::worker(app.clone()))).collect();
         workers.push(tokio::spawn(invocations::retention(app.clone())));
+        // Blobs a crash left without an object (renamed, never committed) are collected once.
+        let (objects, started) = (app.objects.clone(), std::time::SystemTime::now());
+        tokio::spawn(async move {
+            match objects.collect_garbage(started).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "unreferenced object blobs removed"),
+                Err(e) => tracing::warn!(error = %e, "collecting unreferenced object blobs"),
+            }
+        });
         *app.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = workers;
         app.ready.store(true, Ordering::Release);
         Ok(Started { app, new_admin_token })
@@ -210,6 +240,7 @@ impl App {
             }
         }
         self.store.close().await;
+        self.objects.close().await;
     }
 }
 
@@ -286,6 +317,17 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/invocations/{id}/redrive", post(invocations::redrive))
         .route("/v1/dead-letters", get(invocations::dead_letters))
         .route("/v1/tokens", post(functions::create_token))
+        .route("/v1/buckets", get(objects::list_buckets))
+        .route(
+            "/v1/buckets/{bucket}",
+            get(objects::show_bucket).put(objects::put_bucket).delete(objects::delete_bucket),
+        )
+        .route("/v1/buckets/{bucket}/objects", get(objects::list_objects))
+        .route(
+            "/v1/buckets/{bucket}/objects/{*key}",
+            get(objects::get_object).put(objects::put_object).delete(objects::delete_object),
+        )
+        .route("/cdn/{bucket}/{*key}", get(cdn::get))
         .fallback(|| async { problem::Problem::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             problem::Problem::new(

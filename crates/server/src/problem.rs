@@ -134,6 +134,24 @@ impl From<pixflow_backends::StoreError> for Problem {
     }
 }
 
+impl From<pixflow_backends::ObjectError> for Problem {
+    fn from(e: pixflow_backends::ObjectError) -> Problem {
+        use pixflow_backends::ObjectError as E;
+        let detail = e.to_string();
+        match e {
+            E::InvalidBucket { .. } => Problem::new(StatusCode::BAD_REQUEST, "invalid_bucket_name", detail),
+            E::InvalidKey(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid_key", detail),
+            E::InvalidMetadata(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid_metadata", detail),
+            E::NoSuchBucket(_) => Problem::not_found("no_such_bucket", detail),
+            E::NoSuchKey { .. } => Problem::not_found("no_such_key", detail),
+            E::BucketNotEmpty(_) => Problem::new(StatusCode::CONFLICT, "bucket_not_empty", detail),
+            E::PreconditionFailed(_) => Problem::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", detail),
+            E::TooLarge { .. } => Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "object_too_large", detail),
+            E::Io(_) | E::Catalogue(_) => Problem::internal(detail),
+        }
+    }
+}
+
 /// The status of each engine error (decision 002's table).
 pub fn engine(e: &EngineError) -> Problem {
     let status = match e {

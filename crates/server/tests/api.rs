@@ -15,8 +15,17 @@ use tower::ServiceExt;
 const ADMIN: &str = "pfx_test-admin-token";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// A fresh folder for one test's files (objects), removed before use.
+fn scratch(name: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("pixflow-api-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 fn config() -> Config {
-    let mut c = Config::new("unused");
+    let mut c = Config::new(scratch("data"));
     c.in_memory = true;
     c.admin_token = Some(ADMIN.into());
     c.async_workers = 1;
@@ -211,14 +220,14 @@ async fn synchronous_invocation_raw_and_json() {
     call(&app, Method::POST, uri, None, &[("content-type", "application/json")], b"{\"input\": 5}".to_vec())
         .await
         .problem(StatusCode::BAD_REQUEST, "bad_request");
-    let by_ref = json!({"input": {"bucket": "b", "key": "k"}});
+    let by_ref = json!({"input": {"bucket": "nobucket", "key": "k"}});
     call(&app, Method::POST, uri, None, &[("content-type", "application/json")], by_ref.to_string().into_bytes())
         .await
-        .problem(StatusCode::UNPROCESSABLE_ENTITY, "object_references_unavailable");
+        .problem(StatusCode::NOT_FOUND, "no_such_bucket");
     let to_ref = json!({"input": {"base64": B64.encode(png(4, 4))}, "output": {"bucket": "b", "key": "k"}});
     call(&app, Method::POST, uri, None, &[("content-type", "application/json")], to_ref.to_string().into_bytes())
         .await
-        .problem(StatusCode::UNPROCESSABLE_ENTITY, "object_references_unavailable");
+        .problem(StatusCode::BAD_REQUEST, "invalid_bucket_name");
     call(&app, Method::POST, "/v1/functions/nope/invoke", None, &[], png(8, 8))
         .await
         .problem(StatusCode::NOT_FOUND, "function_not_found");
@@ -481,6 +490,27 @@ async fn the_example_functions_deploy_from_their_folder_and_answer() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     let m = String::from_utf8(call(&app, Method::GET, "/metrics", None, &[], vec![]).await.body).unwrap();
     assert!(m.contains("pixflow_cold_start_seconds_count{function=\"image-info\"}"), "{m}");
+    // Stored results: the upload by reference, two renditions back as CDN objects.
+    bucket(&app, "media", json!({"public": true})).await;
+    put_object(&app, "media/objects/uploads/hero.png", &[("content-type", "image/png")], png(2400, 1200)).await;
+    let r = invoke_json(&app, "cms-renditions", json!({"input": {"bucket": "media", "key": "uploads/hero.png"}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let objects = r.json()["objects"].as_array().unwrap().clone();
+    let got: Vec<_> =
+        objects.iter().map(|o| (o["key"].as_str().unwrap().to_owned(), o["width"].as_u64().unwrap())).collect();
+    assert_eq!(
+        got,
+        [
+            ("renditions/uploads/hero-large.webp".to_owned(), 1600),
+            ("renditions/uploads/hero-small.webp".to_owned(), 400)
+        ]
+    );
+    for o in &objects {
+        let path = o["url"].as_str().unwrap().trim_start_matches("http://127.0.0.1:8080").to_owned();
+        let served = call(&app, Method::GET, &path, None, &[], vec![]).await;
+        assert_eq!(served.headers["content-type"], "image/webp");
+        assert_eq!(image::load_from_memory(&served.body).unwrap().width() as u64, o["width"].as_u64().unwrap());
+    }
     // Its program runs as our child until the node stops.
     assert!(!example_children().is_empty());
     app.shutdown().await;
@@ -734,4 +764,358 @@ fn example_children() -> Vec<String> {
         }
     }
     pids
+}
+
+// ---- object storage, the CDN edge and stored results ----
+
+async fn invoke_token(app: &Arc<App>) -> String {
+    let t = call(app, Method::POST, "/v1/tokens", Some(ADMIN), &[], br#"{"role": "invoke", "label": "cms"}"#.to_vec())
+        .await;
+    t.json()["token"].as_str().unwrap().to_owned()
+}
+
+async fn bucket(app: &Arc<App>, name: &str, settings: Value) {
+    let r = call(app, Method::PUT, &format!("/v1/buckets/{name}"), Some(ADMIN), &[], settings.to_string().into_bytes())
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+}
+
+async fn put_object(app: &Arc<App>, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    call(app, Method::PUT, &format!("/v1/buckets/{path}"), Some(ADMIN), headers, body).await
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    use md5::Digest as _;
+    md5::Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn objects_round_trip_with_conditions_ranges_and_listing() {
+    let mut c = config();
+    c.max_object_bytes = 1 << 20;
+    let app = start(c).await;
+    let token = invoke_token(&app).await;
+    // Buckets: admin only; PUT again updates.
+    call(&app, Method::PUT, "/v1/buckets/media", None, &[], vec![])
+        .await
+        .problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    call(&app, Method::PUT, "/v1/buckets/media", Some(&token), &[], vec![])
+        .await
+        .problem(StatusCode::FORBIDDEN, "forbidden");
+    call(&app, Method::PUT, "/v1/buckets/No_Good", Some(ADMIN), &[], vec![])
+        .await
+        .problem(StatusCode::BAD_REQUEST, "invalid_bucket_name");
+    bucket(&app, "media", json!({})).await;
+    let again = call(&app, Method::PUT, "/v1/buckets/media", Some(ADMIN), &[], vec![]).await;
+    assert_eq!(again.status, StatusCode::OK);
+
+    let body = b"0123456789".to_vec();
+    let etag = format!("\"{}\"", md5_hex(&body));
+    let r = put_object(
+        &app,
+        "media/objects/docs/a%20b.txt",
+        &[("content-type", "text/plain"), ("x-pixflow-meta-origin", "cms")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["etag"], etag.as_str());
+    assert_eq!((r.json()["key"].as_str(), r.json()["size"].as_u64()), (Some("docs/a b.txt"), Some(10)));
+    assert!(r.json().get("url").is_none(), "a private bucket's objects have no CDN URL");
+
+    let get = |headers: Vec<(&'static str, String)>| {
+        let app = app.clone();
+        let token = token.clone();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            call(&app, Method::GET, "/v1/buckets/media/objects/docs/a%20b.txt", Some(&token), &h, vec![]).await
+        }
+    };
+    let r = get(vec![]).await;
+    assert_eq!((r.status, r.body.as_slice()), (StatusCode::OK, &body[..]));
+    assert_eq!(r.headers["content-type"], "text/plain");
+    assert_eq!(r.headers["etag"], etag.as_str());
+    assert_eq!(r.headers["x-pixflow-meta-origin"], "cms");
+    assert_eq!(r.headers["accept-ranges"], "bytes");
+    let last_modified = r.headers["last-modified"].to_str().unwrap().to_owned();
+    let head = call(&app, Method::HEAD, "/v1/buckets/media/objects/docs/a%20b.txt", Some(&token), &[], vec![]).await;
+    assert_eq!((head.status, head.body.len()), (StatusCode::OK, 0));
+    assert_eq!(head.headers["content-length"], "10");
+
+    // Conditional reads.
+    let r = get(vec![("if-none-match", etag.clone())]).await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::NOT_MODIFIED, 0));
+    assert_eq!(r.headers["etag"], etag.as_str());
+    assert_eq!(get(vec![("if-none-match", "\"other\", W/".to_owned() + &etag)]).await.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(get(vec![("if-modified-since", last_modified.clone())]).await.status, StatusCode::NOT_MODIFIED);
+    get(vec![("if-match", "\"stale\"".into())]).await.problem(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert_eq!(get(vec![("if-match", etag.clone())]).await.status, StatusCode::OK);
+    // Ranges.
+    let r = get(vec![("range", "bytes=2-4".into())]).await;
+    assert_eq!((r.status, r.body.as_slice()), (StatusCode::PARTIAL_CONTENT, &b"234"[..]));
+    assert_eq!(r.headers["content-range"], "bytes 2-4/10");
+    let r = get(vec![("range", "bytes=-3".into())]).await;
+    assert_eq!(r.body, b"789");
+    let r = get(vec![("range", "bytes=10-".into())]).await;
+    r.problem(StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable");
+    assert_eq!(r.headers["content-range"], "bytes */10");
+    let r = get(vec![("range", "bytes=0-1".into()), ("if-range", "\"stale\"".into())]).await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 10));
+
+    // Conditional writes.
+    let path = "media/objects/docs/a%20b.txt";
+    put_object(&app, path, &[("if-none-match", "*")], b"x".to_vec())
+        .await
+        .problem(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    put_object(&app, path, &[("if-match", "\"stale\"")], b"x".to_vec())
+        .await
+        .problem(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    let r = put_object(&app, path, &[("if-match", &etag)], b"new".to_vec()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(get(vec![]).await.body, b"new");
+
+    // Untrusted keys, sizes and digests.
+    for bad in ["media/objects/a/../b", "media/objects/a/%00b", "media/objects/a//b", "media/objects/dir/"] {
+        put_object(&app, bad, &[], b"x".to_vec()).await.problem(StatusCode::BAD_REQUEST, "invalid_key");
+    }
+    put_object(&app, "media/objects/big", &[("content-length", "2000000")], vec![0; 16])
+        .await
+        .problem(StatusCode::PAYLOAD_TOO_LARGE, "object_too_large");
+    put_object(&app, "media/objects/big", &[], vec![0; (1 << 20) + 1])
+        .await
+        .problem(StatusCode::PAYLOAD_TOO_LARGE, "object_too_large");
+    put_object(&app, "media/objects/d", &[("content-md5", "AAAAAAAAAAAAAAAAAAAAAA==")], b"x".to_vec())
+        .await
+        .problem(StatusCode::BAD_REQUEST, "bad_digest");
+    put_object(&app, "nobucket/objects/k", &[], b"x".to_vec()).await.problem(StatusCode::NOT_FOUND, "no_such_bucket");
+    call(&app, Method::GET, "/v1/buckets/media/objects/nope", Some(&token), &[], vec![])
+        .await
+        .problem(StatusCode::NOT_FOUND, "no_such_key");
+    call(&app, Method::GET, "/v1/buckets/media/objects/docs/a%20b.txt", None, &[], vec![])
+        .await
+        .problem(StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // Listing: prefix, delimiter, pages.
+    for k in ["p/1", "p/2", "p/q/1", "p/q/2", "p/r/1"] {
+        assert_eq!(put_object(&app, &format!("media/objects/{k}"), &[], b"x".to_vec()).await.status, StatusCode::OK);
+    }
+    let list = |q: String| {
+        let app = app.clone();
+        let token = token.clone();
+        async move { call(&app, Method::GET, &format!("/v1/buckets/media/objects?{q}"), Some(&token), &[], vec![]).await }
+    };
+    let v = list("prefix=p/&delimiter=/".into()).await.json();
+    let keys: Vec<_> = v["objects"].as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["p/1", "p/2"]);
+    assert_eq!(v["prefixes"], json!(["p/q/", "p/r/"]));
+    assert!(v["next_cursor"].is_null());
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("prefix=p/&limit=2&cursor={c}"),
+            None => "prefix=p/&limit=2".into(),
+        };
+        let v = list(q).await.json();
+        seen.extend(v["objects"].as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap().to_owned()));
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["p/1", "p/2", "p/q/1", "p/q/2", "p/r/1"]);
+    list("cursor=%21%21".into()).await.problem(StatusCode::BAD_REQUEST, "bad_request");
+    list("limit=x".into()).await.problem(StatusCode::BAD_REQUEST, "bad_request");
+
+    // Deletes: idempotent objects, buckets only when empty.
+    call(&app, Method::DELETE, "/v1/buckets/media", Some(ADMIN), &[], vec![])
+        .await
+        .problem(StatusCode::CONFLICT, "bucket_not_empty");
+    let del = call(&app, Method::DELETE, "/v1/buckets/media/objects/p/1", Some(&token), &[], vec![]).await;
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    let again = call(&app, Method::DELETE, "/v1/buckets/media/objects/p/1", Some(&token), &[], vec![]).await;
+    assert_eq!(again.status, StatusCode::NO_CONTENT);
+    call(&app, Method::GET, "/v1/buckets/media/objects/p/1", Some(&token), &[], vec![])
+        .await
+        .problem(StatusCode::NOT_FOUND, "no_such_key");
+    let listed = call(&app, Method::GET, "/v1/buckets", Some(&token), &[], vec![]).await.json();
+    assert_eq!(listed["buckets"][0]["name"], "media");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cdn_serves_public_buckets_with_http_caching() {
+    let app = start(config()).await;
+    bucket(&app, "private", json!({})).await;
+    bucket(&app, "public", json!({"public": true, "cache_control": "public, max-age=60"})).await;
+    let img = png(20, 10);
+    put_object(&app, "private/objects/a.png", &[("content-type", "image/png")], img.clone()).await;
+    let put =
+        put_object(&app, "public/objects/x/%E7%8C%AB%20a.png", &[("content-type", "image/png")], img.clone()).await;
+    let url = put.json()["url"].as_str().unwrap().to_owned();
+    assert_eq!(url, "http://127.0.0.1:8080/cdn/public/x/%E7%8C%AB%20a.png");
+    let path = url.trim_start_matches("http://127.0.0.1:8080").to_owned();
+
+    // Private or missing buckets look like missing objects.
+    for hidden in ["/cdn/private/a.png", "/cdn/nobucket/a.png", "/cdn/public/none.png"] {
+        call(&app, Method::GET, hidden, None, &[], vec![]).await.problem(StatusCode::NOT_FOUND, "no_such_key");
+    }
+    let r = call(&app, Method::GET, &path, None, &[], vec![]).await;
+    assert_eq!((r.status, r.body.as_slice()), (StatusCode::OK, img.as_slice()));
+    assert_eq!(r.headers["cache-control"], "public, max-age=60");
+    assert_eq!(r.headers["content-type"], "image/png");
+    let etag = r.headers["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", md5_hex(&img)));
+    assert!(r.headers.contains_key("last-modified"));
+    let r = call(&app, Method::GET, &path, None, &[("if-none-match", &etag)], vec![]).await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::NOT_MODIFIED, 0));
+    assert_eq!(r.headers["cache-control"], "public, max-age=60");
+    let r = call(&app, Method::GET, &path, None, &[("range", "bytes=0-7")], vec![]).await;
+    assert_eq!((r.status, r.body.as_slice()), (StatusCode::PARTIAL_CONTENT, &img[..8]));
+    let r = call(&app, Method::GET, &format!("{path}?download"), None, &[], vec![]).await;
+    assert_eq!(
+        r.headers["content-disposition"],
+        "attachment; filename=\"_ a.png\"; filename*=UTF-8''%E7%8C%AB%20a.png"
+    );
+    let r = call(&app, Method::GET, &format!("{path}?download=poster.png"), None, &[], vec![]).await;
+    assert!(r.headers["content-disposition"].to_str().unwrap().contains("filename=\"poster.png\""));
+    call(&app, Method::GET, &format!("{path}?width=100"), None, &[], vec![])
+        .await
+        .problem(StatusCode::BAD_REQUEST, "bad_request");
+    // A bucket's default Cache-Control is the node's.
+    bucket(&app, "plain", json!({"public": true})).await;
+    put_object(&app, "plain/objects/a.png", &[], img.clone()).await;
+    let r = call(&app, Method::GET, "/cdn/plain/a.png", None, &[], vec![]).await;
+    assert_eq!(r.headers["cache-control"], "public, max-age=3600");
+    assert_eq!(r.headers["content-type"], "application/octet-stream");
+    app.shutdown().await;
+}
+
+async fn invoke_json(app: &Arc<App>, function: &str, doc: Value) -> Reply {
+    call(
+        app,
+        Method::POST,
+        &format!("/v1/functions/{function}/invoke"),
+        Some(ADMIN),
+        &[("content-type", "application/json")],
+        doc.to_string().into_bytes(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn functions_read_stored_inputs_and_store_their_results() {
+    let app = start(config()).await;
+    bucket(&app, "media", json!({"public": true})).await;
+    bucket(&app, "uploads", json!({})).await;
+    let source = png(64, 32);
+    let up = put_object(&app, "uploads/objects/2026/cat.png", &[("content-type", "image/png")], source.clone()).await;
+    let source_etag = up.json()["etag"].as_str().unwrap().to_owned();
+    // The CMS case: the manifest names where results go.
+    deploy(
+        &app,
+        "name: thumb-store\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\noverridable: [format]\n\
+         quota: {max_request_bytes: 100}\n\
+         output: {bucket: media, key: 'thumbs/{source_key_stem}-{width}.{ext}'}\n",
+    )
+    .await;
+    // The input comes by reference, so the 100-byte request limit does not bound it.
+    let r = invoke_json(&app, "thumb-store", json!({"input": {"bucket": "uploads", "key": "2026/cat.png"}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let o = &r.json()["objects"][0];
+    assert_eq!((o["bucket"].as_str(), o["key"].as_str()), (Some("media"), Some("thumbs/2026/cat-16.png")));
+    assert_eq!((o["width"].as_u64(), o["height"].as_u64()), (Some(16), Some(8)));
+    assert_eq!(o["url"], "http://127.0.0.1:8080/cdn/media/thumbs/2026/cat-16.png");
+    let served = call(&app, Method::GET, "/cdn/media/thumbs/2026/cat-16.png", None, &[], vec![]).await;
+    assert_eq!(served.status, StatusCode::OK);
+    assert_eq!(format!("\"{}\"", o["etag"].as_str().unwrap()), served.headers["etag"].to_str().unwrap());
+    assert_eq!(o["size"].as_u64(), Some(served.body.len() as u64));
+    let thumb = image::load_from_memory(&served.body).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (16, 8));
+
+    // A pinned ETag must still match; missing objects are named.
+    let pinned = json!({"input": {"bucket": "uploads", "key": "2026/cat.png", "etag": source_etag}, "params": {"format": "webp"}});
+    let r = invoke_json(&app, "thumb-store", pinned).await;
+    assert_eq!(r.json()["objects"][0]["key"], "thumbs/2026/cat-16.webp");
+    let stale = json!({"input": {"bucket": "uploads", "key": "2026/cat.png", "etag": "0000"}});
+    invoke_json(&app, "thumb-store", stale).await.problem(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    let missing = json!({"input": {"bucket": "uploads", "key": "2026/dog.png"}});
+    invoke_json(&app, "thumb-store", missing).await.problem(StatusCode::NOT_FOUND, "no_such_key");
+    let traversal = json!({"input": {"bucket": "uploads", "key": "../state.db"}});
+    invoke_json(&app, "thumb-store", traversal).await.problem(StatusCode::BAD_REQUEST, "invalid_key");
+    // Inline input: the request limit applies, and the template's source key cannot be filled.
+    let inline = json!({"input": {"base64": B64.encode(png(1, 1))}});
+    let p = invoke_json(&app, "thumb-store", inline).await.problem(StatusCode::BAD_REQUEST, "bad_request");
+    assert!(p["detail"].as_str().unwrap().contains("object reference"), "{p}");
+    let too_big = json!({"input": {"base64": B64.encode(png(64, 64))}});
+    invoke_json(&app, "thumb-store", too_big).await.problem(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large");
+
+    // A request may name its own output; content-addressed keys from {hash}.
+    deploy(&app, THUMB).await;
+    let doc =
+        json!({"input": {"base64": B64.encode(png(32, 32))}, "output": {"bucket": "media", "key": "h/{hash}.{ext}"}});
+    let r = invoke_json(&app, "thumb", doc).await;
+    let key = r.json()["objects"][0]["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("h/") && key.len() == "h/.png".len() + 16, "{key}");
+    let stored = call(&app, Method::GET, &format!("/v1/buckets/media/objects/{key}"), Some(ADMIN), &[], vec![]).await;
+    let digest = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&stored.body).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(&key[2..18], &digest[..16]);
+
+    // Several renditions: keys must differ, checked before anything is stored.
+    deploy(
+        &app,
+        "name: sizes\nversion: '1'\npipeline:\n  - {op: resize, params: {width: 32}}\n  - {op: output, params: {name: large.png}}\n  - {op: resize, params: {width: 8}}\n  - {op: output, params: {name: small.png}}\n",
+    )
+    .await;
+    let src = json!({"bucket": "uploads", "key": "2026/cat.png"});
+    let r = invoke_json(&app, "sizes", json!({"input": src, "output": {"bucket": "media", "key": "same.png"}})).await;
+    r.problem(StatusCode::BAD_REQUEST, "bad_request");
+    call(&app, Method::GET, "/v1/buckets/media/objects/same.png", Some(ADMIN), &[], vec![])
+        .await
+        .problem(StatusCode::NOT_FOUND, "no_such_key");
+    let r = invoke_json(
+        &app,
+        "sizes",
+        json!({"input": src, "output": {"bucket": "media", "key": "r/{source_name}-{name}.{ext}"}}),
+    )
+    .await;
+    let keys: Vec<_> =
+        r.json()["objects"].as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(keys, ["r/cat-large.png", "r/cat-small.png"]);
+    // Output into a bucket that does not exist.
+    let r = invoke_json(&app, "thumb", json!({"input": src, "output": {"bucket": "nobucket", "key": "k.png"}})).await;
+    r.problem(StatusCode::NOT_FOUND, "no_such_bucket");
+    // A manifest with a bad output template does not deploy.
+    let bad = "name: badout\nversion: '1'\nbuiltin: flip\noutput: {bucket: media, key: '{nope}.png'}\n";
+    let p = deploy(&app, bad).await.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest");
+    assert_eq!(p["errors"][0]["field"], "output", "{p}");
+    let bad = "name: badout\nversion: '1'\nbuiltin: flip\noutput: {bucket: Media_1, key: 'a.png'}\n";
+    let p = deploy(&app, bad).await.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest");
+    assert_eq!(p["errors"][0]["field"], "output.bucket", "{p}");
+
+    // Asynchronously: the worker reads the stored input and stores the results.
+    let submit = |doc: Value| {
+        let app = app.clone();
+        async move {
+            let h = [("content-type", "application/json"), ("prefer", "respond-async")];
+            call(&app, Method::POST, "/v1/functions/thumb-store/invoke", Some(ADMIN), &h, doc.to_string().into_bytes())
+                .await
+        }
+    };
+    let r = submit(json!({"input": src, "params": {"format": "webp"}})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let done = wait_for(&app, &id, "succeeded").await;
+    assert_eq!(done["result"]["objects"][0]["key"], "thumbs/2026/cat-16.webp", "{done}");
+    let res = call(&app, Method::GET, &format!("/v1/invocations/{id}/result"), None, &[], vec![]).await;
+    assert_eq!(res.status, StatusCode::SEE_OTHER);
+    assert_eq!(res.headers["location"], "/v1/buckets/media/objects/thumbs/2026/cat-16.webp");
+    // A missing stored input is refused at submission.
+    submit(json!({"input": {"bucket": "uploads", "key": "nope.png"}}))
+        .await
+        .problem(StatusCode::NOT_FOUND, "no_such_key");
+    app.shutdown().await;
 }
