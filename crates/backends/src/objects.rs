@@ -29,6 +29,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::state::now_ms;
 
+pub mod multipart;
+
 /// Longest object key, in bytes (S3's limit).
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Most bytes of user metadata (names and values) one object carries (S3's limit).
@@ -55,6 +57,14 @@ pub enum ObjectError {
     PreconditionFailed(&'static str),
     #[error("the object is {actual} bytes; at most {limit} are allowed here")]
     TooLarge { limit: u64, actual: u64 },
+    #[error("no multipart upload `{0}`")]
+    NoSuchUpload(String),
+    #[error("{0}")]
+    InvalidPart(String),
+    #[error("list the parts in ascending order of their numbers")]
+    InvalidPartOrder,
+    #[error("part {part} is {size} bytes; every part but the last needs at least 5 MiB")]
+    EntityTooSmall { part: u32, size: u64 },
     #[error("object store: {0}")]
     Io(#[from] std::io::Error),
     #[error("object catalogue: {0}")]
@@ -234,6 +244,13 @@ const SCHEMA: &[&str] = &[
         size INTEGER NOT NULL, etag TEXT NOT NULL, content_type TEXT NOT NULL, metadata TEXT NOT NULL,
         modified_ms INTEGER NOT NULL, PRIMARY KEY (bucket, key)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS objects_blob ON objects (blob)",
+    "CREATE TABLE IF NOT EXISTS uploads (
+        id TEXT PRIMARY KEY, bucket TEXT NOT NULL REFERENCES buckets (name), key TEXT NOT NULL,
+        content_type TEXT NOT NULL, metadata TEXT NOT NULL, created_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS parts (
+        upload TEXT NOT NULL REFERENCES uploads (id), number INTEGER NOT NULL, blob TEXT NOT NULL,
+        size INTEGER NOT NULL, etag TEXT NOT NULL, PRIMARY KEY (upload, number)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS parts_blob ON parts (blob)",
 ];
 
 const OBJECT_COLUMNS: &str = "bucket, key, blob, size, etag, content_type, metadata, modified_ms";
@@ -276,6 +293,14 @@ fn is_foreign_key_error(e: &sqlx::Error) -> bool {
 pub struct Objects {
     db: SqlitePool,
     root: PathBuf,
+}
+
+/// A blob made durable, not yet named by any row.
+struct Persisted {
+    id: String,
+    path: PathBuf,
+    size: u64,
+    etag: String,
 }
 
 /// An upload in progress: bytes stream into a temporary file while their MD5 is computed.
@@ -472,10 +497,36 @@ impl Objects {
         Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit })
     }
 
+    /// Makes an upload durable as a blob: fsync, rename into `blobs/`, fsync of the folder.
+    /// Returns the blob's id, size and MD5; on failure nothing is left behind.
+    async fn persist(&self, mut upload: Upload) -> Result<Persisted> {
+        let mut file = upload.file.take().ok_or_else(|| std::io::Error::other("upload already finished"))?;
+        let tmp = upload.tmp.clone();
+        let blob = self.blob_path(&upload.id);
+        let result = async {
+            file.flush().await?;
+            file.sync_all().await?;
+            drop(file);
+            let dir = blob.parent().map(Path::to_owned).unwrap_or_default();
+            tokio::fs::create_dir_all(&dir).await?;
+            tokio::fs::rename(&tmp, &blob).await?;
+            tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            remove_blob(&blob).await;
+            return Err(e.into());
+        }
+        Ok(Persisted { id: upload.id.clone(), path: blob, size: upload.size, etag: upload.md5_hex() })
+    }
+
     /// Makes an upload the object at `bucket`/`key` if `condition` holds, atomically.
     pub async fn commit(
         &self,
-        mut upload: Upload,
+        upload: Upload,
         bucket: &str,
         key: &str,
         content_type: &str,
@@ -485,49 +536,29 @@ impl Objects {
         check_bucket(bucket)?;
         check_key(key)?;
         check_attributes(content_type, metadata)?;
-        let mut file = upload.file.take().ok_or_else(|| std::io::Error::other("upload already finished"))?;
-        let tmp = upload.tmp.clone();
-        // From here on the temporary file is this function's to remove.
-        let result = async {
-            file.flush().await?;
-            file.sync_all().await?;
-            drop(file);
-            let blob = self.blob_path(&upload.id);
-            let dir = blob.parent().map(Path::to_owned).unwrap_or_default();
-            tokio::fs::create_dir_all(&dir).await?;
-            tokio::fs::rename(&tmp, &blob).await?;
-            tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            let etag = upload.md5_hex();
-            let meta = ObjectMeta {
-                bucket: bucket.to_owned(),
-                key: key.to_owned(),
-                size: upload.size,
-                etag,
-                content_type: content_type.to_owned(),
-                modified_ms: now_ms(),
-                metadata: metadata.clone(),
-                blob: upload.id.clone(),
-            };
-            match self.swap(&meta, condition).await {
-                Ok(replaced) => {
-                    if let Some(old) = replaced {
-                        remove_blob(&self.blob_path(&old)).await;
-                    }
-                    Ok(meta)
+        let blob = self.persist(upload).await?;
+        let meta = ObjectMeta {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            size: blob.size,
+            etag: blob.etag,
+            content_type: content_type.to_owned(),
+            modified_ms: now_ms(),
+            metadata: metadata.clone(),
+            blob: blob.id,
+        };
+        match self.swap(&meta, condition).await {
+            Ok(replaced) => {
+                if let Some(old) = replaced {
+                    remove_blob(&self.blob_path(&old)).await;
                 }
-                Err(e) => {
-                    remove_blob(&blob).await;
-                    Err(e)
-                }
+                Ok(meta)
+            }
+            Err(e) => {
+                remove_blob(&blob.path).await;
+                Err(e)
             }
         }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
     }
 
     /// Stores bytes held in memory (results of functions).
@@ -767,10 +798,10 @@ async fn remove_blob(path: &Path) {
 mod tests {
     use super::*;
 
-    struct Dir(PathBuf);
+    pub(super) struct Dir(pub(super) PathBuf);
 
     impl Dir {
-        fn new(name: &str) -> Dir {
+        pub(super) fn new(name: &str) -> Dir {
             let d = std::env::temp_dir().join(format!("pixflow-objects-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&d);
             Dir(d)
@@ -783,7 +814,7 @@ mod tests {
         }
     }
 
-    async fn store(dir: &Dir) -> Objects {
+    pub(super) async fn store(dir: &Dir) -> Objects {
         let o = Objects::open(&dir.0).await.unwrap();
         o.put_bucket("media", &BucketConfig::default()).await.unwrap();
         o
@@ -793,7 +824,7 @@ mod tests {
         o.put("media", key, "image/png", &BTreeMap::new(), &Condition::None, bytes).await.unwrap()
     }
 
-    fn blobs(dir: &Dir) -> usize {
+    pub(super) fn blobs(dir: &Dir) -> usize {
         walk(&dir.0.join("blobs"))
     }
 

@@ -50,6 +50,16 @@ pub struct ServeArgs {
     /// `Cache-Control` of CDN answers for buckets that set none.
     #[arg(long, default_value = "public, max-age=3600")]
     cdn_cache_control: String,
+    /// Also serve the object store as an S3-compatible endpoint on this address (path-style,
+    /// SigV4 with the key pair below).
+    #[arg(long, env = "PIXFLOW_S3_LISTEN", requires_all = ["s3_access_key", "s3_secret_key"])]
+    s3_listen: Option<SocketAddr>,
+    /// Access key S3 clients sign with.
+    #[arg(long, env = "PIXFLOW_S3_ACCESS_KEY")]
+    s3_access_key: Option<String>,
+    /// Secret key S3 clients sign with (at least 16 characters).
+    #[arg(long, env = "PIXFLOW_S3_SECRET_KEY", hide_env_values = true)]
+    s3_secret_key: Option<String>,
     /// Accept this admin token (instead of generating one on first start).
     #[arg(long, env = "PIXFLOW_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -90,6 +100,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.objects_dir = args.objects_dir;
     config.max_object_bytes = args.max_object_bytes;
     config.cdn_cache_control = args.cdn_cache_control;
+    if let Some(secret) = &args.s3_secret_key {
+        anyhow::ensure!(secret.len() >= 16, "--s3-secret-key: use at least 16 characters");
+    }
+    config.s3_access_key = args.s3_access_key;
+    config.s3_secret_key = args.s3_secret_key;
     config.public_url = args.public_url.unwrap_or_else(|| format!("http://{}", args.listen));
     let foreign: Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync> = Arc::new(crate::ffmpeg::Ffmpeg::new());
     let started = pixflow_server::App::start(config, Some(foreign)).await?;
@@ -104,7 +119,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
         started.app.registry.list().len(),
         args.data_dir.display()
     );
-    pixflow_server::serve(started.app, listener, shutdown_signal()).await
+    let s3 = match args.s3_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
+            eprintln!("S3-compatible endpoint on http://{}", l.local_addr()?);
+            Some(tokio::spawn(pixflow_server::s3::serve(started.app.clone(), l)))
+        }
+        None => None,
+    };
+    pixflow_server::serve(started.app, listener, shutdown_signal()).await?;
+    if let Some(s3) = s3 {
+        s3.await.context("the S3 endpoint")??;
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -245,7 +245,14 @@ pub(crate) async fn respond(
 
 /// A body that reads `reader` in 64 KiB chunks as the client takes them.
 fn stream(reader: impl tokio::io::AsyncRead + Send + Unpin + 'static) -> Body {
-    let chunks = futures_util::stream::unfold(reader, |mut r| async move {
+    Body::from_stream(chunks(reader))
+}
+
+/// `reader` as a stream of 64 KiB chunks, read only as they are taken.
+pub(crate) fn chunks(
+    reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    futures_util::stream::unfold(reader, |mut r| async move {
         let mut buf = vec![0u8; 64 << 10];
         match r.read(&mut buf).await {
             Ok(0) => None,
@@ -255,8 +262,7 @@ fn stream(reader: impl tokio::io::AsyncRead + Send + Unpin + 'static) -> Body {
             }
             Err(e) => Some((Err(e), r)),
         }
-    });
-    Body::from_stream(chunks)
+    })
 }
 
 /// `Content-Disposition: attachment` with the file name in both forms (RFC 6266): a plain

@@ -12,6 +12,7 @@ mod invocations;
 mod invoke;
 mod objects;
 pub mod problem;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +59,9 @@ pub struct Config {
     pub public_url: String,
     /// `Cache-Control` of CDN answers for buckets that set none.
     pub cdn_cache_control: String,
+    /// The key pair S3 clients sign with (SigV4) on the S3-compatible endpoint.
+    pub s3_access_key: Option<String>,
+    pub s3_secret_key: Option<String>,
 }
 
 impl Config {
@@ -79,6 +83,8 @@ impl Config {
             max_object_bytes: 5 << 30,
             public_url: "http://127.0.0.1:8080".into(),
             cdn_cache_control: "public, max-age=3600".into(),
+            s3_access_key: None,
+            s3_secret_key: None,
         }
     }
 }

@@ -147,6 +147,10 @@ impl From<pixflow_backends::ObjectError> for Problem {
             E::BucketNotEmpty(_) => Problem::new(StatusCode::CONFLICT, "bucket_not_empty", detail),
             E::PreconditionFailed(_) => Problem::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", detail),
             E::TooLarge { .. } => Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "object_too_large", detail),
+            E::NoSuchUpload(_) => Problem::not_found("no_such_upload", detail),
+            E::InvalidPart(_) | E::InvalidPartOrder | E::EntityTooSmall { .. } => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid_part", detail)
+            }
             E::Io(_) | E::Catalogue(_) => Problem::internal(detail),
         }
     }

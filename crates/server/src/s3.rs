@@ -1,0 +1,444 @@
+//! The S3-compatible endpoint of the embedded store, on its own listener (`--s3-listen`), so
+//! any S3 client or SDK can fill and read it: path-style requests, SigV4 (checked by `s3s`
+//! against the one configured key pair), and the operations a client needs for uploads and
+//! downloads: buckets (create, head, list, delete), objects (put, get with ranges and ETag
+//! conditions, head, delete, batch delete, ListObjectsV2) and multipart uploads. Everything
+//! goes through the same [`Objects`] store as the native API, so names, limits and atomicity
+//! are the same; errors are S3's codes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures_util::StreamExt;
+use pixflow_backends::{Condition, ObjectError, ObjectMeta, Objects, Resume};
+use s3s::dto::{self, ETag, ETagCondition, StreamingBlob, Timestamp};
+use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
+
+/// The S3 operations over the embedded store.
+pub struct Gateway {
+    objects: Objects,
+    max_object_bytes: u64,
+}
+
+impl Gateway {
+    pub fn new(objects: Objects, max_object_bytes: u64) -> Gateway {
+        Gateway { objects, max_object_bytes }
+    }
+}
+
+fn s3_err(e: ObjectError) -> S3Error {
+    let code = match &e {
+        ObjectError::InvalidBucket { .. } => S3ErrorCode::InvalidBucketName,
+        ObjectError::InvalidKey(_) | ObjectError::InvalidMetadata(_) => S3ErrorCode::InvalidArgument,
+        ObjectError::NoSuchBucket(_) => S3ErrorCode::NoSuchBucket,
+        ObjectError::NoSuchKey { .. } => S3ErrorCode::NoSuchKey,
+        ObjectError::BucketNotEmpty(_) => S3ErrorCode::BucketNotEmpty,
+        ObjectError::PreconditionFailed(_) => S3ErrorCode::PreconditionFailed,
+        ObjectError::TooLarge { .. } => S3ErrorCode::EntityTooLarge,
+        ObjectError::NoSuchUpload(_) => S3ErrorCode::NoSuchUpload,
+        ObjectError::InvalidPart(_) => S3ErrorCode::InvalidPart,
+        ObjectError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
+        ObjectError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
+        ObjectError::Io(_) | ObjectError::Catalogue(_) => {
+            tracing::error!(error = %e, "S3 endpoint");
+            return s3_error!(InternalError, "internal error; the server log has the details");
+        }
+    };
+    S3Error::with_message(code, e.to_string())
+}
+
+fn timestamp(ms: i64) -> Timestamp {
+    Timestamp::from(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+fn metadata(m: Option<dto::Metadata>) -> BTreeMap<String, String> {
+    m.unwrap_or_default().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+}
+
+fn s3_metadata(m: &BTreeMap<String, String>) -> Option<dto::Metadata> {
+    (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+fn write_condition(if_match: Option<&ETagCondition>, if_none_match: Option<&ETagCondition>) -> S3Result<Condition> {
+    match (if_match, if_none_match) {
+        (Some(ETagCondition::Any), _) => Ok(Condition::Matches(vec!["*".into()])),
+        (Some(ETagCondition::ETag(e)), _) => Ok(Condition::Matches(vec![e.value().to_owned()])),
+        (None, Some(ETagCondition::Any)) => Ok(Condition::Absent),
+        (None, Some(ETagCondition::ETag(_))) => {
+            Err(s3_error!(NotImplemented, "a write takes If-None-Match: * (create only) or If-Match"))
+        }
+        (None, None) => Ok(Condition::None),
+    }
+}
+
+/// `If-Match` / `If-None-Match` of a read: `PreconditionFailed` / `NotModified`.
+fn read_conditions(
+    meta: &ObjectMeta,
+    if_match: Option<&ETagCondition>,
+    if_none: Option<&ETagCondition>,
+) -> S3Result<()> {
+    let matches = |c: &ETagCondition| match c {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(e) => e.value() == meta.etag,
+    };
+    if if_match.is_some_and(|c| !matches(c)) {
+        return Err(s3_error!(PreconditionFailed));
+    }
+    if if_none.is_some_and(matches) {
+        return Err(s3_error!(NotModified));
+    }
+    Ok(())
+}
+
+/// Streams a request body into an upload, checking `Content-MD5` when sent.
+async fn receive(
+    objects: &Objects,
+    limit: u64,
+    body: Option<StreamingBlob>,
+    content_md5: Option<&str>,
+) -> S3Result<pixflow_backends::Upload> {
+    let mut upload = objects.upload(limit).await.map_err(s3_err)?;
+    if let Some(mut body) = body {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| s3_error!(IncompleteBody, "reading the body: {e}"))?;
+            upload.write(&chunk).await.map_err(s3_err)?;
+        }
+    }
+    if let Some(want) = content_md5 {
+        let want = base64::engine::general_purpose::STANDARD
+            .decode(want.trim())
+            .map_err(|_| s3_error!(InvalidDigest, "Content-MD5 is not base64"))?;
+        let hex: String = want.iter().map(|b| format!("{b:02x}")).collect();
+        if hex != upload.md5_hex() {
+            return Err(s3_error!(BadDigest));
+        }
+    }
+    Ok(upload)
+}
+
+fn cursor(r: &Resume) -> String {
+    let (tag, key) = match r {
+        Resume::After(k) => ('a', k),
+        Resume::From(k) => ('f', k),
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{tag}{key}"))
+}
+
+fn resume(token: &str) -> S3Result<Resume> {
+    let bad = || s3_error!(InvalidArgument, "the continuation token is not one this endpoint returned");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let mut chars = text.chars();
+    match chars.next() {
+        Some('a') => Ok(Resume::After(chars.as_str().to_owned())),
+        Some('f') => Ok(Resume::From(chars.as_str().to_owned())),
+        _ => Err(bad()),
+    }
+}
+
+#[async_trait::async_trait]
+impl S3 for Gateway {
+    async fn list_buckets(
+        &self,
+        _req: S3Request<dto::ListBucketsInput>,
+    ) -> S3Result<S3Response<dto::ListBucketsOutput>> {
+        let buckets = self.objects.buckets().await.map_err(s3_err)?;
+        let buckets = buckets
+            .into_iter()
+            .map(|b| dto::Bucket {
+                name: Some(b.name),
+                creation_date: Some(timestamp(b.created_ms)),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(dto::ListBucketsOutput { buckets: Some(buckets), ..Default::default() }))
+    }
+
+    async fn create_bucket(
+        &self,
+        req: S3Request<dto::CreateBucketInput>,
+    ) -> S3Result<S3Response<dto::CreateBucketOutput>> {
+        let name = req.input.bucket;
+        if self.objects.bucket(&name).await.map_err(s3_err)?.is_some() {
+            return Err(s3_error!(BucketAlreadyOwnedByYou));
+        }
+        self.objects.put_bucket(&name, &pixflow_backends::BucketConfig::default()).await.map_err(s3_err)?;
+        Ok(S3Response::new(dto::CreateBucketOutput { location: Some(format!("/{name}")) }))
+    }
+
+    async fn head_bucket(&self, req: S3Request<dto::HeadBucketInput>) -> S3Result<S3Response<dto::HeadBucketOutput>> {
+        match self.objects.bucket(&req.input.bucket).await.map_err(s3_err)? {
+            Some(_) => Ok(S3Response::new(dto::HeadBucketOutput::default())),
+            None => Err(s3_error!(NoSuchBucket)),
+        }
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: S3Request<dto::DeleteBucketInput>,
+    ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
+        self.objects.delete_bucket(&req.input.bucket).await.map_err(s3_err)?;
+        Ok(S3Response::new(dto::DeleteBucketOutput::default()))
+    }
+
+    async fn put_object(&self, req: S3Request<dto::PutObjectInput>) -> S3Result<S3Response<dto::PutObjectOutput>> {
+        let input = req.input;
+        pixflow_backends::objects::check_bucket(&input.bucket).map_err(s3_err)?;
+        pixflow_backends::objects::check_key(&input.key).map_err(s3_err)?;
+        if input.content_length.is_some_and(|n| u64::try_from(n).unwrap_or(0) > self.max_object_bytes) {
+            return Err(s3_error!(EntityTooLarge));
+        }
+        let condition = write_condition(input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        let content_type = input.content_type.unwrap_or_else(|| "application/octet-stream".into());
+        let meta = metadata(input.metadata);
+        pixflow_backends::objects::check_attributes(&content_type, &meta).map_err(s3_err)?;
+        let upload = receive(&self.objects, self.max_object_bytes, input.body, input.content_md5.as_deref()).await?;
+        let m = self
+            .objects
+            .commit(upload, &input.bucket, &input.key, &content_type, &meta, &condition)
+            .await
+            .map_err(s3_err)?;
+        Ok(S3Response::new(dto::PutObjectOutput { e_tag: Some(ETag::Strong(m.etag)), ..Default::default() }))
+    }
+
+    async fn get_object(&self, req: S3Request<dto::GetObjectInput>) -> S3Result<S3Response<dto::GetObjectOutput>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let input = req.input;
+        let (meta, mut file) = self.objects.get(&input.bucket, &input.key).await.map_err(s3_err)?;
+        read_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        let (start, len, content_range) = match &input.range {
+            None => (0, meta.size, None),
+            Some(r) => {
+                let r = r.check(meta.size).map_err(|_| s3_error!(InvalidRange))?;
+                let range = format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), meta.size);
+                (r.start, r.end - r.start, Some(range))
+            }
+        };
+        if start > 0 {
+            file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| s3_err(e.into()))?;
+        }
+        let body = crate::delivery::chunks(file.take(len));
+        Ok(S3Response::new(dto::GetObjectOutput {
+            body: Some(StreamingBlob::wrap(body)),
+            content_length: Some(i64::try_from(len).unwrap_or(i64::MAX)),
+            content_range,
+            content_type: Some(meta.content_type.clone()),
+            e_tag: Some(ETag::Strong(meta.etag.clone())),
+            last_modified: Some(timestamp(meta.modified_ms)),
+            metadata: s3_metadata(&meta.metadata),
+            ..Default::default()
+        }))
+    }
+
+    async fn head_object(&self, req: S3Request<dto::HeadObjectInput>) -> S3Result<S3Response<dto::HeadObjectOutput>> {
+        let input = req.input;
+        let meta = self.objects.head(&input.bucket, &input.key).await.map_err(s3_err)?;
+        read_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        Ok(S3Response::new(dto::HeadObjectOutput {
+            content_length: Some(i64::try_from(meta.size).unwrap_or(i64::MAX)),
+            content_type: Some(meta.content_type.clone()),
+            e_tag: Some(ETag::Strong(meta.etag.clone())),
+            last_modified: Some(timestamp(meta.modified_ms)),
+            metadata: s3_metadata(&meta.metadata),
+            ..Default::default()
+        }))
+    }
+
+    async fn delete_object(
+        &self,
+        req: S3Request<dto::DeleteObjectInput>,
+    ) -> S3Result<S3Response<dto::DeleteObjectOutput>> {
+        let input = req.input;
+        let condition = write_condition(input.if_match.as_ref(), None)?;
+        self.objects.delete(&input.bucket, &input.key, &condition).await.map_err(s3_err)?;
+        Ok(S3Response::new(dto::DeleteObjectOutput::default()))
+    }
+
+    async fn delete_objects(
+        &self,
+        req: S3Request<dto::DeleteObjectsInput>,
+    ) -> S3Result<S3Response<dto::DeleteObjectsOutput>> {
+        let input = req.input;
+        if input.delete.objects.len() > 1000 {
+            return Err(s3_error!(MalformedXML, "at most 1000 keys per request"));
+        }
+        let (mut deleted, mut errors) = (Vec::new(), Vec::new());
+        for o in input.delete.objects {
+            match self.objects.delete(&input.bucket, &o.key, &Condition::None).await {
+                Ok(_) => deleted.push(dto::DeletedObject { key: Some(o.key), ..Default::default() }),
+                Err(e) => {
+                    let e = s3_err(e);
+                    errors.push(dto::Error {
+                        code: Some(e.code().as_str().to_owned()),
+                        key: Some(o.key),
+                        message: e.message().map(str::to_owned),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        let quiet = input.delete.quiet.unwrap_or(false);
+        Ok(S3Response::new(dto::DeleteObjectsOutput {
+            deleted: (!quiet).then_some(deleted),
+            errors: Some(errors),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<dto::ListObjectsV2Input>,
+    ) -> S3Result<S3Response<dto::ListObjectsV2Output>> {
+        let input = req.input;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let from = match (&input.continuation_token, &input.start_after) {
+            (Some(t), _) => Some(resume(t)?),
+            (None, Some(k)) => Some(Resume::After(k.clone())),
+            (None, None) => None,
+        };
+        let max_keys = input.max_keys.unwrap_or(1000).clamp(1, 1000);
+        let page = self
+            .objects
+            .list(&input.bucket, &prefix, input.delimiter.as_deref(), from.as_ref(), max_keys.unsigned_abs())
+            .await
+            .map_err(s3_err)?;
+        let key_count = i32::try_from(page.objects.len() + page.prefixes.len()).unwrap_or(i32::MAX);
+        let contents = page
+            .objects
+            .iter()
+            .map(|m| dto::Object {
+                key: Some(m.key.clone()),
+                e_tag: Some(ETag::Strong(m.etag.clone())),
+                size: Some(i64::try_from(m.size).unwrap_or(i64::MAX)),
+                last_modified: Some(timestamp(m.modified_ms)),
+                ..Default::default()
+            })
+            .collect();
+        let common_prefixes =
+            page.prefixes.iter().map(|p| dto::CommonPrefix { prefix: Some(p.clone()) }).collect::<Vec<_>>();
+        Ok(S3Response::new(dto::ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            delimiter: input.delimiter,
+            max_keys: Some(max_keys),
+            key_count: Some(key_count),
+            continuation_token: input.continuation_token,
+            start_after: input.start_after,
+            is_truncated: Some(page.next.is_some()),
+            next_continuation_token: page.next.as_ref().map(cursor),
+            contents: Some(contents),
+            common_prefixes: (!common_prefixes.is_empty()).then_some(common_prefixes),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<dto::CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
+        let input = req.input;
+        let content_type = input.content_type.unwrap_or_else(|| "application/octet-stream".into());
+        let id = self
+            .objects
+            .create_multipart(&input.bucket, &input.key, &content_type, &metadata(input.metadata))
+            .await
+            .map_err(s3_err)?;
+        Ok(S3Response::new(dto::CreateMultipartUploadOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(id),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part(&self, req: S3Request<dto::UploadPartInput>) -> S3Result<S3Response<dto::UploadPartOutput>> {
+        let input = req.input;
+        let number =
+            u32::try_from(input.part_number).map_err(|_| s3_error!(InvalidArgument, "part numbers go from 1"))?;
+        let upload = receive(&self.objects, self.max_object_bytes, input.body, input.content_md5.as_deref()).await?;
+        let part =
+            self.objects.put_part(&input.upload_id, &input.bucket, &input.key, number, upload).await.map_err(s3_err)?;
+        Ok(S3Response::new(dto::UploadPartOutput { e_tag: Some(ETag::Strong(part.etag)), ..Default::default() }))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<dto::CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::CompleteMultipartUploadOutput>> {
+        let input = req.input;
+        let parts = input.multipart_upload.and_then(|m| m.parts).unwrap_or_default();
+        let mut listed = Vec::with_capacity(parts.len());
+        for p in parts {
+            let number = p.part_number.and_then(|n| u32::try_from(n).ok()).ok_or_else(|| s3_error!(InvalidPart))?;
+            let etag =
+                p.e_tag.map(ETag::into_value).ok_or_else(|| s3_error!(InvalidPart, "part {number} has no ETag"))?;
+            listed.push((number, etag));
+        }
+        let condition = write_condition(input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        let m = self
+            .objects
+            .complete_multipart(&input.upload_id, &input.bucket, &input.key, &listed, &condition, self.max_object_bytes)
+            .await
+            .map_err(s3_err)?;
+        Ok(S3Response::new(dto::CompleteMultipartUploadOutput {
+            bucket: Some(input.bucket.clone()),
+            key: Some(input.key.clone()),
+            e_tag: Some(ETag::Strong(m.etag)),
+            location: Some(format!("/{}/{}", input.bucket, input.key)),
+            ..Default::default()
+        }))
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<dto::AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::AbortMultipartUploadOutput>> {
+        let input = req.input;
+        self.objects.abort_multipart(&input.upload_id, &input.bucket, &input.key).await.map_err(s3_err)?;
+        Ok(S3Response::new(dto::AbortMultipartUploadOutput::default()))
+    }
+}
+
+/// The endpoint as a hyper service, with SigV4 against one key pair.
+pub fn service(objects: Objects, max_object_bytes: u64, access_key: &str, secret_key: &str) -> s3s::service::S3Service {
+    let mut builder = s3s::service::S3ServiceBuilder::new(Gateway::new(objects, max_object_bytes));
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(access_key, secret_key));
+    builder.build()
+}
+
+/// Serves the S3 endpoint on `listener` until the node stops.
+pub async fn serve(app: Arc<crate::App>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    let (access, secret) = match (&app.config.s3_access_key, &app.config.s3_secret_key) {
+        (Some(a), Some(s)) => (a.clone(), s.clone()),
+        _ => anyhow::bail!("the S3 endpoint needs an access key and a secret key"),
+    };
+    let service = service(app.objects.clone(), app.config.max_object_bytes, &access, &secret);
+    loop {
+        let stop = app.stop.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if app.stopping() {
+            return Ok(());
+        }
+        let (stream, _) = tokio::select! {
+            () = stop => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an S3 connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "S3 connection ended");
+            }
+        });
+    }
+}
