@@ -288,11 +288,19 @@ fn is_foreign_key_error(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.message().contains("FOREIGN KEY"))
 }
 
+/// An object that was written or deleted (for caches of what derives from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub bucket: String,
+    pub key: String,
+}
+
 /// The embedded object store.
 #[derive(Clone)]
 pub struct Objects {
     db: SqlitePool,
     root: PathBuf,
+    changes: tokio::sync::broadcast::Sender<Change>,
 }
 
 /// A blob made durable, not yet named by any row.
@@ -366,7 +374,18 @@ impl Objects {
         for statement in SCHEMA {
             sqlx::query(*statement).execute(&db).await?;
         }
-        Ok(Objects { db, root: root.to_owned() })
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        Ok(Objects { db, root: root.to_owned(), changes })
+    }
+
+    /// Every later write and delete, as it commits. A receiver that falls more than 1024
+    /// changes behind misses some (`Lagged`).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self, bucket: &str, key: &str) {
+        let _ = self.changes.send(Change { bucket: bucket.to_owned(), key: key.to_owned() });
     }
 
     pub async fn close(&self) {
@@ -552,6 +571,7 @@ impl Objects {
                 if let Some(old) = replaced {
                     remove_blob(&self.blob_path(&old)).await;
                 }
+                self.changed(bucket, key);
                 Ok(meta)
             }
             Err(e) => {
@@ -702,6 +722,7 @@ impl Objects {
                 .await?;
             if r.rows_affected() == 1 {
                 remove_blob(&self.blob_path(&current.blob)).await;
+                self.changed(bucket, key);
                 return Ok(true);
             }
             // Replaced meanwhile: check the condition against the new object.
@@ -899,6 +920,21 @@ mod tests {
         assert!(o.delete("media", "a/b.png", &Condition::None).await.unwrap());
         assert!(!o.delete("media", "a/b.png", &Condition::None).await.unwrap());
         assert_eq!(blobs(&dir), 0);
+    }
+
+    #[tokio::test]
+    async fn writes_and_deletes_are_announced() {
+        let dir = Dir::new("changes");
+        let o = store(&dir).await;
+        let mut rx = o.changes();
+        put(&o, "a", b"1").await;
+        o.delete("media", "a", &Condition::None).await.unwrap();
+        // A refused write announces nothing.
+        let _ = o.put("media", "b", "text/plain", &BTreeMap::new(), &Condition::Matches(vec!["x".into()]), b"2").await;
+        let change = |k: &str| Change { bucket: "media".into(), key: k.into() };
+        assert_eq!(rx.try_recv().unwrap(), change("a"));
+        assert_eq!(rx.try_recv().unwrap(), change("a"));
+        assert!(rx.try_recv().is_err());
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the platform on this machine: HTTP API, functions, durable queue (embedded defaults).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Deploy function manifests to a running node (`PUT /v1/functions/{name}`).
     Deploy {
         #[arg(required = true, value_name = "FILE")]
@@ -149,7 +149,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Serve(args) => {
-            serve::run(args)?;
+            serve::run(*args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Deploy { files, remote } => block_on(deploy(&files, &remote)),

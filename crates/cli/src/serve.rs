@@ -50,6 +50,25 @@ pub struct ServeArgs {
     /// `Cache-Control` of CDN answers for buckets that set none.
     #[arg(long, default_value = "public, max-age=3600")]
     cdn_cache_control: String,
+    /// Key of ad-hoc CDN URL signatures, at least 16 characters (default: generated at first
+    /// start and kept in the data folder; nodes behind one CDN must share one).
+    #[arg(long, env = "PIXFLOW_CDN_SIGNING_KEY", hide_env_values = true)]
+    cdn_signing_key: Option<String>,
+    /// Accept `_` instead of a signature in ad-hoc CDN URLs (`/cdn/t/_/...`).
+    #[arg(long)]
+    cdn_allow_unsigned: bool,
+    /// Formats `format=auto` may pick, in order of preference, when `Accept` allows them.
+    #[arg(long, default_value = "avif,webp", value_delimiter = ',', value_parser = parse_format)]
+    cdn_auto_formats: Vec<pixflow_imageops::OutFormat>,
+    /// Memory the edge cache may hold, e.g. 256Mi.
+    #[arg(long, default_value = "256Mi", value_parser = parse_bytes)]
+    cdn_cache_memory: u64,
+    /// Disk the edge cache may fill, e.g. 10Gi.
+    #[arg(long, default_value = "10Gi", value_parser = parse_bytes)]
+    cdn_cache_disk: u64,
+    /// Folder of the edge cache (default: `cdn-cache/` in the data folder).
+    #[arg(long)]
+    cdn_cache_dir: Option<PathBuf>,
     /// Also serve the object store as an S3-compatible endpoint on this address (path-style,
     /// SigV4 with the key pair below).
     #[arg(long, env = "PIXFLOW_S3_LISTEN", requires_all = ["s3_access_key", "s3_secret_key"])]
@@ -67,6 +86,13 @@ pub struct ServeArgs {
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     pixflow_runtime::manifest::parse_bytes(s).ok_or_else(|| format!("`{s}` is not a size like 512Mi or 1Gi"))
+}
+
+fn parse_format(s: &str) -> Result<pixflow_imageops::OutFormat, String> {
+    match pixflow_imageops::OutFormat::from_name(s.trim()) {
+        Some(f @ (pixflow_imageops::OutFormat::Avif | pixflow_imageops::OutFormat::Webp)) => Ok(f),
+        _ => Err(format!("`{s}`: auto may pick avif or webp")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -103,6 +129,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(secret) = &args.s3_secret_key {
         anyhow::ensure!(secret.len() >= 16, "--s3-secret-key: use at least 16 characters");
     }
+    config.cdn_signing_key = args.cdn_signing_key;
+    config.cdn_allow_unsigned = args.cdn_allow_unsigned;
+    config.cdn_auto_formats = args.cdn_auto_formats;
+    config.cdn_cache_memory = args.cdn_cache_memory;
+    config.cdn_cache_disk = args.cdn_cache_disk;
+    config.cdn_cache_dir = args.cdn_cache_dir;
     config.s3_access_key = args.s3_access_key;
     config.s3_secret_key = args.s3_secret_key;
     config.public_url = args.public_url.unwrap_or_else(|| format!("http://{}", args.listen));

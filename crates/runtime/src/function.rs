@@ -91,6 +91,9 @@ pub struct Invocation {
     /// How many of the input bytes came from object storage rather than the request itself;
     /// only the rest counts against `max_request_bytes` (the engine's input limit bounds all).
     pub referenced_bytes: u64,
+    /// Encoding parameters the platform itself sets (the CDN's negotiated format); unlike
+    /// `params` they need not be `overridable`.
+    pub platform_params: Vec<(String, String)>,
 }
 
 impl Invocation {
@@ -280,10 +283,21 @@ impl Function {
 
     /// The pipeline for one request: the manifest's steps with the caller's overrides.
     pub fn pipeline(&self, params: &[(String, String)]) -> Result<Pipeline, InvokeError> {
+        self.pipeline_with(params, &[])
+    }
+
+    /// The pipeline with the caller's `params` (each must be `overridable`) and encoding
+    /// parameters the platform sets, which apply to every output.
+    pub fn pipeline_with(
+        &self,
+        params: &[(String, String)],
+        platform: &[(String, String)],
+    ) -> Result<Pipeline, InvokeError> {
         let Runnable::Pipeline { steps, overridable } = &self.deployment.runnable else {
             return Err(InvokeError::Unavailable("not a pipeline function".into()));
         };
         if params.is_empty()
+            && platform.is_empty()
             && let Some(p) = &self.base
         {
             return Ok(p.clone());
@@ -312,6 +326,7 @@ impl Function {
                 encode.push((key.clone(), value.clone()));
             }
         }
+        encode.extend(platform.iter().cloned());
         if !encode.is_empty() {
             // Encoding overrides apply to every output: before the first named output, else last.
             let at = steps.iter().position(|(op, _)| op == "output").unwrap_or(steps.len());
@@ -425,7 +440,7 @@ async fn invoke_inner(
     }
     let pipeline = match &f.processes {
         Some(_) => None,
-        None => Some(f.pipeline(&req.params)?),
+        None => Some(f.pipeline_with(&req.params, &req.platform_params)?),
     };
     let ticket = match ticket {
         Some(t) => t,
@@ -444,44 +459,83 @@ async fn invoke_inner(
         drop((permit, ticket));
         return Ok(Output { produced: Produced::Reply(reply?), queued, cpu: Duration::ZERO });
     };
+    let job = EngineJob {
+        pipeline,
+        input: req.input,
+        inputs: req.inputs,
+        limits: quota.limits,
+        deadline,
+        timeout: quota.timeout,
+        max_response_bytes: quota.max_response_bytes,
+        foreign,
+    };
+    let run = run_engine(node, job, (permit, ticket)).await?;
+    let queued = run.started.saturating_duration_since(waited);
+    Ok(Output { produced: Produced::Renditions(run.renditions), queued, cpu: run.cpu })
+}
+
+/// One run of the engine on the node's CPU pool.
+pub struct EngineJob {
+    pub pipeline: Pipeline,
+    pub input: Vec<u8>,
+    pub inputs: BTreeMap<String, Vec<u8>>,
+    pub limits: pixflow_imageops::Limits,
+    /// When the caller stops waiting (queueing for a CPU counts against it).
+    pub deadline: tokio::time::Instant,
+    /// The timeout the deadline came from (for the error).
+    pub timeout: Duration,
+    pub max_response_bytes: u64,
+    pub foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
+}
+
+/// What one engine run gave.
+pub struct EngineRun {
+    pub renditions: Vec<pixflow_imageops::Rendition>,
+    /// CPU time of the run.
+    pub cpu: Duration,
+    /// When it got a CPU.
+    pub started: tokio::time::Instant,
+}
+
+/// Runs a pipeline on one of the node's CPUs under the job's deadline. `held` (slots, node admission) is kept until the engine actually
+/// stops, even after the caller stopped waiting, so the node never runs or holds more than it
+/// admitted. Front ends without a function (the CDN's ad-hoc transformations) call it directly.
+pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'static) -> Result<EngineRun, InvokeError> {
+    let EngineJob { pipeline, input, inputs, mut limits, deadline, timeout, max_response_bytes, foreign } = job;
     // Waiting for a CPU counts against the timeout too.
     let cpu_permit = match tokio::time::timeout_at(deadline, node.cpu.clone().acquire_owned()).await {
         Ok(Ok(p)) => p,
         Ok(Err(_)) => return Err(InvokeError::Internal("CPU pool closed".into())),
-        Err(_) => return Err(InvokeError::Timeout(quota.timeout)),
+        Err(_) => return Err(InvokeError::Timeout(timeout)),
     };
-    let queued = waited.elapsed();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let mut limits = quota.limits;
+    let started = tokio::time::Instant::now();
+    let left = deadline.saturating_duration_since(started);
     // The time spent queueing counts against the timeout.
     limits.max_op_millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
     let work = tokio::task::spawn_blocking(move || {
-        // The slot, the CPU and the node's admission (with the input's bytes) are held until
-        // the engine actually stops, even after the caller stopped waiting, so the node never
-        // runs or holds more than it admitted.
-        let _held = (permit, cpu_permit, ticket);
+        let _held = (held, cpu_permit);
         let clock = cpu_time::ThreadTime::now();
         let opts = RunOptions {
             limits,
             foreign: foreign.as_deref().map(|f| f as &dyn pixflow_imageops::ForeignDecoder),
             final_output: None,
-            inputs: Some(&req.inputs),
+            inputs: Some(&inputs),
         };
-        let renditions = pipeline.run(&req.input, &opts);
+        let renditions = pipeline.run(&input, &opts);
         (renditions, clock.elapsed())
     });
     let (renditions, cpu) = match tokio::time::timeout(left, work).await {
         Ok(Ok(done)) => done,
         Ok(Err(join)) => return Err(InvokeError::Internal(format!("the engine stopped: {join}"))),
-        Err(_) => return Err(InvokeError::Timeout(quota.timeout)),
+        Err(_) => return Err(InvokeError::Timeout(timeout)),
     };
     let renditions = renditions.map_err(|e| match e {
-        pixflow_imageops::Error::Timeout { .. } => InvokeError::Timeout(quota.timeout),
+        pixflow_imageops::Error::Timeout { .. } => InvokeError::Timeout(timeout),
         e => InvokeError::Engine(e),
     })?;
     let out_bytes: u64 = renditions.iter().map(|r| r.bytes.len() as u64).sum();
-    if out_bytes > quota.max_response_bytes {
-        return Err(InvokeError::ResponseTooLarge { limit: quota.max_response_bytes, actual: out_bytes });
+    if out_bytes > max_response_bytes {
+        return Err(InvokeError::ResponseTooLarge { limit: max_response_bytes, actual: out_bytes });
     }
-    Ok(Output { produced: Produced::Renditions(renditions), queued, cpu })
+    Ok(EngineRun { renditions, cpu, started })
 }

@@ -11,8 +11,13 @@ pub mod pool;
 pub mod process;
 pub mod registry;
 
-pub use function::{Function, Invocation, InvokeError, Node, NodeLimits, Output, Produced, Reply, invoke};
-pub use manifest::{AuthMode, Deployment, Diagnostic, Invalid, Manifest, Quota, Retry, Runnable, Scaling, parse};
+pub use function::{
+    EngineJob, EngineRun, Function, Invocation, InvokeError, Node, NodeLimits, Output, Produced, Reply, invoke,
+    run_engine,
+};
+pub use manifest::{
+    AuthMode, CdnPreset, Deployment, Diagnostic, Invalid, Manifest, Quota, Retry, Runnable, Scaling, parse,
+};
 pub use output::{KeyTemplate, KeyVars, OutputSpec, OutputTarget};
 pub use pool::{Pool, PoolStats, Rejected};
 pub use process::MemoryLimiter;

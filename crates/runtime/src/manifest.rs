@@ -52,6 +52,27 @@ pub struct Manifest {
     /// Where results are stored (bucket and key template); the caller then gets references
     /// and CDN URLs back instead of bytes.
     pub output: Option<OutputSpec>,
+    /// Serve this function as a CDN preset: `/cdn/p/{name}/{bucket}/{key}` transforms public
+    /// objects on the fly, cached at the edge.
+    pub cdn: Option<CdnSpec>,
+}
+
+/// A CDN preset as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdnSpec {
+    /// Pick AVIF, WebP or the pipeline's own format per request from `Accept` (`Vary: Accept`).
+    #[serde(default)]
+    pub auto_format: bool,
+    /// `Cache-Control` of the preset's answers (default: the node's).
+    pub cache_control: Option<String>,
+}
+
+/// A validated CDN preset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CdnPreset {
+    pub auto_format: bool,
+    pub cache_control: Option<String>,
 }
 
 /// Who may invoke a function.
@@ -238,6 +259,7 @@ pub struct Deployment {
     pub auth: AuthMode,
     pub retry: Retry,
     pub output: Option<OutputTarget>,
+    pub cdn: Option<CdnPreset>,
 }
 
 /// One thing wrong with a manifest: the field it concerns (`scaling.max`, `pipeline[1].params`)
@@ -352,6 +374,17 @@ impl Manifest {
                 None
             }
         });
+        let cdn = self.cdn.as_ref().map(|c| {
+            if self.process.is_some() {
+                problems.push(diag("cdn", "only built-ins and pipelines can be CDN presets"));
+            }
+            if let Some(cc) = &c.cache_control
+                && (cc.is_empty() || cc.len() > 255 || !cc.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            {
+                problems.push(diag("cdn.cache_control", "1 to 255 visible ASCII characters"));
+            }
+            CdnPreset { auto_format: c.auto_format, cache_control: c.cache_control.clone() }
+        });
         match (runnable, problems.is_empty()) {
             (Some(runnable), true) => Ok(Deployment {
                 name: self.name,
@@ -363,6 +396,7 @@ impl Manifest {
                 auth: self.auth,
                 retry,
                 output,
+                cdn,
             }),
             _ => Err(Invalid(problems)),
         }

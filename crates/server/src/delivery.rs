@@ -4,6 +4,7 @@
 //! `If-Modified-Since`, then `Range` under `If-Range`), single byte ranges (206 / 416), and the
 //! bytes streamed from the open blob file in 64 KiB chunks, never read whole into memory.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -24,6 +25,38 @@ pub(crate) struct Extra {
     pub content_disposition: Option<String>,
     /// Send user metadata as `x-pixflow-meta-*` headers.
     pub metadata: bool,
+    /// `Vary` (the CDN's negotiated formats vary on `Accept`).
+    pub vary: Option<&'static str>,
+    /// `X-Cache: HIT` / `MISS` of the edge cache.
+    pub cache_status: Option<&'static str>,
+}
+
+/// What is served: a stored object, or a transformed result of one.
+pub(crate) struct Representation<'a> {
+    /// Strong validator, hex without quotes.
+    pub etag: &'a str,
+    pub modified_ms: i64,
+    pub size: u64,
+    pub content_type: &'a str,
+    pub metadata: Option<&'a BTreeMap<String, String>>,
+}
+
+impl<'a> From<&'a ObjectMeta> for Representation<'a> {
+    fn from(m: &'a ObjectMeta) -> Representation<'a> {
+        Representation {
+            etag: &m.etag,
+            modified_ms: m.modified_ms,
+            size: m.size,
+            content_type: &m.content_type,
+            metadata: Some(&m.metadata),
+        }
+    }
+}
+
+/// Where the bytes come from.
+pub(crate) enum Payload {
+    File(tokio::fs::File),
+    Bytes(bytes::Bytes),
 }
 
 /// The quoted strong entity tag of an object.
@@ -31,7 +64,11 @@ pub(crate) fn etag(meta: &ObjectMeta) -> String {
     format!("\"{}\"", meta.etag)
 }
 
-fn modified(meta: &ObjectMeta) -> SystemTime {
+fn quoted(etag: &str) -> String {
+    format!("\"{etag}\"")
+}
+
+fn modified(meta: &Representation<'_>) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(meta.modified_ms).unwrap_or(0))
 }
 
@@ -78,7 +115,7 @@ pub(crate) enum Verdict {
 }
 
 /// Evaluates the request's preconditions against the current object (RFC 9110 §13.2.2).
-pub(crate) fn preconditions(method: &Method, headers: &HeaderMap, meta: &ObjectMeta) -> Verdict {
+pub(crate) fn preconditions(method: &Method, headers: &HeaderMap, meta: &Representation<'_>) -> Verdict {
     let safe = method == Method::GET || method == Method::HEAD;
     if let Some(list) = tags(headers, header::IF_MATCH) {
         // Strong comparison: a weak tag never matches.
@@ -147,7 +184,7 @@ pub(crate) fn range(value: Option<&str>, size: u64) -> Range {
 
 /// Whether `If-Range` lets a range through: it must name the current object (strong ETag, or
 /// exactly its `Last-Modified`).
-fn if_range_holds(headers: &HeaderMap, meta: &ObjectMeta) -> bool {
+fn if_range_holds(headers: &HeaderMap, meta: &Representation<'_>) -> bool {
     let Some(v) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else { return true };
     let v = v.trim();
     if v.starts_with('"') {
@@ -163,20 +200,26 @@ fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 }
 
 /// Headers every answer about the object carries (200, 206, 304).
-fn validators(h: &mut HeaderMap, meta: &ObjectMeta, extra: &Extra) {
-    insert(h, header::ETAG, &etag(meta));
+fn validators(h: &mut HeaderMap, meta: &Representation<'_>, extra: &Extra) {
+    insert(h, header::ETAG, &quoted(meta.etag));
     insert(h, header::LAST_MODIFIED, &http_date(modified(meta)));
     if let Some(cc) = &extra.cache_control {
         insert(h, header::CACHE_CONTROL, cc);
     }
+    if let Some(v) = extra.vary {
+        h.insert(header::VARY, HeaderValue::from_static(v));
+    }
+    if let Some(v) = extra.cache_status {
+        h.insert("x-cache", HeaderValue::from_static(v));
+    }
 }
 
-/// The answer to a GET or HEAD of an object whose file is open.
+/// The answer to a GET or HEAD of a representation.
 pub(crate) async fn respond(
     method: &Method,
     headers: &HeaderMap,
-    meta: ObjectMeta,
-    mut file: tokio::fs::File,
+    meta: Representation<'_>,
+    payload: Payload,
     extra: Extra,
 ) -> Result<Response, Problem> {
     match preconditions(method, headers, &meta) {
@@ -213,18 +256,24 @@ pub(crate) async fn respond(
             return Ok(resp);
         }
     };
-    let body = if method == Method::HEAD {
-        Body::empty()
-    } else {
-        if start > 0 {
-            file.seek(std::io::SeekFrom::Start(start)).await.map_err(Problem::internal)?;
+    let body = match payload {
+        _ if method == Method::HEAD => Body::empty(),
+        Payload::Bytes(b) => {
+            let (a, z) =
+                (usize::try_from(start).unwrap_or(usize::MAX), usize::try_from(start + len).unwrap_or(usize::MAX));
+            Body::from(b.slice(a.min(b.len())..z.min(b.len())))
         }
-        stream(file.take(len))
+        Payload::File(mut file) => {
+            if start > 0 {
+                file.seek(std::io::SeekFrom::Start(start)).await.map_err(Problem::internal)?;
+            }
+            stream(file.take(len))
+        }
     };
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
     validators(h, &meta, &extra);
-    insert(h, header::CONTENT_TYPE, &meta.content_type);
+    insert(h, header::CONTENT_TYPE, meta.content_type);
     insert(h, header::CONTENT_LENGTH, &len.to_string());
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if status == StatusCode::PARTIAL_CONTENT {
@@ -233,8 +282,10 @@ pub(crate) async fn respond(
     if let Some(d) = &extra.content_disposition {
         insert(h, header::CONTENT_DISPOSITION, d);
     }
-    if extra.metadata {
-        for (k, v) in &meta.metadata {
+    if extra.metadata
+        && let Some(m) = meta.metadata
+    {
+        for (k, v) in m {
             if let Ok(name) = HeaderName::from_bytes(format!("{META_PREFIX}{k}").as_bytes()) {
                 insert(h, name, v);
             }

@@ -296,6 +296,7 @@ pub(crate) async fn resolve(
         inputs,
         content_type: parsed.content_type,
         referenced_bytes: referenced,
+        platform_params: Vec::new(),
     };
     Ok((invocation, source_key))
 }

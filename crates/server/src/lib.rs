@@ -5,7 +5,7 @@
 
 pub mod auth;
 mod callback;
-mod cdn;
+pub mod cdn;
 mod delivery;
 mod functions;
 mod invocations;
@@ -59,6 +59,21 @@ pub struct Config {
     pub public_url: String,
     /// `Cache-Control` of CDN answers for buckets that set none.
     pub cdn_cache_control: String,
+    /// Key of ad-hoc CDN URL signatures (default: generated at first start, kept in the data
+    /// folder; nodes behind one CDN must share it).
+    pub cdn_signing_key: Option<String>,
+    /// Accept `_` instead of a signature in ad-hoc CDN URLs.
+    pub cdn_allow_unsigned: bool,
+    /// Formats `auto` may pick, in order of preference, when `Accept` allows them.
+    pub cdn_auto_formats: Vec<pixflow_imageops::OutFormat>,
+    /// Engine limits of ad-hoc CDN transformations.
+    pub cdn_limits: pixflow_imageops::Limits,
+    /// Longest an ad-hoc CDN transformation may run.
+    pub cdn_timeout: Duration,
+    /// The edge cache's folder (default: `cdn-cache/` in the data folder) and sizes.
+    pub cdn_cache_dir: Option<PathBuf>,
+    pub cdn_cache_memory: u64,
+    pub cdn_cache_disk: u64,
     /// The key pair S3 clients sign with (SigV4) on the S3-compatible endpoint.
     pub s3_access_key: Option<String>,
     pub s3_secret_key: Option<String>,
@@ -85,6 +100,14 @@ impl Config {
             cdn_cache_control: "public, max-age=3600".into(),
             s3_access_key: None,
             s3_secret_key: None,
+            cdn_signing_key: None,
+            cdn_allow_unsigned: false,
+            cdn_auto_formats: vec![pixflow_imageops::OutFormat::Avif, pixflow_imageops::OutFormat::Webp],
+            cdn_limits: pixflow_imageops::Limits::default(),
+            cdn_timeout: Duration::from_secs(30),
+            cdn_cache_dir: None,
+            cdn_cache_memory: 256 << 20,
+            cdn_cache_disk: 10 << 30,
         }
     }
 }
@@ -95,6 +118,7 @@ pub struct App {
     pub node: Arc<Node>,
     pub store: Store,
     pub objects: Objects,
+    pub cdn: cdn::Cdn,
     pub config: Config,
     foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
     metrics: PrometheusHandle,
@@ -150,11 +174,16 @@ impl App {
         let objects = Objects::open(&objects_dir)
             .await
             .with_context(|| format!("opening the object store in {}", objects_dir.display()))?;
+        let cache_dir = config.cdn_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cdn-cache"));
+        let cache = pixflow_backends::EdgeCache::open(&cache_dir, config.cdn_cache_memory, config.cdn_cache_disk)
+            .with_context(|| format!("opening the edge cache in {}", cache_dir.display()))?;
+        let cdn = cdn::Cdn::new(cache, signing_key(&config)?);
         let app = Arc::new(App {
             registry: Registry::new(RegistryOptions { tick: config.tick }),
             node: Node::new(config.node),
             store,
             objects,
+            cdn,
             foreign,
             metrics: metrics_handle(),
             ready: AtomicBool::new(false),
@@ -173,6 +202,7 @@ impl App {
         let mut workers: Vec<_> =
             (0..app.config.async_workers).map(|_| tokio::spawn(invocations::worker(app.clone()))).collect();
         workers.push(tokio::spawn(invocations::retention(app.clone())));
+        workers.push(tokio::spawn(cdn::follow_changes(app.clone())));
         // Blobs a crash left without an object (renamed, never committed) are collected once.
         let (objects, started) = (app.objects.clone(), std::time::SystemTime::now());
         tokio::spawn(async move {
@@ -270,6 +300,27 @@ async fn admin_token(store: &Store, config: &Config) -> Result<Option<String>> {
     Ok(Some(token))
 }
 
+/// The CDN signing key: configured, else kept in the data folder (made on first start).
+fn signing_key(config: &Config) -> Result<Vec<u8>> {
+    if let Some(k) = &config.cdn_signing_key {
+        anyhow::ensure!(k.len() >= 16, "the CDN signing key is too short: use at least 16 characters");
+        return Ok(k.as_bytes().to_vec());
+    }
+    let path = config.data_dir.join("cdn-signing-key");
+    if !config.in_memory
+        && let Ok(k) = std::fs::read_to_string(&path)
+        && k.trim().len() >= 16
+    {
+        return Ok(k.trim().as_bytes().to_vec());
+    }
+    let key = auth::generate().context("generating the CDN signing key")?;
+    if !config.in_memory {
+        std::fs::create_dir_all(&config.data_dir)?;
+        write_secret(&path, &key)?;
+    }
+    Ok(key.into_bytes())
+}
+
 /// Writes a file only its owner can read, without ever leaving it readable by others.
 fn write_secret(path: &Path, secret: &str) -> Result<()> {
     use std::io::Write;
@@ -333,7 +384,11 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/buckets/{bucket}/objects/{*key}",
             get(objects::get_object).put(objects::put_object).delete(objects::delete_object),
         )
+        .route("/v1/cdn/purge", post(cdn::purge))
+        .route("/v1/cdn/sign", post(cdn::sign))
         .route("/cdn/{bucket}/{*key}", get(cdn::get))
+        .route("/cdn/p/{preset}/{bucket}/{*key}", get(cdn::preset))
+        .route("/cdn/t/{signature}/{ops}/{bucket}/{*key}", get(cdn::adhoc))
         .fallback(|| async { problem::Problem::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             problem::Problem::new(

@@ -258,7 +258,8 @@ pub(crate) async fn get_object(
 ) -> Result<Response, Problem> {
     auth::role(&app.store, &headers).await?;
     let (meta, file) = app.objects.get(&bucket, &key).await?;
-    delivery::respond(&method, &headers, meta, file, Extra { metadata: true, ..Extra::default() }).await
+    let extra = Extra { metadata: true, ..Extra::default() };
+    delivery::respond(&method, &headers, (&meta).into(), delivery::Payload::File(file), extra).await
 }
 
 pub(crate) async fn delete_object(

@@ -12,7 +12,7 @@ use pixflow_runtime::{InvokeError, Rejected};
 use serde::Serialize;
 
 /// A problem response.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Problem {
     pub title: &'static str,
     pub status: u16,
@@ -51,7 +51,7 @@ impl Serialize for Problem {
 }
 
 /// One problem with one field of a request document.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct FieldError {
     pub field: String,
     pub message: String,

@@ -1119,3 +1119,220 @@ async fn functions_read_stored_inputs_and_store_their_results() {
         .problem(StatusCode::NOT_FOUND, "no_such_key");
     app.shutdown().await;
 }
+
+// ---- CDN transformations: presets, signed ad-hoc URLs, negotiation, edge cache ----
+
+async fn cdn_get(app: &Arc<App>, path: &str, headers: &[(&str, &str)]) -> Reply {
+    call(app, Method::GET, path, None, headers, vec![]).await
+}
+
+async fn sign(app: &Arc<App>, ops: &str, bucket: &str, key: &str) -> String {
+    let r = call(
+        app,
+        Method::POST,
+        "/v1/cdn/sign",
+        Some(ADMIN),
+        &[],
+        json!({"ops": ops, "bucket": bucket, "key": key}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["url"].as_str().unwrap().trim_start_matches("http://127.0.0.1:8080").to_owned()
+}
+
+const CDN_PRESET: &str = "name: small\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\n\
+                          cdn: {auto_format: true, cache_control: 'public, max-age=31536000, immutable'}\n";
+
+#[tokio::test]
+async fn cdn_presets_negotiate_formats_and_cache_at_the_edge() {
+    let app = start(config()).await;
+    bucket(&app, "public", json!({"public": true})).await;
+    bucket(&app, "private", json!({})).await;
+    put_object(&app, "public/objects/cat.png", &[("content-type", "image/png")], png(64, 32)).await;
+    put_object(&app, "private/objects/cat.png", &[("content-type", "image/png")], png(64, 32)).await;
+    deploy(&app, CDN_PRESET).await;
+    deploy(&app, THUMB).await;
+    let webp = [("accept", "image/webp,*/*")];
+    let r = cdn_get(&app, "/cdn/p/small/public/cat.png", &webp).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        (r.headers["content-type"].to_str().unwrap(), r.headers["x-cache"].to_str().unwrap()),
+        ("image/webp", "MISS")
+    );
+    assert_eq!(r.headers["vary"], "Accept");
+    assert_eq!(r.headers["cache-control"], "public, max-age=31536000, immutable");
+    let img = image::load_from_memory(&r.body).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 8));
+    let etag = r.headers["etag"].to_str().unwrap().to_owned();
+    // The same Accept capability, written differently: the same cache entry.
+    let again = cdn_get(&app, "/cdn/p/small/public/cat.png", &[("accept", "image/webp")]).await;
+    assert_eq!((again.headers["x-cache"].to_str().unwrap(), again.body.as_slice()), ("HIT", r.body.as_slice()));
+    assert_eq!(again.headers["etag"].to_str().unwrap(), etag);
+    let avif = cdn_get(&app, "/cdn/p/small/public/cat.png", &[("accept", "image/avif,image/webp")]).await;
+    assert_eq!(avif.headers["content-type"], "image/avif");
+    let own = cdn_get(&app, "/cdn/p/small/public/cat.png", &[]).await;
+    assert_eq!(own.headers["content-type"], "image/png");
+    assert_eq!(app.cdn.transformations(), 3);
+    // Conditional and ranged reads of a transformed result.
+    let r = cdn_get(&app, "/cdn/p/small/public/cat.png", &[("accept", "image/webp"), ("if-none-match", &etag)]).await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::NOT_MODIFIED, 0));
+    assert_eq!(r.headers["vary"], "Accept");
+    let r = cdn_get(&app, "/cdn/p/small/public/cat.png", &[("accept", "image/webp"), ("range", "bytes=0-3")]).await;
+    assert_eq!((r.status, r.body.as_slice()), (StatusCode::PARTIAL_CONTENT, &b"RIFF"[..]));
+    assert_eq!(app.cdn.transformations(), 3);
+
+    // Only presets, only public buckets.
+    cdn_get(&app, "/cdn/p/thumb/public/cat.png", &[]).await.problem(StatusCode::NOT_FOUND, "no_such_preset");
+    cdn_get(&app, "/cdn/p/small/private/cat.png", &[]).await.problem(StatusCode::NOT_FOUND, "no_such_key");
+    cdn_get(&app, "/cdn/p/small/public/dog.png", &[]).await.problem(StatusCode::NOT_FOUND, "no_such_key");
+
+    // Overwriting the source: a new ETag, so a miss, and its old derivatives are purged.
+    let before = app.cdn.cache.stats().entries;
+    assert_eq!(before, 3);
+    put_object(&app, "public/objects/cat.png", &[("content-type", "image/png")], png(32, 32)).await;
+    let mut purged = false;
+    for _ in 0..100 {
+        if app.cdn.cache.stats().entries == 0 {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(purged, "derivatives of an overwritten object are purged");
+    let r = cdn_get(&app, "/cdn/p/small/public/cat.png", &webp).await;
+    assert_eq!(r.headers["x-cache"], "MISS");
+    assert_eq!(image::load_from_memory(&r.body).unwrap().height(), 16);
+    // Purge by prefix through the API.
+    let p = call(
+        &app,
+        Method::POST,
+        "/v1/cdn/purge",
+        Some(ADMIN),
+        &[],
+        br#"{"bucket": "public", "prefix": "ca"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(p.json()["purged"], 1);
+    let token = invoke_token(&app).await;
+    call(&app, Method::POST, "/v1/cdn/purge", Some(&token), &[], br#"{"bucket": "public", "key": "cat.png"}"#.to_vec())
+        .await
+        .problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(cdn_get(&app, "/cdn/p/small/public/cat.png", &webp).await.headers["x-cache"], "MISS");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn cdn_ad_hoc_urls_need_a_valid_signature() {
+    let app = start(config()).await;
+    bucket(&app, "public", json!({"public": true})).await;
+    put_object(&app, "public/objects/photos/cat%201.png", &[("content-type", "image/png")], png(64, 64)).await;
+    let url = sign(&app, "resize,width=20+convert,format=webp", "public", "photos/cat 1.png").await;
+    assert!(
+        url.starts_with("/cdn/t/") && url.ends_with("/resize,width=20+convert,format=webp/public/photos/cat%201.png"),
+        "{url}"
+    );
+    let r = cdn_get(&app, &url, &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["content-type"], "image/webp");
+    assert!(r.headers.get("vary").is_none());
+    assert_eq!(image::load_from_memory(&r.body).unwrap().width(), 20);
+    // Any change to the signed path, or no signature: 403.
+    let tampered = url.replace("width=20", "width=2000");
+    cdn_get(&app, &tampered, &[]).await.problem(StatusCode::FORBIDDEN, "bad_signature");
+    let other_key = url.replace("cat%201.png", "cat%202.png");
+    cdn_get(&app, &other_key, &[]).await.problem(StatusCode::FORBIDDEN, "bad_signature");
+    cdn_get(&app, "/cdn/t/_/resize,width=20/public/photos/cat%201.png", &[])
+        .await
+        .problem(StatusCode::FORBIDDEN, "bad_signature");
+    cdn_get(&app, "/cdn/t/AAAA/resize,width=20/public/photos/cat%201.png", &[])
+        .await
+        .problem(StatusCode::FORBIDDEN, "bad_signature");
+    // Bad operations are refused before any work, signed or not.
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/cdn/sign",
+        Some(ADMIN),
+        &[],
+        br#"{"ops": "explode", "bucket": "public", "key": "k"}"#.to_vec(),
+    )
+    .await;
+    r.problem(StatusCode::BAD_REQUEST, "unknown_operation");
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/cdn/sign",
+        Some(ADMIN),
+        &[],
+        br#"{"ops": "watermark,image=logo.png", "bucket": "public", "key": "k"}"#.to_vec(),
+    )
+    .await;
+    r.problem(StatusCode::BAD_REQUEST, "bad_request");
+    let auto = sign(&app, "resize,width=10+convert,format=auto", "public", "photos/cat 1.png").await;
+    let r = cdn_get(&app, &auto, &[("accept", "image/avif")]).await;
+    assert_eq!(
+        (r.headers["content-type"].to_str().unwrap(), r.headers["vary"].to_str().unwrap()),
+        ("image/avif", "Accept")
+    );
+    app.shutdown().await;
+
+    // An operator may allow unsigned URLs.
+    let mut c = config();
+    c.cdn_allow_unsigned = true;
+    let app = start(c).await;
+    bucket(&app, "public", json!({"public": true})).await;
+    put_object(&app, "public/objects/a.png", &[], png(40, 40)).await;
+    let r = cdn_get(&app, "/cdn/t/_/resize,width=10/public/a.png", &[]).await;
+    assert_eq!(image::load_from_memory(&r.body).unwrap().width(), 10);
+    cdn_get(&app, "/cdn/t/_/resize,width=0/public/a.png", &[]).await.problem(StatusCode::BAD_REQUEST, "bad_parameter");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn identical_cdn_requests_in_flight_run_one_transformation() {
+    let mut c = config();
+    c.cdn_allow_unsigned = true;
+    // No cache: only coalescing can make several requests share one run.
+    c.cdn_cache_memory = 0;
+    c.cdn_cache_disk = 0;
+    let app = start(c).await;
+    bucket(&app, "public", json!({"public": true})).await;
+    put_object(&app, "public/objects/big.png", &[], png(1600, 1600)).await;
+    let path = "/cdn/t/_/resize,width=800,kernel=lanczos3+blur,sigma=4/public/big.png";
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { cdn_get(&app, path, &[]).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for r in requests {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        bodies.push(r.body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(app.cdn.transformations(), 1, "8 identical requests in flight share one transformation");
+    // Nothing was cached: a later request runs again.
+    cdn_get(&app, path, &[]).await;
+    assert_eq!(app.cdn.transformations(), 2);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_edge_cache_survives_a_restart() {
+    let mut c = config();
+    c.cdn_allow_unsigned = true;
+    let app = start(c.clone()).await;
+    bucket(&app, "public", json!({"public": true})).await;
+    put_object(&app, "public/objects/a.png", &[], png(40, 40)).await;
+    let path = "/cdn/t/_/resize,width=10/public/a.png";
+    assert_eq!(cdn_get(&app, path, &[]).await.headers["x-cache"], "MISS");
+    app.shutdown().await;
+    drop(app);
+    let app = start(c).await;
+    let r = cdn_get(&app, path, &[]).await;
+    assert_eq!((r.status, r.headers["x-cache"].to_str().unwrap()), (StatusCode::OK, "HIT"));
+    assert_eq!(app.cdn.transformations(), 0);
+    app.shutdown().await;
+}
