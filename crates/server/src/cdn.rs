@@ -441,9 +441,7 @@ pub(crate) async fn purge(
     body: axum::body::Body,
 ) -> Result<Json<Value>, Problem> {
     auth::admin(&app.store, &headers).await?;
-    let body = crate::functions::read_body(body, 16 << 10).await?;
-    let req: PurgeRequest =
-        serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("purge request: {e}")))?;
+    let req: PurgeRequest = crate::functions::read_json(body, "purge request").await?;
     let purged = match (&req.key, &req.prefix) {
         (Some(k), None) => app.cdn.cache.purge(&req.bucket, k, false),
         (None, Some(p)) => app.cdn.cache.purge(&req.bucket, p, true),
@@ -467,9 +465,7 @@ pub(crate) async fn sign(
     body: axum::body::Body,
 ) -> Result<Json<Value>, Problem> {
     auth::role(&app.store, &headers).await?;
-    let body = crate::functions::read_body(body, 16 << 10).await?;
-    let req: SignRequest =
-        serde_json::from_slice(&body).map_err(|e| Problem::bad_request(format!("sign request: {e}")))?;
+    let req: SignRequest = crate::functions::read_json(body, "sign request").await?;
     pixflow_backends::objects::check_bucket(&req.bucket)?;
     pixflow_backends::objects::check_key(&req.key)?;
     // Keep the ops as written (each key and value encoded the way the parser decodes them).
@@ -485,15 +481,8 @@ pub(crate) async fn sign(
 pub(crate) async fn follow_changes(app: Arc<App>) {
     let mut changes = app.objects.changes();
     loop {
-        // Registered before the check, so a stop between the two is not missed.
-        let stop = app.stop.notified();
-        tokio::pin!(stop);
-        stop.as_mut().enable();
-        if app.stopping() {
-            return;
-        }
         tokio::select! {
-            () = stop => return,
+            () = app.stopped() => return,
             change = changes.recv() => match change {
                 Ok(c) => {
                     app.cdn.cache.purge(&c.bucket, &c.key, false);

@@ -32,6 +32,12 @@ pub(crate) async fn read_body(body: Body, limit: u64) -> Result<bytes::Bytes, Pr
     }
 }
 
+/// A small JSON request document (at most 16 KiB).
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> Result<T, Problem> {
+    let bytes = read_body(body, 16 << 10).await?;
+    serde_json::from_slice(&bytes).map_err(|e| Problem::bad_request(format!("{what}: {e}")))
+}
+
 /// A function as the API shows it.
 pub(crate) fn describe(f: &Function, with_manifest: bool) -> Value {
     let d = &f.deployment;

@@ -208,14 +208,7 @@ fn problem_json(p: &Problem) -> String {
 
 /// Deletes finished invocations past the retention period, hourly.
 pub(crate) async fn retention(app: Arc<App>) {
-    loop {
-        // Registered before the check, so a stop between the two is not missed.
-        let stop = app.stop.notified();
-        tokio::pin!(stop);
-        stop.as_mut().enable();
-        if app.stopping() {
-            return;
-        }
+    while !app.stopping() {
         let keep = i64::try_from(app.config.async_retention.as_millis()).unwrap_or(i64::MAX);
         match app.store.purge_finished(pixflow_backends::state::now_ms().saturating_sub(keep)).await {
             Ok(0) => {}
@@ -223,7 +216,7 @@ pub(crate) async fn retention(app: Arc<App>) {
             Err(e) => tracing::error!(error = %e, "purging finished invocations"),
         }
         tokio::select! {
-            () = stop => {}
+            () = app.stopped() => {}
             () = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
     }

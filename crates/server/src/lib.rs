@@ -242,6 +242,19 @@ impl App {
         self.stopping.load(Ordering::Acquire)
     }
 
+    /// Resolves once the node is stopping (at once if it already is): the stop signal of the
+    /// background loops.
+    async fn stopped(&self) {
+        // Registered before the check, so a stop between the two is not missed.
+        let stop = self.stop.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if self.stopping() {
+            return;
+        }
+        stop.await;
+    }
+
     /// Stops taking work: readiness turns 503, workers stop claiming.
     fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::Release);

@@ -416,14 +416,8 @@ pub async fn serve(app: Arc<crate::App>, listener: tokio::net::TcpListener) -> a
     };
     let service = service(app.objects.clone(), app.config.max_object_bytes, &access, &secret);
     loop {
-        let stop = app.stop.notified();
-        tokio::pin!(stop);
-        stop.as_mut().enable();
-        if app.stopping() {
-            return Ok(());
-        }
         let (stream, _) = tokio::select! {
-            () = stop => return Ok(()),
+            () = app.stopped() => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
