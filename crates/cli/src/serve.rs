@@ -69,6 +69,13 @@ pub struct ServeArgs {
     /// Folder of the edge cache (default: `cdn-cache/` in the data folder).
     #[arg(long)]
     cdn_cache_dir: Option<PathBuf>,
+    /// Origins URL sources (`{"url": ...}` inputs) may be fetched from: `host`, `host:port`,
+    /// `*.example.com` (repeatable). None by default: URL sources are off.
+    #[arg(long = "url-allow", env = "PIXFLOW_URL_ALLOW", value_delimiter = ',')]
+    url_allow: Vec<String>,
+    /// Non-public address ranges URL sources may still reach, e.g. 10.1.0.0/16 (repeatable).
+    #[arg(long = "url-allow-private", value_delimiter = ',')]
+    url_allow_private: Vec<pixflow_server::fetch::Cidr>,
     /// Also serve the object store as an S3-compatible endpoint on this address (path-style,
     /// SigV4 with the key pair below).
     #[arg(long, env = "PIXFLOW_S3_LISTEN", requires_all = ["s3_access_key", "s3_secret_key"])]
@@ -129,6 +136,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(secret) = &args.s3_secret_key {
         anyhow::ensure!(secret.len() >= 16, "--s3-secret-key: use at least 16 characters");
     }
+    config.url_policy = pixflow_server::fetch::UrlPolicy {
+        hosts: args.url_allow.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
+        private: args.url_allow_private,
+    };
     config.cdn_signing_key = args.cdn_signing_key;
     config.cdn_allow_unsigned = args.cdn_allow_unsigned;
     config.cdn_auto_formats = args.cdn_auto_formats;

@@ -52,6 +52,8 @@ struct Data {
     bucket: Option<String>,
     key: Option<String>,
     etag: Option<String>,
+    /// An `http://` URL the node fetches (allowed origins only; see `fetch`).
+    url: Option<String>,
 }
 
 /// A stored object named as an input; with `etag`, only that content is accepted.
@@ -67,22 +69,26 @@ pub(crate) struct ObjectRef {
 pub(crate) enum Source {
     Inline(Vec<u8>),
     Stored(ObjectRef),
+    Url(String),
 }
 
 impl Data {
     fn source(self, what: &str) -> Result<Source, Problem> {
-        match (self.base64, self.bucket, self.key, self.etag) {
-            (Some(b), None, None, None) => B64
+        match (self.base64, self.bucket, self.key, self.etag, self.url) {
+            (None, None, None, None, Some(url)) => Ok(Source::Url(url)),
+            (Some(b), None, None, None, None) => B64
                 .decode(b.as_bytes())
                 .map(Source::Inline)
                 .map_err(|e| Problem::bad_request(format!("{what}.base64: {e}"))),
-            (None, Some(bucket), Some(key), etag) => {
+            (None, Some(bucket), Some(key), etag, None) => {
                 pixflow_backends::objects::check_bucket(&bucket)?;
                 pixflow_backends::objects::check_key(&key)?;
                 let etag = etag.map(|e| e.trim_matches('"').to_owned());
                 Ok(Source::Stored(ObjectRef { bucket, key, etag }))
             }
-            _ => Err(Problem::bad_request(format!("{what}: give `base64`, or `bucket` and `key` (and maybe `etag`)"))),
+            _ => Err(Problem::bad_request(format!(
+                "{what}: give `base64`, `url`, or `bucket` and `key` (and maybe `etag`)"
+            ))),
         }
     }
 }
@@ -253,6 +259,16 @@ async fn fetch(app: &App, f: &Function, r: &ObjectRef, ticket: Option<&mut NodeT
     Ok(bytes)
 }
 
+/// Fetches a URL source (allowed origins, public addresses, the function's input limit); its
+/// bytes join the request's ticket.
+async fn fetch_url(app: &App, f: &Function, url: &str, ticket: Option<&mut NodeTicket>) -> Result<Vec<u8>, Problem> {
+    let bytes = crate::fetch::fetch(&app.config.url_policy, url, f.deployment.quota.limits.max_input_bytes).await?;
+    if let Some(t) = ticket {
+        t.grow(bytes.len() as u64)?;
+    }
+    Ok(bytes)
+}
+
 /// The invocation with every stored input read; the key of the stored main input, if any.
 pub(crate) async fn resolve(
     app: &App,
@@ -277,6 +293,11 @@ pub(crate) async fn resolve(
             source_key = Some(r.key);
             bytes
         }
+        Some(Source::Url(u)) => {
+            let bytes = fetch_url(app, f, &u, ticket.as_deref_mut()).await?;
+            referenced += bytes.len() as u64;
+            bytes
+        }
     };
     let mut inputs = BTreeMap::new();
     for (name, source) in parsed.inputs {
@@ -284,6 +305,11 @@ pub(crate) async fn resolve(
             Source::Inline(b) => b,
             Source::Stored(r) => {
                 let bytes = fetch(app, f, &r, ticket.as_deref_mut()).await?;
+                referenced += bytes.len() as u64;
+                bytes
+            }
+            Source::Url(u) => {
+                let bytes = fetch_url(app, f, &u, ticket.as_deref_mut()).await?;
                 referenced += bytes.len() as u64;
                 bytes
             }
@@ -586,6 +612,12 @@ pub(crate) struct QueuedMeta {
     /// Where the results go (the request's; the manifest's applies when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputRequest>,
+    /// The main input, when it is a URL source (fetched when the attempt runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_url: Option<String>,
+    /// Extra named inputs that are URL sources.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_urls: BTreeMap<String, String>,
 }
 
 impl QueuedMeta {
@@ -599,9 +631,13 @@ impl QueuedMeta {
         for (name, r) in self.input_refs {
             inputs.insert(name, Source::Stored(r));
         }
-        let input = match self.input_ref {
-            Some(r) => Some(Source::Stored(r)),
-            None => Some(Source::Inline(payload)),
+        for (name, u) in self.input_urls {
+            inputs.insert(name, Source::Url(u));
+        }
+        let input = match (self.input_ref, self.input_url) {
+            (Some(r), _) => Some(Source::Stored(r)),
+            (None, Some(u)) => Some(Source::Url(u)),
+            (None, None) => Some(Source::Inline(payload)),
         };
         Ok(Parsed {
             input,
@@ -640,11 +676,16 @@ async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<Strin
         f.pipeline(&parsed.params)?;
     }
     let mut input_ref = None;
+    let mut input_url = None;
     let mut payload = Vec::new();
     match parsed.input {
         Some(Source::Stored(r)) => {
             app.objects.head(&r.bucket, &r.key).await?;
             input_ref = Some(r);
+        }
+        Some(Source::Url(u)) => {
+            app.config.url_policy.check(&u)?;
+            input_url = Some(u);
         }
         Some(Source::Inline(b)) => payload = b,
         None => {}
@@ -660,6 +701,7 @@ async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<Strin
     }
     let mut inputs = BTreeMap::new();
     let mut input_refs = BTreeMap::new();
+    let mut input_urls = BTreeMap::new();
     for (name, source) in parsed.inputs {
         match source {
             Source::Inline(b) => {
@@ -668,6 +710,10 @@ async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<Strin
             Source::Stored(r) => {
                 app.objects.head(&r.bucket, &r.key).await?;
                 input_refs.insert(name, r);
+            }
+            Source::Url(u) => {
+                app.config.url_policy.check(&u)?;
+                input_urls.insert(name, u);
             }
         }
     }
@@ -679,6 +725,8 @@ async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<Strin
         input_ref,
         input_refs,
         output: parsed.output,
+        input_url,
+        input_urls,
     };
     let id = auth::invocation_id().map_err(Problem::internal)?;
     let new = pixflow_backends::NewInvocation {

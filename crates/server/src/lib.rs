@@ -7,6 +7,7 @@ pub mod auth;
 mod callback;
 pub mod cdn;
 mod delivery;
+pub mod fetch;
 mod functions;
 mod invocations;
 mod invoke;
@@ -74,6 +75,8 @@ pub struct Config {
     pub cdn_cache_dir: Option<PathBuf>,
     pub cdn_cache_memory: u64,
     pub cdn_cache_disk: u64,
+    /// Origins URL sources may be fetched from (none by default: URL sources are off).
+    pub url_policy: fetch::UrlPolicy,
     /// The key pair S3 clients sign with (SigV4) on the S3-compatible endpoint.
     pub s3_access_key: Option<String>,
     pub s3_secret_key: Option<String>,
@@ -100,6 +103,7 @@ impl Config {
             cdn_cache_control: "public, max-age=3600".into(),
             s3_access_key: None,
             s3_secret_key: None,
+            url_policy: fetch::UrlPolicy::default(),
             cdn_signing_key: None,
             cdn_allow_unsigned: false,
             cdn_auto_formats: vec![pixflow_imageops::OutFormat::Avif, pixflow_imageops::OutFormat::Webp],

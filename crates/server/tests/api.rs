@@ -1336,3 +1336,81 @@ async fn the_edge_cache_survives_a_restart() {
     assert_eq!(app.cdn.transformations(), 0);
     app.shutdown().await;
 }
+
+// ---- URL sources behind the allow-list and the SSRF guard ----
+
+/// A small origin on loopback: an image, a redirect, a large answer.
+async fn origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::routing::get;
+    let img = png(48, 24);
+    let router = axum::Router::new()
+        .route("/img.png", get(move || async move { ([("content-type", "image/png")], img.clone()) }))
+        .route("/moved", get(|| async { (StatusCode::FOUND, [("location", "http://169.254.169.254/")], "") }))
+        .route("/big", get(|| async { vec![0u8; 300_000] }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(async move { axum::serve(listener, router).await.unwrap() }))
+}
+
+#[tokio::test]
+async fn url_sources_reach_only_allowed_public_origins() {
+    let (addr, server) = origin().await;
+    let doc = |path: &str| json!({"input": {"url": format!("http://{addr}{path}")}});
+    // Allowed host, but a loopback address: the SSRF guard refuses it.
+    let mut c = config();
+    c.url_policy =
+        pixflow_server::fetch::UrlPolicy { hosts: vec!["127.0.0.1".into(), "localhost".into()], private: vec![] };
+    let app = start(c).await;
+    deploy(&app, THUMB).await;
+    let p = invoke_json(&app, "thumb", doc("/img.png")).await.problem(StatusCode::FORBIDDEN, "url_not_allowed");
+    assert!(p["detail"].as_str().unwrap().contains("not a public address"), "{p}");
+    let by_name = json!({"input": {"url": format!("http://localhost:{}/img.png", addr.port())}});
+    invoke_json(&app, "thumb", by_name).await.problem(StatusCode::FORBIDDEN, "url_not_allowed");
+    for (url, code) in [
+        ("http://169.254.169.254/latest/meta-data/", "url_not_allowed"),
+        ("http://[::ffff:127.0.0.1]/", "url_not_allowed"),
+        ("https://127.0.0.1/a.png", "url_scheme_unsupported"),
+    ] {
+        let r = invoke_json(&app, "thumb", json!({"input": {"url": url}})).await;
+        assert_eq!(r.json()["code"], code, "{url}: {}", String::from_utf8_lossy(&r.body));
+    }
+    app.shutdown().await;
+
+    // The operator allows the loopback range: the image is fetched and processed.
+    let mut c = config();
+    c.url_policy = pixflow_server::fetch::UrlPolicy {
+        hosts: vec![format!("127.0.0.1:{}", addr.port())],
+        private: vec!["127.0.0.0/8".parse().unwrap()],
+    };
+    let app = start(c).await;
+    deploy(&app, THUMB).await;
+    let r = invoke_json(&app, "thumb", doc("/img.png")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        (r.json()["renditions"][0]["width"].as_u64(), r.json()["renditions"][0]["height"].as_u64()),
+        (Some(16), Some(8))
+    );
+    let p = invoke_json(&app, "thumb", doc("/moved")).await.problem(StatusCode::BAD_GATEWAY, "origin_failed");
+    assert!(p["detail"].as_str().unwrap().contains("redirects are not followed"), "{p}");
+    invoke_json(&app, "thumb", doc("/missing")).await.problem(StatusCode::BAD_GATEWAY, "origin_failed");
+    deploy(&app, "name: tiny\nversion: '1'\nbuiltin: flip\nquota: {max_input_bytes: 100000}\nauth: none\n").await;
+    invoke_json(&app, "tiny", doc("/big")).await.problem(StatusCode::PAYLOAD_TOO_LARGE, "origin_too_large");
+    // Another port on the same host is not an allowed origin.
+    let other = json!({"input": {"url": "http://127.0.0.1:1/img.png"}});
+    invoke_json(&app, "thumb", other).await.problem(StatusCode::FORBIDDEN, "url_not_allowed");
+    // Asynchronously: checked at submission, fetched when the attempt runs.
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/functions/thumb/invoke",
+        None,
+        &[("content-type", "application/json"), ("prefer", "respond-async")],
+        doc("/img.png").to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.body));
+    let done = wait_for(&app, r.json()["id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(done["result"]["renditions"][0]["width"], 16);
+    app.shutdown().await;
+    server.abort();
+}
