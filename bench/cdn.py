@@ -28,7 +28,7 @@ import tempfile
 
 from load import PIXFLOW, STATUS_LUA, THUMBOR, proc_cpu, proc_hwm_mb, wait_http, wrk
 
-SOURCE = "large_kleiber_6028x3391.jpg"
+SOURCE = "jpeg/large_kleiber_6028x3391.jpg"
 ADMIN = "pfx_bench-cdn-admin-token"
 VARY_LUA = STATUS_LUA + r"""
 counter = 0
@@ -39,8 +39,9 @@ end
 """
 PRESET = """name: thumb800
 version: '1'
-builtin: resize
-params: {width: 800, height: 800, fit: inside, quality: 80}
+pipeline:
+  - {op: resize, params: {width: 800, height: 800, fit: inside}}
+  - {op: convert, params: {quality: 80}}
 quota: {timeout: 30s, concurrency: 4, max_queue: 100}
 scaling: {min: 1, max: 1}
 auth: none
@@ -125,7 +126,8 @@ def pixflow(corpus, work, seconds):
         wait_http(18890, "/readyz")
         auth = {"Authorization": f"Bearer {ADMIN}"}
         request(18890, "PUT", "/v1/buckets/public", b'{"public": true}', auth)
-        img = open(os.path.join(corpus, SOURCE), "rb").read()
+        with open(os.path.join(corpus, SOURCE), "rb") as f:
+            img = f.read()
         request(18890, "PUT", f"/v1/buckets/public/objects/{SOURCE}", img, {**auth, "Content-Type": "image/jpeg"})
         # Engine CPU of the same operation, as the gateway reports it.
         cpus = []

@@ -74,6 +74,16 @@ got = s3.get_object(Bucket=bucket, Key="photos/a.bin")["Body"].read()
 check("get_object round trip", got == body)
 part = s3.get_object(Bucket=bucket, Key="photos/a.bin", Range="bytes=10-19")
 check("ranged get", part["Body"].read() == body[10:20] and part["ContentRange"] == f"bytes 10-19/{len(body)}")
+import datetime
+
+future = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+past = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+check("If-Modified-Since in the future", error_code(lambda: s3.get_object(Bucket=bucket, Key="photos/a.bin", IfModifiedSince=future)) == "304")
+check(
+    "If-Unmodified-Since in the past",
+    error_code(lambda: s3.get_object(Bucket=bucket, Key="photos/a.bin", IfUnmodifiedSince=past)) == "PreconditionFailed",
+)
+check("If-None-Match on get", error_code(lambda: s3.get_object(Bucket=bucket, Key="photos/a.bin", IfNoneMatch=put["ETag"])) == "304")
 check(
     "If-None-Match on put",
     error_code(lambda: s3.put_object(Bucket=bucket, Key="photos/a.bin", Body=b"x", IfNoneMatch="*"))

@@ -178,9 +178,10 @@ impl EdgeCache {
         let path = self.path(digest);
         let bytes = match tokio::task::spawn_blocking(move || read_body(&path)).await {
             Ok(Ok(b)) => Bytes::from(b),
-            // Gone from disk (removed by hand): forget it.
+            // Unreadable or gone from disk: forget it, file and all.
             _ => {
                 lock(&self.index).remove(digest);
+                let _ = std::fs::remove_file(self.path(digest));
                 return None;
             }
         };
@@ -334,15 +335,20 @@ fn write_entry(path: &Path, header: &Header, bytes: &[u8]) -> std::io::Result<()
     use std::io::Write;
     let dir = path.parent().ok_or_else(|| std::io::Error::other("no folder"))?;
     std::fs::create_dir_all(dir)?;
+    // A name of its own per writer: two writers of one digest never share a file.
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(".tmp");
+    tmp_name.push(format!(".{}.tmp", u64::from_le_bytes(nonce)));
     let tmp = dir.join(tmp_name);
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
     serde_json::to_writer(&mut f, header).map_err(std::io::Error::other)?;
     f.write_all(b"\n")?;
     f.write_all(bytes)?;
     drop(f);
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 #[cfg(test)]

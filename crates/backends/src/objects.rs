@@ -14,7 +14,8 @@
 //! the row with a compare-and-swap on the blob id (so `If-Match` / `If-None-Match: *` hold
 //! under concurrent writers); only then is the replaced blob unlinked. A crash at any point
 //! leaves either the old object or the new one, never a torn one: at the next open `tmp/` is
-//! emptied and blobs no row names are collected. Readers that lose a race with an overwrite
+//! emptied and blobs no object or multipart part names are collected (with uploads left
+//! incomplete for a week, as S3 lifecycle rules usually abort them). Readers that lose a race with an overwrite
 //! (their blob was unlinked between the lookup and the open) look up again.
 
 use std::collections::BTreeMap;
@@ -399,6 +400,7 @@ impl Objects {
     /// Removes blobs no object names that were written before `before` (later ones may belong
     /// to uploads committing right now). Returns how many went.
     pub async fn collect_garbage(&self, before: SystemTime) -> Result<u64> {
+        self.expire_uploads(now_ms().saturating_sub(multipart::EXPIRE_AFTER_MS)).await?;
         let root = self.root.join("blobs");
         let candidates = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(String, PathBuf)>> {
             let mut found = Vec::new();
@@ -421,11 +423,19 @@ impl Objects {
         .map_err(|e| std::io::Error::other(e.to_string()))??;
         let mut removed = 0;
         for (id, path) in candidates {
-            let used =
-                sqlx::query("SELECT 1 FROM objects WHERE blob = ? LIMIT 1").bind(&id).fetch_optional(&self.db).await?;
+            // Objects and multipart parts both name blobs.
+            let used = sqlx::query(
+                "SELECT 1 FROM objects WHERE blob = ?1 UNION ALL SELECT 1 FROM parts WHERE blob = ?1 LIMIT 1",
+            )
+            .bind(&id)
+            .fetch_optional(&self.db)
+            .await?;
             if used.is_none() {
-                tokio::fs::remove_file(&path).await?;
-                removed += 1;
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         Ok(removed)
@@ -747,7 +757,9 @@ impl Objects {
         let end = prefix_end(prefix);
         let (mut from, mut inclusive) = match resume {
             None => (prefix.to_owned(), true),
-            Some(Resume::After(k)) => (k.clone().max(prefix.to_owned()), false),
+            // A resume point below the prefix starts at the prefix itself, which may be a key.
+            Some(Resume::After(k)) if k.as_str() < prefix => (prefix.to_owned(), true),
+            Some(Resume::After(k)) => (k.clone(), false),
             Some(Resume::From(k)) => (k.clone().max(prefix.to_owned()), true),
         };
         let mut page = Listing::default();
@@ -1055,6 +1067,9 @@ mod tests {
             }
         }
         assert_eq!(flat, keys(&all));
+        // A key equal to the prefix is listed even when resuming from below the prefix.
+        let from_below = o.list("media", "b", None, Some(&Resume::After("a".into())), 10).await.unwrap();
+        assert_eq!(keys(&from_below), ["b"]);
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ pub struct OutputTarget {
 
 impl OutputTarget {
     pub fn parse(spec: &OutputSpec) -> Result<OutputTarget, String> {
-        if spec.bucket.is_empty() || spec.bucket.len() > 63 {
+        if !(3..=63).contains(&spec.bucket.len()) {
             return Err("bucket: 3 to 63 characters".into());
         }
         Ok(OutputTarget { bucket: spec.bucket.clone(), key: KeyTemplate::parse(&spec.key)? })

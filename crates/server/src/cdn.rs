@@ -32,7 +32,6 @@ use pixflow_imageops::OutFormat;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest as _;
-use tokio::sync::OnceCell;
 
 use crate::App;
 use crate::auth;
@@ -48,7 +47,8 @@ const MAX_OPS_BYTES: usize = 1024;
 type Hmac = hmac::Hmac<sha2::Sha256>;
 /// Pipeline steps as text: `(op, [(key, value)])`.
 type Steps = Vec<(String, Vec<(String, String)>)>;
-type Flight = Arc<OnceCell<Result<CachedEntry, Problem>>>;
+/// A transformation in flight: its result, once there.
+type Flight = tokio::sync::watch::Receiver<Option<Result<CachedEntry, Problem>>>;
 
 /// The edge's state: the cache, the signing key and the transformations in flight.
 pub struct Cdn {
@@ -324,7 +324,9 @@ async fn transform(
     delivery::respond(method, headers, rep, Payload::Bytes(entry.bytes.clone()), extra).await
 }
 
-/// Runs the transformation once for every request waiting on the same digest.
+/// Runs the transformation once for every request waiting on the same digest. It runs in a
+/// task of its own, so a caller that goes away neither cancels it for the others nor leaves
+/// its entry in the map.
 async fn coalesced(
     app: &Arc<App>,
     digest: &str,
@@ -332,18 +334,28 @@ async fn coalesced(
     t: Transform,
     format: Option<OutFormat>,
 ) -> Result<CachedEntry, Problem> {
-    let flight = {
+    let mut flight = {
         let mut inflight = app.cdn.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        inflight.entry(digest.to_owned()).or_default().clone()
-    };
-    let result = flight.get_or_init(|| run(app, digest, source, t, format)).await.clone();
-    {
-        let mut inflight = app.cdn.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if inflight.get(digest).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            inflight.remove(digest);
+        match inflight.get(digest) {
+            Some(f) => f.clone(),
+            None => {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                inflight.insert(digest.to_owned(), rx.clone());
+                let (app, digest, source) = (app.clone(), digest.to_owned(), source.clone());
+                tokio::spawn(async move {
+                    let result = run(&app, &digest, &source, t, format).await;
+                    tx.send_replace(Some(result));
+                    app.cdn.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&digest);
+                });
+                rx
+            }
         }
-    }
-    result
+    };
+    let done = flight
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| Problem::internal("a CDN transformation ended without a result"))?;
+    done.clone().unwrap_or_else(|| Err(Problem::internal("a CDN transformation ended without a result")))
 }
 
 async fn run(
@@ -468,7 +480,11 @@ pub(crate) async fn sign(
     let req: SignRequest = crate::functions::read_json(body, "sign request").await?;
     pixflow_backends::objects::check_bucket(&req.bucket)?;
     pixflow_backends::objects::check_key(&req.key)?;
-    // Keep the ops as written (each key and value encoded the way the parser decodes them).
+    // Keep the ops as written (each key and value encoded the way the parser decodes them);
+    // they are one path segment, so `/`, `?` and `#` must be percent-encoded.
+    if req.ops.contains(['/', '?', '#']) {
+        return Err(Problem::bad_request("ops: percent-encode `/`, `?` and `#`"));
+    }
     let (steps, _) = parse_ops(&req.ops)?;
     build(&steps)?;
     let path = format!("{}/{}/{}", req.ops, req.bucket, key_path(&req.key));

@@ -97,6 +97,10 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xffc0) == 0xfe80
         || (s[0] & 0xff00) == 0xff00
         || (s[0] == 0x2001 && s[1] == 0x0db8)
+        // Teredo 2001::/32 embeds an IPv4 address; site-local fec0::/10; discard-only 100::/64.
+        || (s[0] == 0x2001 && s[1] == 0)
+        || (s[0] & 0xffc0) == 0xfec0
+        || (s[0] == 0x100 && s[1..4] == [0, 0, 0])
         // 2002::/16 (6to4) embeds an IPv4 address too.
         || s[0] == 0x2002)
 }
@@ -117,9 +121,13 @@ fn refuse(why: impl Into<String>) -> Problem {
 impl UrlPolicy {
     fn host_allowed(&self, host: &str, port: u16) -> bool {
         self.hosts.iter().any(|entry| {
-            let (pattern, p) = match entry.rsplit_once(':') {
-                Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().ok()),
-                _ => (entry.as_str(), None),
+            // `host`, `host:port`, `[v6]`, `[v6]:port`, or a bare IPv6 address.
+            let (pattern, p) = match entry.strip_prefix('[').and_then(|e| e.split_once(']')) {
+                Some((h, rest)) => (h, rest.strip_prefix(':').and_then(|p| p.parse::<u16>().ok())),
+                None => match entry.rsplit_once(':') {
+                    Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().ok()),
+                    _ => (entry.as_str(), None),
+                },
             };
             let port_ok = p.is_none_or(|p| p == port);
             let host_ok = match pattern.strip_prefix("*.") {
@@ -192,8 +200,14 @@ fn origin(why: impl Into<String>) -> Problem {
     Problem::new(StatusCode::BAD_GATEWAY, "origin_failed", why)
 }
 
-/// Fetches a URL source: at most `limit` bytes, within the deadline.
-pub(crate) async fn fetch(policy: &UrlPolicy, url: &str, limit: u64) -> Result<Vec<u8>, Problem> {
+/// Fetches a URL source: at most `limit` bytes, within the deadline. `reserve` is told how
+/// many bytes the body will hold (its declared length, else the limit) before it is read.
+pub(crate) async fn fetch(
+    policy: &UrlPolicy,
+    url: &str,
+    limit: u64,
+    reserve: &mut (dyn FnMut(u64) -> Result<(), Problem> + Send),
+) -> Result<Vec<u8>, Problem> {
     let (host, port, path) = policy.check(url)?;
     let work = async {
         let addr = policy.resolve(&host, port).await?;
@@ -203,7 +217,8 @@ pub(crate) async fn fetch(policy: &UrlPolicy, url: &str, limit: u64) -> Result<V
             .await
             .map_err(|e| origin(format!("talking to {addr}: {e}")))?;
         tokio::spawn(conn);
-        let host_header = if port == 80 { host.clone() } else { format!("{host}:{port}") };
+        let name = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+        let host_header = if port == 80 { name } else { format!("{name}:{port}") };
         let req = hyper::Request::get(&path)
             .header(header::HOST, host_header)
             .header(header::USER_AGENT, concat!("pixflow/", env!("CARGO_PKG_VERSION")))
@@ -228,6 +243,7 @@ pub(crate) async fn fetch(policy: &UrlPolicy, url: &str, limit: u64) -> Result<V
         if let Some(n) = declared.filter(|n| *n > limit) {
             return Err(too_large(n.to_string()));
         }
+        reserve(declared.unwrap_or(limit))?;
         let body = Limited::new(resp.into_body(), usize::try_from(limit).unwrap_or(usize::MAX));
         match body.collect().await {
             Ok(b) => Ok(b.to_bytes().to_vec()),
@@ -323,6 +339,10 @@ mod tests {
         ] {
             assert_eq!(p.check(bad).unwrap_err().code, code, "{bad}");
         }
+        let v6 = UrlPolicy { hosts: vec!["[2606:4700::1111]:8080".into(), "2a00:1450::1".into()], private: vec![] };
+        assert!(v6.check("http://[2606:4700::1111]:8080/a").is_ok());
+        assert!(v6.check("http://[2606:4700::1111]/a").is_err());
+        assert!(v6.check("http://[2a00:1450::1]:9000/a").is_ok());
         let off = UrlPolicy::default();
         assert!(off.check("http://images.example.com/").unwrap_err().detail.contains("--url-allow"));
     }

@@ -261,12 +261,17 @@ async fn fetch(app: &App, f: &Function, r: &ObjectRef, ticket: Option<&mut NodeT
 
 /// Fetches a URL source (allowed origins, public addresses, the function's input limit); its
 /// bytes join the request's ticket.
-async fn fetch_url(app: &App, f: &Function, url: &str, ticket: Option<&mut NodeTicket>) -> Result<Vec<u8>, Problem> {
-    let bytes = crate::fetch::fetch(&app.config.url_policy, url, f.deployment.quota.limits.max_input_bytes).await?;
-    if let Some(t) = ticket {
-        t.grow(bytes.len() as u64)?;
-    }
-    Ok(bytes)
+async fn fetch_url(
+    app: &App,
+    f: &Function,
+    url: &str,
+    mut ticket: Option<&mut NodeTicket>,
+) -> Result<Vec<u8>, Problem> {
+    let mut reserve = |n: u64| match ticket.as_deref_mut() {
+        Some(t) => t.grow(n).map_err(Problem::from),
+        None => Ok(()),
+    };
+    crate::fetch::fetch(&app.config.url_policy, url, f.deployment.quota.limits.max_input_bytes, &mut reserve).await
 }
 
 /// The invocation with every stored input read; the key of the stored main input, if any.
@@ -443,6 +448,31 @@ fn extension_of(content_type: &str) -> &'static str {
     .map_or(if mime.eq_ignore_ascii_case("application/json") { "json" } else { "bin" }, |f| f.extension())
 }
 
+/// What a caller without a token may name in a request to an open (`auth: none`) function:
+/// stored inputs in public buckets only (others look missing, as on the CDN), and no `output`
+/// of its own (the manifest's output still applies).
+async fn guard_anonymous(app: &App, parsed: &Parsed) -> Result<(), Problem> {
+    if parsed.output.is_some() {
+        return Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "naming where results are stored needs an API token (`Authorization: Bearer ...`)",
+        ));
+    }
+    for source in parsed.input.iter().chain(parsed.inputs.values()) {
+        if let Source::Stored(r) = source {
+            let public = app.objects.bucket(&r.bucket).await?.is_some_and(|b| b.config.public);
+            if !public {
+                return Err(Problem::not_found(
+                    "no_such_key",
+                    format!("no object `{}` in bucket `{}`", r.key, r.bucket),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// 401/403 unless the caller may invoke `f`.
 pub(crate) async fn check_invoke(app: &App, f: &Function, headers: &HeaderMap) -> Result<(), Problem> {
     match f.deployment.auth {
@@ -472,8 +502,13 @@ pub(crate) async fn invoke(
     if !asynchronous && let Some(full) = f.pool.refusal() {
         return Err(pixflow_runtime::InvokeError::Rejected(full).into());
     }
+    // An open function's anonymous callers reach only what is public anyway.
+    let anonymous = f.deployment.auth == AuthMode::None && auth::role(&app.store, &headers).await.is_err();
     let mut ticket = app.node.admit(reserve(&f, &headers)?)?;
     let parsed = decode(&f, query, &headers, body).await?;
+    if anonymous {
+        guard_anonymous(&app, &parsed).await?;
+    }
     let target = output_target(&f, parsed.output.as_ref())?;
     if asynchronous {
         let callback = match headers.get("x-callback-url") {

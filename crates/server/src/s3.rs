@@ -73,23 +73,48 @@ fn write_condition(if_match: Option<&ETagCondition>, if_none_match: Option<&ETag
     }
 }
 
-/// `If-Match` / `If-None-Match` of a read: `PreconditionFailed` / `NotModified`.
-fn read_conditions(
-    meta: &ObjectMeta,
-    if_match: Option<&ETagCondition>,
-    if_none: Option<&ETagCondition>,
-) -> S3Result<()> {
-    let matches = |c: &ETagCondition| match c {
-        ETagCondition::Any => true,
-        ETagCondition::ETag(e) => e.value() == meta.etag,
-    };
-    if if_match.is_some_and(|c| !matches(c)) {
-        return Err(s3_error!(PreconditionFailed));
+/// Seconds since the epoch of an S3 timestamp.
+fn epoch_seconds(t: &Timestamp) -> Option<i64> {
+    let mut buf = Vec::new();
+    t.format(dto::TimestampFormat::EpochSeconds, &mut buf).ok()?;
+    std::str::from_utf8(&buf).ok()?.split('.').next()?.parse().ok()
+}
+
+/// A read's preconditions in RFC 9110's order (as S3 evaluates them): `If-Match`, else
+/// `If-Unmodified-Since` (`PreconditionFailed`); `If-None-Match`, else `If-Modified-Since`
+/// (`NotModified`).
+struct ReadConditions<'a> {
+    if_match: Option<&'a ETagCondition>,
+    if_none_match: Option<&'a ETagCondition>,
+    if_modified_since: Option<&'a Timestamp>,
+    if_unmodified_since: Option<&'a Timestamp>,
+}
+
+impl ReadConditions<'_> {
+    fn check(&self, meta: &ObjectMeta) -> S3Result<()> {
+        let matches = |c: &ETagCondition| match c {
+            ETagCondition::Any => true,
+            ETagCondition::ETag(e) => e.value() == meta.etag,
+        };
+        let modified = meta.modified_ms.div_euclid(1000);
+        match self.if_match {
+            Some(c) if !matches(c) => return Err(s3_error!(PreconditionFailed)),
+            Some(_) => {}
+            None => {
+                if self.if_unmodified_since.and_then(epoch_seconds).is_some_and(|t| modified > t) {
+                    return Err(s3_error!(PreconditionFailed));
+                }
+            }
+        }
+        match self.if_none_match {
+            Some(c) if matches(c) => Err(s3_error!(NotModified)),
+            Some(_) => Ok(()),
+            None if self.if_modified_since.and_then(epoch_seconds).is_some_and(|t| modified <= t) => {
+                Err(s3_error!(NotModified))
+            }
+            None => Ok(()),
+        }
     }
-    if if_none.is_some_and(matches) {
-        return Err(s3_error!(NotModified));
-    }
-    Ok(())
 }
 
 /// Streams a request body into an upload, checking `Content-MD5` when sent.
@@ -207,7 +232,13 @@ impl S3 for Gateway {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let input = req.input;
         let (meta, mut file) = self.objects.get(&input.bucket, &input.key).await.map_err(s3_err)?;
-        read_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        ReadConditions {
+            if_match: input.if_match.as_ref(),
+            if_none_match: input.if_none_match.as_ref(),
+            if_modified_since: input.if_modified_since.as_ref(),
+            if_unmodified_since: input.if_unmodified_since.as_ref(),
+        }
+        .check(&meta)?;
         let (start, len, content_range) = match &input.range {
             None => (0, meta.size, None),
             Some(r) => {
@@ -235,7 +266,13 @@ impl S3 for Gateway {
     async fn head_object(&self, req: S3Request<dto::HeadObjectInput>) -> S3Result<S3Response<dto::HeadObjectOutput>> {
         let input = req.input;
         let meta = self.objects.head(&input.bucket, &input.key).await.map_err(s3_err)?;
-        read_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        ReadConditions {
+            if_match: input.if_match.as_ref(),
+            if_none_match: input.if_none_match.as_ref(),
+            if_modified_since: input.if_modified_since.as_ref(),
+            if_unmodified_since: input.if_unmodified_since.as_ref(),
+        }
+        .check(&meta)?;
         Ok(S3Response::new(dto::HeadObjectOutput {
             content_length: Some(i64::try_from(meta.size).unwrap_or(i64::MAX)),
             content_type: Some(meta.content_type.clone()),

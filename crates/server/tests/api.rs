@@ -220,10 +220,21 @@ async fn synchronous_invocation_raw_and_json() {
     call(&app, Method::POST, uri, None, &[("content-type", "application/json")], b"{\"input\": 5}".to_vec())
         .await
         .problem(StatusCode::BAD_REQUEST, "bad_request");
+    // Without a token, a private or missing bucket looks like a missing object; with one, it is named.
     let by_ref = json!({"input": {"bucket": "nobucket", "key": "k"}});
     call(&app, Method::POST, uri, None, &[("content-type", "application/json")], by_ref.to_string().into_bytes())
         .await
-        .problem(StatusCode::NOT_FOUND, "no_such_bucket");
+        .problem(StatusCode::NOT_FOUND, "no_such_key");
+    call(
+        &app,
+        Method::POST,
+        uri,
+        Some(ADMIN),
+        &[("content-type", "application/json")],
+        by_ref.to_string().into_bytes(),
+    )
+    .await
+    .problem(StatusCode::NOT_FOUND, "no_such_bucket");
     let to_ref = json!({"input": {"base64": B64.encode(png(4, 4))}, "output": {"bucket": "b", "key": "k"}});
     call(&app, Method::POST, uri, None, &[("content-type", "application/json")], to_ref.to_string().into_bytes())
         .await
@@ -1413,4 +1424,33 @@ async fn url_sources_reach_only_allowed_public_origins() {
     assert_eq!(done["result"]["renditions"][0]["width"], 16);
     app.shutdown().await;
     server.abort();
+}
+
+#[tokio::test]
+async fn anonymous_callers_of_open_functions_reach_only_public_objects() {
+    let app = start(config()).await;
+    bucket(&app, "public", json!({"public": true})).await;
+    bucket(&app, "private", json!({})).await;
+    put_object(&app, "public/objects/a.png", &[], png(32, 32)).await;
+    put_object(&app, "private/objects/a.png", &[], png(32, 32)).await;
+    deploy(&app, THUMB).await;
+    let anon = |doc: Value| {
+        let app = app.clone();
+        async move {
+            let h = [("content-type", "application/json")];
+            call(&app, Method::POST, "/v1/functions/thumb/invoke", None, &h, doc.to_string().into_bytes()).await
+        }
+    };
+    let r = anon(json!({"input": {"bucket": "public", "key": "a.png"}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    anon(json!({"input": {"bucket": "private", "key": "a.png"}})).await.problem(StatusCode::NOT_FOUND, "no_such_key");
+    let store = json!({"input": {"bucket": "public", "key": "a.png"}, "output": {"bucket": "public", "key": "x.png"}});
+    anon(store.clone()).await.problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    // With a token, both work.
+    assert_eq!(
+        invoke_json(&app, "thumb", json!({"input": {"bucket": "private", "key": "a.png"}})).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(invoke_json(&app, "thumb", store).await.status, StatusCode::OK);
+    app.shutdown().await;
 }

@@ -20,6 +20,8 @@ use crate::state::now_ms;
 pub const MIN_PART_BYTES: u64 = 5 << 20;
 /// Highest part number (S3's limit).
 pub const MAX_PART_NUMBER: u32 = 10_000;
+/// Incomplete uploads older than this are aborted when garbage is collected (a week).
+pub const EXPIRE_AFTER_MS: i64 = 7 * 86_400_000;
 
 /// A stored part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +222,31 @@ impl Objects {
         self.drop_upload(id).await
     }
 
+    /// Aborts uploads started before `before_ms`; returns how many.
+    pub(super) async fn expire_uploads(&self, before_ms: i64) -> Result<u64> {
+        let ids: Vec<String> = sqlx::query("SELECT id FROM uploads WHERE created_ms < ?")
+            .bind(before_ms)
+            .fetch_all(&self.db)
+            .await?
+            .iter()
+            .map(|r| r.get("id"))
+            .collect();
+        for id in &ids {
+            self.drop_upload(id).await?;
+        }
+        Ok(ids.len() as u64)
+    }
+
+    /// Fails unless upload `id` is in progress for `bucket`/`key` (checked before a part's body
+    /// is received).
+    pub async fn check_upload(&self, id: &str, bucket: &str, key: &str) -> Result<()> {
+        let (b, k, _, _) = self.upload_target(id).await?;
+        if (b.as_str(), k.as_str()) != (bucket, key) {
+            return Err(ObjectError::NoSuchUpload(id.to_owned()));
+        }
+        Ok(())
+    }
+
     async fn drop_upload(&self, id: &str) -> Result<()> {
         let blobs: Vec<String> = self.part_rows(id).await?.into_iter().map(|(_, blob)| blob).collect();
         sqlx::query("DELETE FROM parts WHERE upload = ?").bind(id).execute(&self.db).await?;
@@ -256,6 +283,10 @@ mod tests {
         let pa = part(&o, &id, 1, &a).await.unwrap();
         assert_eq!(o.parts(&id).await.unwrap().len(), 2);
         assert_eq!(blobs(&dir), 2, "the replaced part's blob is gone");
+        // Garbage collection keeps what parts name, and recent uploads.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
+        assert_eq!(o.collect_garbage(later).await.unwrap(), 0);
+        assert_eq!(blobs(&dir), 2);
         let listed = [(1, pa.etag.clone()), (2, pb.etag.clone())];
         let m = o.complete_multipart(&id, "media", "big.bin", &listed, &Condition::None, u64::MAX).await.unwrap();
         let (_, bytes) = o.read("media", "big.bin", u64::MAX).await.unwrap();
@@ -309,5 +340,13 @@ mod tests {
             o.create_multipart("nobucket", "k", "text/plain", &BTreeMap::new()).await,
             Err(ObjectError::NoSuchBucket(_))
         ));
+        // Uploads left incomplete expire with their parts.
+        let stale = o.create_multipart("media", "stale.bin", "text/plain", &BTreeMap::new()).await.unwrap();
+        let mut u = o.upload(10).await.unwrap();
+        u.write(b"x").await.unwrap();
+        o.put_part(&stale, "media", "stale.bin", 1, u).await.unwrap();
+        assert_eq!(o.expire_uploads(now_ms() + 1).await.unwrap(), 1);
+        assert!(matches!(o.check_upload(&stale, "media", "stale.bin").await, Err(ObjectError::NoSuchUpload(_))));
+        assert_eq!(blobs(&dir), 1);
     }
 }
