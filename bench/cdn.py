@@ -13,8 +13,9 @@ ENGINE_THREADPOOL_SIZE=0, pixflow --cpus 1), wrk to core 1.
 - hit: the same URL again and again, answered from the edge cache (pixflow: a preset URL, memory
   tier; thumbor: its file result storage with RESULT_STORAGE_STORES_UNSAFE). Throughput, p50 and
   p99 at 1, 4 and 16 connections, server CPU per request.
-- miss: every request a new width (400-899 px wide boxes), so every answer is a transformation
-  (pixflow: unsigned ad-hoc URLs; thumbor: result storage off), at 1 and 2 connections.
+- miss: every request a new width (boxes 400-649 px wide at 1 connection, 650-899 at 2, so no
+  run meets another's results), so every answer is a transformation (pixflow: unsigned ad-hoc
+  URLs; thumbor: result storage off), at 1 and 2 connections.
 - engine: the same thumbnail POSTed to the preset's function, sequentially; the median engine CPU
   it reports in Server-Timing is the "engine's own CPU time" the miss is compared with.
 """
@@ -32,9 +33,10 @@ SOURCE = "jpeg/large_kleiber_6028x3391.jpg"
 ADMIN = "pfx_bench-cdn-admin-token"
 VARY_LUA = STATUS_LUA + r"""
 counter = 0
+base = tonumber(os.getenv("WIDTH_BASE"))
 function request()
   counter = counter + 1
-  return wrk.format("GET", string.format(os.getenv("PATH_FMT"), 400 + (counter % 500)))
+  return wrk.format("GET", string.format(os.getenv("PATH_FMT"), base + (counter % 250)))
 end
 """
 PRESET = """name: thumb800
@@ -51,9 +53,9 @@ cdn: {}
 
 def load(name, url, pid, lua, env, seconds, conns):
     rows = []
-    for c in conns:
+    for i, c in enumerate(conns):
         cpu0 = proc_cpu(pid)
-        r = wrk(url, c, seconds, lua, env)
+        r = wrk(url, c, seconds, lua, {**env, "WIDTH_BASE": str(400 + 250 * i)})
         ok = r["statuses"].get(200, 0)
         r["server_cpu_ms_per_req"] = (proc_cpu(pid) - cpu0) * 1000 / max(ok, 1)
         r["server"] = name

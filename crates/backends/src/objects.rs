@@ -143,6 +143,32 @@ pub enum Resume {
     From(String),
 }
 
+impl Resume {
+    /// The opaque continuation token of this position (the APIs' `cursor` and S3's
+    /// continuation token).
+    pub fn token(&self) -> String {
+        use base64::Engine as _;
+        let (tag, key) = match self {
+            Resume::After(k) => ('a', k),
+            Resume::From(k) => ('f', k),
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{tag}{key}"))
+    }
+
+    /// The position a token names; `None` for anything [`Resume::token`] did not make.
+    pub fn from_token(token: &str) -> Option<Resume> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        let text = String::from_utf8(bytes).ok()?;
+        let mut chars = text.chars();
+        match chars.next()? {
+            'a' => Some(Resume::After(chars.as_str().to_owned())),
+            'f' => Some(Resume::From(chars.as_str().to_owned())),
+            _ => None,
+        }
+    }
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
@@ -1067,6 +1093,10 @@ mod tests {
             }
         }
         assert_eq!(flat, keys(&all));
+        for r in [Resume::After("a/ü".into()), Resume::From("b".into())] {
+            assert_eq!(Resume::from_token(&r.token()), Some(r));
+        }
+        assert_eq!(Resume::from_token("!!"), None);
         // A key equal to the prefix is listed even when resuming from below the prefix.
         let from_below = o.list("media", "b", None, Some(&Resume::After("a".into())), 10).await.unwrap();
         assert_eq!(keys(&from_below), ["b"]);

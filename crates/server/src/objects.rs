@@ -24,8 +24,6 @@ use crate::auth;
 use crate::delivery::{self, Extra, META_PREFIX};
 use crate::problem::Problem;
 
-const CURSOR: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
 pub(crate) fn describe_bucket(app: &App, b: &Bucket) -> Value {
     json!({
         "name": b.name,
@@ -122,25 +120,6 @@ pub(crate) struct ListQuery {
     limit: Option<u32>,
 }
 
-fn encode_cursor(r: &Resume) -> String {
-    let (tag, key) = match r {
-        Resume::After(k) => ('a', k),
-        Resume::From(k) => ('f', k),
-    };
-    CURSOR.encode(format!("{tag}{key}"))
-}
-
-fn decode_cursor(c: &str) -> Result<Resume, Problem> {
-    let bad = || Problem::bad_request("cursor: not one this API returned");
-    let text = String::from_utf8(CURSOR.decode(c).map_err(|_| bad())?).map_err(|_| bad())?;
-    let mut chars = text.chars();
-    match chars.next() {
-        Some('a') => Ok(Resume::After(chars.as_str().to_owned())),
-        Some('f') => Ok(Resume::From(chars.as_str().to_owned())),
-        _ => Err(bad()),
-    }
-}
-
 pub(crate) async fn list_objects(
     State(app): State<Arc<App>>,
     Path(bucket): Path<String>,
@@ -152,7 +131,11 @@ pub(crate) async fn list_objects(
     if q.prefix.len() > pixflow_backends::objects::MAX_KEY_BYTES || q.delimiter.as_ref().is_some_and(|d| d.len() > 16) {
         return Err(Problem::bad_request("prefix: at most 1024 bytes; delimiter: at most 16"));
     }
-    let resume = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let resume = q
+        .cursor
+        .as_deref()
+        .map(|c| Resume::from_token(c).ok_or_else(|| Problem::bad_request("cursor: not one this API returned")))
+        .transpose()?;
     let limit = q.limit.unwrap_or(pixflow_backends::objects::MAX_LIST);
     let page = app.objects.list(&bucket, &q.prefix, q.delimiter.as_deref(), resume.as_ref(), limit).await?;
     let public = app.objects.bucket(&bucket).await?.is_some_and(|b| b.config.public);
@@ -161,7 +144,7 @@ pub(crate) async fn list_objects(
         "prefix": q.prefix,
         "objects": page.objects.iter().map(|m| describe_object(&app, m, public)).collect::<Vec<_>>(),
         "prefixes": page.prefixes,
-        "next_cursor": page.next.as_ref().map(encode_cursor),
+        "next_cursor": page.next.as_ref().map(Resume::token),
     })))
 }
 

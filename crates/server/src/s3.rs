@@ -143,26 +143,6 @@ async fn receive(
     Ok(upload)
 }
 
-fn cursor(r: &Resume) -> String {
-    let (tag, key) = match r {
-        Resume::After(k) => ('a', k),
-        Resume::From(k) => ('f', k),
-    };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{tag}{key}"))
-}
-
-fn resume(token: &str) -> S3Result<Resume> {
-    let bad = || s3_error!(InvalidArgument, "the continuation token is not one this endpoint returned");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let mut chars = text.chars();
-    match chars.next() {
-        Some('a') => Ok(Resume::After(chars.as_str().to_owned())),
-        Some('f') => Ok(Resume::From(chars.as_str().to_owned())),
-        _ => Err(bad()),
-    }
-}
-
 #[async_trait::async_trait]
 impl S3 for Gateway {
     async fn list_buckets(
@@ -331,7 +311,9 @@ impl S3 for Gateway {
         let input = req.input;
         let prefix = input.prefix.clone().unwrap_or_default();
         let from = match (&input.continuation_token, &input.start_after) {
-            (Some(t), _) => Some(resume(t)?),
+            (Some(t), _) => Some(Resume::from_token(t).ok_or_else(|| {
+                s3_error!(InvalidArgument, "the continuation token is not one this endpoint returned")
+            })?),
             (None, Some(k)) => Some(Resume::After(k.clone())),
             (None, None) => None,
         };
@@ -364,7 +346,7 @@ impl S3 for Gateway {
             continuation_token: input.continuation_token,
             start_after: input.start_after,
             is_truncated: Some(page.next.is_some()),
-            next_continuation_token: page.next.as_ref().map(cursor),
+            next_continuation_token: page.next.as_ref().map(Resume::token),
             contents: Some(contents),
             common_prefixes: (!common_prefixes.is_empty()).then_some(common_prefixes),
             ..Default::default()
