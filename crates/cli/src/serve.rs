@@ -107,8 +107,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    // s3s reports every refused client request (bad signatures, missing keys) at ERROR; the
+    // endpoint logs its own failures, so s3s stays quiet unless RUST_LOG asks for it.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,s3s=off".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;

@@ -376,7 +376,10 @@ async fn run(
     }
     let mut ticket = app.node.admit(0)?;
     ticket.grow(source.size)?;
-    let (meta, input) = app.objects.read(&source.bucket, &source.key, source.size).await?;
+    let (meta, input) = app.objects.read(&source.bucket, &source.key, limit).await?;
+    if input.len() as u64 > source.size {
+        ticket.grow(input.len() as u64 - source.size)?;
+    }
     // Replaced since the lookup: serve what was read, but do not file it under the old ETag.
     let cacheable = meta.etag == source.etag;
     let renditions = match t {

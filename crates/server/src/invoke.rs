@@ -245,10 +245,17 @@ async fn fetch(app: &App, f: &Function, r: &ObjectRef, ticket: Option<&mut NodeT
     if head.size > limit {
         return Err(pixflow_backends::ObjectError::TooLarge { limit, actual: head.size }.into());
     }
-    if let Some(t) = ticket {
+    let mut ticket = ticket;
+    if let Some(t) = ticket.as_deref_mut() {
         t.grow(head.size)?;
     }
-    let (meta, bytes) = app.objects.read(&r.bucket, &r.key, head.size).await?;
+    // Replaced by a larger version since the lookup: still within the limit, and held too.
+    let (meta, bytes) = app.objects.read(&r.bucket, &r.key, limit).await?;
+    if let Some(t) = ticket
+        && bytes.len() as u64 > head.size
+    {
+        t.grow(bytes.len() as u64 - head.size)?;
+    }
     if r.etag.as_ref().is_some_and(|e| *e != meta.etag) {
         return Err(Problem::new(
             StatusCode::PRECONDITION_FAILED,

@@ -132,6 +132,8 @@ pub struct App {
     queue_wake: Notify,
     /// Wakes background loops when the node stops.
     stop: Notify,
+    /// Connections of the S3 endpoint; a shutdown waits for them before closing the store.
+    connections: tokio_util::task::TaskTracker,
     /// Serialises deploys and removals (registry and state file change together).
     deploys: tokio::sync::Mutex<()>,
     workers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -194,6 +196,7 @@ impl App {
             stopping: AtomicBool::new(false),
             queue_wake: Notify::new(),
             stop: Notify::new(),
+            connections: tokio_util::task::TaskTracker::new(),
             deploys: tokio::sync::Mutex::new(()),
             workers: std::sync::Mutex::new(Vec::new()),
             config,
@@ -291,6 +294,11 @@ impl App {
                 abort.abort();
                 tracing::warn!("an asynchronous invocation was cut at the shutdown deadline; its lease returns it");
             }
+        }
+        // S3 connections finish their requests (they were told to stop after the current one).
+        self.connections.close();
+        if tokio::time::timeout_at(end, self.connections.wait()).await.is_err() {
+            tracing::warn!("S3 connections still open at the shutdown deadline were cut");
         }
         self.store.close().await;
         self.objects.close().await;

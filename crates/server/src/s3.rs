@@ -427,7 +427,8 @@ pub fn service(objects: Objects, max_object_bytes: u64, access_key: &str, secret
     builder.build()
 }
 
-/// Serves the S3 endpoint on `listener` until the node stops.
+/// Serves the S3 endpoint on `listener` until the node stops; its connections finish their
+/// current request, and the node's shutdown waits for them before closing the store.
 pub async fn serve(app: Arc<crate::App>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let (access, secret) = match (&app.config.s3_access_key, &app.config.s3_secret_key) {
         (Some(a), Some(s)) => (a.clone(), s.clone()),
@@ -446,10 +447,20 @@ pub async fn serve(app: Arc<crate::App>, listener: tokio::net::TcpListener) -> a
                 }
             },
         };
-        let service = service.clone();
-        tokio::spawn(async move {
+        let (service, node) = (service.clone(), app.clone());
+        app.connections.spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = node.stopped() => {
+                    // Finish the request in progress, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "S3 connection ended");
             }
         });

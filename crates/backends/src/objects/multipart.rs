@@ -101,35 +101,59 @@ impl Objects {
         }
         let blob = self.persist(upload).await?;
         let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
-        let old = sqlx::query("SELECT blob FROM parts WHERE upload = ? AND number = ?")
-            .bind(id)
-            .bind(i64::from(number))
-            .fetch_optional(&self.db)
-            .await?
-            .map(|r| r.get::<String, _>("blob"));
-        let r = sqlx::query(
-            "INSERT INTO parts (upload, number, blob, size, etag) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (upload, number) DO UPDATE SET blob = excluded.blob, size = excluded.size, etag = excluded.etag",
-        )
-        .bind(id)
-        .bind(i64::from(number))
-        .bind(&blob.id)
-        .bind(size)
-        .bind(&blob.etag)
-        .execute(&self.db)
-        .await;
-        match r {
-            Ok(_) => {
-                if let Some(old) = old {
-                    remove_blob(&self.blob_path(&old)).await;
+        // Compare-and-swap on the part's blob, as object writes do: two uploads of one part
+        // number never both think they replaced the same blob.
+        for _ in 0..64 {
+            let old = sqlx::query("SELECT blob FROM parts WHERE upload = ? AND number = ?")
+                .bind(id)
+                .bind(i64::from(number))
+                .fetch_optional(&self.db)
+                .await?
+                .map(|r| r.get::<String, _>("blob"));
+            let r =
+                match &old {
+                    None => {
+                        sqlx::query(
+                            "INSERT INTO parts (upload, number, blob, size, etag) VALUES (?, ?, ?, ?, ?)
+                         ON CONFLICT (upload, number) DO NOTHING",
+                        )
+                        .bind(id)
+                        .bind(i64::from(number))
+                        .bind(&blob.id)
+                        .bind(size)
+                        .bind(&blob.etag)
+                        .execute(&self.db)
+                        .await
+                    }
+                    Some(old) => sqlx::query(
+                        "UPDATE parts SET blob = ?, size = ?, etag = ? WHERE upload = ? AND number = ? AND blob = ?",
+                    )
+                    .bind(&blob.id)
+                    .bind(size)
+                    .bind(&blob.etag)
+                    .bind(id)
+                    .bind(i64::from(number))
+                    .bind(old)
+                    .execute(&self.db)
+                    .await,
+                };
+            match r {
+                Ok(done) if done.rows_affected() == 1 => {
+                    if let Some(old) = old {
+                        remove_blob(&self.blob_path(&old)).await;
+                    }
+                    return Ok(Part { number, size: blob.size, etag: blob.etag });
                 }
-                Ok(Part { number, size: blob.size, etag: blob.etag })
-            }
-            Err(e) => {
-                remove_blob(&blob.path).await;
-                Err(if super::is_foreign_key_error(&e) { ObjectError::NoSuchUpload(id.to_owned()) } else { e.into() })
+                Ok(_) => continue,
+                Err(e) => {
+                    remove_blob(&blob.path).await;
+                    let gone = super::is_foreign_key_error(&e);
+                    return Err(if gone { ObjectError::NoSuchUpload(id.to_owned()) } else { e.into() });
+                }
             }
         }
+        remove_blob(&blob.path).await;
+        Err(ObjectError::Io(std::io::Error::other("too many concurrent writers of one part")))
     }
 
     /// The parts of an upload, by number.
@@ -248,13 +272,26 @@ impl Objects {
     }
 
     async fn drop_upload(&self, id: &str) -> Result<()> {
-        let blobs: Vec<String> = self.part_rows(id).await?.into_iter().map(|(_, blob)| blob).collect();
-        sqlx::query("DELETE FROM parts WHERE upload = ?").bind(id).execute(&self.db).await?;
-        sqlx::query("DELETE FROM uploads WHERE id = ?").bind(id).execute(&self.db).await?;
-        for blob in blobs {
-            remove_blob(&self.blob_path(&blob)).await;
+        // A part that lands between the two deletes keeps the upload row (its foreign key):
+        // delete again, so every part's blob is known and removed.
+        for _ in 0..64 {
+            let blobs: Vec<String> = sqlx::query("DELETE FROM parts WHERE upload = ? RETURNING blob")
+                .bind(id)
+                .fetch_all(&self.db)
+                .await?
+                .iter()
+                .map(|r| r.get("blob"))
+                .collect();
+            for blob in &blobs {
+                remove_blob(&self.blob_path(blob)).await;
+            }
+            match sqlx::query("DELETE FROM uploads WHERE id = ?").bind(id).execute(&self.db).await {
+                Ok(_) => return Ok(()),
+                Err(e) if super::is_foreign_key_error(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(())
+        Err(ObjectError::Io(std::io::Error::other("parts kept arriving while the upload ended")))
     }
 }
 
@@ -297,6 +334,26 @@ mod tests {
         // Parts and the upload are gone; only the object's blob is left.
         assert!(matches!(o.parts(&id).await, Err(ObjectError::NoSuchUpload(_))));
         assert_eq!(blobs(&dir), 1);
+    }
+
+    #[tokio::test]
+    async fn racing_uploads_of_one_part_leave_one_blob() {
+        let dir = Dir::new("multipart-race");
+        let o = store(&dir).await;
+        let id = o.create_multipart("media", "big.bin", "application/octet-stream", &BTreeMap::new()).await.unwrap();
+        let tasks: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (o, id) = (o.clone(), id.clone());
+                tokio::spawn(async move { part(&o, &id, 1, &[i; 64]).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(o.parts(&id).await.unwrap().len(), 1);
+        assert_eq!(blobs(&dir), 1, "every replaced part's blob is gone");
+        o.abort_multipart(&id, "media", "big.bin").await.unwrap();
+        assert_eq!(blobs(&dir), 0);
     }
 
     #[tokio::test]
