@@ -347,7 +347,12 @@ pub struct Upload {
     md5: Md5,
     size: u64,
     limit: u64,
+    /// The first bytes, for sniffing a content type the writer did not give.
+    prefix: Vec<u8>,
 }
+
+/// How many leading bytes an upload keeps for sniffing.
+const PREFIX_BYTES: usize = 4096;
 
 impl Upload {
     /// Appends bytes; fails once the upload passes its limit.
@@ -357,6 +362,8 @@ impl Upload {
             return Err(ObjectError::TooLarge { limit: self.limit, actual: self.size });
         }
         self.md5.update(chunk);
+        let room = PREFIX_BYTES.saturating_sub(self.prefix.len());
+        self.prefix.extend_from_slice(&chunk[..room.min(chunk.len())]);
         let file = self.file.as_mut().ok_or_else(|| std::io::Error::other("upload already finished"))?;
         file.write_all(chunk).await?;
         Ok(())
@@ -364,6 +371,11 @@ impl Upload {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The first bytes written (up to 4 KiB).
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
     }
 
     /// Lowercase hex MD5 of the bytes written so far (the ETag they will get).
@@ -549,7 +561,7 @@ impl Objects {
         let id = blob_id()?;
         let tmp = self.root.join("tmp").join(&id);
         let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).await?;
-        Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit })
+        Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit, prefix: Vec::new() })
     }
 
     /// Makes an upload durable as a blob: fsync, rename into `blobs/`, fsync of the folder.

@@ -148,6 +148,14 @@ pub(crate) async fn list_objects(
     })))
 }
 
+const OCTET_STREAM: &str = "application/octet-stream";
+
+/// The content type of an upload that declared none: the media format its first bytes show
+/// (so the CDN serves `curl -T photo.jpg` uploads as images), else `application/octet-stream`.
+pub(crate) fn sniffed_type(prefix: &[u8]) -> &'static str {
+    pixflow_imageops::sniff(prefix).map_or(OCTET_STREAM, pixflow_imageops::Format::mime)
+}
+
 /// The write condition of a request's `If-Match` / `If-None-Match: *`.
 fn write_condition(headers: &HeaderMap) -> Result<Condition, Problem> {
     if let Some(tags) = delivery::tags(headers, header::IF_MATCH) {
@@ -185,10 +193,9 @@ pub(crate) async fn put_object(
     auth::role(&app.store, &headers).await?;
     pixflow_backends::objects::check_bucket(&bucket)?;
     pixflow_backends::objects::check_key(&key)?;
-    let content_type =
-        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/octet-stream");
+    let declared_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let metadata = user_metadata(&headers)?;
-    pixflow_backends::objects::check_attributes(content_type, &metadata)?;
+    pixflow_backends::objects::check_attributes(declared_type.as_deref().unwrap_or(OCTET_STREAM), &metadata)?;
     let condition = write_condition(&headers)?;
     let max = app.config.max_object_bytes;
     let declared =
@@ -224,7 +231,8 @@ pub(crate) async fn put_object(
             ));
         }
     }
-    let meta = app.objects.commit(upload, &bucket, &key, content_type, &metadata, &condition).await?;
+    let content_type = declared_type.unwrap_or_else(|| sniffed_type(upload.prefix()).to_owned());
+    let meta = app.objects.commit(upload, &bucket, &key, &content_type, &metadata, &condition).await?;
     let public = app.objects.bucket(&bucket).await?.is_some_and(|b| b.config.public);
     let mut resp = Json(describe_object(&app, &meta, public)).into_response();
     if let Ok(v) = delivery::etag(&meta).parse() {

@@ -196,10 +196,12 @@ impl S3 for Gateway {
             return Err(s3_error!(EntityTooLarge));
         }
         let condition = write_condition(input.if_match.as_ref(), input.if_none_match.as_ref())?;
-        let content_type = input.content_type.unwrap_or_else(|| "application/octet-stream".into());
         let meta = metadata(input.metadata);
-        pixflow_backends::objects::check_attributes(&content_type, &meta).map_err(s3_err)?;
+        let declared = input.content_type.as_deref().unwrap_or("application/octet-stream");
+        pixflow_backends::objects::check_attributes(declared, &meta).map_err(s3_err)?;
         let upload = receive(&self.objects, self.max_object_bytes, input.body, input.content_md5.as_deref()).await?;
+        let content_type =
+            input.content_type.unwrap_or_else(|| crate::objects::sniffed_type(upload.prefix()).to_owned());
         let m = self
             .objects
             .commit(upload, &input.bucket, &input.key, &content_type, &meta, &condition)

@@ -996,8 +996,12 @@ async fn the_cdn_serves_public_buckets_with_http_caching() {
     // A bucket's default Cache-Control is the node's.
     bucket(&app, "plain", json!({"public": true})).await;
     put_object(&app, "plain/objects/a.png", &[], img.clone()).await;
+    put_object(&app, "plain/objects/blob.bin", &[], b"not a known format".to_vec()).await;
     let r = call(&app, Method::GET, "/cdn/plain/a.png", None, &[], vec![]).await;
     assert_eq!(r.headers["cache-control"], "public, max-age=3600");
+    // Uploaded without a Content-Type: sniffed from its first bytes.
+    assert_eq!(r.headers["content-type"], "image/png");
+    let r = call(&app, Method::GET, "/cdn/plain/blob.bin", None, &[], vec![]).await;
     assert_eq!(r.headers["content-type"], "application/octet-stream");
     app.shutdown().await;
 }
