@@ -445,6 +445,11 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> a
         metrics::gauge!("pixflow_async_queue_depth").set(depth as f64);
     }
     metrics::gauge!("pixflow_node_requests").set(app.node.requests() as f64);
+    let cache = app.cdn.cache.stats();
+    metrics::gauge!("pixflow_edge_cache_entries").set(cache.entries as f64);
+    metrics::gauge!("pixflow_edge_cache_bytes", "tier" => "memory").set(cache.memory_bytes as f64);
+    metrics::gauge!("pixflow_edge_cache_bytes", "tier" => "disk").set(cache.disk_bytes as f64);
+    metrics::counter!("pixflow_cdn_transformations_total").absolute(app.cdn.transformations());
     app.metrics.run_upkeep();
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }

@@ -113,6 +113,9 @@ async fn health_readiness_and_metrics() {
         "pixflow_pixels_processed_total{function=\"thumb\"}",
         "pixflow_invocation_cpu_seconds_sum{function=\"thumb\"}",
         "pixflow_async_queue_depth",
+        "pixflow_edge_cache_entries",
+        "pixflow_edge_cache_bytes{tier=\"memory\"}",
+        "pixflow_cdn_transformations_total",
     ] {
         assert!(text.contains(series), "missing {series} in\n{text}");
     }
