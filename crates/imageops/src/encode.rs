@@ -111,6 +111,14 @@ impl OutFormat {
         }
     }
 
+    /// The format a media type names (`image/jpeg; q=1` → JPEG), if it is an output format.
+    pub fn from_mime(content_type: &str) -> Option<OutFormat> {
+        let mime = content_type.split(';').next().unwrap_or_default().trim();
+        [OutFormat::Jpeg, OutFormat::Png, OutFormat::Webp, OutFormat::Avif, OutFormat::Gif, OutFormat::Svg]
+            .into_iter()
+            .find(|f| f.mime().eq_ignore_ascii_case(mime))
+    }
+
     pub fn extension(self) -> &'static str {
         match self {
             OutFormat::Jpeg => "jpg",
@@ -547,6 +555,15 @@ mod tests {
         let back = decode(&bytes).to_rgba8();
         assert!(back.get_pixel(0, 0)[3] < 40);
         assert!(back.get_pixel(39, 0)[3] > 10);
+    }
+
+    #[test]
+    fn media_types_name_output_formats() {
+        assert_eq!(OutFormat::from_mime("image/webp"), Some(OutFormat::Webp));
+        assert_eq!(OutFormat::from_mime("IMAGE/JPEG; charset=binary"), Some(OutFormat::Jpeg));
+        assert_eq!(OutFormat::from_mime("image/svg+xml"), Some(OutFormat::Svg));
+        assert_eq!(OutFormat::from_mime("image/tiff"), None);
+        assert_eq!(OutFormat::from_mime(""), None);
     }
 
     #[test]

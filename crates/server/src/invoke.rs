@@ -65,17 +65,42 @@ pub(crate) struct ObjectRef {
     pub etag: Option<String>,
 }
 
+/// An input the node reads itself: a stored object or a URL (queued as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Remote {
+    Object(ObjectRef),
+    Url(String),
+}
+
 /// Where an input's bytes are.
 pub(crate) enum Source {
     Inline(Vec<u8>),
-    Stored(ObjectRef),
-    Url(String),
+    Remote(Remote),
+}
+
+impl Remote {
+    /// Refuses now what would only fail when read: a missing object, a URL the policy refuses.
+    async fn check(&self, app: &App) -> Result<(), Problem> {
+        match self {
+            Remote::Object(r) => app.objects.head(&r.bucket, &r.key).await.map(|_| ()).map_err(Problem::from),
+            Remote::Url(u) => app.config.url_policy.check(u).map(|_| ()),
+        }
+    }
+
+    /// Reads the bytes under the function's input limit; they join the request's ticket.
+    async fn read(&self, app: &App, f: &Function, ticket: Option<&mut NodeTicket>) -> Result<Vec<u8>, Problem> {
+        match self {
+            Remote::Object(r) => read_stored(app, f, r, ticket).await,
+            Remote::Url(u) => fetch_url(app, f, u, ticket).await,
+        }
+    }
 }
 
 impl Data {
     fn source(self, what: &str) -> Result<Source, Problem> {
         match (self.base64, self.bucket, self.key, self.etag, self.url) {
-            (None, None, None, None, Some(url)) => Ok(Source::Url(url)),
+            (None, None, None, None, Some(url)) => Ok(Source::Remote(Remote::Url(url))),
             (Some(b), None, None, None, None) => B64
                 .decode(b.as_bytes())
                 .map(Source::Inline)
@@ -84,7 +109,7 @@ impl Data {
                 pixflow_backends::objects::check_bucket(&bucket)?;
                 pixflow_backends::objects::check_key(&key)?;
                 let etag = etag.map(|e| e.trim_matches('"').to_owned());
-                Ok(Source::Stored(ObjectRef { bucket, key, etag }))
+                Ok(Source::Remote(Remote::Object(ObjectRef { bucket, key, etag })))
             }
             _ => Err(Problem::bad_request(format!(
                 "{what}: give `base64`, `url`, or `bucket` and `key` (and maybe `etag`)"
@@ -189,6 +214,25 @@ impl Parsed {
         let inline = |s: &Source| if let Source::Inline(b) = s { b.len() as u64 } else { 0 };
         self.input.as_ref().map_or(0, inline) + self.inputs.values().map(inline).sum::<u64>()
     }
+
+    /// The key of the main input when it is a stored object (what `{source_key}` fills in).
+    fn source_key(&self) -> Option<&str> {
+        match &self.input {
+            Some(Source::Remote(Remote::Object(r))) => Some(&r.key),
+            _ => None,
+        }
+    }
+
+    /// Refuses an output key template that names the source key of an input that has none.
+    fn check_output(&self, target: Option<&pixflow_runtime::OutputTarget>) -> Result<(), Problem> {
+        match target {
+            Some(t) if t.key.needs_source() && self.source_key().is_none() => Err(Problem::bad_request(format!(
+                "output key `{}` names the source key: send the input as an object reference",
+                t.key.as_str()
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Reads the request.
@@ -239,7 +283,12 @@ async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: 
 
 /// Reads one stored input: refused before reading when larger than the function takes, or
 /// when the node cannot hold it (the bytes join the request's ticket); `etag` pins the content.
-async fn fetch(app: &App, f: &Function, r: &ObjectRef, ticket: Option<&mut NodeTicket>) -> Result<Vec<u8>, Problem> {
+async fn read_stored(
+    app: &App,
+    f: &Function,
+    r: &ObjectRef,
+    ticket: Option<&mut NodeTicket>,
+) -> Result<Vec<u8>, Problem> {
     let limit = f.deployment.quota.limits.max_input_bytes;
     let head = app.objects.head(&r.bucket, &r.key).await?;
     if head.size > limit {
@@ -288,45 +337,15 @@ pub(crate) async fn resolve(
     parsed: Parsed,
     mut ticket: Option<&mut NodeTicket>,
 ) -> Result<(Invocation, Option<String>), Problem> {
-    // Inline bytes are bounded by the request limit; refuse them before reading stored ones.
-    let size = parsed.inline_bytes();
-    let max = f.deployment.quota.max_request_bytes;
-    if size > max {
-        return Err(pixflow_runtime::InvokeError::RequestTooLarge { limit: max, actual: size }.into());
-    }
+    let source_key = parsed.source_key().map(str::to_owned);
     let mut referenced = 0u64;
-    let mut source_key = None;
     let input = match parsed.input {
         None => Vec::new(),
-        Some(Source::Inline(b)) => b,
-        Some(Source::Stored(r)) => {
-            let bytes = fetch(app, f, &r, ticket.as_deref_mut()).await?;
-            referenced += bytes.len() as u64;
-            source_key = Some(r.key);
-            bytes
-        }
-        Some(Source::Url(u)) => {
-            let bytes = fetch_url(app, f, &u, ticket.as_deref_mut()).await?;
-            referenced += bytes.len() as u64;
-            bytes
-        }
+        Some(source) => bytes_of(app, f, source, ticket.as_deref_mut(), &mut referenced).await?,
     };
     let mut inputs = BTreeMap::new();
     for (name, source) in parsed.inputs {
-        let bytes = match source {
-            Source::Inline(b) => b,
-            Source::Stored(r) => {
-                let bytes = fetch(app, f, &r, ticket.as_deref_mut()).await?;
-                referenced += bytes.len() as u64;
-                bytes
-            }
-            Source::Url(u) => {
-                let bytes = fetch_url(app, f, &u, ticket.as_deref_mut()).await?;
-                referenced += bytes.len() as u64;
-                bytes
-            }
-        };
-        inputs.insert(name, bytes);
+        inputs.insert(name, bytes_of(app, f, source, ticket.as_deref_mut(), &mut referenced).await?);
     }
     let invocation = Invocation {
         input,
@@ -337,6 +356,24 @@ pub(crate) async fn resolve(
         platform_params: Vec::new(),
     };
     Ok((invocation, source_key))
+}
+
+/// An input's bytes; those the node read itself are added to `referenced`.
+async fn bytes_of(
+    app: &App,
+    f: &Function,
+    source: Source,
+    ticket: Option<&mut NodeTicket>,
+    referenced: &mut u64,
+) -> Result<Vec<u8>, Problem> {
+    match source {
+        Source::Inline(b) => Ok(b),
+        Source::Remote(r) => {
+            let bytes = r.read(app, f, ticket).await?;
+            *referenced += bytes.len() as u64;
+            Ok(bytes)
+        }
+    }
 }
 
 /// Where this request's results are stored, if anywhere: the request's `output`, else the
@@ -440,19 +477,15 @@ pub(crate) fn storable(produced: &Produced) -> Vec<Stored<'_>> {
     }
 }
 
+/// The `{ext}` of a process function's answer: its media type's, `json`, else `bin`.
 fn extension_of(content_type: &str) -> &'static str {
-    let mime = content_type.split(';').next().unwrap_or_default().trim();
-    [
-        pixflow_imageops::OutFormat::Jpeg,
-        pixflow_imageops::OutFormat::Png,
-        pixflow_imageops::OutFormat::Webp,
-        pixflow_imageops::OutFormat::Avif,
-        pixflow_imageops::OutFormat::Gif,
-        pixflow_imageops::OutFormat::Svg,
-    ]
-    .into_iter()
-    .find(|f| f.mime().eq_ignore_ascii_case(mime))
-    .map_or(if mime.eq_ignore_ascii_case("application/json") { "json" } else { "bin" }, |f| f.extension())
+    match pixflow_imageops::OutFormat::from_mime(content_type) {
+        Some(f) => f.extension(),
+        None if content_type.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) => {
+            "json"
+        }
+        None => "bin",
+    }
 }
 
 /// What a caller without a token may name in a request to an open (`auth: none`) function:
@@ -467,7 +500,7 @@ async fn guard_anonymous(app: &App, parsed: &Parsed) -> Result<(), Problem> {
         ));
     }
     for source in parsed.input.iter().chain(parsed.inputs.values()) {
-        if let Source::Stored(r) = source {
+        if let Source::Remote(Remote::Object(r)) = source {
             let public = app.objects.bucket(&r.bucket).await?.is_some_and(|b| b.config.public);
             if !public {
                 return Err(Problem::not_found(
@@ -516,7 +549,14 @@ pub(crate) async fn invoke(
     if anonymous {
         guard_anonymous(&app, &parsed).await?;
     }
+    // Inline bytes are bounded by the request limit, checked before anything is read or queued.
+    let size = parsed.inline_bytes();
+    let max = f.deployment.quota.max_request_bytes;
+    if size > max {
+        return Err(pixflow_runtime::InvokeError::RequestTooLarge { limit: max, actual: size }.into());
+    }
     let target = output_target(&f, parsed.output.as_ref())?;
+    parsed.check_output(target.as_ref())?;
     if asynchronous {
         let callback = match headers.get("x-callback-url") {
             None => None,
@@ -530,15 +570,6 @@ pub(crate) async fn invoke(
     }
     let mode = parsed.mode;
     let (invocation, source_key) = resolve(&app, &f, parsed, Some(&mut ticket)).await?;
-    if let Some(t) = &target
-        && t.key.needs_source()
-        && source_key.is_none()
-    {
-        return Err(Problem::bad_request(format!(
-            "output key `{}` names the source key: send the input as an object reference",
-            t.key.as_str()
-        )));
-    }
     // A new version may have rolled out while the body arrived: the request goes to it.
     let f = match app.registry.get(&name) {
         Some(latest) if f.is_retired() => latest,
@@ -645,21 +676,15 @@ pub(crate) struct QueuedMeta {
     pub params: Vec<(String, String)>,
     /// Extra named inputs, base64.
     pub inputs: BTreeMap<String, String>,
-    /// The main input, when it is a stored object (the payload is then empty).
+    /// The main input, when the node reads it itself (the payload is then empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_ref: Option<ObjectRef>,
-    /// Extra named inputs that are stored objects.
+    pub input_remote: Option<Remote>,
+    /// Extra named inputs the node reads itself.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub input_refs: BTreeMap<String, ObjectRef>,
+    pub inputs_remote: BTreeMap<String, Remote>,
     /// Where the results go (the request's; the manifest's applies when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputRequest>,
-    /// The main input, when it is a URL source (fetched when the attempt runs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_url: Option<String>,
-    /// Extra named inputs that are URL sources.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub input_urls: BTreeMap<String, String>,
 }
 
 impl QueuedMeta {
@@ -670,17 +695,8 @@ impl QueuedMeta {
             let bytes = B64.decode(b64).map_err(|e| format!("stored input {name}: {e}"))?;
             inputs.insert(name, Source::Inline(bytes));
         }
-        for (name, r) in self.input_refs {
-            inputs.insert(name, Source::Stored(r));
-        }
-        for (name, u) in self.input_urls {
-            inputs.insert(name, Source::Url(u));
-        }
-        let input = match (self.input_ref, self.input_url) {
-            (Some(r), _) => Some(Source::Stored(r)),
-            (None, Some(u)) => Some(Source::Url(u)),
-            (None, None) => Some(Source::Inline(payload)),
-        };
+        inputs.extend(self.inputs_remote.into_iter().map(|(name, r)| (name, Source::Remote(r))));
+        let input = Some(self.input_remote.map_or(Source::Inline(payload), Source::Remote));
         Ok(Parsed {
             input,
             inputs,
@@ -708,54 +724,28 @@ async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<Strin
         )
         .retry_after(std::time::Duration::from_secs(5)));
     }
-    let size = parsed.inline_bytes();
-    let max = f.deployment.quota.max_request_bytes;
-    if size > max {
-        return Err(pixflow_runtime::InvokeError::RequestTooLarge { limit: max, actual: size }.into());
-    }
     // Refuse now what would only fail later: parameters, stored inputs and the output.
     if f.processes.is_none() {
         f.pipeline(&parsed.params)?;
     }
-    let mut input_ref = None;
-    let mut input_url = None;
-    let mut payload = Vec::new();
+    let (mut payload, mut input_remote) = (Vec::new(), None);
     match parsed.input {
-        Some(Source::Stored(r)) => {
-            app.objects.head(&r.bucket, &r.key).await?;
-            input_ref = Some(r);
-        }
-        Some(Source::Url(u)) => {
-            app.config.url_policy.check(&u)?;
-            input_url = Some(u);
-        }
         Some(Source::Inline(b)) => payload = b,
+        Some(Source::Remote(r)) => {
+            r.check(app).await?;
+            input_remote = Some(r);
+        }
         None => {}
     }
-    if let Some(t) = output_target(f, parsed.output.as_ref())?
-        && t.key.needs_source()
-        && input_ref.is_none()
-    {
-        return Err(Problem::bad_request(format!(
-            "output key `{}` names the source key: send the input as an object reference",
-            t.key.as_str()
-        )));
-    }
-    let mut inputs = BTreeMap::new();
-    let mut input_refs = BTreeMap::new();
-    let mut input_urls = BTreeMap::new();
+    let (mut inputs, mut inputs_remote) = (BTreeMap::new(), BTreeMap::new());
     for (name, source) in parsed.inputs {
         match source {
             Source::Inline(b) => {
                 inputs.insert(name, B64.encode(b));
             }
-            Source::Stored(r) => {
-                app.objects.head(&r.bucket, &r.key).await?;
-                input_refs.insert(name, r);
-            }
-            Source::Url(u) => {
-                app.config.url_policy.check(&u)?;
-                input_urls.insert(name, u);
+            Source::Remote(r) => {
+                r.check(app).await?;
+                inputs_remote.insert(name, r);
             }
         }
     }
@@ -764,11 +754,9 @@ async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<Strin
         content_type: parsed.content_type,
         params: parsed.params,
         inputs,
-        input_ref,
-        input_refs,
+        input_remote,
+        inputs_remote,
         output: parsed.output,
-        input_url,
-        input_urls,
     };
     let id = auth::invocation_id().map_err(Problem::internal)?;
     let new = pixflow_backends::NewInvocation {

@@ -506,6 +506,32 @@ async fn the_example_functions_deploy_from_their_folder_and_answer() {
     assert!(m.contains("pixflow_cold_start_seconds_count{function=\"image-info\"}"), "{m}");
     // Stored results: the upload by reference, two renditions back as CDN objects.
     bucket(&app, "media", json!({"public": true})).await;
+    // A process function's answer is stored with its media type; its errors are relayed.
+    let info =
+        json!({"input": {"base64": B64.encode(png(5, 3))}, "output": {"bucket": "media", "key": "info/{id}.{ext}"}});
+    let r = invoke_json(&app, "image-info", info).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let o = &r.json()["objects"][0];
+    assert!(o["key"].as_str().unwrap().ends_with(".json"), "{o}");
+    assert_eq!(o["content_type"], "application/json");
+    let stored = call(
+        &app,
+        Method::GET,
+        &format!("/v1/buckets/media/objects/{}", o["key"].as_str().unwrap()),
+        Some(ADMIN),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&stored.body).unwrap(),
+        json!({"format": "png", "width": 5, "height": 3})
+    );
+    let bad = json!({"input": {"base64": B64.encode(b"nope")}, "output": {"bucket": "media", "key": "info/bad.json"}});
+    assert_eq!(invoke_json(&app, "image-info", bad).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    call(&app, Method::GET, "/v1/buckets/media/objects/info/bad.json", Some(ADMIN), &[], vec![])
+        .await
+        .problem(StatusCode::NOT_FOUND, "no_such_key");
     put_object(&app, "media/objects/uploads/hero.png", &[("content-type", "image/png")], png(2400, 1200)).await;
     let r = invoke_json(&app, "cms-renditions", json!({"input": {"bucket": "media", "key": "uploads/hero.png"}})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
