@@ -308,7 +308,7 @@ fn decode_metadata(s: &str) -> BTreeMap<String, String> {
 fn blob_id() -> Result<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex::encode(bytes))
 }
 
 fn is_foreign_key_error(e: &sqlx::Error) -> bool {
@@ -378,9 +378,14 @@ impl Upload {
         &self.prefix
     }
 
+    /// MD5 of the bytes written so far (what `Content-MD5` declares).
+    pub fn md5(&self) -> [u8; 16] {
+        self.md5.clone().finalize().into()
+    }
+
     /// Lowercase hex MD5 of the bytes written so far (the ETag they will get).
     pub fn md5_hex(&self) -> String {
-        self.md5.clone().finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.md5())
     }
 }
 

@@ -43,6 +43,8 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'
 const SIG: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 /// Longest `{ops}` segment of an ad-hoc URL.
 const MAX_OPS_BYTES: usize = 1024;
+/// Largest result of an ad-hoc transformation (a function's default `max_response_bytes`).
+const MAX_RESULT_BYTES: u64 = 64 << 20;
 
 type Hmac = hmac::Hmac<sha2::Sha256>;
 /// Pipeline steps as text: `(op, [(key, value)])`.
@@ -68,18 +70,20 @@ impl Cdn {
         self.transformations.load(Ordering::Relaxed)
     }
 
-    /// The signature of an ad-hoc path `{ops}/{bucket}/{key}` (as it appears in the URL).
-    pub fn sign(&self, path: &str) -> String {
+    fn mac(&self, path: &str) -> Hmac {
         let mut mac = <Hmac as KeyInit>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
         mac.update(path.as_bytes());
-        SIG.encode(mac.finalize().into_bytes())
+        mac
     }
 
+    /// The signature of an ad-hoc path `{ops}/{bucket}/{key}` (as it appears in the URL).
+    pub fn sign(&self, path: &str) -> String {
+        SIG.encode(self.mac(path).finalize().into_bytes())
+    }
+
+    /// Checks a signature in constant time.
     fn verify(&self, signature: &str, path: &str) -> bool {
-        let Ok(sig) = SIG.decode(signature) else { return false };
-        let mut mac = <Hmac as KeyInit>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
-        mac.update(path.as_bytes());
-        mac.verify_slice(&sig).is_ok()
+        SIG.decode(signature).is_ok_and(|sig| self.mac(path).verify_slice(&sig).is_ok())
     }
 }
 
@@ -138,7 +142,12 @@ pub(crate) async fn get(
 /// What a transformation URL asks for.
 enum Transform {
     Preset(Arc<pixflow_runtime::Function>),
-    AdHoc { ops: String, steps: Steps },
+    /// `ops` as sent (also what the cache key holds); `auto`: it asked for `format=auto`.
+    AdHoc {
+        ops: String,
+        steps: Steps,
+        auto: bool,
+    },
 }
 
 /// The format `Accept` allows, in the operator's order of preference; `None`: the pipeline's own.
@@ -258,11 +267,7 @@ pub(crate) async fn adhoc(
     let (steps, auto) = parse_ops(raw_ops)?;
     // Validate before any lookup, so a bad URL is a 400 whatever the object.
     build(&steps)?;
-    let mut normalised = raw_ops.to_owned();
-    if auto {
-        normalised.push_str("#auto");
-    }
-    let t = Transform::AdHoc { ops: normalised, steps };
+    let t = Transform::AdHoc { ops: raw_ops.to_owned(), steps, auto };
     transform(&app, &method, &headers, &bucket, &key, t, disposition(q, &key)).await
 }
 
@@ -291,15 +296,12 @@ async fn transform(
                 cdn.and_then(|c| c.cache_control.clone()),
             )
         }
-        Transform::AdHoc { ops, .. } => (format!("t\n{ops}"), ops.ends_with("#auto"), None),
+        Transform::AdHoc { ops, auto, .. } => (format!("t\n{ops}"), *auto, None),
     };
     let format = if auto { negotiate(headers, &app.config.cdn_auto_formats) } else { None };
-    let digest: String = sha2::Sha256::digest(
+    let digest = hex::encode(sha2::Sha256::digest(
         format!("{id}\n{bucket}\n{key}\n{}\n{}", source.etag, format.map_or("own", OutFormat::extension)).as_bytes(),
-    )
-    .iter()
-    .map(|b| format!("{b:02x}"))
-    .collect();
+    ));
     let (entry, status) = match app.cdn.cache.get(&digest).await {
         Some(e) => (e, "HIT"),
         None => (coalesced(app, &digest, &source, t, format).await?, "MISS"),
@@ -410,7 +412,7 @@ async fn run(
                 limits: app.config.cdn_limits,
                 deadline: tokio::time::Instant::now() + app.config.cdn_timeout,
                 timeout: app.config.cdn_timeout,
-                max_response_bytes: app.config.cdn_limits.max_input_bytes.max(64 << 20),
+                max_response_bytes: MAX_RESULT_BYTES,
                 foreign: app.foreign.clone(),
             };
             pixflow_runtime::run_engine(&app.node, job, ticket).await?.renditions
@@ -424,7 +426,7 @@ async fn run(
         )
     })?;
     app.cdn.transformations.fetch_add(1, Ordering::Relaxed);
-    let etag: String = sha2::Sha256::digest(&r.bytes).iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let etag = hex::encode(&sha2::Sha256::digest(&r.bytes)[..16]);
     let entry = CachedEntry {
         bytes: Bytes::from(r.bytes),
         content_type: r.format.mime().to_owned(),

@@ -412,7 +412,7 @@ pub(crate) async fn store_results(
     use sha2::Digest as _;
     let mut keys = Vec::with_capacity(results.len());
     for (index, r) in results.iter().enumerate() {
-        let hash: String = sha2::Sha256::digest(r.bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let hash = hex::encode(sha2::Sha256::digest(r.bytes));
         let vars = pixflow_runtime::KeyVars {
             source_key,
             name: r.name,

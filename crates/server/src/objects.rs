@@ -221,15 +221,12 @@ pub(crate) async fn put_object(
             upload.write(&data).await?;
         }
     }
-    if let Some(want) = md5 {
-        let hex: String = want.iter().map(|b| format!("{b:02x}")).collect();
-        if upload.md5_hex() != hex {
-            return Err(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "bad_digest",
-                "Content-MD5 does not match the bytes received",
-            ));
-        }
+    if md5.is_some_and(|want| upload.md5()[..] != want[..]) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad_digest",
+            "Content-MD5 does not match the bytes received",
+        ));
     }
     let content_type = declared_type.unwrap_or_else(|| sniffed_type(upload.prefix()).to_owned());
     let meta = app.objects.commit(upload, &bucket, &key, &content_type, &metadata, &condition).await?;

@@ -135,8 +135,7 @@ async fn receive(
         let want = base64::engine::general_purpose::STANDARD
             .decode(want.trim())
             .map_err(|_| s3_error!(InvalidDigest, "Content-MD5 is not base64"))?;
-        let hex: String = want.iter().map(|b| format!("{b:02x}")).collect();
-        if hex != upload.md5_hex() {
+        if upload.md5()[..] != want[..] {
             return Err(s3_error!(BadDigest));
         }
     }
