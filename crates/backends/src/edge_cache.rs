@@ -259,23 +259,22 @@ impl EdgeCache {
     /// fit; returns the digests whose files must go.
     fn evict(&self) -> Vec<String> {
         let mut i = lock(&self.index);
-        let mut gone = Vec::new();
-        let order: Vec<String> = i.lru.values().cloned().collect();
-        for digest in &order {
-            if i.memory_bytes <= self.memory_limit {
-                break;
-            }
-            if let Some(info) = i.entries.get_mut(digest)
+        // Walk the use order only as far as needed: eviction runs on every insertion.
+        let mut after = 0;
+        while i.memory_bytes > self.memory_limit {
+            let Some((&used, digest)) = i.lru.range(after + 1..).next() else { break };
+            let digest = digest.clone();
+            after = used;
+            if let Some(info) = i.entries.get_mut(&digest)
                 && info.memory.take().is_some()
             {
                 let size = info.size;
                 i.memory_bytes = i.memory_bytes.saturating_sub(size);
             }
         }
-        for digest in order {
-            if i.disk_bytes <= self.disk_limit {
-                break;
-            }
+        let mut gone = Vec::new();
+        while i.disk_bytes > self.disk_limit {
+            let Some((_, digest)) = i.lru.pop_first() else { break };
             if i.remove(&digest).is_some() {
                 gone.push(digest);
             }
