@@ -384,7 +384,7 @@ impl Upload {
     }
 
     /// Lowercase hex MD5 of the bytes written so far (the ETag they will get).
-    pub fn md5_hex(&self) -> String {
+    fn md5_hex(&self) -> String {
         hex::encode(self.md5())
     }
 }

@@ -539,3 +539,22 @@ pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'sta
     }
     Ok(EngineRun { renditions, cpu, started })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_grow_up_to_the_node_limit_and_give_everything_back() {
+        let node = Node::new(NodeLimits { cpus: 1, max_held_bytes: 100, max_requests: 10 });
+        let mut t = node.admit(60).unwrap();
+        // One byte past the limit is refused and leaves the ticket as it was.
+        assert!(matches!(t.grow(41), Err(InvokeError::Overloaded(_))));
+        assert_eq!(node.held_bytes.load(Ordering::Acquire), 60);
+        t.grow(40).unwrap();
+        assert_eq!(node.held_bytes.load(Ordering::Acquire), 100);
+        assert!(node.admit(1).is_err());
+        drop(t);
+        assert_eq!((node.held_bytes.load(Ordering::Acquire), node.requests()), (0, 0));
+    }
+}

@@ -555,5 +555,8 @@ mod tests {
             assert!(parse_ops(bad).is_err(), "{bad}");
         }
         assert!(parse_ops(&"a".repeat(2000)).is_err());
+        // At most 16 steps.
+        assert_eq!(parse_ops(&vec!["flip"; 16].join("+")).unwrap().0.len(), 16);
+        assert!(parse_ops(&vec!["flip"; 17].join("+")).is_err());
     }
 }
