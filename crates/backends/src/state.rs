@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, sqlite::SqliteRow};
 
+use crate::objects::{Bucket, BucketConfig};
+
 /// A failure of the state store.
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {0}")]
@@ -139,6 +141,8 @@ const SCHEMA: &[&str] = &[
         created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
         next_ms INTEGER NOT NULL, lease_ms INTEGER NOT NULL DEFAULT 0)",
     "CREATE INDEX IF NOT EXISTS invocations_due ON invocations (status, next_ms)",
+    "CREATE TABLE IF NOT EXISTS buckets (
+        name TEXT PRIMARY KEY, public INTEGER NOT NULL, cache_control TEXT, created_ms INTEGER NOT NULL)",
 ];
 
 impl Store {
@@ -195,6 +199,57 @@ impl Store {
     pub async fn functions(&self) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query("SELECT name, manifest FROM functions ORDER BY name").fetch_all(&self.db).await?;
         Ok(rows.iter().map(|r| (r.get("name"), r.get("manifest"))).collect())
+    }
+
+    // ---- settings of the buckets of an S3 service ----
+
+    /// Saves a bucket's settings; `true` when the bucket was new.
+    pub async fn save_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool> {
+        let created = sqlx::query(
+            "INSERT INTO buckets (name, public, cache_control, created_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(config.public)
+        .bind(&config.cache_control)
+        .bind(now_ms())
+        .execute(&self.db)
+        .await?
+        .rows_affected()
+            == 1;
+        if !created {
+            sqlx::query("UPDATE buckets SET public = ?, cache_control = ? WHERE name = ?")
+                .bind(config.public)
+                .bind(&config.cache_control)
+                .bind(name)
+                .execute(&self.db)
+                .await?;
+        }
+        Ok(created)
+    }
+
+    /// The buckets whose name is `name` (all of them when `None`), by name.
+    pub async fn buckets(&self, name: Option<&str>) -> Result<Vec<Bucket>> {
+        let rows = sqlx::query(
+            "SELECT name, public, cache_control, created_ms FROM buckets WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
+        )
+        .bind(name)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Bucket {
+                name: r.get("name"),
+                config: BucketConfig { public: r.get("public"), cache_control: r.get("cache_control") },
+                created_ms: r.get("created_ms"),
+            })
+            .collect())
+    }
+
+    /// Forgets a bucket; `false` when there was none.
+    pub async fn delete_bucket(&self, name: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM buckets WHERE name = ?").bind(name).execute(&self.db).await?;
+        Ok(r.rows_affected() == 1)
     }
 
     // ---- API tokens (SHA-256 hashes; the tokens themselves are never stored) ----

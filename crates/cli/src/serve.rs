@@ -76,6 +76,30 @@ pub struct ServeArgs {
     /// Non-public address ranges URL sources may still reach, e.g. 10.1.0.0/16 (repeatable).
     #[arg(long = "url-allow-private", value_delimiter = ',')]
     url_allow_private: Vec<pixflow_server::fetch::Cidr>,
+    /// Where objects live: `embedded` (local disk) or `s3` (any S3-compatible service; its
+    /// buckets are registered with `PUT /v1/buckets/{name}`, settings kept in the state store).
+    #[arg(long, env = "PIXFLOW_OBJECTS_BACKEND", default_value = "embedded", value_parser = ["embedded", "s3"])]
+    objects_backend: String,
+    /// The S3 service's URL, e.g. http://127.0.0.1:9000 (default: AWS, from the region).
+    #[arg(long, env = "PIXFLOW_OBJECTS_S3_ENDPOINT")]
+    objects_s3_endpoint: Option<String>,
+    /// The S3 service's region.
+    #[arg(long, env = "PIXFLOW_OBJECTS_S3_REGION", default_value = "us-east-1")]
+    objects_s3_region: String,
+    /// Access key for the S3 service (default: `AWS_ACCESS_KEY_ID` and the rest of the AWS
+    /// environment).
+    #[arg(long, env = "PIXFLOW_OBJECTS_S3_ACCESS_KEY", requires = "objects_s3_secret_key")]
+    objects_s3_access_key: Option<String>,
+    /// Secret key for the S3 service.
+    #[arg(long, env = "PIXFLOW_OBJECTS_S3_SECRET_KEY", hide_env_values = true, requires = "objects_s3_access_key")]
+    objects_s3_secret_key: Option<String>,
+    /// Address buckets as `{bucket}.{endpoint host}` (AWS's default) instead of `{endpoint}/{bucket}`.
+    #[arg(long)]
+    objects_s3_virtual_hosted: bool,
+    /// More CA certificates (a PEM file) that `https` URL sources may chain to, besides
+    /// Mozilla's roots.
+    #[arg(long, env = "PIXFLOW_URL_CA")]
+    url_ca: Option<PathBuf>,
     /// Also serve the object store as an S3-compatible endpoint on this address (path-style,
     /// SigV4 with the key pair below).
     #[arg(long, env = "PIXFLOW_S3_LISTEN", requires_all = ["s3_access_key", "s3_secret_key"])]
@@ -135,6 +159,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.shutdown_grace = args.shutdown_grace;
     config.admin_token = args.admin_token;
     config.objects_dir = args.objects_dir;
+    if args.objects_backend == "s3" {
+        anyhow::ensure!(
+            args.s3_listen.is_none(),
+            "--s3-listen serves the embedded store; with --objects-backend s3, S3 clients use the service itself"
+        );
+        config.objects_s3 = Some(pixflow_server::S3Config {
+            endpoint: args.objects_s3_endpoint,
+            region: args.objects_s3_region,
+            access_key: args.objects_s3_access_key,
+            secret_key: args.objects_s3_secret_key,
+            virtual_hosted: args.objects_s3_virtual_hosted,
+        });
+    }
     config.max_object_bytes = args.max_object_bytes;
     config.cdn_cache_control = args.cdn_cache_control;
     if let Some(secret) = &args.s3_secret_key {
@@ -143,6 +180,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.url_policy = pixflow_server::fetch::UrlPolicy {
         hosts: args.url_allow.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
         private: args.url_allow_private,
+        tls: match &args.url_ca {
+            None => pixflow_server::fetch::Tls::default(),
+            Some(path) => {
+                let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                pixflow_server::fetch::Tls::with_roots(&pem)
+                    .map_err(|e| anyhow::anyhow!("--url-ca {}: {e}", path.display()))?
+            }
+        },
     };
     config.cdn_signing_key = args.cdn_signing_key;
     config.cdn_allow_unsigned = args.cdn_allow_unsigned;

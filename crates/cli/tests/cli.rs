@@ -559,3 +559,30 @@ fn serve_deploy_list_invoke_and_stop() {
     assert!(killed.success());
     assert!(server.wait().unwrap().success());
 }
+
+#[test]
+fn serve_refuses_contradicting_storage_options_before_starting() {
+    let dir = temp_dir("serve-options");
+    let base = ["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"];
+    let run = |extra: &[&str]| {
+        let out = pixflow(&[&base[..], extra].concat(), &dir);
+        assert!(!out.status.success(), "{extra:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let both = run(&[
+        "--objects-backend",
+        "s3",
+        "--s3-listen",
+        "127.0.0.1:0",
+        "--s3-access-key",
+        "cms",
+        "--s3-secret-key",
+        "0123456789abcdef",
+    ]);
+    assert!(both.contains("--s3-listen serves the embedded store"), "{both}");
+    let backend = run(&["--objects-backend", "disk"]);
+    assert!(backend.contains("embedded") && backend.contains("s3"), "{backend}");
+    std::fs::write(dir.join("ca.pem"), "not a certificate").unwrap();
+    let ca = run(&["--url-ca", "ca.pem"]);
+    assert!(ca.contains("--url-ca ca.pem"), "{ca}");
+}

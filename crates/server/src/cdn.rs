@@ -136,7 +136,7 @@ pub(crate) async fn get(
     let (meta, file) = app.objects.get(&bucket, &key).await?;
     let cache_control = Some(b.config.cache_control.unwrap_or_else(|| app.config.cdn_cache_control.clone()));
     let extra = Extra { cache_control, content_disposition: disposition(q, &key), ..Extra::default() };
-    delivery::respond(&method, &headers, (&meta).into(), Payload::File(file), extra).await
+    delivery::respond(&method, &headers, (&meta).into(), Payload::Object(file), extra).await
 }
 
 /// What a transformation URL asks for.

@@ -2,7 +2,7 @@
 //! validators (`ETag` from the content's MD5, `Last-Modified`), conditional requests in RFC
 //! 9110's order (§13.2.2: `If-Match`, `If-Unmodified-Since`, `If-None-Match`,
 //! `If-Modified-Since`, then `Range` under `If-Range`), single byte ranges (206 / 416), and the
-//! bytes streamed from the open blob file in 64 KiB chunks, never read whole into memory.
+//! bytes streamed from the stored version in 64 KiB chunks, never read whole into memory.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +11,6 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use pixflow_backends::ObjectMeta;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::problem::Problem;
 
@@ -55,7 +54,8 @@ impl<'a> From<&'a ObjectMeta> for Representation<'a> {
 
 /// Where the bytes come from.
 pub(crate) enum Payload {
-    File(tokio::fs::File),
+    /// A stored version, read only for the bytes the answer carries.
+    Object(pixflow_backends::objects::Reader),
     Bytes(bytes::Bytes),
 }
 
@@ -263,12 +263,7 @@ pub(crate) async fn respond(
                 (usize::try_from(start).unwrap_or(usize::MAX), usize::try_from(start + len).unwrap_or(usize::MAX));
             Body::from(b.slice(a.min(b.len())..z.min(b.len())))
         }
-        Payload::File(mut file) => {
-            if start > 0 {
-                file.seek(std::io::SeekFrom::Start(start)).await.map_err(Problem::internal)?;
-            }
-            stream(file.take(len))
-        }
+        Payload::Object(reader) => Body::from_stream(reader.range(start, len).await?),
     };
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
@@ -292,28 +287,6 @@ pub(crate) async fn respond(
         }
     }
     Ok(resp)
-}
-
-/// A body that reads `reader` in 64 KiB chunks as the client takes them.
-fn stream(reader: impl tokio::io::AsyncRead + Send + Unpin + 'static) -> Body {
-    Body::from_stream(chunks(reader))
-}
-
-/// `reader` as a stream of 64 KiB chunks, read only as they are taken.
-pub(crate) fn chunks(
-    reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
-) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
-    futures_util::stream::unfold(reader, |mut r| async move {
-        let mut buf = vec![0u8; 64 << 10];
-        match r.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), r))
-            }
-            Err(e) => Some((Err(e), r)),
-        }
-    })
 }
 
 /// `Content-Disposition: attachment` with the file name in both forms (RFC 6266): a plain

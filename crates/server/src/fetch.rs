@@ -1,4 +1,4 @@
-//! URL sources: a function input given as `{"url": "http://origin/photo.jpg"}` is fetched by
+//! URL sources: a function input given as `{"url": "https://origin/photo.jpg"}` is fetched by
 //! the node on the caller's behalf, so the request must not reach what the caller could not:
 //! the host must be on the operator's allow-list (`--url-allow`, exact or `*.example.com`, with
 //! an optional port), and every address the name resolves to must be public. Private,
@@ -7,7 +7,9 @@
 //! allows that range (`--url-allow-private 10.1.0.0/16`). The connection goes to the address
 //! that was checked (no second lookup a rebinding DNS server could answer differently),
 //! redirects are not followed, and the body is bounded by the function's input limit and a
-//! deadline.
+//! deadline. `https` origins are verified against Mozilla's roots (compiled in, so the answer
+//! does not depend on the host's certificate store) plus any the operator adds
+//! (`--url-ca`), with rustls.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -112,6 +114,59 @@ pub struct UrlPolicy {
     pub hosts: Vec<String>,
     /// Non-public ranges that may still be reached.
     pub private: Vec<Cidr>,
+    /// Whom `https` origins are verified against.
+    pub tls: Tls,
+}
+
+/// The TLS client of `https` origins: Mozilla's roots and the operator's own.
+#[derive(Clone)]
+pub struct Tls(std::sync::Arc<rustls::ClientConfig>);
+
+impl Default for Tls {
+    fn default() -> Tls {
+        Tls::with_roots(&[]).expect("Mozilla's roots are valid")
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+impl Tls {
+    /// Trusts Mozilla's roots and the certificates in `pem` (PEM, any number of them).
+    pub fn with_roots(pem: &[u8]) -> Result<Tls, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
+            roots.add(cert).map_err(|e| format!("not a CA certificate: {e}"))?;
+            added += 1;
+        }
+        if !pem.is_empty() && added == 0 {
+            return Err("no certificate in the file".into());
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Tls(std::sync::Arc::new(config)))
+    }
+}
+
+/// A checked URL: where to connect and what to ask.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) path: String,
 }
 
 fn refuse(why: impl Into<String>) -> Problem {
@@ -142,29 +197,23 @@ impl UrlPolicy {
         is_public(ip) || self.private.iter().any(|c| c.contains(ip))
     }
 
-    /// Checks a URL against the host allow-list (no I/O): the host, port and path to request.
-    pub(crate) fn check(&self, url: &str) -> Result<(String, u16, String), Problem> {
+    /// Checks a URL against the host allow-list (no I/O): where to connect and what to ask.
+    pub(crate) fn check(&self, url: &str) -> Result<Target, Problem> {
         if url.len() > MAX_URL {
             return Err(refuse(format!("the URL is longer than {MAX_URL} characters")));
         }
         let uri: Uri = url.parse().map_err(|_| refuse("not a URL"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "url_scheme_unsupported",
-                    "https origins are not supported yet; use http:// on a private network, or object storage",
-                ));
-            }
-            _ => return Err(refuse("only http:// URLs are fetched")),
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(refuse("only http:// and https:// URLs are fetched")),
+        };
         let authority = uri.authority().ok_or_else(|| refuse("the URL names no host"))?;
         if authority.as_str().contains('@') {
             return Err(refuse("URLs carry no credentials"));
         }
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         if self.hosts.is_empty() {
             return Err(refuse("URL sources are off on this node (the operator enables them with --url-allow)"));
         }
@@ -172,7 +221,7 @@ impl UrlPolicy {
             return Err(refuse(format!("`{host}:{port}` is not an allowed origin")));
         }
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        Ok((host, port, path))
+        Ok(Target { tls, host, port, path })
     }
 
     /// Resolves the host and checks every address; returns one to connect to.
@@ -208,23 +257,30 @@ pub(crate) async fn fetch(
     limit: u64,
     reserve: &mut (dyn FnMut(u64) -> Result<(), Problem> + Send),
 ) -> Result<Vec<u8>, Problem> {
-    let (host, port, path) = policy.check(url)?;
+    let Target { tls, host, port, path } = policy.check(url)?;
     let work = async {
         let addr = policy.resolve(&host, port).await?;
         let stream =
             tokio::net::TcpStream::connect(addr).await.map_err(|e| origin(format!("connecting to {addr}: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| origin(format!("talking to {addr}: {e}")))?;
-        tokio::spawn(conn);
         let name = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-        let host_header = if port == 80 { name } else { format!("{name}:{port}") };
+        let host_header = if port == if tls { 443 } else { 80 } { name } else { format!("{name}:{port}") };
         let req = hyper::Request::get(&path)
             .header(header::HOST, host_header)
             .header(header::USER_AGENT, concat!("pixflow/", env!("CARGO_PKG_VERSION")))
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| refuse(format!("the URL's path: {e}")))?;
-        let resp = sender.send_request(req).await.map_err(|e| origin(format!("requesting {url}: {e}")))?;
+        let resp = if tls {
+            // The certificate must name the host of the URL (not the address it resolved to).
+            let server = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| refuse(format!("`{host}` is not a name a certificate can carry")))?;
+            let stream = tokio_rustls::TlsConnector::from(policy.tls.0.clone())
+                .connect(server, stream)
+                .await
+                .map_err(|e| origin(format!("TLS with {host} ({addr}): {e}")))?;
+            send(stream, req, addr).await?
+        } else {
+            send(stream, req, addr).await?
+        };
         let status = resp.status();
         if status.is_redirection() {
             return Err(origin(format!("the origin answered {status}; redirects are not followed")));
@@ -256,6 +312,19 @@ pub(crate) async fn fetch(
     tokio::time::timeout(DEADLINE, work)
         .await
         .map_err(|_| Problem::new(StatusCode::GATEWAY_TIMEOUT, "origin_timeout", "the origin did not answer in time"))?
+}
+
+/// Sends one request over a connection (HTTP/1.1).
+async fn send(
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    req: hyper::Request<Empty<bytes::Bytes>>,
+    addr: SocketAddr,
+) -> Result<hyper::Response<hyper::body::Incoming>, Problem> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| origin(format!("talking to {addr}: {e}")))?;
+    tokio::spawn(conn);
+    sender.send_request(req).await.map_err(|e| origin(format!("requesting from {addr}: {e}")))
 }
 
 #[cfg(test)]
@@ -320,12 +389,14 @@ mod tests {
 
     #[test]
     fn urls_are_checked_against_the_allow_list() {
-        let p =
-            UrlPolicy { hosts: vec!["images.example.com".into(), "*.cdn.example.org:8080".into()], private: vec![] };
-        assert_eq!(
-            p.check("http://images.example.com/a.jpg?x=1").unwrap(),
-            ("images.example.com".into(), 80, "/a.jpg?x=1".into())
-        );
+        let p = UrlPolicy {
+            hosts: vec!["images.example.com".into(), "*.cdn.example.org:8080".into()],
+            ..Default::default()
+        };
+        let target = |tls, port, path: &str| Target { tls, host: "images.example.com".into(), port, path: path.into() };
+        assert_eq!(p.check("http://images.example.com/a.jpg?x=1").unwrap(), target(false, 80, "/a.jpg?x=1"));
+        assert_eq!(p.check("https://images.example.com/a.jpg").unwrap(), target(true, 443, "/a.jpg"));
+        assert!(p.check("https://images.example.com:8443/").is_ok());
         assert!(p.check("http://a.cdn.example.org:8080/b").is_ok());
         for (bad, code) in [
             ("http://evil.example.com/a.jpg", "url_not_allowed"),
@@ -334,15 +405,19 @@ mod tests {
             ("http://user:pw@images.example.com/", "url_not_allowed"),
             ("ftp://images.example.com/", "url_not_allowed"),
             ("file:///etc/passwd", "url_not_allowed"),
-            ("https://images.example.com/", "url_scheme_unsupported"),
+            ("https://evil.example.com/", "url_not_allowed"),
             ("not a url", "url_not_allowed"),
         ] {
             assert_eq!(p.check(bad).unwrap_err().code, code, "{bad}");
         }
-        let v6 = UrlPolicy { hosts: vec!["[2606:4700::1111]:8080".into(), "2a00:1450::1".into()], private: vec![] };
+        let v6 =
+            UrlPolicy { hosts: vec!["[2606:4700::1111]:8080".into(), "2a00:1450::1".into()], ..Default::default() };
         assert!(v6.check("http://[2606:4700::1111]:8080/a").is_ok());
         assert!(v6.check("http://[2606:4700::1111]/a").is_err());
         assert!(v6.check("http://[2a00:1450::1]:9000/a").is_ok());
+        assert!(Tls::with_roots(b"").is_ok());
+        assert!(Tls::with_roots(b"not a certificate").is_err());
+        assert!(Tls::with_roots(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
         let off = UrlPolicy::default();
         assert!(off.check("http://images.example.com/").unwrap_err().detail.contains("--url-allow"));
     }

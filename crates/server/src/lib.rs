@@ -15,6 +15,8 @@ mod objects;
 pub mod problem;
 pub mod s3;
 
+pub use pixflow_backends::S3Config;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,8 +54,11 @@ pub struct Config {
     pub async_retention: Duration,
     /// `host:port` destinations completion callbacks may go to (none by default).
     pub callback_allow: Vec<String>,
-    /// The embedded object store's folder (default: `objects/` in the data folder).
+    /// The embedded object store's folder (default: `objects/` in the data folder); with an
+    /// S3 service, where uploads spool.
     pub objects_dir: Option<PathBuf>,
+    /// Objects in this S3-compatible service instead of the embedded store.
+    pub objects_s3: Option<pixflow_backends::S3Config>,
     /// Largest object one PUT may store.
     pub max_object_bytes: u64,
     /// Base of the URLs handed out for stored objects (`{public_url}/cdn/{bucket}/{key}`).
@@ -98,6 +103,7 @@ impl Config {
             async_retention: Duration::from_secs(7 * 86_400),
             callback_allow: Vec::new(),
             objects_dir: None,
+            objects_s3: None,
             max_object_bytes: 5 << 30,
             public_url: "http://127.0.0.1:8080".into(),
             cdn_cache_control: "public, max-age=3600".into(),
@@ -177,9 +183,12 @@ impl App {
         };
         let new_admin_token = admin_token(&store, &config).await?;
         let objects_dir = config.objects_dir.clone().unwrap_or_else(|| config.data_dir.join("objects"));
-        let objects = Objects::open(&objects_dir)
-            .await
-            .with_context(|| format!("opening the object store in {}", objects_dir.display()))?;
+        let objects = match &config.objects_s3 {
+            None => Objects::open(&objects_dir)
+                .await
+                .with_context(|| format!("opening the object store in {}", objects_dir.display()))?,
+            Some(s3) => open_s3(s3, &store, &objects_dir.join("spool")).await?,
+        };
         let cache_dir = config.cdn_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cdn-cache"));
         let cache = pixflow_backends::EdgeCache::open(&cache_dir, config.cdn_cache_memory, config.cdn_cache_disk)
             .with_context(|| format!("opening the edge cache in {}", cache_dir.display()))?;
@@ -452,6 +461,16 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> a
     metrics::counter!("pixflow_cdn_transformations_total").absolute(app.cdn.transformations());
     app.metrics.run_upkeep();
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+#[cfg(feature = "s3")]
+async fn open_s3(s3: &pixflow_backends::S3Config, store: &Store, spool: &std::path::Path) -> anyhow::Result<Objects> {
+    Objects::open_s3(s3, store.clone(), spool).await.context("connecting to the S3 service")
+}
+
+#[cfg(not(feature = "s3"))]
+async fn open_s3(_: &pixflow_backends::S3Config, _: &Store, _: &std::path::Path) -> anyhow::Result<Objects> {
+    anyhow::bail!("this pixflow was built without the `s3` feature: only the embedded object store is available")
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting, lets in-flight

@@ -142,7 +142,13 @@ pub(crate) async fn list_objects(
     Ok(Json(json!({
         "bucket": bucket,
         "prefix": q.prefix,
-        "objects": page.objects.iter().map(|m| describe_object(&app, m, public)).collect::<Vec<_>>(),
+        "objects": page.objects.iter().map(|m| {
+            let mut v = json!({"key": m.key, "etag": m.etag, "size": m.size, "last_modified_ms": m.modified_ms});
+            if public {
+                v["url"] = Value::String(crate::cdn::url(&app, &bucket, &m.key));
+            }
+            v
+        }).collect::<Vec<_>>(),
         "prefixes": page.prefixes,
         "next_cursor": page.next.as_ref().map(Resume::token),
     })))
@@ -247,7 +253,7 @@ pub(crate) async fn get_object(
     auth::role(&app.store, &headers).await?;
     let (meta, file) = app.objects.get(&bucket, &key).await?;
     let extra = Extra { metadata: true, ..Extra::default() };
-    delivery::respond(&method, &headers, (&meta).into(), delivery::Payload::File(file), extra).await
+    delivery::respond(&method, &headers, (&meta).into(), delivery::Payload::Object(file), extra).await
 }
 
 pub(crate) async fn delete_object(

@@ -151,6 +151,12 @@ impl From<pixflow_backends::ObjectError> for Problem {
             E::InvalidPart(_) | E::InvalidPartOrder | E::EntityTooSmall { .. } => {
                 Problem::new(StatusCode::BAD_REQUEST, "invalid_part", detail)
             }
+            E::InvalidCursor => Problem::new(StatusCode::BAD_REQUEST, "invalid_cursor", detail),
+            E::Unsupported(_) => Problem::new(StatusCode::NOT_IMPLEMENTED, "not_supported_by_backend", detail),
+            E::Service(_) => {
+                tracing::warn!(error = %detail, "object service");
+                Problem::new(StatusCode::BAD_GATEWAY, "object_service_failed", detail)
+            }
             E::Io(_) | E::Catalogue(_) => Problem::internal(detail),
         }
     }

@@ -41,12 +41,30 @@ fn s3_err(e: ObjectError) -> S3Error {
         ObjectError::InvalidPart(_) => S3ErrorCode::InvalidPart,
         ObjectError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
         ObjectError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
-        ObjectError::Io(_) | ObjectError::Catalogue(_) => {
+        ObjectError::InvalidCursor => S3ErrorCode::InvalidArgument,
+        ObjectError::Unsupported(_) => S3ErrorCode::NotImplemented,
+        ObjectError::Io(_) | ObjectError::Catalogue(_) | ObjectError::Service(_) => {
             tracing::error!(error = %e, "S3 endpoint");
             return s3_error!(InternalError, "internal error; the server log has the details");
         }
     };
     S3Error::with_message(code, e.to_string())
+}
+
+/// A body stream s3s can share between threads: only ever polled through `&mut`, so the lock
+/// is never contended (`Mutex::get_mut`).
+struct SyncBody(std::sync::Mutex<pixflow_backends::objects::ByteStream>);
+
+impl futures_util::Stream for SyncBody {
+    type Item = std::io::Result<bytes::Bytes>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let stream = self.get_mut().0.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        stream.as_mut().poll_next(cx)
+    }
 }
 
 fn timestamp(ms: i64) -> Timestamp {
@@ -210,9 +228,8 @@ impl S3 for Gateway {
     }
 
     async fn get_object(&self, req: S3Request<dto::GetObjectInput>) -> S3Result<S3Response<dto::GetObjectOutput>> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let input = req.input;
-        let (meta, mut file) = self.objects.get(&input.bucket, &input.key).await.map_err(s3_err)?;
+        let (meta, reader) = self.objects.get(&input.bucket, &input.key).await.map_err(s3_err)?;
         ReadConditions {
             if_match: input.if_match.as_ref(),
             if_none_match: input.if_none_match.as_ref(),
@@ -228,12 +245,9 @@ impl S3 for Gateway {
                 (r.start, r.end - r.start, Some(range))
             }
         };
-        if start > 0 {
-            file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| s3_err(e.into()))?;
-        }
-        let body = crate::delivery::chunks(file.take(len));
+        let body = reader.range(start, len).await.map_err(s3_err)?;
         Ok(S3Response::new(dto::GetObjectOutput {
-            body: Some(StreamingBlob::wrap(body)),
+            body: Some(StreamingBlob::wrap(SyncBody(std::sync::Mutex::new(body)))),
             content_length: Some(i64::try_from(len).unwrap_or(i64::MAX)),
             content_range,
             content_type: Some(meta.content_type.clone()),
@@ -431,6 +445,10 @@ pub fn service(objects: Objects, max_object_bytes: u64, access_key: &str, secret
 /// Serves the S3 endpoint on `listener` until the node stops; its connections finish their
 /// current request, and the node's shutdown waits for them before closing the store.
 pub async fn serve(app: Arc<crate::App>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        app.objects.kind() == "embedded",
+        "the S3-compatible endpoint serves the embedded store; with an S3 service, clients talk to the service"
+    );
     let (access, secret) = match (&app.config.s3_access_key, &app.config.s3_secret_key) {
         (Some(a), Some(s)) => (a.clone(), s.clone()),
         _ => anyhow::bail!("the S3 endpoint needs an access key and a secret key"),

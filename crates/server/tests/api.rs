@@ -1166,6 +1166,89 @@ async fn functions_read_stored_inputs_and_store_their_results() {
 
 // ---- CDN transformations: presets, signed ad-hoc URLs, negotiation, edge cache ----
 
+/// The same pipeline with objects in an S3 service: registration of the service's buckets,
+/// streamed uploads, stored results, CDN reads and transformations, listing, deletes.
+#[cfg(feature = "s3")]
+#[tokio::test]
+async fn the_pipeline_runs_over_an_s3_service() {
+    use pixflow_backends::objects::test_server;
+    let root = scratch("s3-service");
+    for b in ["media", "uploads"] {
+        std::fs::create_dir_all(root.join(b)).unwrap();
+    }
+    let mut c = config();
+    c.objects_s3 = Some(test_server::config(test_server::start(&root).await.unwrap()));
+    let app = start(c).await;
+    assert_eq!(app.objects.kind(), "s3");
+    bucket(&app, "media", json!({"public": true, "cache_control": "public, max-age=60"})).await;
+    bucket(&app, "uploads", json!({})).await;
+    let r = call(
+        &app,
+        Method::PUT,
+        "/v1/buckets/ghost",
+        Some(ADMIN),
+        &[("content-type", "application/json")],
+        b"{}".to_vec(),
+    )
+    .await;
+    r.problem(StatusCode::BAD_GATEWAY, "object_service_failed");
+    let source = png(64, 32);
+    let up = put_object(&app, "uploads/objects/2026/cat.png", &[], source.clone()).await;
+    assert!(up.status.is_success(), "{}", String::from_utf8_lossy(&up.body));
+    assert_eq!(up.json()["content_type"], "image/png", "sniffed");
+    // The bytes are in the service, under the same key.
+    assert_eq!(std::fs::read(root.join("uploads/2026/cat.png")).unwrap(), source);
+    deploy(
+        &app,
+        "name: thumb-store\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\n\
+         output: {bucket: media, key: 'thumbs/{source_key_stem}-{width}.{ext}'}\ncdn: {}\n",
+    )
+    .await;
+    let r = invoke_json(&app, "thumb-store", json!({"input": {"bucket": "uploads", "key": "2026/cat.png"}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let o = &r.json()["objects"][0];
+    assert_eq!(o["key"], "thumbs/2026/cat-16.png");
+    let served = cdn_get(&app, "/cdn/media/thumbs/2026/cat-16.png", &[]).await;
+    assert_eq!(served.status, StatusCode::OK);
+    assert_eq!(served.headers["cache-control"], "public, max-age=60");
+    assert_eq!(format!("\"{}\"", o["etag"].as_str().unwrap()), served.headers["etag"].to_str().unwrap());
+    let etag = served.headers["etag"].to_str().unwrap().to_owned();
+    assert_eq!(
+        cdn_get(&app, "/cdn/media/thumbs/2026/cat-16.png", &[("if-none-match", &etag)]).await.status,
+        StatusCode::NOT_MODIFIED
+    );
+    let part = cdn_get(&app, "/cdn/media/thumbs/2026/cat-16.png", &[("range", "bytes=1-3")]).await;
+    assert_eq!((part.status, &part.body[..]), (StatusCode::PARTIAL_CONTENT, &served.body[1..4]));
+    // A preset transforms a stored source on the fly, cached at the edge.
+    let public = serde_json::to_vec(&json!({"public": true})).unwrap();
+    let r =
+        call(&app, Method::PUT, "/v1/buckets/uploads", Some(ADMIN), &[("content-type", "application/json")], public)
+            .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let first = cdn_get(&app, "/cdn/p/thumb-store/uploads/2026/cat.png", &[]).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", String::from_utf8_lossy(&first.body));
+    assert_eq!(image::load_from_memory(&first.body).unwrap().width(), 16);
+    assert_eq!(cdn_get(&app, "/cdn/p/thumb-store/uploads/2026/cat.png", &[]).await.headers["x-cache"], "HIT");
+    // Overwriting the source through pixflow purges what derives from it.
+    put_object(&app, "uploads/objects/2026/cat.png", &[], png(32, 32)).await;
+    let again = cdn_get(&app, "/cdn/p/thumb-store/uploads/2026/cat.png", &[]).await;
+    assert_eq!(
+        (again.headers["x-cache"].to_str().unwrap(), image::load_from_memory(&again.body).unwrap().height()),
+        ("MISS", 16)
+    );
+    let listed = call(&app, Method::GET, "/v1/buckets/media/objects?prefix=thumbs/", Some(ADMIN), &[], vec![]).await;
+    assert_eq!(listed.json()["objects"][0]["key"], "thumbs/2026/cat-16.png");
+    let gone =
+        call(&app, Method::DELETE, "/v1/buckets/media/objects/thumbs/2026/cat-16.png", Some(ADMIN), &[], vec![]).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    assert!(!root.join("media/thumbs/2026/cat-16.png").exists());
+    cdn_get(&app, "/cdn/media/thumbs/2026/cat-16.png", &[]).await.problem(StatusCode::NOT_FOUND, "no_such_key");
+    // The S3-compatible endpoint serves only the embedded store.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    assert!(pixflow_server::s3::serve(app.clone(), listener).await.is_err());
+    app.shutdown().await;
+}
+
 async fn cdn_get(app: &Arc<App>, path: &str, headers: &[(&str, &str)]) -> Reply {
     call(app, Method::GET, path, None, headers, vec![]).await
 }
@@ -1396,6 +1479,78 @@ async fn origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, tokio::spawn(async move { axum::serve(listener, router).await.unwrap() }))
 }
 
+/// An https origin on loopback serving one image, with a certificate for 127.0.0.1 from a
+/// CA made here; returns its address and the CA's PEM.
+async fn tls_origin() -> (std::net::SocketAddr, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()).into(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let img = bytes::Bytes::from(png(48, 24));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (acceptor, img) = (acceptor.clone(), img.clone());
+            tokio::spawn(async move {
+                // Clients that do not trust the CA end the handshake here.
+                let Ok(stream) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(move |_req| {
+                    let img = img.clone();
+                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(img))) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (addr, ca.pem())
+}
+
+#[tokio::test]
+async fn https_sources_are_verified_against_the_trusted_roots() {
+    let (addr, ca) = tls_origin().await;
+    let doc = json!({"input": {"url": format!("https://127.0.0.1:{}/img.png", addr.port())}});
+    let policy = |tls| pixflow_server::fetch::UrlPolicy {
+        hosts: vec![format!("127.0.0.1:{}", addr.port())],
+        private: vec!["127.0.0.0/8".parse().unwrap()],
+        tls,
+    };
+    // Mozilla's roots alone do not know this origin's CA.
+    let mut c = config();
+    c.url_policy = policy(pixflow_server::fetch::Tls::default());
+    let app = start(c).await;
+    deploy(&app, THUMB).await;
+    let p = invoke_json(&app, "thumb", doc.clone()).await.problem(StatusCode::BAD_GATEWAY, "origin_failed");
+    assert!(p["detail"].as_str().unwrap().contains("certificate"), "{p}");
+    app.shutdown().await;
+    // With the operator's CA the image comes over TLS.
+    let mut c = config();
+    c.url_policy = policy(pixflow_server::fetch::Tls::with_roots(ca.as_bytes()).unwrap());
+    let app = start(c).await;
+    deploy(&app, THUMB).await;
+    let r = invoke_json(&app, "thumb", doc).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["renditions"][0]["width"].as_u64(), Some(16));
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn url_sources_reach_only_allowed_public_origins() {
     let (addr, server) = origin().await;
@@ -1403,7 +1558,7 @@ async fn url_sources_reach_only_allowed_public_origins() {
     // Allowed host, but a loopback address: the SSRF guard refuses it.
     let mut c = config();
     c.url_policy =
-        pixflow_server::fetch::UrlPolicy { hosts: vec!["127.0.0.1".into(), "localhost".into()], private: vec![] };
+        pixflow_server::fetch::UrlPolicy { hosts: vec!["127.0.0.1".into(), "localhost".into()], ..Default::default() };
     let app = start(c).await;
     deploy(&app, THUMB).await;
     let p = invoke_json(&app, "thumb", doc("/img.png")).await.problem(StatusCode::FORBIDDEN, "url_not_allowed");
@@ -1413,7 +1568,8 @@ async fn url_sources_reach_only_allowed_public_origins() {
     for (url, code) in [
         ("http://169.254.169.254/latest/meta-data/", "url_not_allowed"),
         ("http://[::ffff:127.0.0.1]/", "url_not_allowed"),
-        ("https://127.0.0.1/a.png", "url_scheme_unsupported"),
+        ("https://127.0.0.1/a.png", "url_not_allowed"),
+        ("gopher://127.0.0.1/", "url_not_allowed"),
     ] {
         let r = invoke_json(&app, "thumb", json!({"input": {"url": url}})).await;
         assert_eq!(r.json()["code"], code, "{url}: {}", String::from_utf8_lossy(&r.body));
@@ -1425,6 +1581,7 @@ async fn url_sources_reach_only_allowed_public_origins() {
     c.url_policy = pixflow_server::fetch::UrlPolicy {
         hosts: vec![format!("127.0.0.1:{}", addr.port())],
         private: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
     };
     let app = start(c).await;
     deploy(&app, THUMB).await;

@@ -10,10 +10,8 @@ use std::collections::BTreeMap;
 use sqlx::Row;
 use tokio::io::AsyncReadExt;
 
-use super::{
-    Condition, ObjectError, ObjectMeta, Objects, Result, check_attributes, check_bucket, check_key, decode_metadata,
-    encode_metadata, remove_blob,
-};
+use super::embedded::{decode_metadata, encode_metadata, is_foreign_key_error, remove_blob};
+use super::{Condition, ObjectError, ObjectMeta, Objects, Result, check_attributes, check_bucket, check_key};
 use crate::state::now_ms;
 
 /// Smallest part but the last (S3's limit).
@@ -63,11 +61,11 @@ impl Objects {
         .bind(content_type)
         .bind(encode_metadata(metadata))
         .bind(now_ms())
-        .execute(&self.db)
+        .execute(&self.embedded()?.db)
         .await;
         match r {
             Ok(_) => Ok(id),
-            Err(e) if super::is_foreign_key_error(&e) => Err(ObjectError::NoSuchBucket(bucket.to_owned())),
+            Err(e) if is_foreign_key_error(&e) => Err(ObjectError::NoSuchBucket(bucket.to_owned())),
             Err(e) => Err(e.into()),
         }
     }
@@ -77,7 +75,7 @@ impl Objects {
         check_id(id)?;
         let r = sqlx::query("SELECT bucket, key, content_type, metadata FROM uploads WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.db)
+            .fetch_optional(&self.embedded()?.db)
             .await?
             .ok_or_else(|| ObjectError::NoSuchUpload(id.to_owned()))?;
         Ok((r.get("bucket"), r.get("key"), r.get("content_type"), r.get("metadata")))
@@ -99,7 +97,7 @@ impl Objects {
         if (b.as_str(), k.as_str()) != (bucket, key) {
             return Err(ObjectError::NoSuchUpload(id.to_owned()));
         }
-        let blob = self.persist(upload).await?;
+        let blob = self.embedded()?.persist(upload).await?;
         let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
         // Compare-and-swap on the part's blob, as object writes do: two uploads of one part
         // number never both think they replaced the same blob.
@@ -107,7 +105,7 @@ impl Objects {
             let old = sqlx::query("SELECT blob FROM parts WHERE upload = ? AND number = ?")
                 .bind(id)
                 .bind(i64::from(number))
-                .fetch_optional(&self.db)
+                .fetch_optional(&self.embedded()?.db)
                 .await?
                 .map(|r| r.get::<String, _>("blob"));
             let r =
@@ -122,7 +120,7 @@ impl Objects {
                         .bind(&blob.id)
                         .bind(size)
                         .bind(&blob.etag)
-                        .execute(&self.db)
+                        .execute(&self.embedded()?.db)
                         .await
                     }
                     Some(old) => sqlx::query(
@@ -134,20 +132,20 @@ impl Objects {
                     .bind(id)
                     .bind(i64::from(number))
                     .bind(old)
-                    .execute(&self.db)
+                    .execute(&self.embedded()?.db)
                     .await,
                 };
             match r {
                 Ok(done) if done.rows_affected() == 1 => {
                     if let Some(old) = old {
-                        remove_blob(&self.blob_path(&old)).await;
+                        remove_blob(&self.embedded()?.blob_path(&old)).await;
                     }
                     return Ok(Part { number, size: blob.size, etag: blob.etag });
                 }
                 Ok(_) => continue,
                 Err(e) => {
                     remove_blob(&blob.path).await;
-                    let gone = super::is_foreign_key_error(&e);
+                    let gone = is_foreign_key_error(&e);
                     return Err(if gone { ObjectError::NoSuchUpload(id.to_owned()) } else { e.into() });
                 }
             }
@@ -165,7 +163,7 @@ impl Objects {
     async fn part_rows(&self, id: &str) -> Result<Vec<(Part, String)>> {
         let rows = sqlx::query("SELECT number, blob, size, etag FROM parts WHERE upload = ? ORDER BY number")
             .bind(id)
-            .fetch_all(&self.db)
+            .fetch_all(&self.embedded()?.db)
             .await?;
         Ok(rows
             .iter()
@@ -223,7 +221,7 @@ impl Objects {
         let mut joined = self.upload(limit).await?;
         let mut buf = vec![0u8; 256 << 10];
         for blob in &chosen {
-            let mut f = tokio::fs::File::open(self.blob_path(blob)).await?;
+            let mut f = tokio::fs::File::open(self.embedded()?.blob_path(blob)).await?;
             loop {
                 let n = f.read(&mut buf).await?;
                 if n == 0 {
@@ -250,7 +248,7 @@ impl Objects {
     pub(super) async fn expire_uploads(&self, before_ms: i64) -> Result<u64> {
         let ids: Vec<String> = sqlx::query("SELECT id FROM uploads WHERE created_ms < ?")
             .bind(before_ms)
-            .fetch_all(&self.db)
+            .fetch_all(&self.embedded()?.db)
             .await?
             .iter()
             .map(|r| r.get("id"))
@@ -277,17 +275,17 @@ impl Objects {
         for _ in 0..64 {
             let blobs: Vec<String> = sqlx::query("DELETE FROM parts WHERE upload = ? RETURNING blob")
                 .bind(id)
-                .fetch_all(&self.db)
+                .fetch_all(&self.embedded()?.db)
                 .await?
                 .iter()
                 .map(|r| r.get("blob"))
                 .collect();
             for blob in &blobs {
-                remove_blob(&self.blob_path(blob)).await;
+                remove_blob(&self.embedded()?.blob_path(blob)).await;
             }
-            match sqlx::query("DELETE FROM uploads WHERE id = ?").bind(id).execute(&self.db).await {
+            match sqlx::query("DELETE FROM uploads WHERE id = ?").bind(id).execute(&self.embedded()?.db).await {
                 Ok(_) => return Ok(()),
-                Err(e) if super::is_foreign_key_error(&e) => continue,
+                Err(e) if is_foreign_key_error(&e) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -297,7 +295,7 @@ impl Objects {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{Dir, blobs, store};
+    use super::super::embedded::tests::{Dir, blobs, store};
     use super::*;
 
     async fn part(o: &Objects, id: &str, n: u32, bytes: &[u8]) -> Result<Part> {

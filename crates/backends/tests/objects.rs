@@ -1,0 +1,336 @@
+//! The object store's behaviour, run against each backend: the embedded store, and (feature
+//! `s3`) the S3 backend against an S3 server in this process (`s3s-fs`, SigV4 on).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use pixflow_backends::{BucketConfig, Change, Condition, Listing, ObjectError, ObjectMeta, Objects, Resume};
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("pixflow-objects-it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A store of one backend with a bucket `media`; the folder holds everything it keeps.
+struct Fixture {
+    objects: Objects,
+    _dir: Dir,
+}
+
+async fn embedded(name: &str) -> Fixture {
+    let dir = Dir::new(&format!("embedded-{name}"));
+    let objects = Objects::open(&dir.0.join("store")).await.unwrap();
+    objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
+    Fixture { objects, _dir: dir }
+}
+
+#[cfg(feature = "s3")]
+mod service {
+    use super::*;
+
+    pub use pixflow_backends::objects::test_server::{config, start};
+
+    pub async fn fixture(name: &str) -> Fixture {
+        let dir = Dir::new(&format!("s3-{name}"));
+        let root = dir.0.join("service");
+        // The service's buckets: `media`, and `spare` that pixflow has not registered.
+        std::fs::create_dir_all(root.join("media")).unwrap();
+        std::fs::create_dir_all(root.join("spare")).unwrap();
+        let endpoint = start(&root).await.unwrap();
+        let settings = pixflow_backends::Store::memory().await.unwrap();
+        let objects = Objects::open_s3(&config(endpoint), settings, &dir.0.join("spool")).await.unwrap();
+        objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
+        Fixture { objects, _dir: dir }
+    }
+}
+
+/// Each behaviour, once per backend.
+macro_rules! behaviour {
+    ($($name:ident),* $(,)?) => {
+        mod embedded_store {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let f = super::embedded(stringify!($name)).await;
+                super::$name(&f.objects).await;
+            })*
+        }
+        #[cfg(feature = "s3")]
+        mod s3_service {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let f = super::service::fixture(stringify!($name)).await;
+                super::$name(&f.objects).await;
+            })*
+        }
+    };
+}
+
+behaviour!(
+    objects_round_trip_with_their_facts,
+    readers_take_ranges_of_one_version,
+    writes_and_deletes_are_announced,
+    conditions_hold,
+    uploads_stream_with_a_limit,
+    large_uploads_arrive_whole,
+    buckets_are_registered_updated_and_deleted_only_when_empty,
+    listing_pages_through_prefixes_and_delimiters,
+);
+
+async fn put(o: &Objects, key: &str, bytes: &[u8]) -> ObjectMeta {
+    o.put("media", key, "image/png", &BTreeMap::new(), &Condition::None, bytes).await.unwrap()
+}
+
+/// Equal but for the modification time, which services keep in whole seconds.
+fn same_object(a: &ObjectMeta, b: &ObjectMeta) {
+    assert_eq!((&a.bucket, &a.key, a.size, &a.etag), (&b.bucket, &b.key, b.size, &b.etag));
+    assert_eq!((&a.content_type, &a.metadata), (&b.content_type, &b.metadata));
+    assert!((a.modified_ms - b.modified_ms).abs() < 2_000, "{} vs {}", a.modified_ms, b.modified_ms);
+}
+
+async fn objects_round_trip_with_their_facts(o: &Objects) {
+    let meta = BTreeMap::from([("origin".to_owned(), "cms".to_owned())]);
+    let m = o.put("media", "a/b ü.png", "image/png", &meta, &Condition::None, b"hello").await.unwrap();
+    assert_eq!((m.size, m.etag.as_str()), (5, "5d41402abc4b2a76b9719d911017c592"));
+    let head = o.head("media", "a/b ü.png").await.unwrap();
+    same_object(&head, &m);
+    assert_eq!(head.metadata["origin"], "cms");
+    let (read, bytes) = o.read("media", "a/b ü.png", 100).await.unwrap();
+    assert_eq!(bytes, b"hello");
+    same_object(&read, &m);
+    assert!(matches!(o.read("media", "a/b ü.png", 4).await, Err(ObjectError::TooLarge { limit: 4, actual: 5 })));
+    assert!(matches!(o.head("media", "nope").await, Err(ObjectError::NoSuchKey { .. })));
+    assert!(matches!(o.read("media", "nope", 10).await, Err(ObjectError::NoSuchKey { .. })));
+    assert!(matches!(o.head("other", "a/b ü.png").await, Err(ObjectError::NoSuchBucket(_))));
+    assert!(matches!(
+        o.put("other", "k", "image/png", &BTreeMap::new(), &Condition::None, b"x").await,
+        Err(ObjectError::NoSuchBucket(_))
+    ));
+    // Keys and attributes are checked before any backend sees them.
+    for bad in ["../etc/passwd", "a//b", "nul\0"] {
+        assert!(matches!(o.head("media", bad).await, Err(ObjectError::InvalidKey(_))), "{bad:?}");
+    }
+    let bad_meta = BTreeMap::from([("Bad Name".to_owned(), "x".to_owned())]);
+    assert!(matches!(
+        o.put("media", "k", "image/png", &bad_meta, &Condition::None, b"x").await,
+        Err(ObjectError::InvalidMetadata(_))
+    ));
+    put(o, "a/b ü.png", b"world!").await;
+    assert_eq!(o.read("media", "a/b ü.png", 100).await.unwrap().1, b"world!");
+    assert!(o.delete("media", "a/b ü.png", &Condition::None).await.unwrap());
+    assert!(!o.delete("media", "a/b ü.png", &Condition::None).await.unwrap());
+    assert!(matches!(o.head("media", "a/b ü.png").await, Err(ObjectError::NoSuchKey { .. })));
+}
+
+async fn readers_take_ranges_of_one_version(o: &Objects) {
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    put(o, "big.bin", &bytes).await;
+    let (m, reader) = o.get("media", "big.bin").await.unwrap();
+    assert_eq!(m.size, 200_000);
+    let part: Vec<Bytes> = reader.range(70_000, 100_001).await.unwrap().try_collect().await.unwrap();
+    assert_eq!(part.concat(), &bytes[70_000..170_001]);
+    let (_, reader) = o.get("media", "big.bin").await.unwrap();
+    let none: Vec<Bytes> = reader.range(0, 0).await.unwrap().try_collect().await.unwrap();
+    assert!(none.concat().is_empty());
+    // A reader taken before an overwrite (of the same size) reads the old version or fails;
+    // it never mixes them.
+    let (_, before) = o.get("media", "big.bin").await.unwrap();
+    put(o, "big.bin", &vec![7u8; bytes.len()]).await;
+    match before.range(0, 200_000).await {
+        Ok(stream) => match stream.try_collect::<Vec<Bytes>>().await {
+            Ok(chunks) => assert_eq!(chunks.concat(), bytes),
+            Err(e) => panic!("a started read failed: {e}"),
+        },
+        Err(e) => assert!(matches!(e, ObjectError::PreconditionFailed(_)), "{e}"),
+    }
+}
+
+async fn writes_and_deletes_are_announced(o: &Objects) {
+    let mut rx = o.changes();
+    put(o, "a", b"1").await;
+    o.delete("media", "a", &Condition::None).await.unwrap();
+    // A refused write and a delete of nothing announce nothing.
+    let _ = o.put("media", "b", "text/plain", &BTreeMap::new(), &Condition::Matches(vec!["x".into()]), b"2").await;
+    o.delete("media", "nothing", &Condition::None).await.unwrap();
+    let change = |k: &str| Change { bucket: "media".into(), key: k.into() };
+    assert_eq!(rx.try_recv().unwrap(), change("a"));
+    assert_eq!(rx.try_recv().unwrap(), change("a"));
+    assert!(rx.try_recv().is_err());
+}
+
+async fn conditions_hold(o: &Objects) {
+    let none = BTreeMap::new();
+    let first = o.put("media", "k", "text/plain", &none, &Condition::Absent, b"one").await.unwrap();
+    let again = o.put("media", "k", "text/plain", &none, &Condition::Absent, b"two").await;
+    assert!(matches!(again, Err(ObjectError::PreconditionFailed(_))), "{again:?}");
+    let stale = Condition::Matches(vec!["0000".into()]);
+    assert!(matches!(
+        o.put("media", "k", "text/plain", &none, &stale, b"two").await,
+        Err(ObjectError::PreconditionFailed(_))
+    ));
+    assert!(matches!(
+        o.put("media", "absent", "text/plain", &none, &Condition::Matches(vec!["*".into()]), b"x").await,
+        Err(ObjectError::PreconditionFailed(_))
+    ));
+    let fresh = Condition::Matches(vec!["0000".into(), first.etag.clone()]);
+    let second = o.put("media", "k", "text/plain", &none, &fresh, b"two").await.unwrap();
+    assert!(matches!(o.delete("media", "k", &fresh).await, Err(ObjectError::PreconditionFailed(_))));
+    assert_eq!(o.read("media", "k", 10).await.unwrap().1, b"two");
+    assert!(o.delete("media", "k", &Condition::Matches(vec![second.etag])).await.unwrap());
+}
+
+async fn uploads_stream_with_a_limit(o: &Objects) {
+    let mut u = o.upload(10).await.unwrap();
+    u.write(b"12345").await.unwrap();
+    assert!(matches!(u.write(b"678901").await, Err(ObjectError::TooLarge { limit: 10, actual: 11 })));
+    drop(u);
+    let mut u = o.upload(10).await.unwrap();
+    u.write(b"12").await.unwrap();
+    u.write(b"34").await.unwrap();
+    assert_eq!(u.prefix(), b"1234");
+    let m = o.commit(u, "media", "k", "text/plain", &BTreeMap::new(), &Condition::None).await.unwrap();
+    assert_eq!(m.size, 4);
+    assert_eq!(o.read("media", "k", 10).await.unwrap().1, b"1234");
+    assert!(o.list("media", "", None, None, 10).await.unwrap().objects.iter().all(|l| l.key == "k"));
+}
+
+/// Past the single-PUT size an S3 service gets the upload in parts; it still arrives whole.
+async fn large_uploads_arrive_whole(o: &Objects) {
+    let size = 20 << 20;
+    let mut u = o.upload(size as u64).await.unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut all = Vec::with_capacity(size);
+    for i in 0..20u8 {
+        let c: Vec<u8> = chunk.iter().map(|b| b ^ i).collect();
+        u.write(&c).await.unwrap();
+        all.extend_from_slice(&c);
+    }
+    let meta = BTreeMap::from([("source".to_owned(), "camera".to_owned())]);
+    let m = o.commit(u, "media", "video.bin", "video/mp4", &meta, &Condition::Absent).await.unwrap();
+    assert_eq!(m.size, size as u64);
+    let head = o.head("media", "video.bin").await.unwrap();
+    assert_eq!((head.size, &head.etag, head.content_type.as_str()), (m.size, &m.etag, "video/mp4"));
+    assert_eq!(head.metadata["source"], "camera");
+    let (_, bytes) = o.read("media", "video.bin", size as u64).await.unwrap();
+    assert!(bytes == all, "the stored bytes differ");
+}
+
+async fn buckets_are_registered_updated_and_deleted_only_when_empty(o: &Objects) {
+    let public = BucketConfig { public: true, cache_control: Some("public, max-age=60".into()) };
+    assert!(!o.put_bucket("media", &public).await.unwrap());
+    assert_eq!(o.bucket("media").await.unwrap().unwrap().config, public);
+    assert!(o.bucket("missing").await.unwrap().is_none());
+    assert!(matches!(o.put_bucket("Bad_Name", &public).await, Err(ObjectError::InvalidBucket { .. })));
+    let bad_cc = BucketConfig { public: false, cache_control: Some("x\ny".into()) };
+    assert!(matches!(o.put_bucket("media", &bad_cc).await, Err(ObjectError::InvalidMetadata(_))));
+    put(o, "k", b"x").await;
+    assert!(matches!(o.delete_bucket("media").await, Err(ObjectError::BucketNotEmpty(_))));
+    o.delete("media", "k", &Condition::None).await.unwrap();
+    o.delete_bucket("media").await.unwrap();
+    assert!(matches!(o.delete_bucket("media").await, Err(ObjectError::NoSuchBucket(_))));
+    assert!(matches!(o.head("media", "k").await, Err(ObjectError::NoSuchBucket(_))));
+    assert!(o.buckets().await.unwrap().is_empty());
+    // Registering again brings the bucket back.
+    assert!(o.put_bucket("media", &BucketConfig::default()).await.unwrap());
+    assert_eq!(o.buckets().await.unwrap().iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["media"]);
+}
+
+async fn listing_pages_through_prefixes_and_delimiters(o: &Objects) {
+    for k in ["a/1", "a/2", "a/x/1", "a/x/2", "a/y/1", "a-b", "b", "ab/1"] {
+        put(o, k, b"x").await;
+    }
+    let keys = |l: &Listing| l.objects.iter().map(|m| m.key.clone()).collect::<Vec<_>>();
+    let all = o.list("media", "", None, None, 1000).await.unwrap();
+    // Byte order, as S3 lists.
+    assert_eq!(keys(&all), ["a-b", "a/1", "a/2", "a/x/1", "a/x/2", "a/y/1", "ab/1", "b"]);
+    assert!(
+        all.objects.iter().all(|l| l.size == 1 && l.etag == "9dd4e461268c8034f5c8564e155c67a6"),
+        "{:?}",
+        all.objects
+    );
+    assert!(all.next.is_none());
+    let under_a = o.list("media", "a/", Some("/"), None, 1000).await.unwrap();
+    assert_eq!(keys(&under_a), ["a/1", "a/2"]);
+    assert_eq!(under_a.prefixes, ["a/x/", "a/y/"]);
+    let top = o.list("media", "", Some("/"), None, 1000).await.unwrap();
+    assert_eq!(keys(&top), ["a-b", "b"]);
+    assert_eq!(top.prefixes, ["a/", "ab/"]);
+    // A prefix is a plain string prefix, not a folder.
+    let a_ish = o.list("media", "a", Some("/"), None, 1000).await.unwrap();
+    assert_eq!((keys(&a_ish), a_ish.prefixes), (vec!["a-b".to_owned()], vec!["a/".to_owned(), "ab/".to_owned()]));
+    // Pages of two, following `next`, give the same entries in the same order.
+    let mut seen = Vec::new();
+    let mut resume = None;
+    loop {
+        let page = o.list("media", "a/", Some("/"), resume.as_ref(), 2).await.unwrap();
+        assert!(page.objects.len() + page.prefixes.len() <= 2);
+        seen.extend(keys(&page));
+        seen.extend(page.prefixes.clone());
+        match page.next {
+            Some(n) => resume = Some(Resume::from_token(&n.token()).unwrap()),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["a/1", "a/2", "a/x/", "a/y/"]);
+    let mut flat = Vec::new();
+    let mut resume = None;
+    loop {
+        let page = o.list("media", "", None, resume.as_ref(), 3).await.unwrap();
+        flat.extend(keys(&page));
+        match page.next {
+            Some(n) => resume = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(flat, keys(&all));
+    // Resuming after a key (S3's StartAfter), even one below the prefix.
+    let after = o.list("media", "", None, Some(&Resume::After("a/x/2".into())), 10).await.unwrap();
+    assert_eq!(keys(&after), ["a/y/1", "ab/1", "b"]);
+    let from_below = o.list("media", "b", None, Some(&Resume::After("a".into())), 10).await.unwrap();
+    assert_eq!(keys(&from_below), ["b"]);
+    assert!(matches!(o.list("missing", "", None, None, 10).await, Err(ObjectError::NoSuchBucket(_))));
+}
+
+#[cfg(feature = "s3")]
+mod s3_only {
+    use super::*;
+
+    #[tokio::test]
+    async fn buckets_must_exist_in_the_service_and_a_dead_service_is_a_clear_error() {
+        let f = service::fixture("registration").await;
+        // `spare` exists in the service; `ghost` does not.
+        assert!(f.objects.put_bucket("spare", &BucketConfig::default()).await.unwrap());
+        let ghost = f.objects.put_bucket("ghost", &BucketConfig::default()).await;
+        assert!(matches!(&ghost, Err(ObjectError::Service(m)) if m.contains("no bucket `ghost`")), "{ghost:?}");
+        assert!(f.objects.bucket("ghost").await.unwrap().is_none());
+        // Multipart uploads belong to the service's own endpoint.
+        assert!(matches!(
+            f.objects.create_multipart("media", "k", "text/plain", &BTreeMap::new()).await,
+            Err(ObjectError::Unsupported(_))
+        ));
+        // A service nobody answers: the error says so, nothing hangs for long.
+        let dir = Dir::new("s3-dead");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let settings = pixflow_backends::Store::memory().await.unwrap();
+        let cfg = service::config(format!("http://127.0.0.1:{port}"));
+        let dead = Objects::open_s3(&cfg, settings, &dir.0.join("spool")).await.unwrap();
+        let started = std::time::Instant::now();
+        let e = dead.put_bucket("media", &BucketConfig::default()).await.unwrap_err();
+        assert!(matches!(e, ObjectError::Service(_)), "{e:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    }
+}
