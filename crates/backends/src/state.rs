@@ -122,6 +122,55 @@ fn row(r: &SqliteRow) -> InvocationRow {
     }
 }
 
+/// Bucket settings rows (`name, public, cache_control, created_ms`): the state store keeps
+/// them for an S3 service's buckets, the embedded catalogue for its own.
+pub(crate) mod bucket_rows {
+    use super::{Bucket, BucketConfig, Row, SqlitePool, now_ms};
+
+    /// Inserts or updates; `true` when the row is new.
+    pub(crate) async fn save(db: &SqlitePool, name: &str, config: &BucketConfig) -> sqlx::Result<bool> {
+        let created = sqlx::query(
+            "INSERT INTO buckets (name, public, cache_control, created_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(config.public)
+        .bind(&config.cache_control)
+        .bind(now_ms())
+        .execute(db)
+        .await?
+        .rows_affected()
+            == 1;
+        if !created {
+            sqlx::query("UPDATE buckets SET public = ?, cache_control = ? WHERE name = ?")
+                .bind(config.public)
+                .bind(&config.cache_control)
+                .bind(name)
+                .execute(db)
+                .await?;
+        }
+        Ok(created)
+    }
+
+    /// The rows named `name` (all when `None`), by name.
+    pub(crate) async fn find(db: &SqlitePool, name: Option<&str>) -> sqlx::Result<Vec<Bucket>> {
+        let rows = sqlx::query(
+            "SELECT name, public, cache_control, created_ms FROM buckets WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
+        )
+        .bind(name)
+        .fetch_all(db)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Bucket {
+                name: r.get("name"),
+                config: BucketConfig { public: r.get("public"), cache_control: r.get("cache_control") },
+                created_ms: r.get("created_ms"),
+            })
+            .collect())
+    }
+}
+
 /// The node's state.
 #[derive(Clone)]
 pub struct Store {
@@ -205,45 +254,12 @@ impl Store {
 
     /// Saves a bucket's settings; `true` when the bucket was new.
     pub async fn save_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool> {
-        let created = sqlx::query(
-            "INSERT INTO buckets (name, public, cache_control, created_ms) VALUES (?, ?, ?, ?)
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(config.public)
-        .bind(&config.cache_control)
-        .bind(now_ms())
-        .execute(&self.db)
-        .await?
-        .rows_affected()
-            == 1;
-        if !created {
-            sqlx::query("UPDATE buckets SET public = ?, cache_control = ? WHERE name = ?")
-                .bind(config.public)
-                .bind(&config.cache_control)
-                .bind(name)
-                .execute(&self.db)
-                .await?;
-        }
-        Ok(created)
+        Ok(bucket_rows::save(&self.db, name, config).await?)
     }
 
     /// The buckets whose name is `name` (all of them when `None`), by name.
     pub async fn buckets(&self, name: Option<&str>) -> Result<Vec<Bucket>> {
-        let rows = sqlx::query(
-            "SELECT name, public, cache_control, created_ms FROM buckets WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
-        )
-        .bind(name)
-        .fetch_all(&self.db)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Bucket {
-                name: r.get("name"),
-                config: BucketConfig { public: r.get("public"), cache_control: r.get("cache_control") },
-                created_ms: r.get("created_ms"),
-            })
-            .collect())
+        Ok(bucket_rows::find(&self.db, name).await?)
     }
 
     /// Forgets a bucket; `false` when there was none.

@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use super::{
     Bucket, BucketConfig, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, Upload, prefix_end,
 };
-use crate::state::now_ms;
+use crate::state::{bucket_rows, now_ms};
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS buckets (
@@ -177,53 +177,15 @@ impl Embedded {
 
     /// Creates a bucket or updates its settings; `true` when it was created.
     pub(super) async fn put_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool> {
-        let created = sqlx::query(
-            "INSERT INTO buckets (name, public, cache_control, created_ms) VALUES (?, ?, ?, ?)
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(config.public)
-        .bind(&config.cache_control)
-        .bind(now_ms())
-        .execute(&self.db)
-        .await?
-        .rows_affected()
-            == 1;
-        if !created {
-            sqlx::query("UPDATE buckets SET public = ?, cache_control = ? WHERE name = ?")
-                .bind(config.public)
-                .bind(&config.cache_control)
-                .bind(name)
-                .execute(&self.db)
-                .await?;
-        }
-        Ok(created)
+        Ok(bucket_rows::save(&self.db, name, config).await?)
     }
 
     pub(super) async fn bucket(&self, name: &str) -> Result<Option<Bucket>> {
-        let r = sqlx::query("SELECT name, public, cache_control, created_ms FROM buckets WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.db)
-            .await?;
-        Ok(r.map(|r| Bucket {
-            name: r.get("name"),
-            config: BucketConfig { public: r.get("public"), cache_control: r.get("cache_control") },
-            created_ms: r.get("created_ms"),
-        }))
+        Ok(bucket_rows::find(&self.db, Some(name)).await?.pop())
     }
 
     pub(super) async fn buckets(&self) -> Result<Vec<Bucket>> {
-        let rows = sqlx::query("SELECT name, public, cache_control, created_ms FROM buckets ORDER BY name")
-            .fetch_all(&self.db)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Bucket {
-                name: r.get("name"),
-                config: BucketConfig { public: r.get("public"), cache_control: r.get("cache_control") },
-                created_ms: r.get("created_ms"),
-            })
-            .collect())
+        Ok(bucket_rows::find(&self.db, None).await?)
     }
 
     /// Deletes an empty bucket.

@@ -131,6 +131,29 @@ fn attributes(content_type: &str, metadata: &BTreeMap<String, String>) -> Attrib
     a
 }
 
+/// What a write stored: the service's ETag (else the bytes' MD5), and the moment it answered
+/// (the service's own Last-Modified has whole seconds).
+fn written(
+    bucket: &str,
+    key: &str,
+    content_type: &str,
+    metadata: &BTreeMap<String, String>,
+    size: u64,
+    etag: Option<&str>,
+    md5: String,
+) -> ObjectMeta {
+    ObjectMeta {
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        size,
+        etag: etag.map_or(md5, |e| unquoted(Some(e))),
+        content_type: content_type.to_owned(),
+        modified_ms: now_ms(),
+        metadata: metadata.clone(),
+        blob: String::new(),
+    }
+}
+
 impl Service {
     pub(crate) fn new(config: &S3Config, settings: Store) -> Result<Service> {
         // One TLS stack for the whole process: rustls over ring (a second call is a no-op).
@@ -259,36 +282,7 @@ impl Service {
         let opts = PutOptions { mode, attributes: attributes(content_type, metadata), ..Default::default() };
         let done = client.put_opts(&location(key)?, PutPayload::from(bytes), opts).await;
         let done = done.map_err(|e| object_error(bucket, key, e))?;
-        Ok(self.written(
-            bucket,
-            key,
-            content_type,
-            metadata,
-            size,
-            done.e_tag.as_deref().map_or(md5, |e| unquoted(Some(e))),
-        ))
-    }
-
-    fn written(
-        &self,
-        bucket: &str,
-        key: &str,
-        content_type: &str,
-        metadata: &BTreeMap<String, String>,
-        size: u64,
-        etag: String,
-    ) -> ObjectMeta {
-        ObjectMeta {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            size,
-            etag,
-            content_type: content_type.to_owned(),
-            // The service's own Last-Modified has whole seconds; this is the moment it answered.
-            modified_ms: now_ms(),
-            metadata: metadata.clone(),
-            blob: String::new(),
-        }
+        Ok(written(bucket, key, content_type, metadata, size, done.e_tag.as_deref(), md5))
     }
 
     pub(crate) async fn commit(
@@ -335,14 +329,7 @@ impl Service {
             return Err(e);
         }
         let done = writer.finish().await.map_err(|e| object_error(bucket, key, e))?;
-        Ok(self.written(
-            bucket,
-            key,
-            content_type,
-            metadata,
-            size,
-            done.e_tag.as_deref().map_or(md5, |e| unquoted(Some(e))),
-        ))
+        Ok(written(bucket, key, content_type, metadata, size, done.e_tag.as_deref(), md5))
     }
 
     async fn head_with(&self, client: &AmazonS3, bucket: &str, key: &str) -> Result<ObjectMeta> {
