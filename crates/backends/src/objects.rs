@@ -4,7 +4,7 @@
 //!   write-once blob files, with multipart uploads for the S3-compatible endpoint.
 //! - Any S3-compatible service ([`s3`], cargo feature `s3`, through `object_store`): a pixflow
 //!   bucket is the service's bucket of the same name, and its settings (public, Cache-Control)
-//!   live in the node's state store, which every node of a cluster shares.
+//!   live in the node's state store.
 //!
 //! Both give the same behaviour (the tests in `tests/objects.rs` run against each): keys and
 //! attributes are checked here, once, before a backend sees them; uploads spool to a local
@@ -68,9 +68,12 @@ pub enum ObjectError {
     Io(#[from] std::io::Error),
     #[error("object catalogue: {0}")]
     Catalogue(#[from] sqlx::Error),
-    /// The S3 service failed or could not be reached.
+    /// The S3 service failed or could not be reached (the detail is for the log, not clients).
     #[error("object service: {0}")]
     Service(String),
+    /// A bucket to register that the S3 service does not have (or will not list).
+    #[error("the S3 service has no bucket `{0}` (or these credentials cannot list it); create it there first")]
+    NotInService(String),
     #[error("{0}")]
     Unsupported(&'static str),
     #[error("the listing cursor is not one this store made")]
@@ -365,8 +368,9 @@ impl Drop for Upload {
 pub struct S3Config {
     /// The service's URL (`http://127.0.0.1:9000`); `None`: AWS, from the region.
     pub endpoint: Option<String>,
-    pub region: String,
-    /// Credentials; `None`: from the environment (`AWS_ACCESS_KEY_ID`, ...).
+    /// `None`: from the environment (`AWS_REGION`), else `us-east-1`.
+    pub region: Option<String>,
+    /// Credentials; `None`: the AWS environment (`AWS_ACCESS_KEY_ID`, a session token, ...).
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
     /// The bucket in the host name (AWS's default) instead of the path.
@@ -484,8 +488,8 @@ impl Objects {
 
     /// Removes what crashes and abandoned uploads left that no object names, written before
     /// `before` (later ones may belong to uploads committing right now). Returns how much went.
-    /// Only the embedded store keeps such leftovers; an S3 service's own lifecycle rules clean
-    /// its incomplete uploads.
+    /// Only the embedded store keeps such leftovers; an S3 service's lifecycle rules clean
+    /// multipart uploads a crash cut short (failed and abandoned ones are aborted).
     pub async fn collect_garbage(&self, before: SystemTime) -> Result<u64> {
         match &self.0.backend {
             Backend::Embedded(e) => {
@@ -547,6 +551,16 @@ impl Objects {
         let tmp = self.0.spool.join(&id);
         let file = tokio::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).await?;
         Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit, prefix: Vec::new() })
+    }
+
+    /// The most memory committing an upload of `size` bytes holds: none for the embedded store
+    /// (the spooled file is renamed); for an S3 service, the single PUT or the parts in flight.
+    pub fn commit_memory(&self, size: u64) -> u64 {
+        match &self.0.backend {
+            Backend::Embedded(_) => 0,
+            #[cfg(feature = "s3")]
+            Backend::Service(_) => s3::commit_memory(size),
+        }
     }
 
     /// Makes an upload the object at `bucket`/`key` if `condition` holds.
@@ -695,6 +709,15 @@ mod tests {
         assert!(check_attributes("image/jpeg", &m).is_err());
         let big = BTreeMap::from([("big".to_owned(), "x".repeat(MAX_METADATA_BYTES))]);
         assert!(check_attributes("image/jpeg", &big).is_err());
+    }
+
+    #[test]
+    fn resume_tokens_round_trip_and_refuse_what_they_did_not_make() {
+        for r in [Resume::After("a/ü".into()), Resume::From("b".into()), Resume::Service("t0k=".into())] {
+            assert_eq!(Resume::from_token(&r.token()), Some(r));
+        }
+        assert_eq!(Resume::from_token("!!"), None);
+        assert_eq!(Resume::from_token("eA"), None);
     }
 
     #[test]

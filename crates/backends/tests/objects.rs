@@ -28,6 +28,8 @@ impl Drop for Dir {
 /// A store of one backend with a bucket `media`; the folder holds everything it keeps.
 struct Fixture {
     objects: Objects,
+    /// Where its uploads spool.
+    spool: PathBuf,
     _dir: Dir,
 }
 
@@ -35,7 +37,7 @@ async fn embedded(name: &str) -> Fixture {
     let dir = Dir::new(&format!("embedded-{name}"));
     let objects = Objects::open(&dir.0.join("store")).await.unwrap();
     objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
-    Fixture { objects, _dir: dir }
+    Fixture { objects, spool: dir.0.join("store/tmp"), _dir: dir }
 }
 
 #[cfg(feature = "s3")]
@@ -54,7 +56,7 @@ mod service {
         let settings = pixflow_backends::Store::memory().await.unwrap();
         let objects = Objects::open_s3(&config(endpoint), settings, &dir.0.join("spool")).await.unwrap();
         objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
-        Fixture { objects, _dir: dir }
+        Fixture { objects, spool: dir.0.join("spool"), _dir: dir }
     }
 }
 
@@ -66,6 +68,7 @@ macro_rules! behaviour {
             async fn $name() {
                 let f = super::embedded(stringify!($name)).await;
                 super::$name(&f.objects).await;
+                super::spool_is_empty(&f);
             })*
         }
         #[cfg(feature = "s3")]
@@ -74,6 +77,7 @@ macro_rules! behaviour {
             async fn $name() {
                 let f = super::service::fixture(stringify!($name)).await;
                 super::$name(&f.objects).await;
+                super::spool_is_empty(&f);
             })*
         }
     };
@@ -89,6 +93,12 @@ behaviour!(
     buckets_are_registered_updated_and_deleted_only_when_empty,
     listing_pages_through_prefixes_and_delimiters,
 );
+
+/// Whatever a behaviour did, committed or refused, its uploads left no spooled file.
+fn spool_is_empty(f: &Fixture) {
+    let left: Vec<_> = std::fs::read_dir(&f.spool).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
 
 async fn put(o: &Objects, key: &str, bytes: &[u8]) -> ObjectMeta {
     o.put("media", key, "image/png", &BTreeMap::new(), &Condition::None, bytes).await.unwrap()
@@ -204,7 +214,8 @@ async fn uploads_stream_with_a_limit(o: &Objects) {
     let m = o.commit(u, "media", "k", "text/plain", &BTreeMap::new(), &Condition::None).await.unwrap();
     assert_eq!(m.size, 4);
     assert_eq!(o.read("media", "k", 10).await.unwrap().1, b"1234");
-    assert!(o.list("media", "", None, None, 10).await.unwrap().objects.iter().all(|l| l.key == "k"));
+    let listed = o.list("media", "", None, None, 10).await.unwrap();
+    assert_eq!(listed.objects.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(), ["k"]);
 }
 
 /// Past the single-PUT size an S3 service gets the upload in parts; it still arrives whole.
@@ -226,6 +237,16 @@ async fn large_uploads_arrive_whole(o: &Objects) {
     assert_eq!(head.metadata["source"], "camera");
     let (_, bytes) = o.read("media", "video.bin", size as u64).await.unwrap();
     assert!(bytes == all, "the stored bytes differ");
+    // Conditions hold for large uploads too, and a refused one changes nothing.
+    for condition in [Condition::Absent, Condition::Matches(vec!["0000".into()])] {
+        let mut u = o.upload(size as u64).await.unwrap();
+        for _ in 0..20 {
+            u.write(&chunk).await.unwrap();
+        }
+        let refused = o.commit(u, "media", "video.bin", "video/mp4", &meta, &condition).await;
+        assert!(matches!(refused, Err(ObjectError::PreconditionFailed(_))), "{condition:?}: {refused:?}");
+    }
+    assert_eq!(o.head("media", "video.bin").await.unwrap().etag, m.etag);
 }
 
 async fn buckets_are_registered_updated_and_deleted_only_when_empty(o: &Objects) {
@@ -315,8 +336,15 @@ mod s3_only {
         // `spare` exists in the service; `ghost` does not.
         assert!(f.objects.put_bucket("spare", &BucketConfig::default()).await.unwrap());
         let ghost = f.objects.put_bucket("ghost", &BucketConfig::default()).await;
-        assert!(matches!(&ghost, Err(ObjectError::Service(m)) if m.contains("no bucket `ghost`")), "{ghost:?}");
+        assert!(matches!(&ghost, Err(ObjectError::NotInService(b)) if b == "ghost"), "{ghost:?}");
         assert!(f.objects.bucket("ghost").await.unwrap().is_none());
+        // A registered bucket the service lost can still be forgotten.
+        std::fs::remove_dir_all(f._dir.0.join("service/spare")).unwrap();
+        f.objects.delete_bucket("spare").await.unwrap();
+        assert!(f.objects.bucket("spare").await.unwrap().is_none());
+        // Listings roll up at `/` only.
+        assert!(matches!(f.objects.list("media", "", Some("-"), None, 10).await, Err(ObjectError::Unsupported(_))));
+        assert!(f.objects.list("media", "", Some("/"), None, 10).await.is_ok());
         // Multipart uploads belong to the service's own endpoint.
         assert!(matches!(
             f.objects.create_multipart("media", "k", "text/plain", &BTreeMap::new()).await,

@@ -83,9 +83,9 @@ pub struct ServeArgs {
     /// The S3 service's URL, e.g. http://127.0.0.1:9000 (default: AWS, from the region).
     #[arg(long, env = "PIXFLOW_OBJECTS_S3_ENDPOINT")]
     objects_s3_endpoint: Option<String>,
-    /// The S3 service's region.
-    #[arg(long, env = "PIXFLOW_OBJECTS_S3_REGION", default_value = "us-east-1")]
-    objects_s3_region: String,
+    /// The S3 service's region (default: `AWS_REGION`, else us-east-1).
+    #[arg(long, env = "PIXFLOW_OBJECTS_S3_REGION")]
+    objects_s3_region: Option<String>,
     /// Access key for the S3 service (default: `AWS_ACCESS_KEY_ID` and the rest of the AWS
     /// environment).
     #[arg(long, env = "PIXFLOW_OBJECTS_S3_ACCESS_KEY", requires = "objects_s3_secret_key")]
@@ -159,6 +159,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.shutdown_grace = args.shutdown_grace;
     config.admin_token = args.admin_token;
     config.objects_dir = args.objects_dir;
+    let s3_options = args.objects_s3_endpoint.is_some()
+        || args.objects_s3_region.is_some()
+        || args.objects_s3_access_key.is_some()
+        || args.objects_s3_virtual_hosted;
+    anyhow::ensure!(
+        args.objects_backend == "s3" || !s3_options,
+        "--objects-s3-* options need --objects-backend s3 (objects are in the embedded store otherwise)"
+    );
     if args.objects_backend == "s3" {
         anyhow::ensure!(
             args.s3_listen.is_none(),

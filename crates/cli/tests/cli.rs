@@ -580,6 +580,8 @@ fn serve_refuses_contradicting_storage_options_before_starting() {
         "0123456789abcdef",
     ]);
     assert!(both.contains("--s3-listen serves the embedded store"), "{both}");
+    let stray = run(&["--objects-s3-endpoint", "http://127.0.0.1:9"]);
+    assert!(stray.contains("need --objects-backend s3"), "{stray}");
     let backend = run(&["--objects-backend", "disk"]);
     assert!(backend.contains("embedded") && backend.contains("s3"), "{backend}");
     std::fs::write(dir.join("ca.pem"), "not a certificate").unwrap();

@@ -219,6 +219,9 @@ pub(crate) async fn put_object(
                 .ok_or_else(|| Problem::bad_request("Content-MD5: the base64 of 16 bytes"))?,
         ),
     };
+    // An upload is a request like any other: it takes a slot on the node, and the memory its
+    // commit holds (sending to an S3 service buffers up to one PUT or a few parts).
+    let mut ticket = app.node.admit(0)?;
     let mut upload = app.objects.upload(max).await?;
     let mut body = body;
     while let Some(frame) = body.frame().await {
@@ -235,7 +238,9 @@ pub(crate) async fn put_object(
         ));
     }
     let content_type = declared_type.unwrap_or_else(|| sniffed_type(upload.prefix()).to_owned());
+    ticket.grow(app.objects.commit_memory(upload.size()))?;
     let meta = app.objects.commit(upload, &bucket, &key, &content_type, &metadata, &condition).await?;
+    drop(ticket);
     let public = app.objects.bucket(&bucket).await?.is_some_and(|b| b.config.public);
     let mut resp = Json(describe_object(&app, &meta, public)).into_response();
     if let Ok(v) = delivery::etag(&meta).parse() {

@@ -153,9 +153,15 @@ impl From<pixflow_backends::ObjectError> for Problem {
             }
             E::InvalidCursor => Problem::new(StatusCode::BAD_REQUEST, "invalid_cursor", detail),
             E::Unsupported(_) => Problem::new(StatusCode::NOT_IMPLEMENTED, "not_supported_by_backend", detail),
+            E::NotInService(_) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "bucket_not_in_service", detail),
             E::Service(_) => {
+                // The service's own words name hosts and bodies; they stay in the log.
                 tracing::warn!(error = %detail, "object service");
-                Problem::new(StatusCode::BAD_GATEWAY, "object_service_failed", detail)
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "object_service_failed",
+                    "the object storage service failed or did not answer; the server log has the details",
+                )
             }
             E::Io(_) | E::Catalogue(_) => Problem::internal(detail),
         }

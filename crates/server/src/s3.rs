@@ -32,7 +32,7 @@ fn s3_err(e: ObjectError) -> S3Error {
     let code = match &e {
         ObjectError::InvalidBucket { .. } => S3ErrorCode::InvalidBucketName,
         ObjectError::InvalidKey(_) | ObjectError::InvalidMetadata(_) => S3ErrorCode::InvalidArgument,
-        ObjectError::NoSuchBucket(_) => S3ErrorCode::NoSuchBucket,
+        ObjectError::NoSuchBucket(_) | ObjectError::NotInService(_) => S3ErrorCode::NoSuchBucket,
         ObjectError::NoSuchKey { .. } => S3ErrorCode::NoSuchKey,
         ObjectError::BucketNotEmpty(_) => S3ErrorCode::BucketNotEmpty,
         ObjectError::PreconditionFailed(_) => S3ErrorCode::PreconditionFailed,

@@ -1178,7 +1178,7 @@ async fn the_pipeline_runs_over_an_s3_service() {
     }
     let mut c = config();
     c.objects_s3 = Some(test_server::config(test_server::start(&root).await.unwrap()));
-    let app = start(c).await;
+    let app = start(c.clone()).await;
     assert_eq!(app.objects.kind(), "s3");
     bucket(&app, "media", json!({"public": true, "cache_control": "public, max-age=60"})).await;
     bucket(&app, "uploads", json!({})).await;
@@ -1191,13 +1191,25 @@ async fn the_pipeline_runs_over_an_s3_service() {
         b"{}".to_vec(),
     )
     .await;
-    r.problem(StatusCode::BAD_GATEWAY, "object_service_failed");
+    r.problem(StatusCode::UNPROCESSABLE_ENTITY, "bucket_not_in_service");
     let source = png(64, 32);
     let up = put_object(&app, "uploads/objects/2026/cat.png", &[], source.clone()).await;
     assert!(up.status.is_success(), "{}", String::from_utf8_lossy(&up.body));
     assert_eq!(up.json()["content_type"], "image/png", "sniffed");
-    // The bytes are in the service, under the same key.
+    // The bytes are in the service, under the same key, byte for byte.
     assert_eq!(std::fs::read(root.join("uploads/2026/cat.png")).unwrap(), source);
+    put_object(&app, "uploads/objects/2026/k%C3%A4tze%20%25.png", &[], source.clone()).await;
+    assert_eq!(std::fs::read(root.join("uploads/2026/kätze %.png")).unwrap(), source);
+    // Sending to the service holds the body in memory, so it counts on the node.
+    let mut small = c;
+    small.data_dir = scratch("s3-small-node");
+    small.node.max_held_bytes = 1 << 20;
+    let small = start(small).await;
+    bucket(&small, "uploads", json!({})).await;
+    let r = put_object(&small, "uploads/objects/big.bin", &[], vec![7; 2 << 20]).await;
+    r.problem(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    assert!(!root.join("uploads/big.bin").exists());
+    small.shutdown().await;
     deploy(
         &app,
         "name: thumb-store\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\n\
@@ -1247,6 +1259,52 @@ async fn the_pipeline_runs_over_an_s3_service() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     assert!(pixflow_server::s3::serve(app.clone(), listener).await.is_err());
     app.shutdown().await;
+}
+
+/// The S3-compatible endpoint with a client written elsewhere (`object_store`, the one the S3
+/// backend uses): writes, conditional creates, reads and listings, then a shutdown that does
+/// not wait for the client's idle kept-alive connection.
+#[cfg(feature = "s3")]
+#[tokio::test]
+async fn the_s3_endpoint_serves_another_client_and_lets_idle_connections_go_at_shutdown() {
+    use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
+    let mut c = config();
+    c.s3_access_key = Some("cms".into());
+    c.s3_secret_key = Some("0123456789abcdef".into());
+    let app = start(c).await;
+    bucket(&app, "media", json!({})).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let endpoint = tokio::spawn(pixflow_server::s3::serve(app.clone(), listener));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = |secret: &str| {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(format!("http://{addr}"))
+            .with_allow_http(true)
+            .with_bucket_name("media")
+            .with_region("us-east-1")
+            .with_access_key_id("cms")
+            .with_secret_access_key(secret)
+            .with_retry(object_store::RetryConfig { max_retries: 0, ..Default::default() })
+            .build()
+            .unwrap()
+    };
+    let s3 = client("0123456789abcdef");
+    let path = object_store::path::Path::parse("a/b ü.txt").unwrap();
+    s3.put(&path, bytes::Bytes::from_static(b"hello").into()).await.unwrap();
+    assert_eq!(&s3.get(&path).await.unwrap().bytes().await.unwrap()[..], b"hello");
+    assert_eq!(app.objects.head("media", "a/b ü.txt").await.unwrap().size, 5);
+    let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+    let again = s3.put_opts(&path, bytes::Bytes::from_static(b"other").into(), create).await;
+    assert!(matches!(again, Err(object_store::Error::AlreadyExists { .. })), "{again:?}");
+    let listed = s3.list_with_delimiter(Some(&"a".into())).await.unwrap();
+    assert_eq!(listed.objects.iter().map(|o| o.location.to_string()).collect::<Vec<_>>(), ["a/b ü.txt"]);
+    assert!(client("a-wrong-secret-key").get(&path).await.is_err());
+    // The client keeps its connection open; the node stops anyway, at once.
+    let stopping = std::time::Instant::now();
+    app.shutdown().await;
+    endpoint.await.unwrap().unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(5), "{:?}", stopping.elapsed());
 }
 
 async fn cdn_get(app: &Arc<App>, path: &str, headers: &[(&str, &str)]) -> Reply {
@@ -1479,17 +1537,16 @@ async fn origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, tokio::spawn(async move { axum::serve(listener, router).await.unwrap() }))
 }
 
-/// An https origin on loopback serving one image, with a certificate for 127.0.0.1 from a
-/// CA made here; returns its address and the CA's PEM.
-async fn tls_origin() -> (std::net::SocketAddr, String) {
+/// An https origin on loopback serving one image, with a certificate for `name` from a CA
+/// made here; returns its address and the CA's PEM.
+async fn tls_origin(name: &str) -> (std::net::SocketAddr, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -1525,10 +1582,11 @@ async fn tls_origin() -> (std::net::SocketAddr, String) {
 
 #[tokio::test]
 async fn https_sources_are_verified_against_the_trusted_roots() {
-    let (addr, ca) = tls_origin().await;
+    let (addr, ca) = tls_origin("127.0.0.1").await;
+    let (other, other_ca) = tls_origin("images.example.com").await;
     let doc = json!({"input": {"url": format!("https://127.0.0.1:{}/img.png", addr.port())}});
     let policy = |tls| pixflow_server::fetch::UrlPolicy {
-        hosts: vec![format!("127.0.0.1:{}", addr.port())],
+        hosts: vec![format!("127.0.0.1:{}", addr.port()), format!("127.0.0.1:{}", other.port())],
         private: vec!["127.0.0.0/8".parse().unwrap()],
         tls,
     };
@@ -1548,6 +1606,16 @@ async fn https_sources_are_verified_against_the_trusted_roots() {
     let r = invoke_json(&app, "thumb", doc).await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["renditions"][0]["width"].as_u64(), Some(16));
+    app.shutdown().await;
+    // A trusted certificate for another name is refused: it must name the URL's host.
+    let mut c = config();
+    let both = format!("{ca}{other_ca}");
+    c.url_policy = policy(pixflow_server::fetch::Tls::with_roots(both.as_bytes()).unwrap());
+    let app = start(c).await;
+    deploy(&app, THUMB).await;
+    let wrong = json!({"input": {"url": format!("https://127.0.0.1:{}/img.png", other.port())}});
+    let p = invoke_json(&app, "thumb", wrong).await.problem(StatusCode::BAD_GATEWAY, "origin_failed");
+    assert!(p["detail"].as_str().unwrap().contains("not valid for name"), "{p}");
     app.shutdown().await;
 }
 

@@ -21,7 +21,7 @@ use object_store::{
     Attribute, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions,
     PutPayload, RetryConfig, UpdateVersion, WriteMultipart,
 };
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{
     Bucket, BucketConfig, ByteStream, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, S3Config,
@@ -36,10 +36,31 @@ const PART_BYTES: usize = 8 << 20;
 /// Parts in flight at once for one upload.
 const PARTS_IN_FLIGHT: usize = 2;
 
+/// The most memory a commit of `size` bytes holds: the whole body up to [`SINGLE_PUT_BYTES`],
+/// else the parts in flight and the one being filled.
+pub(crate) fn commit_memory(size: u64) -> u64 {
+    if size <= SINGLE_PUT_BYTES { size } else { (PART_BYTES * (PARTS_IN_FLIGHT + 1)) as u64 }
+}
+
 pub(crate) struct Service {
     config: S3Config,
     settings: Store,
     clients: Mutex<HashMap<String, Arc<AmazonS3>>>,
+}
+
+/// A multipart upload in progress; dropped unfinished, it is aborted in the background.
+struct Parts(Option<WriteMultipart>);
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        if let (Some(w), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                if let Err(e) = w.abort().await {
+                    tracing::warn!(error = %e, "aborting an unfinished multipart upload; the service's lifecycle rules must clean it");
+                }
+            });
+        }
+    }
 }
 
 /// One stored version of an object, read in ranges.
@@ -166,16 +187,25 @@ impl Service {
 
     fn build(&self, bucket: &str) -> Result<AmazonS3> {
         let c = &self.config;
-        let mut b = AmazonS3Builder::from_env()
+        // Keys given in the configuration replace the environment's whole credential (no stale
+        // session token rides along with them).
+        let base = match (&c.access_key, &c.secret_key) {
+            (Some(a), Some(s)) => {
+                AmazonS3Builder::new().with_access_key_id(a.clone()).with_secret_access_key(s.clone())
+            }
+            _ => AmazonS3Builder::from_env(),
+        };
+        let mut b = base
             .with_bucket_name(bucket)
-            .with_region(c.region.clone())
             .with_virtual_hosted_style_request(c.virtual_hosted)
             .with_retry(RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(30), ..Default::default() });
         if let Some(e) = &c.endpoint {
             b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
         }
-        if let (Some(a), Some(s)) = (&c.access_key, &c.secret_key) {
-            b = b.with_access_key_id(a.clone()).with_secret_access_key(s.clone());
+        if let Some(r) = &c.region {
+            b = b.with_region(r.clone());
+        } else if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+            b = b.with_region("us-east-1");
         }
         b.build().map_err(|e| ObjectError::Service(format!("configuration: {e}")))
     }
@@ -199,7 +229,7 @@ impl Service {
     }
 
     fn settings_error(e: crate::state::StoreError) -> ObjectError {
-        ObjectError::Service(format!("bucket settings: {e}"))
+        ObjectError::Io(std::io::Error::other(format!("bucket settings: {e}")))
     }
 
     /// Whether the service's bucket holds any object (and answers at all).
@@ -219,9 +249,7 @@ impl Service {
     pub(crate) async fn put_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool> {
         // The bucket must exist in the service (pixflow does not create it there).
         self.holds_objects(name).await.map_err(|e| match e {
-            ObjectError::NoSuchBucket(b) => ObjectError::Service(format!(
-                "the S3 service has no bucket `{b}` (or these credentials cannot list it); create it there first"
-            )),
+            ObjectError::NoSuchBucket(b) => ObjectError::NotInService(b),
             e => e,
         })?;
         self.settings.save_bucket(name, config).await.map_err(Self::settings_error)
@@ -239,8 +267,11 @@ impl Service {
         if self.bucket(name).await?.is_none() {
             return Err(ObjectError::NoSuchBucket(name.to_owned()));
         }
-        if self.holds_objects(name).await? {
-            return Err(ObjectError::BucketNotEmpty(name.to_owned()));
+        // A bucket the service no longer has is forgotten like an empty one.
+        match self.holds_objects(name).await {
+            Ok(true) => return Err(ObjectError::BucketNotEmpty(name.to_owned())),
+            Ok(false) | Err(ObjectError::NoSuchBucket(_)) => {}
+            Err(e) => return Err(e),
         }
         self.settings.delete_bucket(name).await.map_err(Self::settings_error)?;
         Ok(())
@@ -253,11 +284,7 @@ impl Service {
             Condition::None => Ok(PutMode::Overwrite),
             Condition::Absent => Ok(PutMode::Create),
             Condition::Matches(_) => {
-                let current = match self.head_with(client, bucket, key).await {
-                    Ok(m) => Some(m.etag),
-                    Err(ObjectError::NoSuchKey { .. }) => None,
-                    Err(e) => return Err(e),
-                };
+                let current = self.current(client, bucket, key).await?;
                 condition.check(current.as_deref())?;
                 Ok(PutMode::Update(UpdateVersion { e_tag: current.as_deref().map(quoted), version: None }))
             }
@@ -297,39 +324,54 @@ impl Service {
         let size = upload.size;
         let md5 = upload.md5_hex();
         let file = upload.file.as_mut().ok_or_else(|| std::io::Error::other("upload already finished"))?;
+        // A write that failed in the background shows here, before any byte is sent.
+        file.flush().await?;
         file.seek(std::io::SeekFrom::Start(0)).await?;
+        let short = || ObjectError::Io(std::io::Error::other("the spooled upload is shorter than what was written"));
         if size <= SINGLE_PUT_BYTES {
             let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
             file.read_to_end(&mut bytes).await?;
+            if bytes.len() as u64 != size {
+                return Err(short());
+            }
             return self.put(bucket, key, content_type, metadata, condition, Bytes::from(bytes), Some(md5)).await;
         }
         let client = self.registered(bucket).await?;
         // Multipart uploads take no condition: check it just before.
-        if let PutMode::Create | PutMode::Update(_) = self.mode(&client, bucket, key, condition).await? {
-            let current = self.head_with(&client, bucket, key).await.ok().map(|m| m.etag);
-            condition.check(current.as_deref())?;
+        if *condition != Condition::None {
+            condition.check(self.current(&client, bucket, key).await?.as_deref())?;
         }
         let opts = PutMultipartOptions { attributes: attributes(content_type, metadata), ..Default::default() };
         let parts = client.put_multipart_opts(&location(key)?, opts).await.map_err(|e| object_error(bucket, key, e))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(parts, PART_BYTES);
+        // Aborted if this future is dropped (a client gone) or fails, so no parts linger.
+        let mut writer = Parts(Some(WriteMultipart::new_with_chunk_size(parts, PART_BYTES)));
         let mut buf = vec![0u8; 1 << 20];
-        let sent: Result<()> = async {
-            loop {
-                let n = file.read(&mut buf).await?;
-                if n == 0 {
-                    return Ok(());
-                }
-                writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(|e| object_error(bucket, key, e))?;
-                writer.write(&buf[..n]);
+        let mut sent = 0u64;
+        loop {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                break;
             }
+            sent += n as u64;
+            let w = writer.0.as_mut().ok_or_else(short)?;
+            w.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(|e| object_error(bucket, key, e))?;
+            w.write(&buf[..n]);
         }
-        .await;
-        if let Err(e) = sent {
-            let _ = writer.abort().await;
-            return Err(e);
+        if sent != size {
+            return Err(short());
         }
-        let done = writer.finish().await.map_err(|e| object_error(bucket, key, e))?;
+        let w = writer.0.take().ok_or_else(short)?;
+        let done = w.finish().await.map_err(|e| object_error(bucket, key, e))?;
         Ok(written(bucket, key, content_type, metadata, size, done.e_tag.as_deref(), md5))
+    }
+
+    /// The ETag of the object at `key`, `None` when there is none (any other failure is one).
+    async fn current(&self, client: &AmazonS3, bucket: &str, key: &str) -> Result<Option<String>> {
+        match self.head_with(client, bucket, key).await {
+            Ok(m) => Ok(Some(m.etag)),
+            Err(ObjectError::NoSuchKey { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn head_with(&self, client: &AmazonS3, bucket: &str, key: &str) -> Result<ObjectMeta> {
@@ -376,11 +418,7 @@ impl Service {
     /// Deletes an object; a condition is checked just before (S3 deletes take none).
     pub(crate) async fn delete(&self, bucket: &str, key: &str, condition: &Condition) -> Result<bool> {
         let client = self.registered(bucket).await?;
-        let current = match self.head_with(&client, bucket, key).await {
-            Ok(m) => Some(m.etag),
-            Err(ObjectError::NoSuchKey { .. }) => None,
-            Err(e) => return Err(e),
-        };
+        let current = self.current(&client, bucket, key).await?;
         condition.check(current.as_deref())?;
         if current.is_none() {
             return Ok(false);
@@ -398,6 +436,10 @@ impl Service {
         limit: u32,
     ) -> Result<Listing> {
         let client = self.registered(bucket).await?;
+        // `object_store` reads common prefixes as paths, which only `/` keeps intact.
+        if delimiter.is_some_and(|d| d != "/") {
+            return Err(ObjectError::Unsupported("with an S3 service, listings roll up at `/` only"));
+        }
         let (offset, page_token) = match resume {
             None => (None, None),
             Some(Resume::After(k)) => (Some(k.clone()), None),
@@ -411,10 +453,15 @@ impl Service {
             max_keys: Some(limit as usize),
             ..Default::default()
         };
-        let page = client
-            .list_paginated((!prefix.is_empty()).then_some(prefix), opts)
-            .await
-            .map_err(|e| ObjectError::Service(e.to_string()))?;
+        let page = client.list_paginated((!prefix.is_empty()).then_some(prefix), opts).await.map_err(|e| {
+            match e.to_string() {
+                // A continuation token the service did not make.
+                m if resume.is_some_and(|r| matches!(r, Resume::Service(_))) && m.contains("InvalidArgument") => {
+                    ObjectError::InvalidCursor
+                }
+                m => ObjectError::Service(m),
+            }
+        })?;
         let mut listed = Vec::with_capacity(page.result.objects.len());
         for m in &page.result.objects {
             listed.push(Listed {
@@ -425,34 +472,26 @@ impl Service {
             });
         }
         // A service that leaves ETags out of listings (S3 itself never does) gets asked per key.
-        let objects = futures_util::stream::iter(listed)
+        let objects: Vec<Listed> = futures_util::stream::iter(listed)
             .map(|mut l| {
                 let client = &client;
                 async move {
-                    if l.etag.is_empty() {
-                        l.etag = self.head_with(client, bucket, &l.key).await?.etag;
+                    if !l.etag.is_empty() {
+                        return Ok(Some(l));
                     }
-                    Ok::<_, ObjectError>(l)
+                    // Gone since the listing: left out, as a listing a moment later would.
+                    Ok::<_, ObjectError>(self.current(client, bucket, &l.key).await?.map(|etag| {
+                        l.etag = etag;
+                        l
+                    }))
                 }
             })
             .buffered(8)
+            .try_filter_map(|l| async move { Ok(l) })
             .try_collect()
             .await?;
-        // Paths drop a trailing `/`; a common prefix ends with its delimiter.
-        let prefixes = page
-            .result
-            .common_prefixes
-            .iter()
-            .map(|p| {
-                let mut p = p.to_string();
-                if let Some(d) = delimiter
-                    && !p.ends_with(d)
-                {
-                    p.push_str(d);
-                }
-                p
-            })
-            .collect();
+        // Paths drop the trailing `/` a common prefix ends with.
+        let prefixes = page.result.common_prefixes.iter().map(|p| format!("{p}/")).collect();
         Ok(Listing { objects, prefixes, next: page.page_token.map(Resume::Service) })
     }
 }

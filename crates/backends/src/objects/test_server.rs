@@ -33,7 +33,7 @@ pub async fn start(root: &Path) -> std::io::Result<String> {
 pub fn config(endpoint: String) -> super::S3Config {
     super::S3Config {
         endpoint: Some(endpoint),
-        region: "us-east-1".into(),
+        region: Some("us-east-1".into()),
         access_key: Some(ACCESS_KEY.into()),
         secret_key: Some(SECRET_KEY.into()),
         virtual_hosted: false,
