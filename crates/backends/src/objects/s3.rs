@@ -94,6 +94,14 @@ impl Version {
     }
 }
 
+/// The region: the configuration's, else the AWS environment's, else `us-east-1`.
+fn region(configured: Option<&str>, env: impl Fn(&str) -> Option<String>) -> String {
+    configured
+        .map(str::to_owned)
+        .or_else(|| ["AWS_REGION", "AWS_DEFAULT_REGION"].iter().find_map(|v| env(v).filter(|r| !r.is_empty())))
+        .unwrap_or_else(|| "us-east-1".into())
+}
+
 fn quoted(etag: &str) -> String {
     format!("\"{etag}\"")
 }
@@ -202,11 +210,7 @@ impl Service {
         if let Some(e) = &c.endpoint {
             b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
         }
-        if let Some(r) = &c.region {
-            b = b.with_region(r.clone());
-        } else if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
-            b = b.with_region("us-east-1");
-        }
+        b = b.with_region(region(c.region.as_deref(), |v| std::env::var(v).ok()));
         b.build().map_err(|e| ObjectError::Service(format!("configuration: {e}")))
     }
 
@@ -493,5 +497,24 @@ impl Service {
         // Paths drop the trailing `/` a common prefix ends with.
         let prefixes = page.result.common_prefixes.iter().map(|p| format!("{p}/")).collect();
         Ok(Listing { objects, prefixes, next: page.page_token.map(Resume::Service) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_region_comes_from_the_configuration_then_the_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        assert_eq!(region(Some("eu-west-3"), env(&[("AWS_REGION", "us-west-2")])), "eu-west-3");
+        assert_eq!(region(None, env(&[("AWS_REGION", "us-west-2"), ("AWS_DEFAULT_REGION", "x")])), "us-west-2");
+        assert_eq!(region(None, env(&[("AWS_REGION", ""), ("AWS_DEFAULT_REGION", "ap-south-1")])), "ap-south-1");
+        assert_eq!(region(None, env(&[])), "us-east-1");
+        assert_eq!(unquoted(Some("\"abc\"")), "abc");
+        assert_eq!(unquoted(Some("W/\"abc\"")), "abc");
+        assert_eq!(unquoted(None), "");
     }
 }
