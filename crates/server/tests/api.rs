@@ -1210,6 +1210,15 @@ async fn the_pipeline_runs_over_an_s3_service() {
     r.problem(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
     assert!(!root.join("uploads/big.bin").exists());
     small.shutdown().await;
+    // A service nobody answers: 502 with a fixed message; its address stays in the log.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut dead = config();
+    dead.objects_s3 = Some(test_server::config(format!("http://127.0.0.1:{port}")));
+    let dead = start(dead).await;
+    let r = call(&dead, Method::PUT, "/v1/buckets/media", Some(ADMIN), &[], vec![]).await;
+    let p = r.problem(StatusCode::BAD_GATEWAY, "object_service_failed");
+    assert!(!p["detail"].as_str().unwrap().contains(&port.to_string()), "{p}");
+    dead.shutdown().await;
     deploy(
         &app,
         "name: thumb-store\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\n\

@@ -563,6 +563,14 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
+    async fn a_cursor_of_an_s3_service_is_refused() {
+        let dir = Dir::new("cursor");
+        let o = store(&dir).await;
+        let foreign = Resume::Service("token".into());
+        assert!(matches!(o.list("media", "", None, Some(&foreign), 10).await, Err(ObjectError::InvalidCursor)));
+    }
+
+    #[tokio::test]
     async fn a_crash_leaves_whole_objects_and_collects_the_rest() {
         let dir = Dir::new("crash");
         {
