@@ -6,6 +6,7 @@ use pixflow_imageops::params::{Kind, OpSpec};
 pub fn catalogue() -> Vec<&'static OpSpec> {
     let mut all: Vec<_> = pixflow_imageops::ops::CATALOGUE.to_vec();
     all.push(&pixflow_imageops::encode::SPEC);
+    all.push(&pixflow_imageops::pipeline::DECODE);
     all.push(&pixflow_imageops::pipeline::OUTPUT);
     all.push(&pixflow_imageops::sequence::FRAMES);
     all.push(&pixflow_imageops::sequence::SPRITE);

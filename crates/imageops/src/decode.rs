@@ -5,15 +5,21 @@
 //! 1/2, 1/4 or 1/8 scale in the DCT domain ("shrink-on-load"); other formats use the `image`
 //! crate's decoders. Formats with no bundled decoder go to an optional [`ForeignDecoder`]
 //! (the CLI supplies one backed by the `ffmpeg` program when it is installed).
+//!
+//! Damaged data is refused by default, as sharp does (`failOn: 'warning'`): libjpeg's
+//! recoverable warnings (data that ends early, corrupt entropy data) become
+//! `truncated_input`/`corrupt_input` instead of grey-filled rows; [`FailOn`] relaxes that.
 
-use std::io::Cursor;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::cell::Cell;
+use std::io::{BufRead, Cursor, Read};
+use std::os::raw::c_int;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, RgbImage};
 
 use crate::error::{Error, Result};
 use crate::format::{Format, sniff};
-use crate::limits::Limits;
+use crate::limits::{Limits, check_plausible_size};
 use crate::orient::Orientation;
 
 /// A decoded still, always `ImageRgb8` or `ImageRgba8`.
@@ -61,11 +67,58 @@ pub struct DecodeOptions<'a> {
     /// keeps only its columns. Check [`Decoded::region`] for whether it was honoured.
     pub region: Option<(u32, u32, u32, u32)>,
     pub foreign: Option<&'a dyn ForeignDecoder>,
+    /// Which decoder complaints refuse the source (default: any warning).
+    pub fail_on: FailOn,
 }
 
 impl Default for DecodeOptions<'_> {
     fn default() -> Self {
-        DecodeOptions { limits: Limits::default(), auto_orient: true, min_size: None, region: None, foreign: None }
+        DecodeOptions {
+            limits: Limits::default(),
+            auto_orient: true,
+            min_size: None,
+            region: None,
+            foreign: None,
+            fail_on: FailOn::default(),
+        }
+    }
+}
+
+/// Which damage refuses a source, after sharp's `failOn` (its `error` level is not offered:
+/// here every fatal decoder error refuses the source at every level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailOn {
+    /// Accept what the decoder recovers: missing or damaged parts come out grey, and a header
+    /// that declares more pixels than the bytes can hold is believed (the limits still apply).
+    None,
+    /// Refuse data that ends before the image does (and a declared size the bytes cannot hold);
+    /// accept other recoverable damage. For JPEG the first complaint decides: it counts as
+    /// truncation when libjpeg raises it at the end of the data.
+    Truncated,
+    /// Refuse on any decoder warning as well: corrupt entropy data, extraneous bytes (default).
+    #[default]
+    Warning,
+}
+
+impl FailOn {
+    /// The accepted names, as `fail_on=` takes them.
+    pub const NAMES: &'static [&'static str] = &["none", "truncated", "warning"];
+
+    pub fn parse(name: &str) -> Option<FailOn> {
+        match name {
+            "none" => Some(FailOn::None),
+            "truncated" => Some(FailOn::Truncated),
+            "warning" => Some(FailOn::Warning),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailOn::None => "none",
+            FailOn::Truncated => "truncated",
+            FailOn::Warning => "warning",
+        }
     }
 }
 
@@ -249,6 +302,9 @@ fn decode_with_image(f: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Resul
     let mut dec = image_decoder(bytes, image_format, &opts.limits)?;
     let (w, h) = dec.dimensions();
     opts.limits.check_source(w, h)?;
+    if opts.fail_on != FailOn::None {
+        check_plausible_size(f, w, h, bytes.len())?;
+    }
     let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
     let icc = dec.icc_profile().ok().flatten();
     let image = DynamicImage::from_decoder(dec).map_err(|e| map_image_error(image_format, e))?;
@@ -395,50 +451,184 @@ pub(crate) fn jpeg_scale(src: (u32, u32), min: Option<(u32, u32)>) -> u32 {
 }
 
 fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions<'_>) -> Result<Decoded> {
+    let lenient =
+        || guarded(|| jpeg_pixels(mozjpeg::Decompress::with_markers(JPEG_MARKERS).from_mem(bytes), bytes.len(), opts));
+    if opts.fail_on == FailOn::None {
+        // libjpeg's own recovery: a missing end is faked, missing rows come out grey.
+        return lenient();
+    }
     if !jpeg_has_eoi(bytes) {
         return Err(Error::Truncated {
             format: "jpeg",
             detail: "no end-of-image marker: the data stops before the image does".into(),
         });
     }
-    guarded(|| {
-        let mut d = mozjpeg::Decompress::with_markers(JPEG_MARKERS)
-            .from_mem(bytes)
-            .map_err(|e| Error::Corrupt { format: "jpeg", detail: e.to_string() })?;
-        let (w, h) = d.size();
-        let (w, h) = (w as u32, h as u32);
-        opts.limits.check_source(w, h)?;
-        let meta = jpeg_meta(d.markers());
-        let oriented = meta.orientation != Orientation::Normal && opts.auto_orient;
-        let min = opts.min_size.map(|m| if oriented && meta.orientation.swaps_axes() { (m.1, m.0) } else { m });
-        let shrink = jpeg_scale((w, h), min);
-        d.scale((8 / shrink) as u8);
-        // A region is honoured only at full scale and without a pending orientation change.
-        let region = opts.region.filter(|_| shrink == 1 && !oriented);
-        let fail = |e: std::io::Error| Error::Corrupt { format: "jpeg", detail: e.to_string() };
-        let ((px, (ow, oh)), icc) = match d.image().map_err(fail)? {
-            mozjpeg::decompress::Format::RGB(mut s) => {
-                (read_rows(&mut s, 3, region, |row, out| out.extend_from_slice(row))?, meta.icc)
-            }
-            mozjpeg::decompress::Format::Gray(mut s) => {
-                (read_rows(&mut s, 1, region, |row, out| out.extend(row.iter().flat_map(|&g| [g, g, g])))?, meta.icc)
-            }
-            mozjpeg::decompress::Format::CMYK(mut s) => {
-                let adobe = meta.adobe;
-                // A CMYK profile describes the source inks, not our RGB output: drop it.
-                (read_rows(&mut s, 4, region, |row, out| cmyk_to_rgb(row, adobe, out))?, None)
-            }
+    let handed = Cell::new(0);
+    let strict = guarded(|| {
+        let run = || {
+            let reader = Pieces { bytes, pos: 0, handed: &handed };
+            let d = mozjpeg::Decompress::with_err(strict_error_mgr()).with_markers(JPEG_MARKERS).from_reader(reader);
+            jpeg_pixels(d, bytes.len(), opts)
         };
-        let image = RgbImage::from_raw(ow, oh, px)
-            .ok_or(Error::Corrupt { format: "jpeg", detail: "short scanline data".into() })?;
-        Ok(Decoded {
-            image: DynamicImage::ImageRgb8(image),
-            format: Format::Jpeg,
-            icc,
-            orientation: meta.orientation,
-            region: region.map(|r| clip_region(r, (w, h))),
-        })
+        match catch_unwind(AssertUnwindSafe(run)) {
+            Ok(r) => r.map(Ok),
+            Err(payload) => match payload.downcast::<Stop>() {
+                Ok(stop) => Ok(Err(*stop)),
+                Err(other) => resume_unwind(other),
+            },
+        }
+    })?;
+    let hint = "decode with fail_on=none to accept a partial image";
+    match strict {
+        Ok(decoded) => Ok(decoded),
+        // libjpeg had been handed the last bytes: it ran into the end marker (or the end of the
+        // input) while it still needed entropy-coded data.
+        Err(Stop::Warning) if handed.get() >= bytes.len() => Err(Error::Truncated {
+            format: "jpeg",
+            detail: format!("premature end of data: the image data stops before the image does ({hint})"),
+        }),
+        Err(Stop::Warning) if opts.fail_on == FailOn::Warning => Err(Error::Corrupt {
+            format: "jpeg",
+            detail: format!(
+                "libjpeg reported damaged data about byte {} of {} ({hint}, or fail_on=truncated to accept damage other than truncation)",
+                handed.get(),
+                bytes.len()
+            ),
+        }),
+        // Damage `fail_on=truncated` accepts: libjpeg's own recovery.
+        Err(Stop::Warning) => lenient(),
+        // The strict error manager cannot format libjpeg's message (that needs `unsafe`): the
+        // default one, which can, stops at the same error, since no warning came before it.
+        Err(Stop::Fatal) => match lenient() {
+            Err(e) => Err(e),
+            Ok(_) => Err(Error::Corrupt { format: "jpeg", detail: "libjpeg fatal error".into() }),
+        },
+    }
+}
+
+/// Decodes pixels from an opened JPEG under `opts` (`len`: the input's size in bytes).
+fn jpeg_pixels<R: BufRead>(
+    d: std::io::Result<mozjpeg::Decompress<R>>,
+    len: usize,
+    opts: &DecodeOptions<'_>,
+) -> Result<Decoded> {
+    let mut d = d.map_err(|e| Error::Corrupt { format: "jpeg", detail: e.to_string() })?;
+    let (w, h) = d.size();
+    let (w, h) = (w as u32, h as u32);
+    opts.limits.check_source(w, h)?;
+    if opts.fail_on != FailOn::None {
+        check_plausible_size(Format::Jpeg, w, h, len)?;
+    }
+    let meta = jpeg_meta(d.markers());
+    let oriented = meta.orientation != Orientation::Normal && opts.auto_orient;
+    let min = opts.min_size.map(|m| if oriented && meta.orientation.swaps_axes() { (m.1, m.0) } else { m });
+    let shrink = jpeg_scale((w, h), min);
+    d.scale((8 / shrink) as u8);
+    // A region is honoured only at full scale and without a pending orientation change.
+    let region = opts.region.filter(|_| shrink == 1 && !oriented);
+    let fail = |e: std::io::Error| Error::Corrupt { format: "jpeg", detail: e.to_string() };
+    let ((px, (ow, oh)), icc) = match d.image().map_err(fail)? {
+        mozjpeg::decompress::Format::RGB(mut s) => {
+            (read_rows(&mut s, 3, region, |row, out| out.extend_from_slice(row))?, meta.icc)
+        }
+        mozjpeg::decompress::Format::Gray(mut s) => {
+            (read_rows(&mut s, 1, region, |row, out| out.extend(row.iter().flat_map(|&g| [g, g, g])))?, meta.icc)
+        }
+        mozjpeg::decompress::Format::CMYK(mut s) => {
+            let adobe = meta.adobe;
+            // A CMYK profile describes the source inks, not our RGB output: drop it.
+            (read_rows(&mut s, 4, region, |row, out| cmyk_to_rgb(row, adobe, out))?, None)
+        }
+    };
+    let image = RgbImage::from_raw(ow, oh, px)
+        .ok_or(Error::Corrupt { format: "jpeg", detail: "short scanline data".into() })?;
+    Ok(Decoded {
+        image: DynamicImage::ImageRgb8(image),
+        format: Format::Jpeg,
+        icc,
+        orientation: meta.orientation,
+        region: region.map(|r| clip_region(r, (w, h))),
     })
+}
+
+/// Why a strict libjpeg run unwound: the payload its error manager unwinds with.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Warning,
+    Fatal,
+}
+
+extern "C-unwind" fn stop_on_fatal(_: &mut mozjpeg_sys::jpeg_common_struct) {
+    resume_unwind(Box::new(Stop::Fatal));
+}
+
+/// libjpeg calls this for warnings (level -1) and trace messages (level >= 0).
+extern "C-unwind" fn stop_on_warning(_: &mut mozjpeg_sys::jpeg_common_struct, level: c_int) {
+    if level < 0 {
+        resume_unwind(Box::new(Stop::Warning));
+    }
+}
+
+extern "C-unwind" fn no_output(_: &mut mozjpeg_sys::jpeg_common_struct) {}
+
+extern "C-unwind" fn no_format(_: &mut mozjpeg_sys::jpeg_common_struct, _: &[u8; 80]) {}
+
+/// An error manager that unwinds on warnings as well as on fatal errors. Safe code cannot read
+/// the message code through `cinfo.err`, so the payload says only which of the two it was;
+/// where in the input it happened comes from [`Pieces`].
+fn strict_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
+    mozjpeg_sys::jpeg_error_mgr {
+        error_exit: Some(stop_on_fatal),
+        emit_message: Some(stop_on_warning),
+        output_message: Some(no_output),
+        format_message: Some(no_format),
+        reset_error_mgr: Some(no_output),
+        msg_code: 0,
+        msg_parm: mozjpeg_sys::msg_parm_union::default(),
+        trace_level: 0,
+        num_warnings: 0,
+        jpeg_message_table: std::ptr::null(),
+        last_jpeg_message: 0,
+        addon_message_table: std::ptr::null(),
+        first_addon_message: 0,
+        last_addon_message: 0,
+    }
+}
+
+/// Hands libjpeg the input in small pieces and records how far it has been given, so a warning
+/// can be placed: one raised once the last piece is out is about data that ends too early.
+struct Pieces<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    handed: &'a Cell<usize>,
+}
+
+/// Small enough to place a warning near the end, large enough to cost nothing per refill.
+const PIECE: usize = 512;
+
+impl Read for Pieces<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let piece = self.fill_buf()?;
+            let n = piece.len().min(buf.len());
+            buf[..n].copy_from_slice(&piece[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Pieces<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        let end = (self.pos + PIECE).min(self.bytes.len());
+        self.handed.set(self.handed.get().max(end));
+        Ok(&self.bytes[self.pos..end])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.bytes.len());
+    }
 }
 
 fn clip_region(r: (u32, u32, u32, u32), size: (u32, u32)) -> (u32, u32, u32, u32) {
@@ -533,6 +723,164 @@ mod tests {
         let opts = DecodeOptions { foreign: Some(&Unreachable), ..DecodeOptions::default() };
         let err = decode(&heif_with((100_000, 100_000), None), &opts).unwrap_err();
         assert!(matches!(err, Error::LimitExceeded { .. }), "{err:?}");
+    }
+
+    /// A JPEG from mozjpeg (quality 90, 4:2:0) of a busy pattern, so its scan is long.
+    fn busy_jpeg(w: u32, h: u32) -> Vec<u8> {
+        let im = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([((x * 7) ^ (y * 3)) as u8, (x * y) as u8, (x + y * 5) as u8])
+        });
+        crate::encode::encode(
+            &DynamicImage::ImageRgb8(im),
+            crate::OutFormat::Jpeg,
+            &crate::EncodeOptions::default(),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn with_fail_on(fail_on: FailOn) -> DecodeOptions<'static> {
+        DecodeOptions { fail_on, ..DecodeOptions::default() }
+    }
+
+    /// The first half of a JPEG with an end-of-image marker appended: libjpeg alone returns
+    /// the whole size with grey rows.
+    fn cut_with_eoi(jpeg: &[u8]) -> Vec<u8> {
+        let mut cut = jpeg[..jpeg.len() / 2].to_vec();
+        cut.extend_from_slice(&[0xFF, 0xD9]);
+        cut
+    }
+
+    #[test]
+    fn truncated_jpeg_with_an_end_marker_is_refused_unless_fail_on_none() {
+        let cut = cut_with_eoi(&busy_jpeg(256, 256));
+        for fail_on in [FailOn::Warning, FailOn::Truncated] {
+            let err = decode(&cut, &with_fail_on(fail_on)).unwrap_err();
+            assert_eq!(err.code(), "truncated_input", "{fail_on:?}: {err}");
+            assert!(err.to_string().contains("fail_on=none"), "{err}");
+        }
+        // Shrink-on-load still reads every scan, so it sees the cut too.
+        let small = DecodeOptions { min_size: Some((32, 32)), ..DecodeOptions::default() };
+        assert_eq!(decode(&cut, &small).unwrap_err().code(), "truncated_input");
+        let partial = decode(&cut, &with_fail_on(FailOn::None)).unwrap();
+        assert_eq!((partial.image.width(), partial.image.height()), (256, 256));
+        // Without any end marker, `none` accepts what libjpeg recovers as well.
+        let bare = &cut[..cut.len() - 2];
+        assert_eq!(decode(bare, &DecodeOptions::default()).unwrap_err().code(), "truncated_input");
+        assert!(decode(bare, &with_fail_on(FailOn::None)).is_ok());
+    }
+
+    #[test]
+    fn damage_inside_the_data_is_corrupt_and_fail_on_truncated_accepts_it() {
+        let whole = busy_jpeg(512, 512);
+        // A restart marker in the middle of a scan that has no restart interval.
+        let mid = whole.len() / 3;
+        let mut damaged = whole[..mid].to_vec();
+        damaged.extend_from_slice(&[0xFF, 0xD0]);
+        damaged.extend_from_slice(&whole[mid..]);
+        let err = decode(&damaged, &DecodeOptions::default()).unwrap_err();
+        assert_eq!(err.code(), "corrupt_input", "{err}");
+        assert_eq!(decode(&damaged, &with_fail_on(FailOn::Truncated)).unwrap().image.width(), 512);
+        assert_eq!(decode(&damaged, &with_fail_on(FailOn::None)).unwrap().image.width(), 512);
+    }
+
+    /// Patches the first start-of-frame marker's height and width.
+    fn patch_sof(jpeg: &mut [u8], w: u16, h: u16) {
+        let at = jpeg.windows(2).position(|m| m[0] == 0xFF && matches!(m[1], 0xC0..=0xC2)).unwrap();
+        jpeg[at + 5..at + 7].copy_from_slice(&h.to_be_bytes());
+        jpeg[at + 7..at + 9].copy_from_slice(&w.to_be_bytes());
+    }
+
+    #[test]
+    fn small_jpeg_declaring_a_huge_size_is_refused_before_decoding() {
+        let im = image::RgbImage::from_pixel(16, 16, image::Rgb([128, 128, 128]));
+        let mut bomb = crate::encode::encode(
+            &DynamicImage::ImageRgb8(im),
+            crate::OutFormat::Jpeg,
+            &crate::EncodeOptions::default(),
+            None,
+        )
+        .unwrap();
+        patch_sof(&mut bomb, 10_000, 10_000);
+        assert!(bomb.len() < 1024, "{}", bomb.len());
+        assert_eq!(read_header(&bomb, &Limits::default()).unwrap().width, 10_000);
+        let err = decode(&bomb, &DecodeOptions::default()).unwrap_err();
+        assert_eq!(err.code(), "truncated_input");
+        assert!(err.to_string().contains("declares 10000x10000 (100000000 pixels)"), "{err}");
+        // The pipeline refuses it too, also when it plans a shrink-on-load from the header.
+        let p = crate::Pipeline::from_steps([("resize", [("width", "100")])]).unwrap();
+        assert_eq!(p.run(&bomb, &crate::RunOptions::default()).unwrap_err().code(), "truncated_input");
+    }
+
+    #[test]
+    fn fatal_errors_keep_libjpeg_messages() {
+        let mut jpeg = busy_jpeg(64, 64);
+        let at = jpeg.windows(2).position(|m| m == [0xFF, 0xC0] || m == [0xFF, 0xC2]).unwrap();
+        jpeg[at + 1] = 0xC3; // lossless: not supported by this libjpeg
+        let err = decode(&jpeg, &DecodeOptions::default()).unwrap_err();
+        assert_eq!(err.code(), "corrupt_input");
+        assert!(err.to_string().contains("Unsupported JPEG process"), "{err}");
+    }
+
+    #[test]
+    fn whole_jpegs_decode_under_the_strict_default() {
+        let whole = busy_jpeg(300, 200);
+        let strict = decode(&whole, &DecodeOptions::default()).unwrap();
+        let lenient = decode(&whole, &with_fail_on(FailOn::None)).unwrap();
+        assert_eq!((strict.image.width(), strict.image.height()), (300, 200));
+        assert_eq!(strict.image.as_bytes(), lenient.image.as_bytes());
+        // Bytes after the end marker (an MPF secondary image, padding) are never read.
+        let mut trailing = whole.clone();
+        trailing.extend_from_slice(&[0u8; 700]);
+        assert!(decode(&trailing, &DecodeOptions::default()).is_ok());
+    }
+
+    /// Measures the densest JPEG mozjpeg makes (flat colour, quality 1), for the bound in
+    /// `limits::max_pixels_per_byte`.
+    #[test]
+    fn flat_jpeg_stays_far_below_the_bound() {
+        for (w, h) in [(1024u32, 1024u32), (4096, 4096)] {
+            let im = image::RgbImage::from_pixel(w, h, image::Rgb([200, 200, 200]));
+            let q1 = crate::EncodeOptions::parse([("quality", "1")]).unwrap();
+            let jpeg = crate::encode::encode(&DynamicImage::ImageRgb8(im), crate::OutFormat::Jpeg, &q1, None).unwrap();
+            let per_byte = u64::from(w) * u64::from(h) / jpeg.len() as u64;
+            eprintln!("flat {w}x{h} q1: {} bytes, {per_byte} px/byte", jpeg.len());
+            assert!(per_byte * 2 <= 1024, "{per_byte} px/byte");
+            assert!(decode(&jpeg, &DecodeOptions::default()).is_ok());
+        }
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn png_cut_short_or_declaring_a_huge_size_is_refused() {
+        let im = image::RgbImage::from_fn(128, 128, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, (x ^ y) as u8]));
+        let mut png = Vec::new();
+        DynamicImage::ImageRgb8(im).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        // image-rs already refuses a cut IDAT.
+        let err = decode(&png[..png.len() / 2], &DecodeOptions::default()).unwrap_err();
+        assert!(matches!(err.code(), "truncated_input" | "corrupt_input"), "{err}");
+        let flat = image::GrayImage::from_pixel(2000, 2000, image::Luma([9]));
+        let mut flat_png = Vec::new();
+        DynamicImage::ImageLuma8(flat).write_to(&mut Cursor::new(&mut flat_png), ImageFormat::Png).unwrap();
+        assert!(decode(&flat_png, &DecodeOptions::default()).is_ok());
+        // IHDR's width and height, with its CRC made to match.
+        let mut bomb = png[..png.len() / 4].to_vec();
+        bomb[16..20].copy_from_slice(&20_000u32.to_be_bytes());
+        bomb[20..24].copy_from_slice(&5_000u32.to_be_bytes());
+        let crc = crc32(&bomb[12..29]);
+        bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+        let err = decode(&bomb, &DecodeOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("declares 20000x5000"), "{err}");
     }
 
     #[test]

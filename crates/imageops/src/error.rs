@@ -13,10 +13,20 @@ pub enum LimitKind {
     OutputPixels,
     Frames,
     VideoSeconds,
+    /// Work rendering one SVG document would take, in pixel passes (a multiple of
+    /// `max_output_pixels`; see `ops::text::svg_cost`).
+    SvgRenderWork,
+    /// Pixels rendering one SVG document would hold at once in layers, masks and filter
+    /// results (a multiple of `max_output_pixels`).
+    SvgLayerPixels,
+    /// Kernel taps a Gaussian blur (or a sharpen's blur) would take: pixels x kernel width x
+    /// two passes (a multiple of `max_output_pixels`; see `ops::filter`).
+    BlurWork,
 }
 
 impl LimitKind {
-    /// Name of the limit as it appears in configuration (`Limits` field).
+    /// Name of the limit as it appears in configuration (`Limits` field), or of a budget
+    /// derived from one.
     pub fn name(self) -> &'static str {
         match self {
             LimitKind::InputBytes => "max_input_bytes",
@@ -25,6 +35,9 @@ impl LimitKind {
             LimitKind::OutputPixels => "max_output_pixels",
             LimitKind::Frames => "max_frames",
             LimitKind::VideoSeconds => "max_video_seconds",
+            LimitKind::SvgRenderWork => "svg_render_work",
+            LimitKind::SvgLayerPixels => "svg_layer_pixels",
+            LimitKind::BlurWork => "blur_work",
         }
     }
 }

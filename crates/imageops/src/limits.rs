@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, LimitKind, Result};
+use crate::format::Format;
 
 /// Limits with production defaults; every field can be configured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -78,6 +79,52 @@ impl Limits {
     }
 }
 
+/// Most pixels one byte of a format's compressed data can stand for, where the format bounds it.
+///
+/// - JPEG: the decoder reads Huffman-coded JPEG only (libjpeg is built without arithmetic
+///   decoding). A Huffman code is at least one bit, and every 8x8 block of the full-resolution
+///   component needs at least one code (its DC difference; a progressive AC scan may skip
+///   blocks with one end-of-band run, but an AC scan without the DC scan first is itself a
+///   warning), so no JPEG holds more than 64 x 8 = 512 pixels per byte. Flat colour at quality 1
+///   from mozjpeg (`encode.rs`) measures 61-63 px/byte at 1024x1024 and 4096x4096
+///   (`flat_jpeg_stays_far_below_the_bound` in decode.rs); 1 024 leaves twice the theoretical
+///   bound and 16 times the measured one.
+/// - PNG: deflate expands at most 1 032:1 and a pixel is at least one bit of the inflated data,
+///   so at most 8 256 pixels per byte; 16 384 leaves about twice that.
+/// - Others are not bounded this way: GIF's canvas may be almost all background outside a tiny
+///   frame, WebP lossless codes a single-symbol alphabet in zero bits, BMP's RLE can skip pixels,
+///   TIFF has too many compressions. Their limits stay `max_source_pixels` and the decoders'
+///   allocation cap.
+fn max_pixels_per_byte(format: Format) -> Option<u64> {
+    match format {
+        Format::Jpeg => Some(1024),
+        Format::Png => Some(16_384),
+        _ => None,
+    }
+}
+
+/// Refuses a source whose header declares far more pixels than its bytes could encode (a few
+/// hundred bytes that claim 10000x10000: a patched or cut-off header, or a small-input bomb
+/// that would otherwise decode to a grey 100 MP image). Checked from the header, beside
+/// [`Limits::check_source`], before any pixel buffer exists; `fail_on=none` skips it, since it
+/// accepts partial images (whose missing part is exactly what such a header declares).
+pub fn check_plausible_size(format: Format, width: u32, height: u32, input_bytes: usize) -> Result<()> {
+    let Some(per_byte) = max_pixels_per_byte(format) else { return Ok(()) };
+    let declared = u64::from(width) * u64::from(height);
+    let most = (input_bytes as u64).saturating_mul(per_byte);
+    if declared > most {
+        return Err(Error::Truncated {
+            format: format.name(),
+            detail: format!(
+                "the header declares {width}x{height} ({declared} pixels) but {input_bytes} bytes of {} can encode at most {most} \
+                 ({per_byte} per byte): the image data is missing (decode with fail_on=none to accept a partial image)",
+                format.name()
+            ),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +140,16 @@ mod tests {
         assert!(matches!(err, Error::LimitExceeded { limit: LimitKind::SourceDimension, .. }));
         assert_eq!(err.code(), "limit_exceeded");
         assert!(err.to_string().contains("max_source_dimension is 50"));
+    }
+
+    #[test]
+    fn declared_size_must_fit_the_bytes() {
+        assert!(check_plausible_size(Format::Jpeg, 1000, 1000, 1000).is_ok());
+        let err = check_plausible_size(Format::Jpeg, 10_000, 10_000, 631).unwrap_err();
+        assert_eq!(err.code(), "truncated_input");
+        assert!(err.to_string().contains("declares 10000x10000 (100000000 pixels) but 631 bytes"), "{err}");
+        assert!(check_plausible_size(Format::Png, 10_000, 10_000, 631).is_err());
+        assert!(check_plausible_size(Format::Gif, 10_000, 10_000, 631).is_ok());
     }
 
     #[test]

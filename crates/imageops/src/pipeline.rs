@@ -9,13 +9,13 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::decode::{self, DecodeOptions, ForeignDecoder};
+use crate::decode::{self, DecodeOptions, FailOn, ForeignDecoder};
 use crate::encode::{self, EncodeOptions, OutFormat};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::limits::Limits;
 use crate::ops::{InputKind, Op};
-use crate::params::{Args, OpSpec, text};
+use crate::params::{Args, OpSpec, choice, text};
 use crate::sequence::{self, Cue, FramePos, Frames, Select, Sprite, Still};
 
 pub static OUTPUT: OpSpec = OpSpec {
@@ -26,6 +26,17 @@ pub static OUTPUT: OpSpec = OpSpec {
         1024,
         None,
         "Rendition name (the CLI treats it as a file path; the format follows its extension).",
+    )],
+};
+
+pub static DECODE: OpSpec = OpSpec {
+    name: "decode",
+    doc: "How to read the source image; only as the first step.",
+    params: &[choice(
+        "fail_on",
+        FailOn::NAMES,
+        Some("warning"),
+        "Which damage refuses the source: `warning` any decoder warning (corrupt or truncated data), `truncated` only data that ends before the image does (or a header declaring more pixels than the bytes can hold), `none` nothing recoverable (missing parts come out grey).",
     )],
 };
 
@@ -49,6 +60,8 @@ pub enum Step {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Pipeline {
     pub steps: Vec<Step>,
+    /// Set by a leading `decode` step: which damage refuses the source.
+    pub fail_on: FailOn,
 }
 
 /// How to run a pipeline.
@@ -85,8 +98,17 @@ impl Pipeline {
         P: IntoIterator<Item = (&'a str, &'a str)>,
     {
         let mut steps = Vec::new();
-        for (name, pairs) in groups {
+        let mut fail_on = FailOn::default();
+        for (i, (name, pairs)) in groups.into_iter().enumerate() {
             let step = match name {
+                "decode" => {
+                    let a = Args::parse(&DECODE, pairs)?;
+                    if i > 0 {
+                        return Err(a.invalid("step", "`decode` describes the source, so it must be the first step"));
+                    }
+                    fail_on = a.choice("fail_on").and_then(FailOn::parse).unwrap_or_default();
+                    continue;
+                }
                 "convert" => Step::Convert(EncodeOptions::parse(pairs)?),
                 "frames" => Step::Frames(Frames::from_args(&Args::parse(&sequence::FRAMES, pairs)?)?),
                 "sprite" => Step::Sprite(Sprite::from_args(&Args::parse(&sequence::SPRITE, pairs)?)?),
@@ -110,7 +132,7 @@ impl Pipeline {
             };
             steps.push(step);
         }
-        Ok(Pipeline { steps })
+        Ok(Pipeline { steps, fail_on })
     }
 
     /// Names of the extra inputs the steps read (logos, fonts), each once.
@@ -194,7 +216,8 @@ impl Pipeline {
             return self.run_steps(start, &cx, opts);
         }
         let mut first_resize = None;
-        let mut dopts = DecodeOptions { limits, foreign: opts.foreign, ..DecodeOptions::default() };
+        let mut dopts =
+            DecodeOptions { limits, foreign: opts.foreign, fail_on: self.fail_on, ..DecodeOptions::default() };
         let format = decode::sniff_checked(input, &limits)?;
         if format.is_video() {
             return self.run_video(format, input, opts);
@@ -762,6 +785,23 @@ mod tests {
         let err = p.run(&bomb, &RunOptions::default()).unwrap_err();
         assert!(matches!(err, Error::LimitExceeded { .. }), "{err:?}");
         assert!(err.to_string().contains("max_source_dimension"), "{err}");
+    }
+
+    #[test]
+    fn a_leading_decode_step_sets_fail_on() {
+        let whole = jpeg(320, 240);
+        let mut cut = whole[..whole.len() / 2].to_vec();
+        cut.extend_from_slice(&[0xFF, 0xD9]);
+        let strict = pipeline(&[("resize", &[("width", "100")])]).unwrap();
+        assert_eq!(strict.fail_on, FailOn::Warning);
+        assert_eq!(strict.run(&cut, &RunOptions::default()).unwrap_err().code(), "truncated_input");
+        let lenient = pipeline(&[("decode", &[("fail_on", "none")]), ("resize", &[("width", "100")])]).unwrap();
+        assert_eq!((lenient.fail_on, lenient.steps.len()), (FailOn::None, 1));
+        let out = lenient.run(&cut, &RunOptions::default()).unwrap();
+        assert_eq!((out[0].width, out[0].height), (100, 75));
+        let late = pipeline(&[("resize", &[("width", "100")]), ("decode", &[("fail_on", "none")])]).unwrap_err();
+        assert_eq!(late.code(), "bad_parameter");
+        assert_eq!(pipeline(&[("decode", &[("fail_on", "error")])]).unwrap_err().code(), "bad_parameter");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::Op;
 use super::qrcode::Qrcode;
+use super::text::svg_cost::{self, Budget};
 use super::text::{Align, Fonts, Missing, Shadow, Text, premultiplied, straight};
 use crate::Limits;
 use crate::color::Color;
@@ -304,6 +305,9 @@ impl Compose {
         if is_svg(bytes) {
             return render_svg_document(bytes, limits);
         }
+        // Every vector drawn for this poster (gradients, rectangles, text, SVG layers) spends
+        // from one budget.
+        let budget = Budget::new(limits);
         let t = parse_template(bytes)?;
         if t.width == 0 || t.height == 0 {
             return Err(bad("width and height must be at least 1"));
@@ -322,7 +326,7 @@ impl Compose {
                     let from = color(Some(&g.from), Color::WHITE, "background.gradient.from")?;
                     let to = color(Some(&g.to), Color::WHITE, "background.gradient.to")?;
                     let svg = gradient_svg(t.width, t.height, from, to, g.angle);
-                    let layer = svg_pixmap(&fonts, svg.as_bytes(), (t.width, t.height), limits)?;
+                    let layer = svg_pixmap(&fonts, svg.as_bytes(), (t.width, t.height), limits, &budget)?;
                     draw(&mut canvas, &layer, 0, 0, 1.0, tiny_skia::BlendMode::SourceOver);
                 }
                 if let Some(name) = &spec.image {
@@ -347,7 +351,7 @@ impl Compose {
                 Layer::Text(l) => {
                     let font = l.font.as_deref().map(|n| src.bytes(n)).transpose()?;
                     let text = text_of(l, i)?;
-                    let img = text.render(font, limits)?;
+                    let img = text.render_within(font, limits, &budget)?;
                     let dx = match (text.align, l.width) {
                         (Align::Center, Some(w)) => (i64::from(w) - i64::from(img.width())) / 2,
                         (Align::Right, Some(w)) => i64::from(w) - i64::from(img.width()),
@@ -378,7 +382,7 @@ impl Compose {
                         .map(|s| color(Some(s), Color::BLACK, &format!("layer {i} stroke")))
                         .transpose()?;
                     let svg = rect_svg(l, fill, stroke);
-                    let p = svg_pixmap(&fonts, svg.as_bytes(), (l.width, l.height), limits)?;
+                    let p = svg_pixmap(&fonts, svg.as_bytes(), (l.width, l.height), limits, &budget)?;
                     (Some(p), l.x, l.y, l.opacity, &l.blend)
                 }
                 Layer::Svg(l) => {
@@ -392,7 +396,7 @@ impl Compose {
                     let natural = tree.size();
                     let w = l.width.unwrap_or(natural.width().ceil() as u32);
                     let h = l.height.unwrap_or(natural.height().ceil() as u32);
-                    (Some(tree_pixmap(&tree, (w, h), limits)?), l.x, l.y, l.opacity, &l.blend)
+                    (Some(tree_pixmap(&tree, (w, h), limits, &budget)?), l.x, l.y, l.opacity, &l.blend)
                 }
             };
             if !(0.0..=1.0).contains(&opacity) {
@@ -541,6 +545,10 @@ fn rect_svg(l: &RectLayer, fill: Color, stroke: Option<Color>) -> String {
 /// and every nested group may hold a canvas-sized layer while rendering.
 const MAX_SVG_NODES: u64 = 200_000;
 const MAX_SVG_DEPTH: usize = 128;
+/// Largest `feConvolveMatrix` order on either axis. Refused before usvg parses the document,
+/// whose `orderX * orderY` overflows past 65 535; the taps per pixel are counted against the
+/// render budget after parsing (`svg_cost`), so this only stops the nonsensical.
+const MAX_CONVOLVE_ORDER: f64 = 64.0;
 
 /// Refuses an SVG whose expanded size or depth is past the bounds above, before usvg builds it.
 fn check_svg_budget(svg: &[u8]) -> Result<()> {
@@ -572,6 +580,15 @@ fn check_svg_budget(svg: &[u8]) -> Result<()> {
         for child in n.children().filter(roxmltree::Node::is_element) {
             total = total.saturating_add(expand(child, by_id, memo, active, depth + 1)?);
         }
+        if n.tag_name().name() == "feConvolveMatrix"
+            && let Some(order) = n.attribute("order")
+            && order
+                .split(|c: char| c.is_ascii_whitespace() || c == ',')
+                .filter_map(|v| v.parse::<f64>().ok())
+                .any(|v| v.is_nan() || v > MAX_CONVOLVE_ORDER)
+        {
+            return Err(bad(format!("svg: feConvolveMatrix order `{order}`; at most {MAX_CONVOLVE_ORDER} each way")));
+        }
         if n.tag_name().name() == "use" {
             let href = n.attribute(("http://www.w3.org/1999/xlink", "href")).or_else(|| n.attribute("href"));
             if let Some(target) = href.and_then(|h| h.strip_prefix('#')).and_then(|id| by_id.get(id)) {
@@ -589,18 +606,27 @@ fn check_svg_budget(svg: &[u8]) -> Result<()> {
 }
 
 /// Renders SVG bytes scaled to fit `size` (aspect kept, centred).
-fn svg_pixmap(fonts: &Fonts, svg: &[u8], size: (u32, u32), limits: &Limits) -> Result<tiny_skia::Pixmap> {
+fn svg_pixmap(
+    fonts: &Fonts,
+    svg: &[u8],
+    size: (u32, u32),
+    limits: &Limits,
+    budget: &Budget,
+) -> Result<tiny_skia::Pixmap> {
     let tree = fonts.parse_svg(svg).map_err(|e| bad(format!("svg: {e}")))?;
-    tree_pixmap(&tree, size, limits)
+    tree_pixmap(&tree, size, limits, budget)
 }
 
-fn tree_pixmap(tree: &usvg::Tree, (w, h): (u32, u32), limits: &Limits) -> Result<tiny_skia::Pixmap> {
+/// Renders a parsed tree scaled to fit `size`, after its cost passed the budget
+/// (`svg_cost`: filters, layers, masks and patterns counted before resvg starts).
+fn tree_pixmap(tree: &usvg::Tree, (w, h): (u32, u32), limits: &Limits, budget: &Budget) -> Result<tiny_skia::Pixmap> {
     limits.check_output(w, h)?;
     let mut pixmap = tiny_skia::Pixmap::new(w.max(1), h.max(1)).ok_or_else(|| bad("svg layer size"))?;
     let natural = tree.size();
     let scale = (w as f32 / natural.width()).min(h as f32 / natural.height());
     let (dx, dy) = ((w as f32 - natural.width() * scale) / 2.0, (h as f32 - natural.height() * scale) / 2.0);
-    resvg::render(tree, tiny_skia::Transform::from_row(scale, 0.0, 0.0, scale, dx, dy), &mut pixmap.as_mut());
+    let ts = tiny_skia::Transform::from_row(scale, 0.0, 0.0, scale, dx, dy);
+    svg_cost::render(tree, ts, &mut pixmap.as_mut(), budget, ("compose", "template"))?;
     Ok(pixmap)
 }
 
@@ -613,7 +639,7 @@ fn render_svg_document(bytes: &[u8], limits: &Limits) -> Result<DynamicImage> {
     let fonts = Fonts::new(None)?;
     let tree = fonts.parse_svg(bytes).map_err(|e| bad(format!("svg: {e}")))?;
     let size = tree.size().to_int_size();
-    let pixmap = tree_pixmap(&tree, (size.width(), size.height()), limits)?;
+    let pixmap = tree_pixmap(&tree, (size.width(), size.height()), limits, &Budget::new(limits))?;
     Ok(DynamicImage::ImageRgba8(straight(pixmap)))
 }
 
@@ -745,8 +771,69 @@ layers:
         assert!(compose(&deep, &[]).unwrap_err().to_string().contains("nested deeper"));
         let huge = "x".repeat(MAX_TEMPLATE_BYTES + 1);
         assert!(compose(&huge, &[]).unwrap_err().to_string().contains("limited"));
+        let kernel = vec!["1"; 1000].join(" ");
+        let conv = format!(
+            "<svg xmlns='http://www.w3.org/2000/svg' width='8' height='8'><filter id='f'><feConvolveMatrix order='1000 1' kernelMatrix='{kernel}'/></filter><rect width='8' height='8' filter='url(#f)'/></svg>"
+        );
+        assert!(compose(&conv, &[]).unwrap_err().to_string().contains("feConvolveMatrix order `1000 1`"));
         // SVG image references never reach the file system.
         let svg = "<svg xmlns='http://www.w3.org/2000/svg' xmlns:xlink='http://www.w3.org/1999/xlink' width='8' height='8'><image href='/etc/passwd' width='8' height='8'/></svg>";
         assert!(compose(svg, &[]).unwrap().pixels().all(|p| p.0[3] == 0));
+    }
+
+    /// The render budget's refusal, as `compose` reports it.
+    fn assert_over_render_budget(result: Result<image::RgbaImage>) {
+        match result {
+            Err(e @ Error::LimitExceeded { limit: crate::error::LimitKind::SvgRenderWork, .. }) => {
+                assert_eq!(e.code(), "limit_exceeded");
+                assert!(e.to_string().contains("svg_render_work"), "{e}");
+            }
+            other => panic!("expected the render work limit, got {:?}", other.map(|i| i.dimensions())),
+        }
+    }
+
+    #[test]
+    fn expensive_svg_is_refused_before_resvg_starts() {
+        // Layers share one budget: 40 blurred layers, each affordable alone (a smaller output
+        // limit keeps the layers drawn before the refusal quick).
+        let blurred = "<svg xmlns='http://www.w3.org/2000/svg' width='500' height='500'><filter id='b'><feGaussianBlur stdDeviation='9'/></filter><rect width='500' height='500' filter='url(#b)'/></svg>";
+        let one = serde_json::json!({"type": "svg", "svg": blurred});
+        let many = serde_json::json!({"width": 500, "height": 500, "layers": vec![one.clone(); 40]});
+        let limits = Limits { max_output_pixels: 1_000_000, ..Limits::default() };
+        let render = |t: serde_json::Value| {
+            let raw = BTreeMap::from([("t".to_owned(), t.to_string().into_bytes())]);
+            Compose { template: "t".into() }.render(Some(&raw), &limits).map(|i| i.to_rgba8())
+        };
+        assert_over_render_budget(render(many));
+        assert!(render(serde_json::json!({"width": 500, "height": 500, "layers": vec![one; 2]})).is_ok());
+        // The probe: turbulence with 1000 octaves over 1000x1000 ran for minutes inside resvg.
+        let turbulence = "<svg xmlns='http://www.w3.org/2000/svg' width='1000' height='1000'><filter id='t'><feTurbulence baseFrequency='0.02' numOctaves='1000'/></filter><rect width='1000' height='1000' filter='url(#t)'/></svg>";
+        assert_over_render_budget(compose(turbulence, &[]));
+        // The same filter in an SVG layer of a template.
+        let layer = serde_json::json!({"width": 1000, "height": 1000, "layers": [{"type": "svg", "svg": turbulence}]});
+        assert_over_render_budget(compose(&layer.to_string(), &[]));
+    }
+
+    #[test]
+    fn a_poster_with_a_drop_shadow_and_a_blur_renders_at_2000_px() {
+        let svg = concat!(
+            "<svg xmlns='http://www.w3.org/2000/svg' width='2000' height='2000'>",
+            "<defs><filter id='s'><feDropShadow dx='20' dy='20' stdDeviation='15' flood-color='#000'/></filter>",
+            "<filter id='b'><feGaussianBlur stdDeviation='30'/></filter></defs>",
+            "<rect width='2000' height='2000' fill='#204060' filter='url(#b)'/>",
+            "<rect x='400' y='400' width='1200' height='1200' fill='#ffffff' filter='url(#s)'/></svg>"
+        );
+        let img = compose(svg, &[]).unwrap();
+        assert_eq!(img.get_pixel(1000, 1000).0, [255, 255, 255, 255], "the card");
+        let shadow = img.get_pixel(1610, 1000).0;
+        assert!(shadow[0] < 20 && shadow[3] == 255, "its shadow: {shadow:?}");
+        let template = serde_json::json!({
+            "width": 2000, "height": 2000, "background": "#204060",
+            "layers": [
+                {"type": "svg", "svg": svg},
+                {"type": "text", "text": "SUMMER SALE", "x": 100, "y": 100, "size": 200, "color": "#ffffff", "shadow": "#000000"}
+            ]
+        });
+        assert_eq!(compose(&template.to_string(), &[]).unwrap().dimensions(), (2000, 2000));
     }
 }

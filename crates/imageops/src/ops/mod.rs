@@ -205,8 +205,14 @@ impl Op {
             Op::Rotate(r) => r.apply(img, limits)?,
             Op::Flip => img.flipv(),
             Op::Flop => img.fliph(),
-            Op::Blur { sigma } => filter::blur(&img, *sigma),
-            Op::Sharpen(s) => s.apply(img),
+            Op::Blur { sigma } => {
+                filter::check_blur_cost(img.width(), img.height(), *sigma, limits)?;
+                filter::blur(&img, *sigma)
+            }
+            Op::Sharpen(s) => {
+                filter::check_blur_cost(img.width(), img.height(), s.sigma, limits)?;
+                s.apply(img)
+            }
             Op::Pixelate(p) => p.apply(img)?,
             Op::Adjust(a) => a.apply(img),
             Op::Trim { threshold } => border::trim(img, *threshold),

@@ -17,6 +17,8 @@ use crate::color::Color;
 use crate::error::{Error, Result};
 use crate::params::{Args, OpSpec, boolean, choice, color, float, int, text};
 
+pub(crate) mod svg_cost;
+
 /// The built-in font: Noto Sans Regular, SIL Open Font License 1.1 (see assets/fonts/OFL.txt).
 static NOTO_SANS: &[u8] = include_bytes!("../../assets/fonts/NotoSans-Regular.ttf");
 const BUILTIN_FAMILY: &str = "Noto Sans";
@@ -170,6 +172,16 @@ impl Text {
 
     /// The text block alone, cropped to its ink (stroke and shadow included), straight alpha.
     pub fn render(&self, font: Option<&[u8]>, limits: &Limits) -> Result<RgbaImage> {
+        self.render_within(font, limits, &svg_cost::Budget::new(limits))
+    }
+
+    /// [`Text::render`] spending from a budget the caller shares between several renders.
+    pub(crate) fn render_within(
+        &self,
+        font: Option<&[u8]>,
+        limits: &Limits,
+        budget: &svg_cost::Budget,
+    ) -> Result<RgbaImage> {
         let fonts = Fonts::new(font)?;
         let text = fonts.cover(&self.text, self.missing)?;
         let lines = match self.width {
@@ -189,7 +201,7 @@ impl Text {
         let mut pixmap = tiny_skia::Pixmap::new(w, h)
             .ok_or_else(|| Error::bad("text", "size", "the text block is empty or too large"))?;
         let to_origin = tiny_skia::Transform::from_translate(1.0 - bbox.x(), 1.0 - bbox.y());
-        resvg::render(&tree, to_origin, &mut pixmap.as_mut());
+        svg_cost::render(&tree, to_origin, &mut pixmap.as_mut(), budget, ("text", "text"))?;
         Ok(straight(pixmap))
     }
 
@@ -598,5 +610,28 @@ mod tests {
         // Markup in the text is text, not SVG.
         let markup = layer(&[("text", "<tspan>&amp;</tspan>"), ("size", "20")]);
         assert!(markup.width() > 100, "all characters drawn: {}", markup.width());
+    }
+
+    #[test]
+    fn shadow_filters_count_against_the_render_budget() {
+        // The block is the shadow's filter region, blurred whole: its work is counted before
+        // resvg runs, from the budget a caller (a compose template) shares between layers.
+        let spent = |pairs: &[(&str, &str)]| {
+            let budget = svg_cost::Budget::new(&Limits::default());
+            let block = parse(pairs).unwrap().render_within(None, &Limits::default(), &budget).unwrap();
+            (u64::from(block.width()) * u64::from(block.height()), budget.work())
+        };
+        let (px, shadowed) = spent(&[("text", "HI"), ("size", "100"), ("shadow", "black"), ("shadow_blur", "8")]);
+        assert!(shadowed >= px * (svg_cost::BOX_BLUR + svg_cost::PRIMITIVE), "{shadowed} for {px} px");
+        let (_, plain) = spent(&[("text", "HI"), ("size", "100")]);
+        assert!(plain > 0 && plain < shadowed / 4, "{plain}");
+        // A budget smaller than the shadow's work refuses it before anything is drawn.
+        let tight = svg_cost::Budget::new(&Limits {
+            max_output_pixels: shadowed / svg_cost::WORK_PER_OUTPUT_PIXEL - 1,
+            ..Limits::default()
+        });
+        let t = parse(&[("text", "HI"), ("size", "100"), ("shadow", "black"), ("shadow_blur", "8")]).unwrap();
+        let err = t.render_within(None, &Limits::default(), &tight).unwrap_err();
+        assert!(err.to_string().contains("svg_render_work"), "{err}");
     }
 }
