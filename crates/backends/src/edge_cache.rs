@@ -6,7 +6,7 @@
 //! A disk entry is one file `<2 hex>/<digest>`: a JSON header line, then the bytes; it is
 //! written to a temporary name and renamed, so a crash leaves whole entries or none (no fsync:
 //! a lost entry is only a future miss). At open the index is rebuilt from the headers; files
-//! that do not parse are removed.
+//! that do not parse are removed. Folders are `0700` and files `0600` ([`crate::files`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
@@ -109,7 +109,7 @@ impl EdgeCache {
     /// Opens the cache in `dir`, rebuilding the index from the entries on disk (most recently
     /// written first in use order), and trims it to the limits.
     pub fn open(dir: &Path, memory_limit: u64, disk_limit: u64) -> std::io::Result<EdgeCache> {
-        std::fs::create_dir_all(dir)?;
+        crate::files::create_dir_all(dir)?;
         let mut found = Vec::new();
         for sub in std::fs::read_dir(dir)? {
             let sub = sub?.path();
@@ -333,14 +333,14 @@ fn read_body(path: &Path) -> std::io::Result<Vec<u8>> {
 fn write_entry(path: &Path, header: &Header, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().ok_or_else(|| std::io::Error::other("no folder"))?;
-    std::fs::create_dir_all(dir)?;
+    crate::files::create_dir_all(dir)?;
     // A name of its own per writer: two writers of one digest never share a file.
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
     tmp_name.push(format!(".{}.tmp", u64::from_le_bytes(nonce)));
     let tmp = dir.join(tmp_name);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let mut f = crate::files::open_options().write(true).create_new(true).open(&tmp)?;
     serde_json::to_writer(&mut f, header).map_err(std::io::Error::other)?;
     f.write_all(b"\n")?;
     f.write_all(bytes)?;
@@ -410,6 +410,19 @@ mod tests {
         // Larger than the whole disk tier: not kept.
         c.put(&digest(5), "m", "k5", &entry(100)).await.unwrap();
         assert!(c.get(&digest(5)).await.is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn only_the_owner_reads_cached_files() {
+        use crate::files::mode;
+        let d = dir("private");
+        let c = EdgeCache::open(&d, 1 << 20, 1 << 20).unwrap();
+        c.put(&digest(1), "media", "a/cat.jpg", &entry(10)).await.unwrap();
+        let sub = d.join(&digest(1)[..2]);
+        let modes = [&d, &sub, &sub.join(digest(1))].map(|p| mode(p).unwrap());
+        assert_eq!(modes, [0o700, 0o700, 0o600]);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -207,9 +207,16 @@ pub struct Listing {
     pub next: Option<Resume>,
 }
 
-/// Checks a bucket name: S3's rules (3-63 of `a-z 0-9 . -`, starting and ending with a
-/// letter or digit, no `..`).
+/// Checks a bucket name against S3's rules for general purpose buckets: 3-63 of `a-z 0-9 . -`,
+/// starting and ending with a letter or digit, no `..`, `.-` or `-.`, not shaped like an IPv4
+/// address, and none of the prefixes and suffixes S3 reserves (so a name pixflow takes is one
+/// an S3 service takes too, and no bucket poses as an access point alias or the like).
 pub fn check_bucket(name: &str) -> Result<()> {
+    /// Prefixes S3 reserves (`xn--`: punycode host names).
+    const RESERVED_PREFIXES: &[&str] = &["xn--", "sthree-", "sthree-configurator", "amzn-s3-demo-"];
+    /// Suffixes S3 reserves for access point, Object Lambda, Multi-Region Access Point,
+    /// directory bucket and table bucket names.
+    const RESERVED_SUFFIXES: &[&str] = &["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"];
     let bad = |reason| Err(ObjectError::InvalidBucket { name: name.chars().take(80).collect(), reason });
     if !(3..=63).contains(&name.len()) {
         return bad("use 3 to 63 characters");
@@ -221,8 +228,18 @@ pub fn check_bucket(name: &str) -> Result<()> {
     if !edge(name.as_bytes()[0]) || !edge(name.as_bytes()[name.len() - 1]) {
         return bad("start and end with a letter or digit");
     }
-    if name.contains("..") {
-        return bad("no `..`");
+    if name.contains("..") || name.contains(".-") || name.contains("-.") {
+        return bad("no `..`, `.-` or `-.`");
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.len() == 4 && labels.iter().all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit())) {
+        return bad("not formatted as an IP address");
+    }
+    if RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return bad("no prefix S3 reserves (`xn--`, `sthree-`, `amzn-s3-demo-`)");
+    }
+    if RESERVED_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+        return bad("no suffix S3 reserves (`-s3alias`, `--ol-s3`, `.mrap`, `--x-s3`, `--table-s3`)");
     }
     Ok(())
 }
@@ -438,7 +455,7 @@ impl Objects {
         if spool.exists() {
             std::fs::remove_dir_all(spool)?;
         }
-        std::fs::create_dir_all(spool)?;
+        crate::files::create_dir_all(spool)?;
         let service = s3::Service::new(config, settings)?;
         Ok(Objects::with(Backend::Service(service), spool.to_owned()))
     }
@@ -549,7 +566,7 @@ impl Objects {
     pub async fn upload(&self, limit: u64) -> Result<Upload> {
         let id = blob_id()?;
         let tmp = self.0.spool.join(&id);
-        let file = tokio::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).await?;
+        let file = crate::files::open_options_async().read(true).write(true).create_new(true).open(&tmp).await?;
         Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit, prefix: Vec::new() })
     }
 
@@ -688,10 +705,46 @@ mod tests {
 
     #[test]
     fn names_and_keys_are_checked() {
-        for good in ["media", "my-bucket.2026", "a1b"] {
+        for good in [
+            "media",
+            "my-bucket.2026",
+            "a1b",
+            "192.168.5",
+            "192.168.5.4.5",
+            "1.2.3.a",
+            "axn--b",
+            "three-media",
+            "amzn-s3-media",
+            "media-s3alias-x",
+            "media.mrapx",
+            "x-s3",
+        ] {
             check_bucket(good).unwrap();
         }
-        for bad in ["ab", "Media", "-media", "media-", "me..dia", "me_dia", &"a".repeat(64)] {
+        for bad in [
+            "ab",
+            "Media",
+            "-media",
+            "media-",
+            "me..dia",
+            "me_dia",
+            &"a".repeat(64),
+            "192.168.5.4",
+            "10.0.0.1",
+            "999.999.999.999",
+            "xn--media",
+            "sthree-media",
+            "sthree-configurator",
+            "sthree-configurator-x",
+            "amzn-s3-demo-bucket",
+            "media-s3alias",
+            "media--ol-s3",
+            "media.mrap",
+            "media--x-s3",
+            "media--table-s3",
+            "me.-dia",
+            "me-.dia",
+        ] {
             assert!(matches!(check_bucket(bad), Err(ObjectError::InvalidBucket { .. })), "{bad}");
         }
         for good in ["a", "photos/2026/cat.jpg", "ü/ñ 空.png", "a.b/..c/d..", &"k".repeat(1024)] {

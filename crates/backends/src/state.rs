@@ -2,11 +2,15 @@
 //! through the API, API tokens (hashes only), and the asynchronous invocation queue.
 //!
 //! The queue is a table: `enqueue` commits before the caller is told "accepted"; a worker
-//! `claim`s the oldest due row with a lease (one `UPDATE ... RETURNING`, so two workers never
-//! take the same row); `finish` records the result, `retry_at` puts it back with a later due
-//! time, `bury` dead-letters it. Rows whose lease ran out (the node died mid-run) are put back
-//! by `requeue_expired`, so work is delivered at least once. The store knows nothing of
-//! functions' payload formats: payloads, results and errors are opaque bytes and text.
+//! `claim`s the oldest due row with a short lease and a claim token of its own (one
+//! `UPDATE ... RETURNING`, so two workers never take the same row) and renews the lease with
+//! `extend_lease` while it runs; `finish` records the result, `retry_at` puts it back with a
+//! later due time, `bury` dead-letters it. Each of these updates only the claim it names: a
+//! worker whose lease ran out and whose row another claim took over changes nothing. A claim
+//! also takes a running row whose lease ran out (its worker stopped), and at start the node
+//! queues again what its previous run left running (`requeue_interrupted`), so work is
+//! delivered at least once and soon after a crash. The store knows nothing of functions'
+//! payload formats: payloads, results and errors are opaque bytes and text.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -88,19 +92,24 @@ pub struct InvocationRow {
     pub created_ms: i64,
     pub updated_ms: i64,
     pub next_ms: i64,
+    /// When the lease of a running invocation ends (ms since the epoch).
+    pub lease_ms: i64,
 }
 
-/// A claimed invocation: the row and its payload.
+/// A claimed invocation: the row, its payload and the claim's token.
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub row: InvocationRow,
     pub payload: Vec<u8>,
+    /// Names this claim: [`Store::extend_lease`], [`Store::finish`], [`Store::retry_at`] and
+    /// [`Store::bury`] change the row only while it is still this claim's.
+    pub claim: String,
 }
 
 /// The columns [`row`] reads, spliced into queries at compile time.
 macro_rules! row_columns {
     () => {
-        "id, function, status, attempts, max_attempts, meta, callback, result_meta, error, created_ms, updated_ms, next_ms"
+        "id, function, status, attempts, max_attempts, meta, callback, result_meta, error, created_ms, updated_ms, next_ms, lease_ms"
     };
 }
 
@@ -119,7 +128,19 @@ fn row(r: &SqliteRow) -> InvocationRow {
         created_ms: int("created_ms"),
         updated_ms: int("updated_ms"),
         next_ms: int("next_ms"),
+        lease_ms: int("lease_ms"),
     }
+}
+
+/// A fresh claim token: 128 random bits, hex.
+fn claim_token() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| StoreError(sqlx::Error::Io(std::io::Error::other(e.to_string()))))?;
+    Ok(hex::encode(bytes))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Bucket settings rows (`name, public, cache_control, created_ms`): the state store keeps
@@ -188,7 +209,7 @@ const SCHEMA: &[&str] = &[
         meta TEXT NOT NULL, payload BLOB NOT NULL, callback TEXT,
         result_meta TEXT, result BLOB, error TEXT,
         created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
-        next_ms INTEGER NOT NULL, lease_ms INTEGER NOT NULL DEFAULT 0)",
+        next_ms INTEGER NOT NULL, lease_ms INTEGER NOT NULL DEFAULT 0, claim TEXT)",
     "CREATE INDEX IF NOT EXISTS invocations_due ON invocations (status, next_ms)",
     "CREATE TABLE IF NOT EXISTS buckets (
         name TEXT PRIMARY KEY, public INTEGER NOT NULL, cache_control TEXT, created_ms INTEGER NOT NULL)",
@@ -197,7 +218,9 @@ const SCHEMA: &[&str] = &[
 impl Store {
     /// Opens (creating if needed) the state file. Commits are synchronous (`synchronous=FULL`
     /// with the WAL), so an accepted invocation survives a crash of the process or the machine.
+    /// The file (and so its WAL) is readable by the node's user only.
     pub async fn open(path: &Path) -> Result<Store> {
+        crate::files::prepare_database(path).map_err(|e| StoreError(sqlx::Error::Io(e)))?;
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -218,6 +241,14 @@ impl Store {
         let db = SqlitePoolOptions::new().max_connections(connections).connect_with(opts).await?;
         for statement in SCHEMA {
             sqlx::query(*statement).execute(&db).await?;
+        }
+        // State files made before claims had tokens.
+        let has_claim = sqlx::query("SELECT 1 AS one FROM pragma_table_info('invocations') WHERE name = 'claim'")
+            .fetch_optional(&db)
+            .await?
+            .is_some();
+        if !has_claim {
+            sqlx::query("ALTER TABLE invocations ADD COLUMN claim TEXT").execute(&db).await?;
         }
         Ok(Store { db })
     }
@@ -319,14 +350,15 @@ impl Store {
         Ok(())
     }
 
-    /// Takes the oldest due invocation and leases it for `lease`; counts the attempt. A running
-    /// invocation whose lease has run out (its node stopped mid-run) is due again, so accepted
-    /// work is delivered at least once; the caller dead-letters one whose attempts are spent.
+    /// Takes the oldest due invocation and leases it for `lease` under a new claim token;
+    /// counts the attempt. A running invocation whose lease has run out (its worker stopped
+    /// renewing it) is due again, so accepted work is delivered at least once; the caller
+    /// dead-letters one whose attempts are spent.
     pub async fn claim(&self, lease: Duration) -> Result<Option<Claimed>> {
         let now = now_ms();
-        let lease_end = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let token = claim_token()?;
         let r = sqlx::query(concat!(
-            "UPDATE invocations SET status = 'running', attempts = attempts + 1, lease_ms = ?, updated_ms = ?
+            "UPDATE invocations SET status = 'running', attempts = attempts + 1, lease_ms = ?, claim = ?, updated_ms = ?
              WHERE id = (SELECT id FROM invocations
                          WHERE (status = 'queued' AND next_ms <= ?) OR (status = 'running' AND lease_ms <= ?)
                          ORDER BY next_ms, created_ms LIMIT 1)
@@ -334,53 +366,79 @@ impl Store {
             row_columns!(),
             ", payload"
         ))
-        .bind(lease_end)
+        .bind(now.saturating_add(millis(lease)))
+        .bind(&token)
         .bind(now)
         .bind(now)
         .bind(now)
         .fetch_optional(&self.db)
         .await?;
-        Ok(r.map(|r| Claimed { row: row(&r), payload: r.get("payload") }))
+        Ok(r.map(|r| Claimed { row: row(&r), payload: r.get("payload"), claim: token }))
     }
 
-    /// Records success; the payload is dropped (it is no longer needed).
-    pub async fn finish(&self, id: &str, result_meta: &str, result: &[u8]) -> Result<()> {
-        sqlx::query(
+    /// Renews the lease of a running claim to `lease` from now (a worker's heartbeat). `false`:
+    /// the row is no longer this claim's (another claim took it over after the lease ran out),
+    /// so the worker should give the attempt up.
+    pub async fn extend_lease(&self, id: &str, claim: &str, lease: Duration) -> Result<bool> {
+        let now = now_ms();
+        let done = sqlx::query("UPDATE invocations SET lease_ms = ? WHERE id = ? AND claim = ? AND status = 'running'")
+            .bind(now.saturating_add(millis(lease)))
+            .bind(id)
+            .bind(claim)
+            .execute(&self.db)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records success; the payload is dropped (it is no longer needed). `false` (and nothing
+    /// changed): the row is no longer this claim's.
+    pub async fn finish(&self, id: &str, claim: &str, result_meta: &str, result: &[u8]) -> Result<bool> {
+        let done = sqlx::query(
             "UPDATE invocations SET status = 'succeeded', result_meta = ?, result = ?, error = NULL,
-             payload = x'', updated_ms = ? WHERE id = ?",
+             payload = x'', claim = NULL, updated_ms = ? WHERE id = ? AND claim = ? AND status = 'running'",
         )
         .bind(result_meta)
         .bind(result)
         .bind(now_ms())
         .bind(id)
+        .bind(claim)
         .execute(&self.db)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
-    /// Puts a failed attempt back in the queue, due after `delay`.
-    pub async fn retry_at(&self, id: &str, error: &str, delay: Duration) -> Result<()> {
+    /// Puts a failed attempt back in the queue, due after `delay`. `false` (and nothing
+    /// changed): the row is no longer this claim's.
+    pub async fn retry_at(&self, id: &str, claim: &str, error: &str, delay: Duration) -> Result<bool> {
         let now = now_ms();
-        let next = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-        sqlx::query("UPDATE invocations SET status = 'queued', error = ?, next_ms = ?, updated_ms = ? WHERE id = ?")
-            .bind(error)
-            .bind(next)
-            .bind(now)
-            .bind(id)
-            .execute(&self.db)
-            .await?;
-        Ok(())
+        let done = sqlx::query(
+            "UPDATE invocations SET status = 'queued', error = ?, next_ms = ?, claim = NULL, updated_ms = ?
+             WHERE id = ? AND claim = ? AND status = 'running'",
+        )
+        .bind(error)
+        .bind(now.saturating_add(millis(delay)))
+        .bind(now)
+        .bind(id)
+        .bind(claim)
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
-    /// Dead-letters an invocation, keeping its payload so it can be re-driven.
-    pub async fn bury(&self, id: &str, error: &str) -> Result<()> {
-        sqlx::query("UPDATE invocations SET status = 'dead', error = ?, updated_ms = ? WHERE id = ?")
-            .bind(error)
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.db)
-            .await?;
-        Ok(())
+    /// Dead-letters an invocation, keeping its payload so it can be re-driven. `false` (and
+    /// nothing changed): the row is no longer this claim's.
+    pub async fn bury(&self, id: &str, claim: &str, error: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE invocations SET status = 'dead', error = ?, claim = NULL, updated_ms = ?
+             WHERE id = ? AND claim = ? AND status = 'running'",
+        )
+        .bind(error)
+        .bind(now_ms())
+        .bind(id)
+        .bind(claim)
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Puts a dead letter back in the queue with a fresh set of attempts. Returns whether one
@@ -399,14 +457,16 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Re-queues running invocations whose lease has run out (their node stopped mid-run).
-    pub async fn requeue_expired(&self) -> Result<u64> {
+    /// Queues again, due now and in their place in line, every running invocation: their
+    /// claims belong to a run of this node that stopped (the state file is this node's own), so
+    /// call it at start, before the workers claim anything. Their leases may not have run out
+    /// yet; waiting for them would only delay the work. The interrupted attempt stays counted.
+    pub async fn requeue_interrupted(&self) -> Result<u64> {
         let now = now_ms();
         let done = sqlx::query(
-            "UPDATE invocations SET status = 'queued', next_ms = ?, updated_ms = ? WHERE status = 'running' AND lease_ms <= ?",
+            "UPDATE invocations SET status = 'queued', next_ms = MIN(next_ms, ?1), claim = NULL, updated_ms = ?1
+             WHERE status = 'running'",
         )
-        .bind(now)
-        .bind(now)
         .bind(now)
         .execute(&self.db)
         .await?;
@@ -500,16 +560,18 @@ mod tests {
         let c2 = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
         assert_eq!(c2.row.id, "b");
         assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
-        s.finish("a", "{\"ok\":true}", b"out").await.unwrap();
+        assert!(s.finish("a", &c.claim, "{\"ok\":true}", b"out").await.unwrap());
         assert_eq!(s.result("a").await.unwrap().unwrap(), b"out");
         assert_eq!(s.get("a").await.unwrap().unwrap().status, Status::Succeeded);
         // A retry is not due before its delay.
-        s.retry_at("b", "boom", Duration::from_secs(3600)).await.unwrap();
+        assert!(s.retry_at("b", &c2.claim, "boom", Duration::from_secs(3600)).await.unwrap());
         assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
-        s.retry_at("b", "boom", Duration::ZERO).await.unwrap();
+        // Its claim ended with the retry.
+        assert!(!s.retry_at("b", &c2.claim, "boom", Duration::ZERO).await.unwrap());
+        sqlx::query("UPDATE invocations SET next_ms = 0 WHERE id = 'b'").execute(&s.db).await.unwrap();
         let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
         assert_eq!((again.row.id.as_str(), again.row.attempts), ("b", 2));
-        s.bury("b", "dead").await.unwrap();
+        assert!(s.bury("b", &again.claim, "dead").await.unwrap());
         let dead = s.dead_letters(None, 10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].error.as_deref(), Some("dead"));
@@ -524,13 +586,66 @@ mod tests {
         let s = Store::memory().await.unwrap();
         s.enqueue(&inv("a")).await.unwrap();
         s.claim(Duration::ZERO).await.unwrap().unwrap();
-        assert_eq!(s.requeue_expired().await.unwrap(), 1);
-        assert_eq!(s.claim(Duration::ZERO).await.unwrap().unwrap().row.attempts, 2);
         // Without a restart, a claim takes a running row whose lease ran out.
         let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((again.row.id.as_str(), again.row.attempts), ("a", 3));
+        assert_eq!((again.row.id.as_str(), again.row.attempts), ("a", 2));
         assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
-        assert_eq!(s.requeue_expired().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn work_interrupted_by_a_stop_is_due_at_once_at_the_next_start() {
+        let s = Store::memory().await.unwrap();
+        s.enqueue(&inv("a")).await.unwrap();
+        s.enqueue(&inv("b")).await.unwrap();
+        // The node stopped while running `a`, its lease far from over.
+        let lost = s.claim(Duration::from_secs(3600)).await.unwrap().unwrap();
+        assert_eq!(s.requeue_interrupted().await.unwrap(), 1);
+        let row = s.get("a").await.unwrap().unwrap();
+        assert_eq!((row.status, row.attempts), (Status::Queued, 1));
+        let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!((again.row.id.as_str(), again.row.attempts), ("a", 2));
+        // What the lost run would still say changes nothing.
+        assert!(!s.finish("a", &lost.claim, "[]", b"stale").await.unwrap());
+        assert_eq!(s.requeue_interrupted().await.unwrap(), 1);
+        assert_eq!(s.get("b").await.unwrap().unwrap().status, Status::Queued);
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_extends_the_lease_of_its_own_claim_only() {
+        let s = Store::memory().await.unwrap();
+        s.enqueue(&inv("a")).await.unwrap();
+        let c = s.claim(Duration::from_secs(1)).await.unwrap().unwrap();
+        assert!(c.row.lease_ms <= now_ms() + 1000);
+        assert!(s.extend_lease("a", &c.claim, Duration::from_secs(3600)).await.unwrap());
+        assert!(s.get("a").await.unwrap().unwrap().lease_ms > now_ms() + 3_500_000);
+        // A renewed lease keeps other claims away.
+        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
+        assert!(!s.extend_lease("a", "someone-else", Duration::from_secs(3600)).await.unwrap());
+        assert!(s.finish("a", &c.claim, "[]", b"").await.unwrap());
+        // A finished invocation has no lease to renew.
+        assert!(!s.extend_lease("a", &c.claim, Duration::from_secs(3600)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_stale_worker_does_not_overwrite_the_new_owners_outcome() {
+        let s = Store::memory().await.unwrap();
+        s.enqueue(&inv("a")).await.unwrap();
+        // The first worker's lease runs out (it hung); a second one takes the row over.
+        let stale = s.claim(Duration::ZERO).await.unwrap().unwrap();
+        let owner = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!((owner.row.id.as_str(), owner.row.attempts), ("a", 2));
+        assert!(!s.extend_lease("a", &stale.claim, Duration::from_secs(60)).await.unwrap());
+        assert!(!s.retry_at("a", &stale.claim, "late", Duration::ZERO).await.unwrap());
+        assert!(!s.bury("a", &stale.claim, "late").await.unwrap());
+        assert!(!s.finish("a", &stale.claim, "[\"stale\"]", b"stale").await.unwrap());
+        assert_eq!(s.get("a").await.unwrap().unwrap().status, Status::Running);
+        assert!(s.finish("a", &owner.claim, "[\"owner\"]", b"owner").await.unwrap());
+        // Nor after the owner finished.
+        assert!(!s.finish("a", &stale.claim, "[\"stale\"]", b"stale").await.unwrap());
+        assert!(!s.bury("a", &stale.claim, "late").await.unwrap());
+        let row = s.get("a").await.unwrap().unwrap();
+        assert_eq!((row.status, row.result_meta.as_deref()), (Status::Succeeded, Some("[\"owner\"]")));
+        assert_eq!(s.result("a").await.unwrap().unwrap(), b"owner");
     }
 
     #[tokio::test]
@@ -538,8 +653,8 @@ mod tests {
         let s = Store::memory().await.unwrap();
         s.enqueue(&inv("a")).await.unwrap();
         s.enqueue(&inv("b")).await.unwrap();
-        s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        s.finish("a", "[]", b"x").await.unwrap();
+        let c = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert!(s.finish("a", &c.claim, "[]", b"x").await.unwrap());
         assert_eq!(s.purge_finished(now_ms() - 60_000).await.unwrap(), 0);
         assert_eq!(s.purge_finished(now_ms() + 1).await.unwrap(), 1);
         assert!(s.get("a").await.unwrap().is_none() && s.get("b").await.unwrap().is_some());
@@ -563,6 +678,66 @@ mod tests {
         assert_eq!(s.token_role(&[7; 32]).await.unwrap().as_deref(), Some("admin"));
         assert_eq!(s.token_role(&[8; 32]).await.unwrap(), None);
         assert!(s.has_role("admin").await.unwrap() && !s.has_role("invoke").await.unwrap());
+        s.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_state_file_and_its_journal_are_private() {
+        let dir = std::env::temp_dir().join(format!("pixflow-state-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::files::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let s = Store::open(&path).await.unwrap();
+        s.enqueue(&inv("secret")).await.unwrap();
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert_eq!(crate::files::mode(&dir.join(f)).unwrap(), 0o600, "{f}");
+        }
+        s.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_state_file_from_before_claim_tokens_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("pixflow-state-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        {
+            // The invocations table as it was, with a row a stopped node left running.
+            let opts = SqliteConnectOptions::new().filename(&path).create_if_missing(true);
+            let db = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.unwrap();
+            sqlx::query(
+                "CREATE TABLE invocations (
+                    id TEXT PRIMARY KEY, function TEXT NOT NULL, status TEXT NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+                    meta TEXT NOT NULL, payload BLOB NOT NULL, callback TEXT,
+                    result_meta TEXT, result BLOB, error TEXT,
+                    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+                    next_ms INTEGER NOT NULL, lease_ms INTEGER NOT NULL DEFAULT 0)",
+            )
+            .execute(&db)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO invocations (id, function, status, attempts, max_attempts, meta, payload, created_ms,
+                 updated_ms, next_ms, lease_ms) VALUES ('old', 'thumb', 'running', 1, 3, '{}', x'01', 1, 1, 1, 9000000000000000)",
+            )
+            .execute(&db)
+            .await
+            .unwrap();
+            db.close().await;
+        }
+        let s = Store::open(&path).await.unwrap();
+        assert_eq!(s.requeue_interrupted().await.unwrap(), 1);
+        let c = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!((c.row.id.as_str(), c.row.attempts), ("old", 2));
+        assert!(s.finish("old", &c.claim, "[]", b"").await.unwrap());
+        s.close().await;
+        // Opening a migrated file again changes nothing.
+        let s = Store::open(&path).await.unwrap();
+        assert_eq!(s.get("old").await.unwrap().unwrap().status, Status::Succeeded);
         s.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -362,3 +362,106 @@ mod s3_only {
         assert!(started.elapsed() < std::time::Duration::from_secs(60));
     }
 }
+
+/// Only the node's user reads what the stores keep: folders `0700`, files `0600`.
+#[cfg(unix)]
+mod private_files {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use super::*;
+
+    /// Every folder and file under `root` with its permission bits.
+    fn modes(root: &Path) -> Vec<(PathBuf, u32)> {
+        let mut found = Vec::new();
+        let mut todo = vec![root.to_owned()];
+        while let Some(p) = todo.pop() {
+            let meta = std::fs::metadata(&p).unwrap();
+            found.push((p.clone(), meta.permissions().mode() & 0o7777));
+            if meta.is_dir() {
+                todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        found
+    }
+
+    fn assert_private(root: &Path) {
+        let found = modes(root);
+        for (path, mode) in &found {
+            let want = if path.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(*mode, want, "{} is {mode:o}", path.display());
+        }
+    }
+
+    /// An upload in progress: its spooled file, then the stored object.
+    async fn spool_and_store(f: &Fixture) {
+        let mut upload = f.objects.upload(1 << 20).await.unwrap();
+        upload.write(b"private bytes").await.unwrap();
+        let spooled: Vec<_> = std::fs::read_dir(&f.spool).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(spooled.len(), 1);
+        assert_private(&f.spool);
+        f.objects
+            .commit(upload, "media", "secret.txt", "text/plain", &BTreeMap::new(), &Condition::None)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_store() {
+        let f = embedded("private").await;
+        spool_and_store(&f).await;
+        // A multipart part is a blob of its own.
+        let id = f.objects.create_multipart("media", "big", "text/plain", &BTreeMap::new()).await.unwrap();
+        let mut part = f.objects.upload(1 << 20).await.unwrap();
+        part.write(b"part").await.unwrap();
+        f.objects.put_part(&id, "media", "big", 1, part).await.unwrap();
+        let root = f._dir.0.join("store");
+        let files = modes(&root);
+        let blobs = files.iter().filter(|(p, _)| p.starts_with(root.join("blobs")) && p.is_file()).count();
+        assert_eq!(blobs, 2, "{files:?}");
+        assert!(root.join("catalogue.db-wal").exists());
+        assert_private(&root);
+    }
+
+    /// A node's data folder as `App::start` lays it out (state, objects, edge cache), made on a
+    /// fresh path and on an existing folder every user could read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_data_folder_fresh_or_open_to_others_ends_private() {
+        let dir = Dir::new("data-folder");
+        let open = dir.0.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for (data, was) in [(dir.0.join("fresh/data"), None), (open, Some(0o755))] {
+            assert_eq!(pixflow_backends::files::private_dir(&data).unwrap(), was);
+            let state = pixflow_backends::Store::open(&data.join("state.db")).await.unwrap();
+            let objects = Objects::open(&data.join("objects")).await.unwrap();
+            objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
+            put(&objects, "private/cat.png", b"not for others").await;
+            let cache = pixflow_backends::EdgeCache::open(&data.join("cdn-cache"), 1 << 20, 1 << 20).unwrap();
+            let entry = pixflow_backends::CachedEntry {
+                bytes: Bytes::from_static(b"derived"),
+                content_type: "image/webp".into(),
+                etag: "ab".into(),
+                created_ms: 1,
+            };
+            cache.put(&"ab".repeat(16), "media", "private/cat.png", &entry).await.unwrap();
+            let found = modes(&data);
+            for name in ["state.db", "state.db-wal", "catalogue.db", "cdn-cache"] {
+                assert!(found.iter().any(|(p, _)| p.ends_with(name)), "no {name} in {found:?}");
+            }
+            assert!(found.iter().any(|(p, _)| p.starts_with(data.join("objects/blobs")) && p.is_file()));
+            assert!(found.iter().any(|(p, _)| p.starts_with(data.join("cdn-cache")) && p.is_file()));
+            assert_private(&data);
+            state.close().await;
+            objects.close().await;
+        }
+    }
+
+    #[cfg(feature = "s3")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn s3_service_spool() {
+        let f = service::fixture("private").await;
+        spool_and_store(&f).await;
+        assert_private(&f.spool);
+    }
+}

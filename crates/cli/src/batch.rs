@@ -13,6 +13,8 @@ use pixflow_imageops::{EncodeOptions, Limits, Pipeline, RunOptions};
 pub struct Report {
     pub done: u64,
     pub failed: u64,
+    /// Files whose first bytes show no image or video format, left alone.
+    pub skipped: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub failures: Vec<(PathBuf, String)>,
@@ -38,6 +40,7 @@ pub fn run(
     encode: &EncodeOptions,
     limits: Limits,
     jobs: Option<usize>,
+    include_other: bool,
 ) -> Result<Report> {
     let mut files = Vec::new();
     collect(input, &mut files)?;
@@ -51,6 +54,7 @@ pub fn run(
     );
     let next = AtomicUsize::new(0);
     let (done, bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let skipped = AtomicU64::new(0);
     let failures = Mutex::new(Vec::new());
     let inputs = crate::read_named_inputs(pipeline, &limits)?;
     let inputs = &inputs;
@@ -63,6 +67,11 @@ pub fn run(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(path) = files.get(i) else { break };
                     let rel = path.strip_prefix(input).unwrap_or(path);
+                    if !include_other && !looks_like_media(path) {
+                        skipped.fetch_add(1, Ordering::Relaxed);
+                        bar.inc(1);
+                        continue;
+                    }
                     match process(pipeline, path, rel, output, encode, (limits, inputs), foreign) {
                         Ok((i, o)) => {
                             done.fetch_add(1, Ordering::Relaxed);
@@ -85,18 +94,30 @@ pub fn run(
     let report = Report {
         done: done.into_inner(),
         failed: failures.len() as u64,
+        skipped: skipped.into_inner(),
         bytes_in: bytes_in.into_inner(),
         bytes_out: bytes_out.into_inner(),
         failures,
     };
     eprintln!(
-        "done {}, failed {}, bytes in {}, bytes out {}",
-        report.done, report.failed, report.bytes_in, report.bytes_out
+        "done {}, failed {}, skipped {} (not media), bytes in {}, bytes out {}",
+        report.done, report.failed, report.skipped, report.bytes_in, report.bytes_out
     );
     for (path, why) in &report.failures {
         eprintln!("  failed {}: {why}", path.display());
     }
     Ok(report)
+}
+
+/// Whether a file's first bytes show an image or video format the engine knows (an unreadable
+/// file counts as media, so its error is reported).
+fn looks_like_media(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    match std::fs::File::open(path).and_then(|f| f.take(4096).read_to_end(&mut head)) {
+        Ok(_) => pixflow_imageops::sniff(&head).is_some(),
+        Err(_) => true,
+    }
 }
 
 fn process(

@@ -71,6 +71,10 @@ enum Command {
         /// Parallel workers (default: one per CPU).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Also try files whose first bytes show no image or video format (each then fails
+        /// with its reason); by default they are skipped and counted.
+        #[arg(long)]
+        include_other: bool,
         #[command(flatten)]
         limits: limits::LimitArgs,
     },
@@ -117,10 +121,25 @@ struct RunIo {
     quality: Option<u8>,
 }
 
+/// Writes a line to standard output; a closed pipe (`| head`) becomes an error that `main` ends
+/// on quietly, as `grep` does, instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing standard output")?
+    }};
+}
+
+/// Whether the error is standard output closed by its reader.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(engine) = e.downcast_ref::<pixflow_imageops::Error>() {
                 eprintln!("pixflow: error [{}]: {engine}", engine.code());
@@ -139,13 +158,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_one(&steps, &io, limits)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Batch { steps, input, output, format, quality, jobs, limits } => {
+        Command::Batch { steps, input, output, format, quality, jobs, include_other, limits } => {
             let encode = final_encode(format.as_deref(), quality, None)?;
             let pipeline = chain::parse(&steps)?;
             if pipeline.is_generated() {
                 anyhow::bail!("`{}` makes its own image, so there is nothing to batch; use `pixflow run`", steps[0]);
             }
-            let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs)?;
+            let report = batch::run(&pipeline, &input, &output, &encode, limits.resolve(), jobs, include_other)?;
             Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Serve(args) => {
@@ -166,7 +185,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             }
                             pixflow_runtime::Runnable::Process(p) => format!("process {}", p.command.join(" ")),
                         };
-                        println!(
+                        say!(
                             "{}: {} {}: {what}; {} concurrent per instance, {}..{} instances, timeout {:?}",
                             file.display(),
                             d.name,
@@ -189,9 +208,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Ops { markdown } => {
             if markdown {
-                print!("{}", opsdoc::markdown());
+                std::io::stdout().lock().write_all(opsdoc::markdown().as_bytes()).context("writing standard output")?;
             } else {
-                println!("{}", serde_json::to_string_pretty(&opsdoc::catalogue())?);
+                say!("{}", serde_json::to_string_pretty(&opsdoc::catalogue())?);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -220,7 +239,7 @@ async fn deploy(files: &[PathBuf], remote: &client::Remote) -> Result<ExitCode> 
         let (status, body) =
             remote.call(hyper::Method::PUT, &format!("/v1/functions/{name}"), text.into_bytes()).await?;
         if (200..300).contains(&status) {
-            println!(
+            say!(
                 "{}: {name} {} {}",
                 file.display(),
                 body["version"].as_str().unwrap_or("?"),
@@ -240,17 +259,20 @@ async fn list(remote: &client::Remote) -> Result<ExitCode> {
         eprintln!("{}", client::problem_line(status, &body));
         return Ok(ExitCode::FAILURE);
     }
-    println!("{:<24} {:<10} {:>5} {:>9} {:>6}  RUNS", "NAME", "VERSION", "READY", "IN-FLIGHT", "QUEUED");
+    say!("{:<24} {:<10} {:>5} {:>9} {:>6}  RUNS", "NAME", "VERSION", "READY", "IN-FLIGHT", "QUEUED");
     for f in body["functions"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let state = &f["state"];
-        println!(
+        say!(
             "{:<24} {:<10} {:>5} {:>9} {:>6}  {}",
             f["name"].as_str().unwrap_or("?"),
             f["version"].as_str().unwrap_or("?"),
             state["ready_instances"].to_string(),
             state["in_flight"].to_string(),
             state["queued"].to_string(),
-            f["runs"]
+            match state["start_error"].as_str() {
+                Some(e) => format!("{}  FAILING: {e}", f["runs"]),
+                None => f["runs"].to_string(),
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -260,6 +282,18 @@ async fn list(remote: &client::Remote) -> Result<ExitCode> {
 fn final_encode(format: Option<&str>, quality: Option<u8>, output: Option<&Path>) -> Result<EncodeOptions> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     let from_name = output.and_then(|p| p.to_str()).and_then(pixflow_imageops::pipeline::format_from_name);
+    // A file name whose extension names no format would otherwise get the source's format
+    // under a misleading name.
+    if let (None, None, Some(path)) = (format, from_name, output)
+        && path != Path::new("-")
+        && let Some(ext) = path.extension()
+    {
+        anyhow::bail!(
+            "--output {}: `.{}` names no output format; use .jpg, .png, .webp, .avif, .gif or .svg, or give --format",
+            path.display(),
+            ext.to_string_lossy()
+        );
+    }
     if let Some(f) = format {
         pairs.push(("format".into(), f.into()));
     } else if let Some(f) = from_name {
@@ -341,7 +375,7 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
     if steps.len() == 1 && steps[0] == "probe" {
         let input = read_input(input_path()?, &limits)?;
         let probe = pixflow_imageops::probe(&input, &limits, foreign)?;
-        println!("{}", serde_json::to_string_pretty(&probe)?);
+        say!("{}", serde_json::to_string_pretty(&probe)?);
         return Ok(());
     }
     let pipeline = chain::parse(steps)?;

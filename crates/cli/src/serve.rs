@@ -110,6 +110,30 @@ pub struct ServeArgs {
     /// Secret key S3 clients sign with (at least 16 characters).
     #[arg(long, env = "PIXFLOW_S3_SECRET_KEY", hide_env_values = true)]
     s3_secret_key: Option<String>,
+    /// Serve the CDN routes (`/cdn/...`) also on this address: an origin of their own for
+    /// stored content, apart from the API's (point --public-url at it).
+    #[arg(long, env = "PIXFLOW_CDN_LISTEN")]
+    cdn_listen: Option<SocketAddr>,
+    /// Public bucket whose HTML, SVG, XML and JavaScript objects `/cdn` serves inline instead of
+    /// as downloads (repeatable); only with the CDN on its own origin.
+    #[arg(long = "cdn-inline-active", value_delimiter = ',')]
+    cdn_inline_active: Vec<String>,
+    /// Longest a client may take to send a request's head; also how long an idle kept-alive
+    /// connection stays open.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Longest a request body may pause before the request is answered 408.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    body_idle_timeout: Duration,
+    /// Bytes per second a request body must average once it has been arriving for the idle
+    /// timeout, e.g. 1Ki.
+    #[arg(long, default_value = "1Ki", value_parser = parse_bytes)]
+    body_min_rate: u64,
+    /// Folder of secrets that process functions reference by name (`process.secrets`): one
+    /// file per secret, named after it, as Kubernetes and Docker mount them. Secrets are also
+    /// read from the node's environment as `PIXFLOW_SECRET_<NAME>`.
+    #[arg(long, env = "PIXFLOW_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
     /// Accept this admin token (instead of generating one on first start).
     #[arg(long, env = "PIXFLOW_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -159,6 +183,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.shutdown_grace = args.shutdown_grace;
     config.admin_token = args.admin_token;
     config.objects_dir = args.objects_dir;
+    config.secrets_dir = args.secrets_dir;
     let s3_options = args.objects_s3_endpoint.is_some()
         || args.objects_s3_region.is_some()
         || args.objects_s3_access_key.is_some()
@@ -199,6 +224,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     config.cdn_signing_key = args.cdn_signing_key;
     config.cdn_allow_unsigned = args.cdn_allow_unsigned;
+    anyhow::ensure!(
+        args.cdn_inline_active.is_empty() || args.cdn_listen.is_some(),
+        "--cdn-inline-active needs --cdn-listen: active content is served inline only on the CDN's own origin"
+    );
+    config.cdn_inline_active = args.cdn_inline_active;
+    config.client_deadlines.header_read = args.header_read_timeout;
+    config.client_deadlines.body_idle = args.body_idle_timeout;
+    config.client_deadlines.body_min_rate = args.body_min_rate;
     config.cdn_auto_formats = args.cdn_auto_formats;
     config.cdn_cache_memory = args.cdn_cache_memory;
     config.cdn_cache_disk = args.cdn_cache_disk;
@@ -227,7 +260,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
+    let cdn = match args.cdn_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
+            eprintln!("CDN origin on http://{}", l.local_addr()?);
+            Some(tokio::spawn(pixflow_server::serve_cdn(started.app.clone(), l)))
+        }
+        None => None,
+    };
     pixflow_server::serve(started.app, listener, shutdown_signal()).await?;
+    if let Some(cdn) = cdn {
+        cdn.await.context("the CDN listener")?;
+    }
     if let Some(s3) = s3 {
         s3.await.context("the S3 endpoint")??;
     }

@@ -9,6 +9,13 @@ fn pixflow(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pixflow")).args(args).current_dir(cwd).output().expect("run pixflow")
 }
 
+/// Says on the terminal (past the test harness's capture) that part of a test did not run and
+/// how to run it.
+fn skipped(part: &str, how: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "note: skipped {part}; {how}");
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pixflow-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -157,6 +164,9 @@ fn batch_processes_a_tree_and_reports_failures() {
     write_jpeg(&input.join("a.jpg"), 400, 300);
     write_jpeg(&input.join("sub/b.jpg"), 300, 400);
     std::fs::write(input.join("broken.jpg"), b"\xff\xd8\xff\xe0 nope").unwrap();
+    // Files that are not media are skipped and counted, not failures.
+    std::fs::write(input.join("README.txt"), b"notes").unwrap();
+    std::fs::write(input.join("sub/.DS_Store"), b"\0\0\0\x01Bud1").unwrap();
     let out = pixflow(
         &[
             "batch",
@@ -176,10 +186,40 @@ fn batch_processes_a_tree_and_reports_failures() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a failed file makes the batch fail");
-    assert!(err.contains("done 2, failed 1"), "{err}");
-    assert!(err.contains("broken.jpg"), "{err}");
+    assert!(err.contains("done 2, failed 1, skipped 2 (not media)"), "{err}");
+    assert!(err.contains("broken.jpg") && !err.contains("README"), "{err}");
+    // Asked to, it tries them too.
+    let out = pixflow(&["batch", "flip", "--input", "in", "--output", "all", "--include-other"], &dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("done 2, failed 3, skipped 0"), "{err}");
+    assert!(err.contains("README.txt"), "{err}");
     assert_eq!(dims(&dir.join("out/a.webp")), (100, 75));
     assert_eq!(dims(&dir.join("out/sub/b.webp")), (75, 100));
+}
+
+#[test]
+fn a_closed_output_pipe_ends_quietly_and_unknown_extensions_are_refused() {
+    use std::io::Read;
+    let dir = temp_dir("pipe");
+    write_jpeg(&dir.join("in.jpg"), 64, 48);
+    // Standard output is a pipe nobody reads any more, as after `| head` exits.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pixflow"))
+        .args(["ops"])
+        .current_dir(&dir)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success() && err.is_empty(), "{status}: {err}");
+    let out = pixflow(&["run", "flip", "--input", "in.jpg", "--output", "out.xyz"], &dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`.xyz` names no output format"), "{err}");
+    assert!(!dir.join("out.xyz").exists());
 }
 
 #[test]
@@ -239,6 +279,7 @@ fn avif_decodes_through_ffmpeg_or_fails_clearly() {
     assert!(err.contains("[unsupported_format]") && err.contains("avif") && err.contains("ffmpeg"), "{err}");
 
     if std::env::var_os("PIXFLOW_TEST_FFMPEG").is_none() {
+        skipped("AVIF decoding through ffmpeg", "install ffmpeg and set PIXFLOW_TEST_FFMPEG=1 (as .ci/run does)");
         return;
     }
     let out = pixflow(&["run", "resize", "width=100", "--input", "x.avif", "--output", "o.png"], &dir);
@@ -254,7 +295,10 @@ fn avif_decodes_through_ffmpeg_or_fails_clearly() {
 
     // HEIF orientation properties (irot/imir) are applied: the corpus's rotated and mirrored
     // sample must come out like its untransformed twin.
-    let Some(corpus) = std::env::var_os("PIXFLOW_CORPUS").map(PathBuf::from) else { return };
+    let Some(corpus) = std::env::var_os("PIXFLOW_CORPUS").map(PathBuf::from) else {
+        skipped("HEIF orientation on corpus files", "set PIXFLOW_CORPUS to the shared corpus folder (as .ci/run does)");
+        return;
+    };
     let a = corpus.join("avif/irot0_imir0_640x427.avif");
     let b = corpus.join("avif/irot1_imir0_640x427.avif");
     for (src, name) in [(&a, "a.png"), (&b, "b.png")] {
@@ -427,6 +471,7 @@ fn other_video_codecs_use_ffmpeg_or_fail_clearly() {
     assert!(!missing.status.success() && err.contains("[unsupported_format]") && err.contains("ffmpeg"), "{err}");
 
     if std::env::var_os("PIXFLOW_TEST_FFMPEG").is_none() {
+        skipped("video decoding through ffmpeg", "install ffmpeg and set PIXFLOW_TEST_FFMPEG=1 (as .ci/run does)");
         return;
     }
     // Two seconds of ffmpeg's test pattern at 25 fps in MPEG-1.
@@ -587,4 +632,135 @@ fn serve_refuses_contradicting_storage_options_before_starting() {
     std::fs::write(dir.join("ca.pem"), "not a certificate").unwrap();
     let ca = run(&["--url-ca", "ca.pem"]);
     assert!(ca.contains("--url-ca ca.pem"), "{ca}");
+}
+
+/// A process function that answers with the secrets it was given, and starts a helper of its
+/// own (as programs that shell out do); both write their process ids beside it.
+const SECRETIVE: &str = r#"
+import os, subprocess
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+helper = subprocess.Popen(["sleep", "600"])
+with open("pids", "w") as f:
+    f.write(f"{os.getpid()} {helper.pid}")
+
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = f"{os.environ.get('DB_PASSWORD')}|{os.environ.get('API_KEY')}|{os.environ.get('PIXFLOW_SECRET_API_KEY')}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// Starts `pixflow serve` in `dir` and returns it with its address.
+fn start_serve(dir: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut server = Command::new(env!("CARGO_BIN_EXE_pixflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data", "--functions", "fns"])
+        .args(extra)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env("PIXFLOW_SECRET_API_KEY", "from-the-environment")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve exited early").unwrap();
+        if let Some(rest) = line.strip_prefix("pixflow serving on http://") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    // Keep reading the log so the node never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (server, addr)
+}
+
+/// Whether a process is gone (or a zombie nobody reaped yet).
+fn gone(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < until, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn secrets_reach_only_the_child_and_children_die_with_a_killed_node() {
+    let dir = temp_dir("children");
+    std::fs::create_dir_all(dir.join("fns")).unwrap();
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    std::fs::write(dir.join("secrets/db-password"), "hunter2\n").unwrap();
+    std::fs::write(dir.join("fns/secretive.py"), SECRETIVE).unwrap();
+    std::fs::write(
+        dir.join("fns/secretive.yaml"),
+        "name: secretive\nversion: '1'\nprocess: {command: [python3, secretive.py], \
+         secrets: {DB_PASSWORD: db-password, API_KEY: api-key}}\nscaling: {min: 1, max: 1}\nauth: none\n",
+    )
+    .unwrap();
+    let (mut server, addr) = start_serve(&dir, &["--secrets-dir", "secrets"]);
+    let head =
+        "POST /v1/functions/secretive/invoke HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\nconnection: close\r\n\r\n";
+    let answer = String::from_utf8_lossy(&http(&addr, head, b"x")).into_owned();
+    // The file's value and the environment's, under the names the manifest gave; nothing else
+    // of the node's environment.
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hunter2|from-the-environment|None"), "{answer}");
+    // The manifest names the secrets; the API never shows their values.
+    let token = std::fs::read_to_string(dir.join("data/admin-token")).unwrap();
+    let head = format!(
+        "GET /v1/functions/secretive HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+        token.trim()
+    );
+    let shown = String::from_utf8_lossy(&http(&addr, &head, b"")).into_owned();
+    assert!(shown.contains("db-password") && !shown.contains("hunter2") && !shown.contains("from-the-env"), "{shown}");
+
+    let pids = std::fs::read_to_string(dir.join("fns/pids")).unwrap();
+    let (child, helper) = pids.split_once(' ').unwrap();
+    assert!(!gone(child) && !gone(helper));
+    // SIGKILL: no shutdown runs, yet the child dies with the node.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    wait_until("the killed node's child is gone", || gone(child));
+    // What the child started outlives it, until the node starts again on the same folder.
+    assert!(!gone(helper), "the helper died with its parent; nothing left to test at restart");
+    std::fs::remove_file(dir.join("fns/pids")).unwrap();
+    let (mut again, _) = start_serve(&dir, &["--secrets-dir", "secrets"]);
+    wait_until("the restarted node stopped the helper left behind", || gone(helper));
+    wait_until("the restarted node's child is up", || {
+        std::fs::read_to_string(dir.join("fns/pids")).is_ok_and(|p| p.contains(' '))
+    });
+    again.kill().unwrap();
+    again.wait().unwrap();
+    let pids = std::fs::read_to_string(dir.join("fns/pids")).unwrap();
+    let (child, helper) = pids.split_once(' ').unwrap();
+    wait_until("the second run's child is gone", || gone(child));
+    // Leave nothing behind on the machine.
+    let _ = Command::new("kill").args(["-KILL", helper]).status();
+}
+
+#[test]
+fn a_secret_the_node_lacks_refuses_the_deploy_by_field() {
+    let dir = temp_dir("secret-missing");
+    std::fs::create_dir_all(dir.join("fns")).unwrap();
+    std::fs::write(
+        dir.join("fns/needy.yaml"),
+        "name: needy\nversion: '1'\nprocess: {command: [python3, x.py], secrets: {TOKEN: absent}}\n",
+    )
+    .unwrap();
+    let out = pixflow(&["serve", "--listen", "127.0.0.1:0", "--data-dir", "data", "--functions", "fns"], &dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("process.secrets.TOKEN") && err.contains("no secret named `absent`"), "{err}");
 }

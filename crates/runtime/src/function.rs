@@ -13,7 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::manifest::{Deployment, Runnable, StepSpec};
 use crate::pool::{Pool, Rejected};
-use crate::process::{MemoryLimiter, Processes};
+use crate::process::Processes;
 
 /// Why an invocation failed; the server maps each to one HTTP status and problem type.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,9 @@ pub enum InvokeError {
     /// A process function's program failed to answer (crashed, closed the connection).
     #[error("{0}")]
     FunctionFailed(String),
+    /// A process function's program does not start; its last start error.
+    #[error("the function's program does not start: {0}")]
+    StartFailed(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -51,6 +54,7 @@ impl InvokeError {
             InvokeError::Rejected(Rejected::QueueFull { .. }) => "queue_full",
             InvokeError::Rejected(Rejected::WaitTimeout(_)) => "queue_timeout",
             InvokeError::Rejected(Rejected::Closed) => "shutting_down",
+            InvokeError::Rejected(Rejected::NoInstance) | InvokeError::StartFailed(_) => "instance_start_failed",
             InvokeError::Overloaded(_) => "overloaded",
             InvokeError::Engine(e) => e.code(),
             InvokeError::Parameter { .. } => "bad_parameter",
@@ -72,6 +76,7 @@ impl InvokeError {
                 | InvokeError::Timeout(_)
                 | InvokeError::Unavailable(_)
                 | InvokeError::FunctionFailed(_)
+                | InvokeError::StartFailed(_)
                 | InvokeError::Internal(_)
         )
     }
@@ -111,6 +116,8 @@ pub struct Node {
     max_held_bytes: u64,
     requests: AtomicU64,
     max_requests: u64,
+    /// Engine runs still going after their caller's deadline (each holds a CPU).
+    overdue: AtomicU64,
 }
 
 /// Node limits.
@@ -171,6 +178,7 @@ impl Node {
             max_held_bytes: limits.max_held_bytes,
             requests: AtomicU64::new(0),
             max_requests: limits.max_requests,
+            overdue: AtomicU64::new(0),
         })
     }
 
@@ -198,6 +206,18 @@ impl Node {
     pub fn cpus(&self) -> usize {
         self.cpus
     }
+
+    /// Engine runs still going after their caller's deadline (the engine cannot be interrupted
+    /// inside one operation; its costs are bounded before it starts instead).
+    pub fn overdue(&self) -> u64 {
+        self.overdue.load(Ordering::Acquire)
+    }
+
+    /// Every CPU is held by work whose caller already gave up: new engine work would only wait
+    /// for them, so it is refused at once.
+    pub fn saturated(&self) -> bool {
+        self.overdue() >= self.cpus as u64
+    }
 }
 
 /// One deployed version of a function.
@@ -219,13 +239,13 @@ pub struct Function {
 
 impl Function {
     /// A function version; a process function's programs run in `workdir` (the manifest's
-    /// folder) with memory limited by `limiter`. `initial` instances start at once (at least
+    /// folder) in the node's `context` (memory limits, secrets). `initial` instances start at once (at least
     /// the manifest's; a rollover passes the old version's count).
     pub fn new(
         deployment: Deployment,
         manifest: String,
         workdir: &std::path::Path,
-        limiter: &MemoryLimiter,
+        context: &crate::process::Context,
         initial: u32,
     ) -> Arc<Function> {
         // Built-in instances are ready at once; process instances when their port opens.
@@ -240,7 +260,7 @@ impl Function {
                     spec.clone(),
                     workdir.to_path_buf(),
                     deployment.quota.memory_bytes,
-                    limiter.clone(),
+                    context.clone(),
                     pool.clone(),
                 );
                 (None, Some(Arc::new(p)))
@@ -448,7 +468,24 @@ async fn invoke_inner(
     };
     let waited = tokio::time::Instant::now();
     let deadline = waited + quota.timeout;
-    let permit = f.pool.acquire(quota.timeout).await?;
+    // A program that does not start is reported at once, not after the whole timeout; the
+    // request still asks for an instance, so a fixed program is picked up.
+    let start_failed = |p: &Processes| {
+        p.failing().map(|e| {
+            f.pool.want_instance();
+            InvokeError::StartFailed(e)
+        })
+    };
+    if let Some(e) = f.processes.as_deref().and_then(start_failed) {
+        return Err(e);
+    }
+    let permit = match f.pool.acquire(quota.timeout).await {
+        Ok(p) => p,
+        Err(Rejected::NoInstance) => {
+            return Err(f.processes.as_deref().and_then(start_failed).unwrap_or(Rejected::NoInstance.into()));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let Some(pipeline) = pipeline else {
         let queued = waited.elapsed();
         let processes = f.processes.as_ref().ok_or_else(|| InvokeError::Internal("no processes".into()))?;
@@ -502,6 +539,10 @@ pub struct EngineRun {
 /// admitted. Front ends without a function (the CDN's ad-hoc transformations) call it directly.
 pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'static) -> Result<EngineRun, InvokeError> {
     let EngineJob { pipeline, input, inputs, mut limits, deadline, timeout, max_response_bytes, foreign } = job;
+    if node.saturated() {
+        metrics::counter!("pixflow_engine_refused_total", "reason" => "overdue").increment(1);
+        return Err(InvokeError::Overloaded("every CPU is busy with work past its deadline"));
+    }
     // Waiting for a CPU counts against the timeout too.
     let cpu_permit = match tokio::time::timeout_at(deadline, node.cpu.clone().acquire_owned()).await {
         Ok(Ok(p)) => p,
@@ -512,7 +553,7 @@ pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'sta
     let left = deadline.saturating_duration_since(started);
     // The time spent queueing counts against the timeout.
     limits.max_op_millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
-    let work = tokio::task::spawn_blocking(move || {
+    let mut work = tokio::task::spawn_blocking(move || {
         let _held = (held, cpu_permit);
         let clock = cpu_time::ThreadTime::now();
         let opts = RunOptions {
@@ -524,10 +565,13 @@ pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'sta
         let renditions = pipeline.run(&input, &opts);
         (renditions, clock.elapsed())
     });
-    let (renditions, cpu) = match tokio::time::timeout(left, work).await {
+    let (renditions, cpu) = match tokio::time::timeout(left, &mut work).await {
         Ok(Ok(done)) => done,
         Ok(Err(join)) => return Err(InvokeError::Internal(format!("the engine stopped: {join}"))),
-        Err(_) => return Err(InvokeError::Timeout(timeout)),
+        Err(_) => {
+            watch_overdue(node.clone(), work, started + left);
+            return Err(InvokeError::Timeout(timeout));
+        }
     };
     let renditions = renditions.map_err(|e| match e {
         pixflow_imageops::Error::Timeout { .. } => InvokeError::Timeout(timeout),
@@ -538,6 +582,24 @@ pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'sta
         return Err(InvokeError::ResponseTooLarge { limit: max_response_bytes, actual: out_bytes });
     }
     Ok(EngineRun { renditions, cpu, started })
+}
+
+/// Counts an engine run that outlived its deadline until it stops (it keeps its CPU until
+/// then): the `pixflow_engine_overdue` gauge, how far past the deadline it ran, and a warning.
+fn watch_overdue<T: Send + 'static>(node: Arc<Node>, work: tokio::task::JoinHandle<T>, deadline: tokio::time::Instant) {
+    node.overdue.fetch_add(1, Ordering::AcqRel);
+    metrics::counter!("pixflow_engine_overdue_total").increment(1);
+    metrics::gauge!("pixflow_engine_overdue").set(node.overdue() as f64);
+    tokio::spawn(async move {
+        let _ = work.await;
+        let late = deadline.elapsed();
+        node.overdue.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("pixflow_engine_overdue").set(node.overdue() as f64);
+        metrics::histogram!("pixflow_engine_overdue_seconds").record(late.as_secs_f64());
+        if late > Duration::from_secs(1) {
+            tracing::warn!(late_ms = late.as_millis() as u64, "engine work ran past its deadline");
+        }
+    });
 }
 
 #[cfg(test)]
@@ -556,5 +618,61 @@ mod tests {
         assert!(node.admit(1).is_err());
         drop(t);
         assert_eq!((node.held_bytes.load(Ordering::Acquire), node.requests()), (0, 0));
+    }
+
+    /// A decoder that blocks until the test lets it go: engine work that cannot be interrupted.
+    struct Gate(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+    impl pixflow_imageops::ForeignDecoder for Gate {
+        fn decode(
+            &self,
+            _: pixflow_imageops::Format,
+            _: &[u8],
+            _: &pixflow_imageops::Limits,
+        ) -> pixflow_imageops::Result<Option<image::DynamicImage>> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(Some(image::DynamicImage::new_rgb8(8, 8)))
+        }
+    }
+
+    fn heif_8x8() -> Vec<u8> {
+        let mut b = b"\0\0\0\x14ftypavif\0\0\0\0mif1".to_vec();
+        b.extend_from_slice(b"\0\0\0\x14ispe\0\0\0\0");
+        b.extend_from_slice(&8u32.to_be_bytes());
+        b.extend_from_slice(&8u32.to_be_bytes());
+        b
+    }
+
+    #[tokio::test]
+    async fn work_past_its_deadline_is_counted_and_a_saturated_pool_refuses_more() {
+        let node = Node::new(NodeLimits { cpus: 1, max_held_bytes: 1 << 20, max_requests: 10 });
+        let (release, gate) = std::sync::mpsc::channel();
+        let foreign: Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync> =
+            Arc::new(Gate(std::sync::Mutex::new(gate)));
+        let job = |timeout: Duration| EngineJob {
+            pipeline: Pipeline::from_steps([("flip", std::iter::empty::<(&str, &str)>())]).unwrap(),
+            input: heif_8x8(),
+            inputs: BTreeMap::new(),
+            limits: pixflow_imageops::Limits::default(),
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+            max_response_bytes: 1 << 20,
+            foreign: Some(foreign.clone()),
+        };
+        let first = run_engine(&node, job(Duration::from_millis(50)), ()).await;
+        assert!(matches!(first, Err(InvokeError::Timeout(_))), "{:?}", first.err());
+        // The decoder is still blocked: the run holds the only CPU past its deadline.
+        assert_eq!(node.overdue(), 1);
+        assert!(node.saturated());
+        let second = run_engine(&node, job(Duration::from_secs(5)), ()).await;
+        assert!(matches!(second, Err(InvokeError::Overloaded(_))), "{:?}", second.err());
+        // Once it stops, the CPU is free again and work is admitted.
+        release.send(()).unwrap();
+        while node.overdue() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        release.send(()).unwrap();
+        let third = run_engine(&node, job(Duration::from_secs(30)), ()).await;
+        assert!(third.is_ok(), "{:?}", third.err());
     }
 }

@@ -10,6 +10,7 @@ pub mod output;
 pub mod pool;
 pub mod process;
 pub mod registry;
+pub mod secrets;
 
 pub use function::{
     EngineJob, EngineRun, Function, Invocation, InvokeError, Node, NodeLimits, Output, Produced, Reply, invoke,
@@ -22,3 +23,4 @@ pub use output::{KeyTemplate, KeyVars, OutputSpec, OutputTarget};
 pub use pool::{Pool, PoolStats, Rejected};
 pub use process::MemoryLimiter;
 pub use registry::{DeployError, Deployed, Registry, RegistryOptions};
+pub use secrets::Secrets;

@@ -141,8 +141,13 @@ impl ParamValue {
 pub struct ProcessSpec {
     /// Program and arguments; relative paths resolve against the manifest's folder.
     pub command: Vec<String>,
+    /// Plain settings passed to the program (shown to admins with the manifest).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Environment variables whose values come from the node's secret store, by secret name:
+    /// `{DB_PASSWORD: db-password}`. Only the child sees the values.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
     /// Name of the environment variable that carries the assigned port.
     #[serde(default = "default_port_env")]
     pub port_env: String,
@@ -413,6 +418,23 @@ impl Manifest {
                 if !self.overridable.is_empty() {
                     problems.push(diag("overridable", "process functions read their own request parameters"));
                 }
+                let env_name = |n: &str| {
+                    n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                };
+                for (var, secret) in &p.secrets {
+                    let field = format!("process.secrets.{var}");
+                    if !env_name(var) {
+                        problems.push(diag(field, "an environment variable name: letters, digits and `_`"));
+                    } else if p.env.contains_key(var) || *var == p.port_env {
+                        problems.push(diag(field, "also set by `env` or `port_env`: give it one source"));
+                    } else if !crate::secrets::valid_name(secret) {
+                        problems.push(diag(
+                            field,
+                            "a secret name: 1 to 128 of letters, digits, `.`, `_`, `-`, starting with a letter or digit",
+                        ));
+                    }
+                }
                 return Some(Runnable::Process(p.clone()));
             }
             _ => return None,
@@ -644,6 +666,17 @@ mod tests {
         assert!(p[0].contains("unknown operation"), "{p:?}");
         let p = problems("name: a\nversion: '1'\nprocess: {command: []}\n");
         assert!(p[0].contains("process.command"), "{p:?}");
+        let p = problems(
+            "name: a\nversion: '1'\nprocess: {command: [x], env: {A: '1'}, \
+             secrets: {A: s, 9X: s, OK: ../etc/passwd, PORT: s, FINE: db-password}}\n",
+        )
+        .join("\n");
+        for field in
+            ["process.secrets.A: also set", "process.secrets.9X: an environment", "process.secrets.OK: a secret name"]
+        {
+            assert!(p.contains(field), "missing {field} in:\n{p}");
+        }
+        assert!(p.contains("process.secrets.PORT") && !p.contains("FINE"), "{p}");
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub enum Rejected {
     /// The function is being removed or the node is shutting down.
     #[error("the function is shutting down")]
     Closed,
+    /// No instance could be started for the waiting requests (a process function whose
+    /// program fails to start); the function's last start error says why.
+    #[error("no instance of the function could be started")]
+    NoInstance,
 }
 
 /// Live counts, for listings and metrics.
@@ -151,7 +155,8 @@ impl Pool {
         // A permit sent after the timeout fired is dropped with the channel and so released.
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(Rejected::Closed),
+            Ok(Err(_)) if self.lock().closed => Err(Rejected::Closed),
+            Ok(Err(_)) => Err(Rejected::NoInstance),
             Err(_) => {
                 self.forget_closed_waiters();
                 Err(Rejected::WaitTimeout(wait))
@@ -205,6 +210,20 @@ impl Pool {
         self.hand_out(&mut s);
         let level = Self::level(&s);
         s.meter.advance(Instant::now(), level);
+    }
+
+    /// Fails the requests waiting for a slot with [`Rejected::NoInstance`] (no instance could
+    /// be started for them); later requests wait as usual.
+    pub fn fail_waiters(&self) {
+        let mut s = self.lock();
+        s.waiters.clear();
+        let level = Self::level(&s);
+        s.meter.advance(Instant::now(), level);
+    }
+
+    /// Asks the autoscaler for an instance (a request found none and was answered at once).
+    pub fn want_instance(&self) {
+        self.demand.notify_one();
     }
 
     /// Refuses new requests and fails the waiting ones with [`Rejected::Closed`]; running

@@ -69,6 +69,113 @@ impl MemoryLimiter {
     }
 }
 
+/// What every process function of a node shares: how memory is limited, where secrets come
+/// from, and the tag that marks the node's children.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub limiter: MemoryLimiter,
+    pub secrets: Arc<crate::secrets::Secrets>,
+    pub node_tag: Option<String>,
+}
+
+/// The environment variable that carries a node's tag into its children.
+pub const NODE_TAG_ENV: &str = "PIXFLOW_NODE";
+
+/// Whether `setpriv(1)` (util-linux) can set the parent-death signal here.
+static HAS_SETPRIV: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    let found = std::process::Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        tracing::warn!(
+            "setpriv (util-linux) is missing: process functions' children are stopped at shutdown and at the next start, but not at once if the node is killed"
+        );
+    }
+    found
+});
+
+/// Sends SIGKILL to the process group `pgid` (an instance and whatever it started).
+fn kill_group(pgid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// Stops every process carrying `tag` in its environment: the children (and their children) of
+/// an earlier run of this node that ended without stopping them. Returns how many there were.
+/// Linux only (it reads `/proc`); elsewhere it finds none.
+pub fn reap_orphans(tag: &str) -> usize {
+    let needle = format!("{NODE_TAG_ENV}={tag}");
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
+        })
+        .collect();
+    if pids.is_empty() {
+        return 0;
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg("--")
+        .args(pids.iter().map(u32::to_string))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    // Wait (briefly) until they are gone, so their ports are free for the new instances.
+    let gone = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !pids.iter().all(gone) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pids.len()
+}
+
+/// Longest line of a program's standard error kept as its last word.
+const MAX_STDERR_LINE: usize = 1024;
+
+/// Copies a program's standard error into the node's log, a line at a time (each line cut at
+/// 1 KiB), and keeps the last line for start errors.
+async fn relay_stderr(mut err: tokio::process::ChildStderr, function: String, last: Arc<Mutex<String>>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8192];
+    let mut line = Vec::new();
+    let emit = |line: &mut Vec<u8>| {
+        let text = String::from_utf8_lossy(line).trim_end().to_owned();
+        line.clear();
+        if !text.is_empty() {
+            tracing::info!(function = %function, "{text}");
+            *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = text;
+        }
+    };
+    loop {
+        let n = match err.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for part in buf[..n].split_inclusive(|&b| b == b'\n') {
+            let room = MAX_STDERR_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&part[..part.len().min(room)]);
+            if part.ends_with(b"\n") {
+                emit(&mut line);
+            }
+        }
+    }
+    emit(&mut line);
+}
+
 /// One running child.
 struct Instance {
     port: u16,
@@ -84,12 +191,14 @@ pub struct Processes {
     spec: ProcessSpec,
     workdir: PathBuf,
     memory_bytes: u64,
-    limiter: MemoryLimiter,
+    context: Context,
     live: Mutex<Vec<Arc<Instance>>>,
     starting: AtomicU32,
     /// Set by `stop_all`: starts still under way kill their child instead of adding it.
     stopped: AtomicBool,
     failures: AtomicU32,
+    /// Why the last start failed; cleared by a start that succeeds.
+    last_error: Mutex<Option<String>>,
     next_start: Mutex<Instant>,
     client: Client<HttpConnector, Full<Bytes>>,
     /// The function's pool: its ready count follows the live instances.
@@ -104,7 +213,7 @@ impl Processes {
         spec: ProcessSpec,
         workdir: PathBuf,
         memory_bytes: u64,
-        limiter: MemoryLimiter,
+        context: Context,
         pool: Arc<Pool>,
     ) -> Processes {
         Processes {
@@ -113,11 +222,12 @@ impl Processes {
             spec,
             workdir,
             memory_bytes,
-            limiter,
+            context,
             live: Mutex::new(Vec::new()),
             starting: AtomicU32::new(0),
             stopped: AtomicBool::new(false),
             failures: AtomicU32::new(0),
+            last_error: Mutex::new(None),
             next_start: Mutex::new(Instant::now()),
             client: Client::builder(TokioExecutor::new()).build_http(),
             changed: Notify::new(),
@@ -210,6 +320,7 @@ impl Processes {
         self.starting.fetch_sub(1, Ordering::AcqRel);
         match result {
             Ok(instance) => {
+                *self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 {
                     let mut list = self.live();
                     if self.stopped.load(Ordering::Acquire) {
@@ -227,9 +338,20 @@ impl Processes {
             }
             Err(e) => {
                 tracing::warn!(function = %self.name, error = %e, "process function instance failed to start");
+                *self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                if self.live().is_empty() {
+                    // Nothing will serve the requests waiting for this start: tell them now.
+                    self.pool.fail_waiters();
+                }
                 self.back_off();
             }
         }
+    }
+
+    /// The last start error while no instance runs: the function cannot serve now.
+    pub fn failing(&self) -> Option<String> {
+        let error = self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()?;
+        self.live().is_empty().then_some(error)
     }
 
     fn back_off(&self) {
@@ -246,29 +368,53 @@ impl Processes {
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("finding a free port: {e}"))?
             .port();
-        let mut cmd = match &self.limiter {
-            MemoryLimiter::Rlimit => {
-                let mut c = tokio::process::Command::new("prlimit");
-                c.arg(format!("--as={}", self.memory_bytes)).arg("--").args(&self.spec.command);
-                c
-            }
-            MemoryLimiter::Cgroup(_) => {
-                let mut c = tokio::process::Command::new(&self.spec.command[0]);
-                c.args(&self.spec.command[1..]);
-                c
-            }
-        };
+        // The program dies with the node even when the node is killed outright: `setpriv`
+        // sets the parent-death signal before it executes the rest (`prlimit`, then the
+        // program). Its own process group lets a restarted node stop what it left behind.
+        let mut argv: Vec<String> = Vec::new();
+        if *HAS_SETPRIV {
+            argv.extend(["setpriv", "--pdeathsig", "KILL", "--"].map(String::from));
+        }
+        if self.context.limiter == MemoryLimiter::Rlimit {
+            argv.extend(["prlimit".to_owned(), format!("--as={}", self.memory_bytes), "--".to_owned()]);
+        }
+        argv.extend(self.spec.command.iter().cloned());
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         // Only what the manifest gives (and PATH): never the node's own secrets.
         cmd.current_dir(&self.workdir).env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);
         }
+        for (var, name) in &self.spec.secrets {
+            let value = self.context.secrets.get(name).map_err(|e| format!("process.secrets.{var}: {e}"))?;
+            cmd.env(var, value.expose());
+        }
+        if let Some(tag) = &self.context.node_tag {
+            cmd.env(NODE_TAG_ENV, tag);
+        }
         cmd.envs(&self.spec.env)
             .env(&self.spec.port_env, port.to_string())
             .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| format!("starting {:?}: {e}", self.spec.command))?;
-        let cgroup = match (&self.limiter, child.id()) {
+        // Also the process group's id (`process_group(0)`).
+        let pid = child.id();
+        let last_line = Arc::new(Mutex::new(String::new()));
+        let stderr =
+            child.stderr.take().map(|err| tokio::spawn(relay_stderr(err, self.name.clone(), last_line.clone())));
+        // Why a start failed, with the program's last word on standard error.
+        let failed = |what: String, stderr: Option<tokio::task::JoinHandle<()>>| async move {
+            if let Some(relay) = stderr {
+                // The pipe closes when the program exits; give the relay a moment to finish.
+                let _ = tokio::time::timeout(Duration::from_millis(500), relay).await;
+            }
+            let line = last_line.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            if line.is_empty() { what } else { format!("{what}: {line}") }
+        };
+        let cgroup = match (&self.context.limiter, pid) {
             (MemoryLimiter::Cgroup(root), Some(pid)) => {
                 let dir = root.join(format!("{}-{port}", self.name));
                 let placed = std::fs::create_dir_all(&dir)
@@ -277,6 +423,7 @@ impl Processes {
                     .and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string()));
                 if let Err(e) = placed {
                     let _ = child.start_kill();
+                    kill_group(pid);
                     return Err(format!("placing the instance in cgroup {}: {e}", dir.display()));
                 }
                 Some(dir)
@@ -289,11 +436,14 @@ impl Processes {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("exited before opening port {port} ({status})"));
+                return Err(failed(format!("exited before opening port {port} ({status})"), stderr).await);
             }
             if Instant::now() >= deadline {
                 let _ = child.start_kill();
-                return Err(format!("did not open port {port} within {START_TIMEOUT:?}"));
+                if let Some(pid) = pid {
+                    kill_group(pid);
+                }
+                return Err(failed(format!("did not open port {port} within {START_TIMEOUT:?}"), None).await);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -309,6 +459,9 @@ impl Processes {
             let status = tokio::select! {
                 status = child.wait() => status.ok(),
                 () = watched.kill.notified() => {
+                    if let Some(pid) = pid {
+                        kill_group(pid);
+                    }
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                     None

@@ -34,18 +34,26 @@ pub enum Deployed {
 pub enum DeployError {
     #[error("version {version} of `{name}` is already deployed with different content; give the change a new version")]
     VersionConflict { name: String, version: String },
+    /// A process function names a secret the node's store cannot give.
+    #[error("process.secrets.{var}: {source}")]
+    Secret { var: String, source: crate::secrets::SecretError },
 }
 
 /// Registry settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RegistryOptions {
     /// How often each autoscaler samples its function (Knative: 2 s).
     pub tick: Duration,
+    /// Where process functions' secrets come from.
+    pub secrets: Arc<crate::secrets::Secrets>,
+    /// Marks this node's children (`PIXFLOW_NODE` in their environment), so a restarted node
+    /// finds and stops the ones an abrupt end left behind.
+    pub node_tag: Option<String>,
 }
 
 impl Default for RegistryOptions {
     fn default() -> Self {
-        RegistryOptions { tick: Duration::from_secs(2) }
+        RegistryOptions { tick: Duration::from_secs(2), secrets: Arc::default(), node_tag: None }
     }
 }
 
@@ -84,6 +92,11 @@ impl Registry {
         manifest: String,
         workdir: &std::path::Path,
     ) -> Result<Deployed, DeployError> {
+        if let crate::manifest::Runnable::Process(p) = &deployment.runnable {
+            for (var, name) in &p.secrets {
+                self.options.secrets.get(name).map_err(|source| DeployError::Secret { var: var.clone(), source })?;
+            }
+        }
         let mut map = self.write();
         let previous = map.get(&deployment.name).cloned();
         if let Some(old) = &previous
@@ -98,7 +111,12 @@ impl Registry {
         // A new version starts with at least as many instances as the old one has.
         let s = &deployment.scaling;
         let initial = s.initial.max(previous.as_ref().map_or(0, |old| old.pool.stats().ready.min(s.max)));
-        let f = Function::new(deployment, manifest, workdir, &self.limiter, initial);
+        let context = crate::process::Context {
+            limiter: self.limiter.clone(),
+            secrets: self.options.secrets.clone(),
+            node_tag: self.options.node_tag.clone(),
+        };
+        let f = Function::new(deployment, manifest, workdir, &context, initial);
         tokio::spawn(scale(f.clone(), self.options.tick));
         map.insert(f.name().to_owned(), f.clone());
         drop(map);
@@ -309,7 +327,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn scales_from_zero_on_demand_and_back_to_zero_when_idle() {
-        let reg = Registry::new(RegistryOptions { tick: Duration::from_secs(2) });
+        let reg = Registry::new(RegistryOptions { tick: Duration::from_secs(2), ..RegistryOptions::default() });
         let node = Node::new(NodeLimits::default());
         let (d, t) = manifest(
             "1",

@@ -118,10 +118,20 @@ async fn public_bucket(app: &App, bucket: &str, key: &str) -> Result<pixflow_bac
 
 fn disposition(q: CdnQuery, key: &str) -> Option<String> {
     q.download.map(|name| {
-        let name = if name.is_empty() { key.rsplit('/').next().unwrap_or(key).to_owned() } else { name };
+        let name = if name.is_empty() { file_name(key).to_owned() } else { name };
         delivery::attachment(&name)
     })
 }
+
+/// The last segment of a key, as a download's file name.
+pub(crate) fn file_name(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
+/// Marks requests that came through the CDN's own listener (`--cdn-listen`), the one origin
+/// where an operator may let active content render.
+#[derive(Clone, Copy)]
+pub(crate) struct OwnOrigin;
 
 /// `GET /cdn/{bucket}/{key}`: the object as stored.
 pub(crate) async fn get(
@@ -129,13 +139,20 @@ pub(crate) async fn get(
     Path((bucket, key)): Path<(String, String)>,
     method: Method,
     headers: HeaderMap,
+    own_origin: Option<axum::Extension<OwnOrigin>>,
     q: Result<Query<CdnQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
     let b = public_bucket(&app, &bucket, &key).await?;
     let (meta, file) = app.objects.get(&bucket, &key).await?;
     let cache_control = Some(b.config.cache_control.unwrap_or_else(|| app.config.cdn_cache_control.clone()));
-    let extra = Extra { cache_control, content_disposition: disposition(q, &key), ..Extra::default() };
+    let extra = Extra {
+        cache_control,
+        content_disposition: disposition(q, &key),
+        file_name: Some(file_name(&key).to_owned()),
+        active_inline: own_origin.is_some() && app.config.cdn_inline_active.contains(&bucket),
+        ..Extra::default()
+    };
     delivery::respond(&method, &headers, (&meta).into(), Payload::Object(file), extra).await
 }
 
@@ -315,6 +332,8 @@ async fn transform(
         vary: auto.then_some("Accept"),
         cache_status: Some(status),
         metadata: false,
+        file_name: Some(file_name(key).to_owned()),
+        active_inline: false,
     };
     let rep = Representation {
         etag: &entry.etag,

@@ -28,6 +28,34 @@ pub(crate) struct Extra {
     pub vary: Option<&'static str>,
     /// `X-Cache: HIT` / `MISS` of the edge cache.
     pub cache_status: Option<&'static str>,
+    /// The name an active type (HTML, SVG, XML, JavaScript) is forced to download as.
+    pub file_name: Option<String>,
+    /// Serve active types inline (the operator allowed it for this bucket).
+    pub active_inline: bool,
+}
+
+/// Content-Security-Policy of every stored or transformed answer: nothing it holds may run
+/// scripts, load resources or reach the origin's storage, even when opened as a page.
+pub(crate) const CONTENT_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; sandbox";
+
+/// Media types a browser runs or renders as a document that can hold scripts.
+pub(crate) fn is_active(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(
+        essence.as_str(),
+        "text/html"
+            | "application/xhtml+xml"
+            | "image/svg+xml"
+            | "text/xml"
+            | "application/xml"
+            | "text/xsl"
+            | "text/javascript"
+            | "application/javascript"
+            | "application/x-javascript"
+            | "application/ecmascript"
+            | "text/ecmascript"
+            | "multipart/x-mixed-replace"
+    ) || essence.ends_with("+xml")
 }
 
 /// What is served: a stored object, or a transformed result of one.
@@ -201,6 +229,8 @@ fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 
 /// Headers every answer about the object carries (200, 206, 304).
 fn validators(h: &mut HeaderMap, meta: &Representation<'_>, extra: &Extra) {
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_POLICY));
     insert(h, header::ETAG, &quoted(meta.etag));
     insert(h, header::LAST_MODIFIED, &http_date(modified(meta)));
     if let Some(cc) = &extra.cache_control {
@@ -276,6 +306,8 @@ pub(crate) async fn respond(
     }
     if let Some(d) = &extra.content_disposition {
         insert(h, header::CONTENT_DISPOSITION, d);
+    } else if is_active(meta.content_type) && !extra.active_inline {
+        insert(h, header::CONTENT_DISPOSITION, &attachment(extra.file_name.as_deref().unwrap_or("download")));
     }
     if extra.metadata
         && let Some(m) = meta.metadata

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use pixflow_runtime::{Deployed, Function, Runnable};
+use pixflow_runtime::{DeployError, Deployed, Function, Runnable};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -28,8 +28,17 @@ pub(crate) async fn read_body(body: Body, limit: u64) -> Result<bytes::Bytes, Pr
             "request_too_large",
             format!("the request body is larger than {limit} bytes"),
         )),
-        Err(e) => Err(Problem::bad_request(format!("reading the request body: {e}"))),
+        Err(e) => Err(body_problem(&*e)),
     }
+}
+
+/// The answer to a request body that could not be read: 408 for a client the deadlines cut
+/// off, else 400.
+pub(crate) fn body_problem(e: &(dyn std::error::Error + 'static)) -> Problem {
+    if crate::conn::is_slow_body(e) {
+        return Problem::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", format!("reading the request body: {e}"));
+    }
+    Problem::bad_request(format!("reading the request body: {e}"))
 }
 
 /// A small JSON request document (at most 16 KiB).
@@ -38,8 +47,8 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(body: Body, what: 
     serde_json::from_slice(&bytes).map_err(|e| Problem::bad_request(format!("{what}: {e}")))
 }
 
-/// A function as the API shows it.
-pub(crate) fn describe(f: &Function, with_manifest: bool) -> Value {
+/// A function as the API shows it; `admin` adds a process's command line.
+pub(crate) fn describe(f: &Function, admin: bool) -> Value {
     let d = &f.deployment;
     let stats = f.pool.stats();
     let kind = match &d.runnable {
@@ -47,7 +56,8 @@ pub(crate) fn describe(f: &Function, with_manifest: bool) -> Value {
         Runnable::Pipeline { steps, .. } => {
             json!({"pipeline": steps.iter().map(|s| s.op.as_str()).collect::<Vec<_>>()})
         }
-        Runnable::Process(p) => json!({"process": p.command}),
+        Runnable::Process(p) if admin => json!({"process": p.command}),
+        Runnable::Process(_) => json!({"process": Value::Null}),
     };
     let overridable = match &d.runnable {
         Runnable::Pipeline { overridable, .. } => overridable.clone(),
@@ -79,15 +89,16 @@ pub(crate) fn describe(f: &Function, with_manifest: bool) -> Value {
         },
         "retry": {"attempts": d.retry.attempts, "backoff_ms": d.retry.backoff.as_millis()},
     });
-    if with_manifest {
-        v["manifest"] = Value::String(f.manifest.clone());
+    // A process function whose program does not start says why (its last standard-error line).
+    if let Some(error) = f.processes.as_ref().and_then(|p| p.failing()) {
+        v["state"]["start_error"] = Value::String(error);
     }
     v
 }
 
 pub(crate) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<Value>, Problem> {
-    auth::role(&app.store, &headers).await?;
-    let functions: Vec<Value> = app.registry.list().iter().map(|f| describe(f, false)).collect();
+    let admin = auth::role(&app.store, &headers).await? == Role::Admin;
+    let functions: Vec<Value> = app.registry.list().iter().map(|f| describe(f, admin)).collect();
     Ok(Json(json!({ "functions": functions })))
 }
 
@@ -96,9 +107,16 @@ pub(crate) async fn show(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    auth::role(&app.store, &headers).await?;
+    let role = auth::role(&app.store, &headers).await?;
     let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
-    Ok(Json(describe(&f, true)))
+    // The manifest and a process's command line are for admins: they may hold settings an
+    // invoking client has no business reading.
+    let admin = role == Role::Admin;
+    let mut v = describe(&f, admin);
+    if admin {
+        v["manifest"] = Value::String(f.manifest.clone());
+    }
+    Ok(Json(v))
 }
 
 pub(crate) fn not_found(name: &str) -> Problem {
@@ -144,10 +162,15 @@ pub(crate) async fn deploy(
     // Deploys and removals apply one at a time, so the state file ends with what runs.
     let _serial = app.deploys.lock().await;
     // Process functions deployed through the API run in the data folder.
-    let outcome = app
-        .registry
-        .deploy(deployment, text.clone(), &app.config.data_dir)
-        .map_err(|e| Problem::new(StatusCode::CONFLICT, "version_conflict", e.to_string()))?;
+    let outcome = app.registry.deploy(deployment, text.clone(), &app.config.data_dir).map_err(|e| match e {
+        DeployError::VersionConflict { .. } => Problem::new(StatusCode::CONFLICT, "version_conflict", e.to_string()),
+        DeployError::Secret { ref var, .. } => {
+            let field = format!("process.secrets.{var}");
+            let message = e.to_string();
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_manifest", message.clone())
+                .with_errors(vec![FieldError { field, message, line: None, column: None }])
+        }
+    })?;
     if outcome != Deployed::Unchanged {
         app.store.save_function(&name, &version, &text).await?;
     }
@@ -158,7 +181,7 @@ pub(crate) async fn deploy(
     };
     tracing::info!(function = %name, %version, result, "deploy");
     let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
-    let mut body = describe(&f, false);
+    let mut body = describe(&f, true);
     body["result"] = Value::from(result);
     if let Deployed::Updated { previous } = outcome {
         body["previous_version"] = Value::from(previous);

@@ -5,8 +5,13 @@
 //! call (so quotas, queues and node limits apply alike), then records the result, puts it back
 //! with exponential backoff (errors a retry can fix: overload, timeouts, internal failures), or
 //! dead-letters it (its last attempt failed, or the input itself is wrong, which no retry fixes).
+//! While an attempt runs, a heartbeat renews its short lease, so a node that dies leaves its
+//! work to other claims within [`LEASE`] (and its own next start takes it back at once); an
+//! outcome is recorded only while the row is still this claim's, and an attempt whose row was
+//! taken over is given up.
 //! An invocation id is an unguessable capability: whoever holds it may read its status.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +19,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use pixflow_backends::{Claimed, InvocationRow, Status};
+use pixflow_backends::{Claimed, InvocationRow, Status, Store};
 use pixflow_runtime::{InvokeError, Produced};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -24,9 +29,10 @@ use crate::auth;
 use crate::invoke::{QueuedMeta, output_target, rendition_meta, resolve, storable, store_results};
 use crate::problem::Problem;
 
-/// How long a claimed invocation is leased beyond its function's timeout; after that (the node
-/// died mid-run) it is queued again.
-const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// How long a claim is leased without a heartbeat: the longest a running invocation whose node
+/// died waits before another claim takes it (its own node's next start takes it back at once).
+/// A worker renews the lease every third of it while the attempt runs, however long that is.
+pub(crate) const LEASE: Duration = Duration::from_secs(30);
 
 fn describe(row: &InvocationRow) -> Value {
     let mut v = json!({
@@ -183,11 +189,14 @@ pub(crate) async fn redrive(
 
 /// One worker: claims and runs queued invocations until the node stops.
 pub(crate) async fn worker(app: Arc<App>) {
+    work(app, LEASE).await;
+}
+
+/// A worker whose claims are leased for `lease`.
+async fn work(app: Arc<App>, lease: Duration) {
     while !app.stopping() {
-        let lease =
-            app.registry.list().iter().map(|f| f.deployment.quota.timeout).max().unwrap_or_default() + LEASE_MARGIN;
         match app.store.claim(lease).await {
-            Ok(Some(claimed)) => run(&app, claimed).await,
+            Ok(Some(claimed)) => run(&app, claimed, lease).await,
             Ok(None) => {
                 tokio::select! {
                     () = app.queue_wake.notified() => {}
@@ -222,48 +231,74 @@ pub(crate) async fn retention(app: Arc<App>) {
     }
 }
 
-async fn run(app: &Arc<App>, claimed: Claimed) {
-    let Claimed { row, payload } = claimed;
-    if row.attempts > row.max_attempts {
-        // Its lease ran out on the last attempt: the node stopped while running it, maybe
-        // because of it. It is not run again.
+/// Runs `work` while renewing the lease of `claim` every third of `lease`. `None`: the row was
+/// taken over by another claim (this one's lease ran out unrenewed, the store out of reach or
+/// the node stalled), and `work` was dropped, as the new owner runs the invocation.
+async fn with_lease<F: Future>(store: &Store, id: &str, claim: &str, lease: Duration, work: F) -> Option<F::Output> {
+    let heartbeat = async {
+        let period = (lease / 3).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(period).await;
+            match store.extend_lease(id, claim, lease).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                // Renewed at the next beat, if the lease has not run out by then.
+                Err(e) => tracing::warn!(%id, error = %e, "renewing an invocation's lease"),
+            }
+        }
+    };
+    tokio::select! {
+        out = work => Some(out),
+        () = heartbeat => None,
+    }
+}
+
+async fn run(app: &Arc<App>, claimed: Claimed, lease: Duration) {
+    let Claimed { row, payload, claim } = claimed;
+    let recorded = if row.attempts > row.max_attempts {
+        // Its last attempt was lost with its node (stopped while running it, maybe because of
+        // it). It is not run again.
         let problem = Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "attempt_lost",
             "the node stopped while running the last attempt",
         );
         metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
-        if let Err(e) = app.store.bury(&row.id, &problem_json(&problem)).await {
-            tracing::error!(id = %row.id, error = %e, "dead-lettering an invocation");
+        app.store.bury(&row.id, &claim, &problem_json(&problem)).await
+    } else {
+        let Some(outcome) = with_lease(&app.store, &row.id, &claim, lease, attempt(app, &row, payload)).await else {
+            tracing::warn!(id = %row.id, function = %row.function, "another claim took this invocation over; attempt given up");
             return;
-        }
-        notify(app, &row.id).await;
-        return;
-    }
-    let outcome = attempt(app, &row, payload).await;
-    let recorded = match outcome {
-        Ok((meta, bytes)) => app.store.finish(&row.id, &meta, &bytes).await,
-        Err((problem, retry)) => {
-            let error = problem_json(&problem);
-            match retry {
-                Some(delay) if row.attempts < row.max_attempts => {
-                    metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone()).increment(1);
-                    app.store.retry_at(&row.id, &error, delay).await
-                }
-                _ => {
-                    metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
-                    tracing::warn!(id = %row.id, function = %row.function, code = problem.code, "dead-lettered");
-                    app.store.bury(&row.id, &error).await
+        };
+        match outcome {
+            Ok((meta, bytes)) => app.store.finish(&row.id, &claim, &meta, &bytes).await,
+            Err((problem, retry)) => {
+                let error = problem_json(&problem);
+                match retry {
+                    Some(delay) if row.attempts < row.max_attempts => {
+                        metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone())
+                            .increment(1);
+                        app.store.retry_at(&row.id, &claim, &error, delay).await
+                    }
+                    _ => {
+                        metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone())
+                            .increment(1);
+                        tracing::warn!(id = %row.id, function = %row.function, code = problem.code, "dead-lettered");
+                        app.store.bury(&row.id, &claim, &error).await
+                    }
                 }
             }
         }
     };
-    if let Err(e) = recorded {
-        // The lease brings the invocation back; nothing is lost.
-        tracing::error!(id = %row.id, error = %e, "recording an invocation's outcome");
-        return;
+    match recorded {
+        Ok(true) => notify(app, &row.id).await,
+        // Another claim owns the row now; its outcome is the one that counts.
+        Ok(false) => {
+            tracing::warn!(id = %row.id, function = %row.function, "another claim took this invocation over; outcome dropped");
+        }
+        // The lease runs out and brings the invocation back; nothing is lost.
+        Err(e) => tracing::error!(id = %row.id, error = %e, "recording an invocation's outcome"),
     }
-    notify(app, &row.id).await;
 }
 
 /// Sends the completion callback of a finished invocation, if it asked for one.
@@ -345,5 +380,119 @@ async fn attempt(
             });
             Err((Problem::from(e), retry))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use pixflow_backends::NewInvocation;
+    use pixflow_backends::state::now_ms;
+
+    use super::*;
+
+    fn invocation(id: &str) -> NewInvocation {
+        NewInvocation {
+            id: id.into(),
+            function: "slow".into(),
+            max_attempts: 3,
+            meta: "{}".into(),
+            payload: Vec::new(),
+            callback: None,
+        }
+    }
+
+    /// Polls `done` until it holds, for at most 20 s.
+    async fn eventually<F: Future<Output = bool>>(mut done: impl FnMut() -> F) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done().await {
+            assert!(Instant::now() < deadline, "not done within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_heartbeat_keeps_the_lease_of_a_long_attempt() {
+        let store = Store::memory().await.unwrap();
+        store.enqueue(&invocation("a")).await.unwrap();
+        let lease = Duration::from_millis(1500);
+        let claimed = store.claim(lease).await.unwrap().unwrap();
+        let first_end = claimed.row.lease_ms;
+        // An attempt that runs until its first lease is long over.
+        let long = eventually(|| async { now_ms() > first_end + 2_000 });
+        let out = with_lease(&store, "a", &claimed.claim, lease, async {
+            long.await;
+            // Renewed all along: no other claim can take the row.
+            store.claim(lease).await.unwrap().map(|c| c.row.id)
+        })
+        .await;
+        assert_eq!(out, Some(None), "the row was taken over while its attempt ran");
+        assert!(store.get("a").await.unwrap().unwrap().lease_ms > first_end);
+        assert!(store.finish("a", &claimed.claim, "[]", b"").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_attempt_whose_row_was_taken_over_is_given_up() {
+        let store = Store::memory().await.unwrap();
+        store.enqueue(&invocation("a")).await.unwrap();
+        let lease = Duration::from_millis(150);
+        let stale = store.claim(lease).await.unwrap().unwrap();
+        let taker = store.clone();
+        let owner = tokio::spawn(async move {
+            // Another run of the node takes the row back and claims it.
+            taker.requeue_interrupted().await.unwrap();
+            taker.claim(Duration::from_secs(60)).await.unwrap().unwrap()
+        });
+        let given_up = tokio::time::timeout(
+            Duration::from_secs(20),
+            with_lease(&store, "a", &stale.claim, lease, std::future::pending::<()>()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(given_up, None);
+        let owner = owner.await.unwrap();
+        assert!(!store.finish("a", &stale.claim, "[\"stale\"]", b"stale").await.unwrap());
+        assert!(store.finish("a", &owner.claim, "[\"owner\"]", b"owner").await.unwrap());
+        assert_eq!(store.get("a").await.unwrap().unwrap().result_meta.as_deref(), Some("[\"owner\"]"));
+    }
+
+    /// A node killed while running an invocation (its claim's lease still far from over) runs it
+    /// again as soon as it starts.
+    #[tokio::test]
+    async fn a_restarted_node_reruns_its_interrupted_invocations_at_once() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let dir = std::env::temp_dir().join(format!("pixflow-interrupted-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("functions")).unwrap();
+        std::fs::write(dir.join("functions/flip.yaml"), "name: flip\nversion: '1'\nbuiltin: flip\nauth: none\n")
+            .unwrap();
+        let mut c = crate::Config::new(dir.join("data"));
+        c.functions_dir = Some(dir.join("functions"));
+        c.admin_token = Some("pfx_test-admin-token".into());
+        c.async_workers = 0;
+        let app = crate::App::start(c.clone(), None).await.unwrap().app;
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(4, 4).write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let req = axum::http::Request::post("/v1/functions/flip/invoke")
+            .header("prefer", "respond-async")
+            .body(axum::body::Body::from(png.into_inner()))
+            .unwrap();
+        let resp = crate::router(app.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        let id = body["id"].as_str().unwrap().to_owned();
+        // A worker claims it for an hour, and the node dies.
+        app.store.claim(Duration::from_secs(3600)).await.unwrap().unwrap();
+        app.shutdown().await;
+        c.async_workers = 1;
+        let app = crate::App::start(c, None).await.unwrap().app;
+        let store = app.store.clone();
+        eventually(|| async { store.get(&id).await.unwrap().unwrap().status == Status::Succeeded }).await;
+        assert_eq!(store.get(&id).await.unwrap().unwrap().attempts, 2);
+        app.shutdown().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,6 +6,7 @@
 pub mod auth;
 mod callback;
 pub mod cdn;
+pub mod conn;
 mod delivery;
 pub mod fetch;
 mod functions;
@@ -70,6 +71,9 @@ pub struct Config {
     pub cdn_signing_key: Option<String>,
     /// Accept `_` instead of a signature in ad-hoc CDN URLs.
     pub cdn_allow_unsigned: bool,
+    /// Public buckets whose active types (HTML, SVG, XML, JavaScript) `/cdn` serves inline
+    /// instead of as downloads (run the CDN on an origin of its own first: `--cdn-listen`).
+    pub cdn_inline_active: Vec<String>,
     /// Formats `auto` may pick, in order of preference, when `Accept` allows them.
     pub cdn_auto_formats: Vec<pixflow_imageops::OutFormat>,
     /// Engine limits of ad-hoc CDN transformations.
@@ -85,6 +89,12 @@ pub struct Config {
     /// The key pair S3 clients sign with (SigV4) on the S3-compatible endpoint.
     pub s3_access_key: Option<String>,
     pub s3_secret_key: Option<String>,
+    /// A folder of secrets process functions reference by name (one file per secret).
+    pub secrets_dir: Option<PathBuf>,
+    /// Also take secrets from the node's environment (`PIXFLOW_SECRET_<NAME>`).
+    pub secrets_from_env: bool,
+    /// Deadlines of slow clients (headers, bodies) and how much of a refused body is drained.
+    pub client_deadlines: conn::ClientDeadlines,
 }
 
 impl Config {
@@ -112,12 +122,16 @@ impl Config {
             url_policy: fetch::UrlPolicy::default(),
             cdn_signing_key: None,
             cdn_allow_unsigned: false,
+            cdn_inline_active: Vec::new(),
             cdn_auto_formats: vec![pixflow_imageops::OutFormat::Avif, pixflow_imageops::OutFormat::Webp],
             cdn_limits: pixflow_imageops::Limits::default(),
             cdn_timeout: Duration::from_secs(30),
             cdn_cache_dir: None,
             cdn_cache_memory: 256 << 20,
             cdn_cache_disk: 10 << 30,
+            client_deadlines: conn::ClientDeadlines::default(),
+            secrets_dir: None,
+            secrets_from_env: true,
         }
     }
 }
@@ -136,8 +150,8 @@ pub struct App {
     stopping: AtomicBool,
     /// Wakes asynchronous workers when work is queued or the node stops.
     queue_wake: Notify,
-    /// Wakes background loops when the node stops.
-    stop: Notify,
+    /// Cancelled when the node stops: the stop signal of background loops and listeners.
+    stop: tokio_util::sync::CancellationToken,
     /// Connections of the S3 endpoint; a shutdown waits for them before closing the store.
     connections: tokio_util::task::TaskTracker,
     /// Serialises deploys and removals (registry and state file change together).
@@ -177,8 +191,16 @@ impl App {
         let store = if config.in_memory {
             Store::memory().await?
         } else {
-            std::fs::create_dir_all(&config.data_dir)
+            // Private objects, payloads and results live here: the node's user only.
+            let narrowed = pixflow_backends::files::private_dir(&config.data_dir)
                 .with_context(|| format!("creating {}", config.data_dir.display()))?;
+            if let Some(mode) = narrowed {
+                tracing::warn!(
+                    dir = %config.data_dir.display(),
+                    was = format_args!("{mode:o}"),
+                    "the data folder was open to other users; narrowed to 0700"
+                );
+            }
             Store::open(&config.data_dir.join("state.db")).await?
         };
         let new_admin_token = admin_token(&store, &config).await?;
@@ -193,8 +215,23 @@ impl App {
         let cache = pixflow_backends::EdgeCache::open(&cache_dir, config.cdn_cache_memory, config.cdn_cache_disk)
             .with_context(|| format!("opening the edge cache in {}", cache_dir.display()))?;
         let cdn = cdn::Cdn::new(cache, signing_key(&config)?);
+        let node_tag = node_tag(&config)?;
+        // Children of an earlier run of this node that ended abruptly (SIGKILL, power loss)
+        // would hold ports and memory: stop them before starting new ones.
+        let tag = node_tag.clone();
+        let reaped = tokio::task::spawn_blocking(move || pixflow_runtime::process::reap_orphans(&tag)).await?;
+        if reaped > 0 {
+            tracing::warn!(reaped, "process-function children left by an earlier run of this node were stopped");
+        }
         let app = Arc::new(App {
-            registry: Registry::new(RegistryOptions { tick: config.tick }),
+            registry: Registry::new(RegistryOptions {
+                tick: config.tick,
+                secrets: Arc::new(pixflow_runtime::Secrets {
+                    dir: config.secrets_dir.clone(),
+                    from_env: config.secrets_from_env,
+                }),
+                node_tag: Some(node_tag.clone()),
+            }),
             node: Node::new(config.node),
             store,
             objects,
@@ -204,14 +241,15 @@ impl App {
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             queue_wake: Notify::new(),
-            stop: Notify::new(),
+            stop: tokio_util::sync::CancellationToken::new(),
             connections: tokio_util::task::TaskTracker::new(),
             deploys: tokio::sync::Mutex::new(()),
             workers: std::sync::Mutex::new(Vec::new()),
             config,
         });
         app.load_functions().await?;
-        let requeued = app.store.requeue_expired().await?;
+        // Whatever the last run left running was cut short: run it again now, not after its lease.
+        let requeued = app.store.requeue_interrupted().await?;
         if requeued > 0 {
             tracing::info!(requeued, "asynchronous invocations interrupted by a stop are queued again");
         }
@@ -261,14 +299,12 @@ impl App {
     /// Resolves once the node is stopping (at once if it already is): the stop signal of the
     /// background loops.
     async fn stopped(&self) {
-        // Registered before the check, so a stop between the two is not missed.
-        let stop = self.stop.notified();
-        tokio::pin!(stop);
-        stop.as_mut().enable();
-        if self.stopping() {
-            return;
-        }
-        stop.await;
+        self.stop.cancelled().await;
+    }
+
+    /// The node's stop signal, for loops that outlive a borrow of the app.
+    fn stop_token(&self) -> tokio_util::sync::CancellationToken {
+        self.stop.clone()
     }
 
     /// Stops taking work: readiness turns 503, workers stop claiming.
@@ -276,7 +312,7 @@ impl App {
         self.ready.store(false, Ordering::Release);
         self.stopping.store(true, Ordering::Release);
         self.queue_wake.notify_waiters();
-        self.stop.notify_waiters();
+        self.stop.cancel();
     }
 
     /// Shuts down: no new work, in-flight work finishes within the grace period, state is
@@ -312,6 +348,18 @@ impl App {
         self.store.close().await;
         self.objects.close().await;
     }
+}
+
+/// The tag that marks this node's children: the same for every run on one data folder (so a
+/// restart finds what an abrupt end left), random for a node with state in memory.
+fn node_tag(config: &Config) -> Result<String> {
+    use sha2::Digest as _;
+    if config.in_memory {
+        return auth::generate().context("generating the node's tag");
+    }
+    let dir = config.data_dir.canonicalize().with_context(|| format!("resolving {}", config.data_dir.display()))?;
+    let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    Ok(hex::encode(&digest[..12]))
 }
 
 /// Ensures an admin token exists; returns one created now.
@@ -394,11 +442,9 @@ fn read_manifests(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
         .collect()
 }
 
-/// The HTTP API.
+/// The HTTP API, with the CDN routes.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
+    let api = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/functions", get(functions::list))
         .route("/v1/functions/{name}", get(functions::show).put(functions::deploy).delete(functions::remove))
@@ -419,10 +465,27 @@ pub fn router(app: Arc<App>) -> Router {
             get(objects::get_object).put(objects::put_object).delete(objects::delete_object),
         )
         .route("/v1/cdn/purge", post(cdn::purge))
-        .route("/v1/cdn/sign", post(cdn::sign))
+        .route("/v1/cdn/sign", post(cdn::sign));
+    with_fallbacks(api.merge(cdn_routes())).with_state(app)
+}
+
+/// The CDN routes and health checks alone (what `--cdn-listen` serves on its own origin).
+pub fn cdn_router(app: Arc<App>) -> Router {
+    with_fallbacks(cdn_routes()).with_state(app)
+}
+
+fn cdn_routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
         .route("/cdn/{bucket}/{*key}", get(cdn::get))
         .route("/cdn/p/{preset}/{bucket}/{*key}", get(cdn::preset))
         .route("/cdn/t/{signature}/{ops}/{bucket}/{*key}", get(cdn::adhoc))
+}
+
+/// Unknown paths and methods answered as problems.
+fn with_fallbacks(routes: Router<Arc<App>>) -> Router<Arc<App>> {
+    routes
         .fallback(|| async { problem::Problem::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             problem::Problem::new(
@@ -431,12 +494,19 @@ pub fn router(app: Arc<App>) -> Router {
                 "this endpoint does not take that method",
             )
         })
-        .with_state(app)
 }
 
 async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if app.ready.load(Ordering::Acquire) {
+    if app.ready.load(Ordering::Acquire) && app.node.saturated() {
+        // A load balancer should send image work elsewhere until the overdue work ends.
+        problem::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "saturated",
+            "every CPU is busy with work past its deadline",
+        )
+        .into_response()
+    } else if app.ready.load(Ordering::Acquire) {
         axum::Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
         problem::Problem::new(
@@ -454,6 +524,7 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> a
         metrics::gauge!("pixflow_async_queue_depth").set(depth as f64);
     }
     metrics::gauge!("pixflow_node_requests").set(app.node.requests() as f64);
+    metrics::gauge!("pixflow_engine_overdue").set(app.node.overdue() as f64);
     let cache = app.cdn.cache.stats();
     metrics::gauge!("pixflow_edge_cache_entries").set(cache.entries as f64);
     metrics::gauge!("pixflow_edge_cache_bytes", "tier" => "memory").set(cache.memory_bytes as f64);
@@ -480,22 +551,31 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let signalled = Arc::new(Notify::new());
-    let server = {
-        let (app, signalled) = (app.clone(), signalled.clone());
-        axum::serve(listener, router(app.clone())).with_graceful_shutdown(async move {
-            shutdown.await;
-            app.begin_shutdown();
-            signalled.notify_one();
-        })
-    };
-    let grace = app.config.shutdown_grace;
-    tokio::select! {
-        served = server.into_future() => served.context("serving HTTP")?,
-        () = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!("connections still open at the shutdown deadline were closed");
-        }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let accepting = tokio::spawn(conn::serve(
+        listener,
+        conn::router_handler(router(app.clone())),
+        app.config.client_deadlines,
+        tracker.clone(),
+        stop.clone(),
+    ));
+    shutdown.await;
+    app.begin_shutdown();
+    stop.cancel();
+    accepting.await.context("the accept loop")?;
+    tracker.close();
+    if tokio::time::timeout(app.config.shutdown_grace, tracker.wait()).await.is_err() {
+        tracing::warn!("connections still open at the shutdown deadline were closed");
     }
     app.shutdown().await;
     Ok(())
+}
+
+/// Serves only the CDN routes (`/cdn/...`, health) on their own listener, an origin of their
+/// own for stored content, until the node stops; the node's shutdown waits for its connections.
+pub async fn serve_cdn(app: Arc<App>, listener: tokio::net::TcpListener) {
+    let handler = conn::router_handler(cdn_router(app.clone()).layer(axum::Extension(cdn::OwnOrigin)));
+    let (deadlines, tracker) = (app.config.client_deadlines, app.connections.clone());
+    conn::serve(listener, handler, deadlines, tracker, app.stop_token()).await;
 }

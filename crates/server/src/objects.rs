@@ -225,7 +225,7 @@ pub(crate) async fn put_object(
     let mut upload = app.objects.upload(max).await?;
     let mut body = body;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Problem::bad_request(format!("reading the request body: {e}")))?;
+        let frame = frame.map_err(|e| crate::functions::body_problem(&e))?;
         if let Ok(data) = frame.into_data() {
             upload.write(&data).await?;
         }
@@ -257,7 +257,7 @@ pub(crate) async fn get_object(
 ) -> Result<Response, Problem> {
     auth::role(&app.store, &headers).await?;
     let (meta, file) = app.objects.get(&bucket, &key).await?;
-    let extra = Extra { metadata: true, ..Extra::default() };
+    let extra = Extra { metadata: true, file_name: Some(crate::cdn::file_name(&key).to_owned()), ..Extra::default() };
     delivery::respond(&method, &headers, (&meta).into(), delivery::Payload::Object(file), extra).await
 }
 

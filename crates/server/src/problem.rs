@@ -205,6 +205,9 @@ impl From<InvokeError> for Problem {
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, detail).retry_after(Duration::from_secs(1))
             }
             InvokeError::FunctionFailed(_) => Problem::new(StatusCode::BAD_GATEWAY, code, detail),
+            InvokeError::StartFailed(_) | InvokeError::Rejected(Rejected::NoInstance) => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, detail).retry_after(Duration::from_secs(5))
+            }
             InvokeError::Internal(_) => Problem::internal(detail),
         }
     }

@@ -2,7 +2,8 @@
 //! any S3 client or SDK can fill and read it: path-style requests, SigV4 (checked by `s3s`
 //! against the one configured key pair), and the operations a client needs for uploads and
 //! downloads: buckets (create, head, list, delete), objects (put, get with ranges and ETag
-//! conditions, head, delete, batch delete, ListObjectsV2) and multipart uploads. Everything
+//! conditions, head, delete, batch delete, ListObjectsV2) and multipart uploads; presigned
+//! URLs valid for up to 7 days, as S3 takes them. Everything
 //! goes through the same [`Objects`] store as the native API, so names, limits and atomicity
 //! are the same; errors are S3's codes.
 
@@ -435,10 +436,50 @@ impl S3 for Gateway {
     }
 }
 
+/// The longest a presigned URL may be valid (`X-Amz-Expires`, seconds): 7 days, as in S3.
+pub const MAX_PRESIGNED_EXPIRES: u64 = 7 * 86_400;
+
+/// Who may call the endpoint, checked right after `s3s` authenticated the request: signed
+/// requests only (as `s3s`'s default check), and presigned URLs valid for at most 7 days, which
+/// `s3s` does not check (S3 answers `AuthorizationQueryParametersError`).
+struct Access;
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for Access {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+        check_presigned_expiry(cx.uri().query())?;
+        if cx.credentials().is_none() {
+            return Err(s3_error!(AccessDenied, "Signature is required"));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a presigned URL (`X-Amz-Signature` in the query) whose `X-Amz-Expires` is over
+/// [`MAX_PRESIGNED_EXPIRES`].
+fn check_presigned_expiry(query: Option<&str>) -> S3Result<()> {
+    let pairs: Vec<(String, String)> = query.and_then(|q| serde_urlencoded::from_str(q).ok()).unwrap_or_default();
+    let value = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    if value("X-Amz-Signature").is_none() {
+        return Ok(());
+    }
+    match value("X-Amz-Expires").map(str::parse::<u64>) {
+        Some(Ok(secs)) if secs > MAX_PRESIGNED_EXPIRES => Err(s3_error!(
+            AuthorizationQueryParametersError,
+            "X-Amz-Expires must be less than a week (in seconds) that is; {MAX_PRESIGNED_EXPIRES}"
+        )),
+        Some(Err(_)) => {
+            Err(s3_error!(AuthorizationQueryParametersError, "X-Amz-Expires should be a number of seconds"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The endpoint as a hyper service, with SigV4 against one key pair.
 pub fn service(objects: Objects, max_object_bytes: u64, access_key: &str, secret_key: &str) -> s3s::service::S3Service {
     let mut builder = s3s::service::S3ServiceBuilder::new(Gateway::new(objects, max_object_bytes));
     builder.set_auth(s3s::auth::SimpleAuth::from_single(access_key, secret_key));
+    builder.set_access(Access);
     builder.build()
 }
 
@@ -454,34 +495,61 @@ pub async fn serve(app: Arc<crate::App>, listener: tokio::net::TcpListener) -> a
         _ => anyhow::bail!("the S3 endpoint needs an access key and a secret key"),
     };
     let service = service(app.objects.clone(), app.config.max_object_bytes, &access, &secret);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = app.stopped() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting an S3 connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (service, node) = (service.clone(), app.clone());
-        app.connections.spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                () = node.stopped() => {
-                    // Finish the request in progress, then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "S3 connection ended");
-            }
-        });
+    let handler = move |req: axum::http::Request<crate::conn::GuardedBody>| {
+        let mut service = service.clone();
+        tower::Service::call(&mut service, req)
+    };
+    let (deadlines, tracker) = (app.config.client_deadlines, app.connections.clone());
+    crate::conn::serve(listener, handler, deadlines, tracker, app.stop_token()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use object_store::signer::Signer;
+
+    use super::*;
+
+    /// A GET of `url` as an HTTP client sends it (path and query, `Host`).
+    async fn get(service: &s3s::service::S3Service, url: &object_store::signer::Url) -> (u16, String) {
+        let host = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+        let target = format!("{}?{}", url.path(), url.query().unwrap_or_default());
+        let req = axum::http::Request::get(target).header("host", host).body(s3s::Body::empty()).unwrap();
+        let resp = service.call(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn presigned_urls_are_valid_for_at_most_seven_days() {
+        let dir = std::env::temp_dir().join(format!("pixflow-s3-presigned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let objects = Objects::open(&dir).await.unwrap();
+        objects.put_bucket("media", &pixflow_backends::BucketConfig::default()).await.unwrap();
+        objects.put("media", "cat.txt", "text/plain", &BTreeMap::new(), &Condition::None, b"hello").await.unwrap();
+        let service = service(objects.clone(), 1 << 20, "cms", "0123456789abcdef");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let signer = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint("http://127.0.0.1:9000")
+            .with_allow_http(true)
+            .with_bucket_name("media")
+            .with_region("us-east-1")
+            .with_access_key_id("cms")
+            .with_secret_access_key("0123456789abcdef")
+            .build()
+            .unwrap();
+        let path = object_store::path::Path::from("cat.txt");
+        let url = |secs| signer.signed_url(object_store::signer::Method::GET, &path, Duration::from_secs(secs));
+        assert_eq!(get(&service, &url(MAX_PRESIGNED_EXPIRES).await.unwrap()).await, (200, "hello".into()));
+        let (status, body) = get(&service, &url(MAX_PRESIGNED_EXPIRES + 1).await.unwrap()).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("<Code>AuthorizationQueryParametersError</Code>"), "{body}");
+        // Unsigned requests are still refused.
+        let (status, body) = get(&service, &"http://127.0.0.1:9000/media/cat.txt".parse().unwrap()).await;
+        assert_eq!(status, 403, "{body}");
+        objects.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,9 @@
 //!   control characters and no empty, `.` or `..` segments).
 //! - `tmp/`: uploads in progress.
 //!
+//! Folders are created `0700` and files `0600` ([`crate::files`]): only the node's user reads
+//! private objects.
+//!
 //! A write streams into `tmp/`, fsyncs, renames into `blobs/`, fsyncs the folder, then swaps
 //! the row with a compare-and-swap on the blob id (so `If-Match` / `If-None-Match: *` hold
 //! under concurrent writers); only then is the replaced blob unlinked. A crash at any point
@@ -30,6 +33,7 @@ use tokio::io::AsyncWriteExt;
 use super::{
     Bucket, BucketConfig, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, Upload, prefix_end,
 };
+use crate::files;
 use crate::state::{bucket_rows, now_ms};
 
 const SCHEMA: &[&str] = &[
@@ -97,14 +101,16 @@ impl Embedded {
     /// Opens (creating if needed) the store under `root` and empties `tmp/` (uploads a stop
     /// cut short). Blobs a crash left unnamed go with [`Objects::collect_garbage`].
     pub(super) async fn open(root: &Path) -> Result<Embedded> {
-        std::fs::create_dir_all(root.join("blobs"))?;
+        files::create_dir_all(&root.join("blobs"))?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        std::fs::create_dir_all(&tmp)?;
+        files::create_dir_all(&tmp)?;
+        let catalogue = root.join("catalogue.db");
+        files::prepare_database(&catalogue)?;
         let opts = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(root.join("catalogue.db"))
+            .filename(catalogue)
             .create_if_missing(true)
             .foreign_keys(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -218,7 +224,7 @@ impl Embedded {
             file.sync_all().await?;
             drop(file);
             let dir = blob.parent().map(Path::to_owned).unwrap_or_default();
-            tokio::fs::create_dir_all(&dir).await?;
+            files::create_dir_all_async(&dir).await?;
             tokio::fs::rename(&tmp, &blob).await?;
             tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
                 .await
