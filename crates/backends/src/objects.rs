@@ -64,6 +64,9 @@ pub enum ObjectError {
     InvalidPartOrder,
     #[error("part {part} is {size} bytes; every part but the last needs at least 5 MiB")]
     EntityTooSmall { part: u32, size: u64 },
+    /// As many uploads as the node takes at once are under way.
+    #[error("{0} object uploads are already in progress on this node; retry later")]
+    TooManyUploads(usize),
     #[error("object store: {0}")]
     Io(#[from] std::io::Error),
     #[error("object catalogue: {0}")]
@@ -332,6 +335,8 @@ pub struct Upload {
     limit: u64,
     /// The first bytes, for sniffing a content type the writer did not give.
     prefix: Vec<u8>,
+    /// This upload's place among those the node takes at once.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// How many leading bytes an upload keeps for sniffing.
@@ -433,7 +438,13 @@ struct Inner {
     /// Where uploads spool before they reach the backend.
     spool: PathBuf,
     changes: tokio::sync::broadcast::Sender<Change>,
+    /// Uploads under way (each spools to a file and holds a descriptor), at most `max_uploads`.
+    uploads: Arc<tokio::sync::Semaphore>,
+    max_uploads: std::sync::atomic::AtomicUsize,
 }
+
+/// Uploads a node takes at once unless configured otherwise.
+pub const DEFAULT_MAX_UPLOADS: usize = 256;
 
 /// The object store: a cheap handle, shared by every part of a node.
 #[derive(Clone)]
@@ -462,7 +473,37 @@ impl Objects {
 
     fn with(backend: Backend, spool: PathBuf) -> Objects {
         let (changes, _) = tokio::sync::broadcast::channel(1024);
-        Objects(Arc::new(Inner { backend, spool, changes }))
+        Objects(Arc::new(Inner {
+            backend,
+            spool,
+            changes,
+            uploads: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_UPLOADS)),
+            max_uploads: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_UPLOADS),
+        }))
+    }
+
+    /// Sets how many uploads (object PUTs, S3 parts) may be under way at once; beyond it
+    /// [`Objects::upload`] answers [`ObjectError::TooManyUploads`]. Uploads already under way
+    /// finish.
+    pub fn set_max_uploads(&self, max: usize) {
+        use std::sync::atomic::Ordering;
+        let max = max.max(1);
+        let before = self.0.max_uploads.swap(max, Ordering::AcqRel);
+        if max > before {
+            self.0.uploads.add_permits(max - before);
+        } else {
+            // Permits held now are forgotten as they come back, once the free ones run out.
+            let mut left = before - max;
+            left -= self.0.uploads.forget_permits(left);
+            if left > 0 {
+                let uploads = self.0.uploads.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = uploads.acquire_many_owned(u32::try_from(left).unwrap_or(u32::MAX)).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
     }
 
     /// `embedded` or `s3`.
@@ -564,10 +605,14 @@ impl Objects {
 
     /// Starts an upload of at most `limit` bytes.
     pub async fn upload(&self, limit: u64) -> Result<Upload> {
+        let slot =
+            self.0.uploads.clone().try_acquire_owned().map_err(|_| {
+                ObjectError::TooManyUploads(self.0.max_uploads.load(std::sync::atomic::Ordering::Acquire))
+            })?;
         let id = blob_id()?;
         let tmp = self.0.spool.join(&id);
         let file = crate::files::open_options_async().read(true).write(true).create_new(true).open(&tmp).await?;
-        Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit, prefix: Vec::new() })
+        Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit, prefix: Vec::new(), _slot: slot })
     }
 
     /// The most memory committing an upload of `size` bytes holds: none for the embedded store

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Folder of the embedded object store (default: `objects/` in the data folder).
     #[arg(long, env = "PIXFLOW_OBJECTS_DIR")]
     objects_dir: Option<PathBuf>,
+    /// Object uploads (API PUTs, S3 objects and parts) under way at once; beyond it, 503.
+    #[arg(long, default_value_t = pixflow_server::DEFAULT_MAX_UPLOADS)]
+    max_uploads: usize,
     /// Largest object one PUT may store, e.g. 5Gi.
     #[arg(long, default_value = "5Gi", value_parser = parse_bytes)]
     max_object_bytes: u64,
@@ -206,6 +209,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         });
     }
     config.max_object_bytes = args.max_object_bytes;
+    config.max_uploads = args.max_uploads;
     config.cdn_cache_control = args.cdn_cache_control;
     if let Some(secret) = &args.s3_secret_key {
         anyhow::ensure!(secret.len() >= 16, "--s3-secret-key: use at least 16 characters");

@@ -17,6 +17,7 @@ pub mod problem;
 pub mod s3;
 
 pub use pixflow_backends::S3Config;
+pub use pixflow_backends::objects::DEFAULT_MAX_UPLOADS;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub struct Config {
     pub objects_s3: Option<pixflow_backends::S3Config>,
     /// Largest object one PUT may store.
     pub max_object_bytes: u64,
+    /// Object uploads (native PUTs, S3 objects and parts) under way at once; beyond it, 503.
+    pub max_uploads: usize,
     /// Base of the URLs handed out for stored objects (`{public_url}/cdn/{bucket}/{key}`).
     pub public_url: String,
     /// `Cache-Control` of CDN answers for buckets that set none.
@@ -115,6 +118,7 @@ impl Config {
             objects_dir: None,
             objects_s3: None,
             max_object_bytes: 5 << 30,
+            max_uploads: pixflow_backends::objects::DEFAULT_MAX_UPLOADS,
             public_url: "http://127.0.0.1:8080".into(),
             cdn_cache_control: "public, max-age=3600".into(),
             s3_access_key: None,
@@ -211,6 +215,7 @@ impl App {
                 .with_context(|| format!("opening the object store in {}", objects_dir.display()))?,
             Some(s3) => open_s3(s3, &store, &objects_dir.join("spool")).await?,
         };
+        objects.set_max_uploads(config.max_uploads);
         let cache_dir = config.cdn_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cdn-cache"));
         let cache = pixflow_backends::EdgeCache::open(&cache_dir, config.cdn_cache_memory, config.cdn_cache_disk)
             .with_context(|| format!("opening the edge cache in {}", cache_dir.display()))?;

@@ -147,6 +147,10 @@ impl From<pixflow_backends::ObjectError> for Problem {
             E::BucketNotEmpty(_) => Problem::new(StatusCode::CONFLICT, "bucket_not_empty", detail),
             E::PreconditionFailed(_) => Problem::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", detail),
             E::TooLarge { .. } => Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "object_too_large", detail),
+            E::TooManyUploads(_) => {
+                metrics::counter!("pixflow_uploads_refused_total").increment(1);
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail).retry_after(Duration::from_secs(1))
+            }
             E::NoSuchUpload(_) => Problem::not_found("no_such_upload", detail),
             E::InvalidPart(_) | E::InvalidPartOrder | E::EntityTooSmall { .. } => {
                 Problem::new(StatusCode::BAD_REQUEST, "invalid_part", detail)

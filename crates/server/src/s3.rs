@@ -44,6 +44,10 @@ fn s3_err(e: ObjectError) -> S3Error {
         ObjectError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
         ObjectError::InvalidCursor => S3ErrorCode::InvalidArgument,
         ObjectError::Unsupported(_) => S3ErrorCode::NotImplemented,
+        ObjectError::TooManyUploads(_) => {
+            metrics::counter!("pixflow_uploads_refused_total").increment(1);
+            S3ErrorCode::SlowDown
+        }
         ObjectError::Io(_) | ObjectError::Catalogue(_) | ObjectError::Service(_) => {
             tracing::error!(error = %e, "S3 endpoint");
             return s3_error!(InternalError, "internal error; the server log has the details");

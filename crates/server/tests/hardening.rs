@@ -415,3 +415,65 @@ async fn asynchronous_results_with_several_renditions_are_read_one_by_one() {
     problem(&r, StatusCode::NOT_FOUND, "rendition_not_found");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn uploads_beyond_the_node_limit_are_refused_until_one_ends() {
+    let mut c = config("uploads");
+    c.max_uploads = 1;
+    let app = App::start(c, None).await.unwrap().app;
+    call(&app, Method::PUT, "/v1/buckets/uploads", Some(ADMIN), b"{}".to_vec(), "application/json").await;
+    let (addr, stop, served) = listen(&app).await;
+    // One upload under way: its body has not all arrived.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/buckets/uploads/objects/a HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN}\r\ncontent-length: 6\r\nconnection: close\r\n\r\nabc"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    wait_until("the slow upload is admitted", || app.node.requests() == 1).await;
+    let refused =
+        call(&app, Method::PUT, "/v1/buckets/uploads/objects/b", Some(ADMIN), b"b".to_vec(), "text/plain").await;
+    let p = problem(&refused, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    assert!(p["detail"].as_str().unwrap().contains("uploads"), "{p}");
+    assert!(refused.headers.contains_key("retry-after"));
+    slow.write_all(b"def").await.unwrap();
+    assert!(read_answer(&mut slow).await.starts_with("HTTP/1.1 200"));
+    let r = call(&app, Method::PUT, "/v1/buckets/uploads/objects/c", Some(ADMIN), b"c".to_vec(), "text/plain").await;
+    assert!(r.status.is_success(), "{}", r.status);
+    drop(stop);
+    served.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_data_folder_and_everything_in_it_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = config("modes");
+    c.in_memory = false;
+    std::fs::create_dir_all(&c.data_dir).unwrap();
+    std::fs::set_permissions(&c.data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = c.data_dir.clone();
+    let app = App::start(c, None).await.unwrap().app;
+    call(&app, Method::PUT, "/v1/buckets/private", Some(ADMIN), b"{}".to_vec(), "application/json").await;
+    let r =
+        call(&app, Method::PUT, "/v1/buckets/private/objects/secret.png", Some(ADMIN), png(3, 3), "image/png").await;
+    assert!(r.status.is_success());
+    app.shutdown().await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let mut seen = 0;
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                assert_eq!(mode(&p), 0o700, "{}", p.display());
+                stack.push(p);
+            } else {
+                assert_eq!(mode(&p), 0o600, "{}", p.display());
+                seen += 1;
+            }
+        }
+    }
+    // The state file, the catalogue, the blob, the admin token and the CDN key at least.
+    assert!(seen >= 4, "{seen} files");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
