@@ -130,7 +130,7 @@ fn process(
     foreign: Option<&dyn pixflow_imageops::ForeignDecoder>,
 ) -> Result<(u64, u64)> {
     let bytes = crate::read_input(path, &limits)?;
-    let opts = RunOptions { limits, foreign, final_output: Some(encode), inputs: Some(inputs) };
+    let opts = RunOptions { limits, foreign, final_output: Some(encode), inputs: Some(inputs), deadline: None };
     let renditions = pipeline.run(&bytes, &opts).map_err(anyhow::Error::from)?;
     let mut written = 0;
     for r in renditions {

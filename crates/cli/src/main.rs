@@ -389,7 +389,7 @@ fn run_one(steps: &[String], io: &RunIo, limits: pixflow_imageops::Limits) -> Re
         anyhow::bail!("--output is required (or end the chain with `output name=FILE`)");
     }
     let inputs = read_named_inputs(&pipeline, &limits)?;
-    let opts = RunOptions { limits, foreign, final_output: Some(&encode), inputs: Some(&inputs) };
+    let opts = RunOptions { limits, foreign, final_output: Some(&encode), inputs: Some(&inputs), deadline: None };
     let renditions = pipeline.run(&input, &opts)?;
     let unnamed_frames = renditions.iter().filter(|r| r.name.is_none() && r.frame.is_some()).count();
     for r in renditions {

@@ -73,6 +73,10 @@ pub struct RunOptions<'a> {
     pub final_output: Option<&'a EncodeOptions>,
     /// Extra named inputs (watermark logos) as encoded bytes.
     pub inputs: Option<&'a BTreeMap<String, Vec<u8>>>,
+    /// When the caller stops waiting: past it, the run ends with [`Error::Timeout`] between
+    /// steps and between the frames of an animation or sequence (an operation already running
+    /// on one image finishes; its cost was bounded before it started).
+    pub deadline: Option<Instant>,
 }
 
 /// One encoded result.
@@ -197,7 +201,7 @@ impl Pipeline {
             && source.is_source()
         {
             let images = self.decode_inputs(opts)?;
-            let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
+            let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs, deadline: opts.deadline };
             let started = Instant::now();
             let img = source.generate(&cx)?;
             check_time(source, started, &limits)?;
@@ -245,7 +249,7 @@ impl Pipeline {
             if frames > 1 {
                 let anim = crate::animation::decode(format, input, frames, &limits)?;
                 let images = self.decode_inputs(opts)?;
-                let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
+                let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs, deadline: opts.deadline };
                 let source_out = if format == Format::Webp { OutFormat::Webp } else { OutFormat::Gif };
                 let start = Start {
                     media: Media::Animation(anim),
@@ -260,7 +264,7 @@ impl Pipeline {
         }
         let decoded = decode::decode(input, &dopts)?;
         let images = self.decode_inputs(opts)?;
-        let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
+        let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs, deadline: opts.deadline };
         let start = Start {
             skip: usize::from(decoded.region.is_some()),
             media: Media::Still(decoded.image),
@@ -280,6 +284,7 @@ impl Pipeline {
         let mut out = Vec::new();
         let mut cues: Vec<Cue> = Vec::new();
         for (i, step) in self.steps.iter().enumerate().skip(skip) {
+            past_deadline(opts.deadline, step_name(step))?;
             match step {
                 Step::Op(op) => {
                     let started = Instant::now();
@@ -368,7 +373,7 @@ impl Pipeline {
             return Err(Error::Timeout { op: "frames".into(), limit_ms: limits.max_op_millis });
         }
         let images = self.decode_inputs(opts)?;
-        let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs };
+        let cx = crate::ops::Context { limits, images: &images, raw: opts.inputs, deadline: opts.deadline };
         let start = Start {
             media: Media::Stills(stills),
             skip: 1,
@@ -442,6 +447,7 @@ fn apply(media: Media, op: &Op, cx: &crate::ops::Context<'_>, cues: &[Cue]) -> R
         }
         Media::Animation(mut anim) => {
             for f in &mut anim.frames {
+                past_deadline(cx.deadline, op.name())?;
                 f.image = op.apply(std::mem::take(&mut f.image), cx)?;
             }
             let first = anim.frames.first().map(|f| (f.image.width(), f.image.height()));
@@ -456,6 +462,7 @@ fn apply(media: Media, op: &Op, cx: &crate::ops::Context<'_>, cues: &[Cue]) -> R
         }
         Media::Stills(mut stills) => {
             for s in &mut stills {
+                past_deadline(cx.deadline, op.name())?;
                 s.image = op.apply(std::mem::take(&mut s.image), cx)?;
             }
             Media::Stills(stills)
@@ -529,6 +536,14 @@ fn step_name(step: &Step) -> &'static str {
         Step::Output { .. } => "output",
         Step::Frames(_) => "frames",
         Step::Sprite(_) => "sprite",
+    }
+}
+
+/// The caller's deadline, checked between steps and frames.
+fn past_deadline(deadline: Option<Instant>, op: &str) -> Result<()> {
+    match deadline {
+        Some(d) if Instant::now() > d => Err(Error::Timeout { op: op.into(), limit_ms: 0 }),
+        _ => Ok(()),
     }
 }
 
@@ -758,6 +773,18 @@ mod tests {
         .unwrap();
         let err = p.run(&png, &RunOptions { limits, ..Default::default() }).unwrap_err();
         assert_eq!(err.code(), "limit_exceeded");
+    }
+
+    #[test]
+    fn a_run_past_its_deadline_stops_between_steps() {
+        let p = Pipeline::from_steps([("flip", vec![]), ("flop", vec![])]).unwrap();
+        let opts = RunOptions { deadline: Some(Instant::now()), ..Default::default() };
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let err = p.run(&jpeg(64, 48), &opts).unwrap_err();
+        assert!(matches!(&err, Error::Timeout { op, .. } if op == "flip"), "{err:?}");
+        let opts =
+            RunOptions { deadline: Some(Instant::now() + std::time::Duration::from_secs(60)), ..Default::default() };
+        assert!(p.run(&jpeg(64, 48), &opts).is_ok());
     }
 
     #[test]

@@ -553,6 +553,7 @@ pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'sta
     let left = deadline.saturating_duration_since(started);
     // The time spent queueing counts against the timeout.
     limits.max_op_millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    let engine_deadline = deadline.into_std();
     let mut work = tokio::task::spawn_blocking(move || {
         let _held = (held, cpu_permit);
         let clock = cpu_time::ThreadTime::now();
@@ -561,6 +562,7 @@ pub async fn run_engine(node: &Arc<Node>, job: EngineJob, held: impl Send + 'sta
             foreign: foreign.as_deref().map(|f| f as &dyn pixflow_imageops::ForeignDecoder),
             final_output: None,
             inputs: Some(&inputs),
+            deadline: Some(engine_deadline),
         };
         let renditions = pipeline.run(&input, &opts);
         (renditions, clock.elapsed())

@@ -58,11 +58,24 @@ pub struct Cdn {
     key: Vec<u8>,
     inflight: Mutex<HashMap<String, Flight>>,
     transformations: AtomicU64,
+    /// Requests that waited for a transformation already in flight instead of running one.
+    joined: AtomicU64,
 }
 
 impl Cdn {
     pub fn new(cache: EdgeCache, key: Vec<u8>) -> Cdn {
-        Cdn { cache, key, inflight: Mutex::new(HashMap::new()), transformations: AtomicU64::new(0) }
+        Cdn {
+            cache,
+            key,
+            inflight: Mutex::new(HashMap::new()),
+            transformations: AtomicU64::new(0),
+            joined: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests so far that shared a transformation already in flight.
+    pub fn coalesced(&self) -> u64 {
+        self.joined.load(Ordering::Relaxed)
     }
 
     /// Transformations run so far (cache misses that did the work).
@@ -358,7 +371,10 @@ async fn coalesced(
     let mut flight = {
         let mut inflight = app.cdn.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match inflight.get(digest) {
-            Some(f) => f.clone(),
+            Some(f) => {
+                app.cdn.joined.fetch_add(1, Ordering::Relaxed);
+                f.clone()
+            }
             None => {
                 let (tx, rx) = tokio::sync::watch::channel(None);
                 inflight.insert(digest.to_owned(), rx.clone());

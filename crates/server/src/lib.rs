@@ -535,6 +535,7 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> a
     metrics::gauge!("pixflow_edge_cache_bytes", "tier" => "memory").set(cache.memory_bytes as f64);
     metrics::gauge!("pixflow_edge_cache_bytes", "tier" => "disk").set(cache.disk_bytes as f64);
     metrics::counter!("pixflow_cdn_transformations_total").absolute(app.cdn.transformations());
+    metrics::counter!("pixflow_cdn_coalesced_total").absolute(app.cdn.coalesced());
     app.metrics.run_upkeep();
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }

@@ -394,8 +394,10 @@ impl S3 for Gateway {
 
     async fn upload_part(&self, req: S3Request<dto::UploadPartInput>) -> S3Result<S3Response<dto::UploadPartOutput>> {
         let input = req.input;
-        let number =
-            u32::try_from(input.part_number).map_err(|_| s3_error!(InvalidArgument, "part numbers go from 1"))?;
+        // As S3 answers: InvalidArgument before any byte is read.
+        let number = u32::try_from(input.part_number).ok().filter(|n| (1..=10_000).contains(n)).ok_or_else(|| {
+            s3_error!(InvalidArgument, "Part number must be an integer between 1 and 10000, inclusive")
+        })?;
         let upload = receive(&self.objects, self.max_object_bytes, input.body, input.content_md5.as_deref()).await?;
         let part =
             self.objects.put_part(&input.upload_id, &input.bucket, &input.key, number, upload).await.map_err(s3_err)?;
@@ -553,6 +555,67 @@ mod tests {
         // Unsigned requests are still refused.
         let (status, body) = get(&service, &"http://127.0.0.1:9000/media/cat.txt".parse().unwrap()).await;
         assert_eq!(status, 403, "{body}");
+        objects.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// One request to an endpoint without authentication (the protocol mapping alone):
+    /// status, and the body as text.
+    async fn send(
+        service: &s3s::service::S3Service,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (u16, String) {
+        let mut req = axum::http::Request::builder().method(method).uri(target).header("host", "127.0.0.1:9000");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = service.call(req.body(s3s::Body::from(bytes::Bytes::from(body))).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn code(body: &str) -> &str {
+        body.split("<Code>").nth(1).and_then(|rest| rest.split("</Code>").next()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_codes_s3_clients_expect() {
+        let dir = std::env::temp_dir().join(format!("pixflow-s3-refusals-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let objects = Objects::open(&dir).await.unwrap();
+        objects.put_bucket("media", &pixflow_backends::BucketConfig::default()).await.unwrap();
+        objects.put("media", "cat.txt", "text/plain", &BTreeMap::new(), &Condition::None, b"hello").await.unwrap();
+        let service = s3s::service::S3ServiceBuilder::new(Gateway::new(objects.clone(), 1024)).build();
+        // Larger than the endpoint takes.
+        let (status, body) = send(&service, "PUT", "/media/big.bin", &[], vec![0; 2048]).await;
+        assert_eq!((status, code(&body)), (400, "EntityTooLarge"), "{body}");
+        // Bytes that do not match their Content-MD5 (here, the digest of "other").
+        let md5 = "eV8yArF8trw9S3cdjGyerw==";
+        let (status, body) = send(&service, "PUT", "/media/x.txt", &[("content-md5", md5)], b"hello".to_vec()).await;
+        assert_eq!((status, code(&body)), (400, "BadDigest"), "{body}");
+        assert!(objects.head("media", "x.txt").await.is_err(), "a refused upload left an object");
+        // A range past the end.
+        let (status, body) = send(&service, "GET", "/media/cat.txt", &[("range", "bytes=100-200")], vec![]).await;
+        assert_eq!((status, code(&body)), (416, "InvalidRange"), "{body}");
+        // A listing cursor that is not one of ours.
+        let (status, body) =
+            send(&service, "GET", "/media?list-type=2&continuation-token=bm90LW91cnM", &[], vec![]).await;
+        assert_eq!((status, code(&body)), (400, "InvalidArgument"), "{body}");
+        // Multipart: part numbers start at 1; an aborted upload is gone.
+        let (status, body) = send(&service, "POST", "/media/parts.bin?uploads", &[], vec![]).await;
+        assert_eq!(status, 200, "{body}");
+        let id = body.split("<UploadId>").nth(1).and_then(|r| r.split("</UploadId>").next()).unwrap().to_owned();
+        let part = |n: u32| format!("/media/parts.bin?partNumber={n}&uploadId={id}");
+        let (status, body) = send(&service, "PUT", &part(0), &[], b"p".to_vec()).await;
+        assert_eq!((status, code(&body)), (400, "InvalidArgument"), "{body}");
+        let (status, body) = send(&service, "DELETE", &format!("/media/parts.bin?uploadId={id}"), &[], vec![]).await;
+        assert_eq!(status, 204, "{body}");
+        let (status, body) = send(&service, "PUT", &part(1), &[], b"p".to_vec()).await;
+        assert_eq!((status, code(&body)), (404, "NoSuchUpload"), "{body}");
         objects.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

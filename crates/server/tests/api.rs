@@ -1482,6 +1482,33 @@ async fn cdn_ad_hoc_urls_need_a_valid_signature() {
     app.shutdown().await;
 }
 
+/// A foreign decoder that blocks until the test lets it go, holding the node's CPU.
+struct Gate {
+    entered: std::sync::atomic::AtomicBool,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl pixflow_imageops::ForeignDecoder for Gate {
+    fn decode(
+        &self,
+        _: pixflow_imageops::Format,
+        _: &[u8],
+        _: &pixflow_imageops::Limits,
+    ) -> pixflow_imageops::Result<Option<image::DynamicImage>> {
+        self.entered.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.release.lock().unwrap().recv();
+        Ok(Some(image::DynamicImage::new_rgb8(8, 8)))
+    }
+}
+
+/// The smallest HEIF/AVIF the engine hands to a foreign decoder: a brand and an 8x8 `ispe`.
+fn heif_8x8() -> Vec<u8> {
+    let mut b = b"\0\0\0\x14ftypavif\0\0\0\0mif1\0\0\0\x14ispe\0\0\0\0".to_vec();
+    b.extend_from_slice(&8u32.to_be_bytes());
+    b.extend_from_slice(&8u32.to_be_bytes());
+    b
+}
+
 #[tokio::test]
 async fn identical_cdn_requests_in_flight_run_one_transformation() {
     let mut c = config();
@@ -1489,16 +1516,30 @@ async fn identical_cdn_requests_in_flight_run_one_transformation() {
     // No cache: only coalescing can make several requests share one run.
     c.cdn_cache_memory = 0;
     c.cdn_cache_disk = 0;
-    let app = start(c).await;
+    c.node.cpus = 1;
+    let (release, gate) = std::sync::mpsc::channel();
+    let gate = Arc::new(Gate { entered: false.into(), release: std::sync::Mutex::new(gate) });
+    let foreign: Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync> = gate.clone();
+    let app = App::start(c, Some(foreign)).await.unwrap().app;
     bucket(&app, "public", json!({"public": true})).await;
-    put_object(&app, "public/objects/big.png", &[], png(1600, 1600)).await;
-    let path = "/cdn/t/_/resize,width=800,kernel=lanczos3+blur,sigma=4/public/big.png";
+    put_object(&app, "public/objects/big.png", &[], png(160, 160)).await;
+    // The node's only CPU is held by another request until the CDN requests have all arrived.
+    deploy(&app, "name: held\nversion: '1'\nbuiltin: flip\nauth: none\n").await;
+    let holder = {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, Method::POST, "/v1/functions/held/invoke", None, &[], heif_8x8()).await })
+    };
+    wait_until("the CPU is held", || gate.entered.load(std::sync::atomic::Ordering::Acquire)).await;
+    let path = "/cdn/t/_/resize,width=80+blur,sigma=2/public/big.png";
     let requests: Vec<_> = (0..8)
         .map(|_| {
             let app = app.clone();
             tokio::spawn(async move { cdn_get(&app, path, &[]).await })
         })
         .collect();
+    wait_until("every request waits on the one transformation", || app.cdn.coalesced() == 7).await;
+    release.send(()).unwrap();
+    assert_eq!(holder.await.unwrap().status, StatusCode::OK);
     let mut bodies = Vec::new();
     for r in requests {
         let r = r.await.unwrap();
@@ -1511,6 +1552,15 @@ async fn identical_cdn_requests_in_flight_run_one_transformation() {
     cdn_get(&app, path, &[]).await;
     assert_eq!(app.cdn.transformations(), 2);
     app.shutdown().await;
+}
+
+/// Waits until `cond` holds; the bound only ends a broken run.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < until, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 #[tokio::test]
@@ -1540,7 +1590,15 @@ async fn origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let router = axum::Router::new()
         .route("/img.png", get(move || async move { ([("content-type", "image/png")], img.clone()) }))
         .route("/moved", get(|| async { (StatusCode::FOUND, [("location", "http://169.254.169.254/")], "") }))
-        .route("/big", get(|| async { vec![0u8; 300_000] }));
+        .route("/big", get(|| async { vec![0u8; 300_000] }))
+        // The same bytes without a Content-Length: chunks until they are done.
+        .route(
+            "/streamed",
+            get(|| async {
+                let chunks = (0..30).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 10_000])));
+                axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (addr, tokio::spawn(async move { axum::serve(listener, router).await.unwrap() }))
@@ -1673,6 +1731,9 @@ async fn url_sources_reach_only_allowed_public_origins() {
     invoke_json(&app, "thumb", doc("/missing")).await.problem(StatusCode::BAD_GATEWAY, "origin_failed");
     deploy(&app, "name: tiny\nversion: '1'\nbuiltin: flip\nquota: {max_input_bytes: 100000}\nauth: none\n").await;
     invoke_json(&app, "tiny", doc("/big")).await.problem(StatusCode::PAYLOAD_TOO_LARGE, "origin_too_large");
+    let p =
+        invoke_json(&app, "tiny", doc("/streamed")).await.problem(StatusCode::PAYLOAD_TOO_LARGE, "origin_too_large");
+    assert!(p["detail"].as_str().unwrap().contains("more than 100000"), "{p}");
     // Another port on the same host is not an allowed origin.
     let other = json!({"input": {"url": "http://127.0.0.1:1/img.png"}});
     invoke_json(&app, "thumb", other).await.problem(StatusCode::FORBIDDEN, "url_not_allowed");

@@ -470,7 +470,7 @@ fn fit_image(img: DynamicImage, w: u32, h: u32, fit: &str, limits: &Limits) -> R
     let (w, h) = (w.to_string(), h.to_string());
     let pairs = [("width", w.as_str()), ("height", h.as_str()), ("fit", fit), ("enlarge", "true")];
     let op = Op::parse("resize", pairs).map_err(|e| bad(format!("image layer: {e}")))?;
-    op.apply(img, &super::Context { limits: *limits, images: &BTreeMap::new(), raw: None })
+    op.apply(img, &super::Context { limits: *limits, images: &BTreeMap::new(), raw: None, deadline: None })
 }
 
 fn skia_color(c: Color) -> tiny_skia::Color {

@@ -215,7 +215,7 @@ mod tests {
         let small = crate::Limits { max_output_pixels: 1000, ..crate::Limits::default() };
         let img = DynamicImage::ImageRgb8(image::RgbImage::new(100, 100));
         let none = std::collections::BTreeMap::new();
-        let cx = crate::ops::Context { limits: small, images: &none, raw: None };
+        let cx = crate::ops::Context { limits: small, images: &none, raw: None, deadline: None };
         assert!(crate::ops::Op::Blur { sigma: 10.0 }.apply(img.clone(), &cx).is_err());
         let sharpen = crate::ops::Op::Sharpen(Sharpen { sigma: 10.0, amount: 1.0, threshold: 0 });
         assert!(sharpen.apply(img, &cx).is_err());

@@ -29,6 +29,8 @@ pub struct Context<'a> {
     pub images: &'a BTreeMap<String, DynamicImage>,
     /// Extra inputs as bytes by name (fonts).
     pub raw: Option<&'a BTreeMap<String, Vec<u8>>>,
+    /// When the caller stops waiting (see `RunOptions::deadline`).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// What an extra input is read as.
