@@ -349,6 +349,7 @@ pub(crate) fn svg_needs_vector() -> Error {
 /// Maps our AVIF quality to rav1e's scale. rav1e's numbers run lower than libavif's: at 50 it
 /// scores SSIM 0.969 on the benchmark photo where libavif (Pillow, sharp) scores 0.976; +17
 /// lines the two scales up there, so `quality=50` means what users of those tools expect.
+#[cfg(feature = "avif")]
 fn avif_quality(q: u8) -> u8 {
     q.saturating_add(17).min(100)
 }
