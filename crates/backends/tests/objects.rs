@@ -352,7 +352,10 @@ mod s3_only {
         ));
         // A service nobody answers: the error says so, nothing hangs for long.
         let dir = Dir::new("s3-dead");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Bound but not listening for the whole test: refused, and nobody else's meanwhile.
+        let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+        reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = reserved.local_addr().unwrap().port();
         let settings = pixflow_backends::Store::memory().await.unwrap();
         let cfg = service::config(format!("http://127.0.0.1:{port}"));
         let dead = Objects::open_s3(&cfg, settings, &dir.0.join("spool")).await.unwrap();

@@ -1212,8 +1212,12 @@ async fn the_pipeline_runs_over_an_s3_service() {
     r.problem(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
     assert!(!root.join("uploads/big.bin").exists());
     small.shutdown().await;
-    // A service nobody answers: 502 with a fixed message; its address stays in the log.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A service nobody answers: 502 with a fixed message; its address stays in the log. The port
+    // stays bound without listening for the whole test, so connections are refused and no
+    // other program can take it meanwhile.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = reserved.local_addr().unwrap().port();
     let mut dead = config();
     dead.objects_s3 = Some(test_server::config(format!("http://127.0.0.1:{port}")));
     let dead = start(dead).await;
@@ -1221,6 +1225,7 @@ async fn the_pipeline_runs_over_an_s3_service() {
     let p = r.problem(StatusCode::BAD_GATEWAY, "object_service_failed");
     assert!(!p["detail"].as_str().unwrap().contains(&port.to_string()), "{p}");
     dead.shutdown().await;
+    drop(reserved);
     deploy(
         &app,
         "name: thumb-store\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\n\
