@@ -440,7 +440,7 @@ struct Inner {
     changes: tokio::sync::broadcast::Sender<Change>,
     /// Uploads under way (each spools to a file and holds a descriptor), at most `max_uploads`.
     uploads: Arc<tokio::sync::Semaphore>,
-    max_uploads: std::sync::atomic::AtomicUsize,
+    max_uploads: usize,
 }
 
 /// Uploads a node takes at once unless configured otherwise.
@@ -478,32 +478,20 @@ impl Objects {
             spool,
             changes,
             uploads: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_UPLOADS)),
-            max_uploads: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_UPLOADS),
+            max_uploads: DEFAULT_MAX_UPLOADS,
         }))
     }
 
-    /// Sets how many uploads (object PUTs, S3 parts) may be under way at once; beyond it
-    /// [`Objects::upload`] answers [`ObjectError::TooManyUploads`]. Uploads already under way
-    /// finish.
-    pub fn set_max_uploads(&self, max: usize) {
-        use std::sync::atomic::Ordering;
-        let max = max.max(1);
-        let before = self.0.max_uploads.swap(max, Ordering::AcqRel);
-        if max > before {
-            self.0.uploads.add_permits(max - before);
-        } else {
-            // Permits held now are forgotten as they come back, once the free ones run out.
-            let mut left = before - max;
-            left -= self.0.uploads.forget_permits(left);
-            if left > 0 {
-                let uploads = self.0.uploads.clone();
-                tokio::spawn(async move {
-                    if let Ok(p) = uploads.acquire_many_owned(u32::try_from(left).unwrap_or(u32::MAX)).await {
-                        p.forget();
-                    }
-                });
-            }
+    /// The same store taking at most `max` uploads at once (object PUTs, S3 objects and
+    /// parts); beyond it [`Objects::upload`] answers [`ObjectError::TooManyUploads`]. Set at
+    /// start, on a handle not yet shared (a shared one keeps the limit it has).
+    pub fn with_max_uploads(mut self, max: usize) -> Objects {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            let max = max.max(1);
+            inner.uploads = Arc::new(tokio::sync::Semaphore::new(max));
+            inner.max_uploads = max;
         }
+        self
     }
 
     /// `embedded` or `s3`.
@@ -606,9 +594,7 @@ impl Objects {
     /// Starts an upload of at most `limit` bytes.
     pub async fn upload(&self, limit: u64) -> Result<Upload> {
         let slot =
-            self.0.uploads.clone().try_acquire_owned().map_err(|_| {
-                ObjectError::TooManyUploads(self.0.max_uploads.load(std::sync::atomic::Ordering::Acquire))
-            })?;
+            self.0.uploads.clone().try_acquire_owned().map_err(|_| ObjectError::TooManyUploads(self.0.max_uploads))?;
         let id = blob_id()?;
         let tmp = self.0.spool.join(&id);
         let file = crate::files::open_options_async().read(true).write(true).create_new(true).open(&tmp).await?;

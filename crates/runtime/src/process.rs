@@ -97,13 +97,15 @@ static HAS_SETPRIV: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
     found
 });
 
-/// Sends SIGKILL to the process group `pgid` (an instance and whatever it started).
-fn kill_group(pgid: u32) {
-    let _ = std::process::Command::new("kill")
+/// Sends SIGKILL to the process group `pgid` (an instance and whatever it started), without
+/// blocking the runtime's thread.
+async fn kill_group(pgid: u32) {
+    let _ = tokio::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pgid}")])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .status();
+        .status()
+        .await;
 }
 
 /// Stops every process carrying `tag` in its environment: the children (and their children) of
@@ -423,7 +425,7 @@ impl Processes {
                     .and_then(|()| std::fs::write(dir.join("cgroup.procs"), pid.to_string()));
                 if let Err(e) = placed {
                     let _ = child.start_kill();
-                    kill_group(pid);
+                    kill_group(pid).await;
                     return Err(format!("placing the instance in cgroup {}: {e}", dir.display()));
                 }
                 Some(dir)
@@ -441,7 +443,7 @@ impl Processes {
             if Instant::now() >= deadline {
                 let _ = child.start_kill();
                 if let Some(pid) = pid {
-                    kill_group(pid);
+                    kill_group(pid).await;
                 }
                 return Err(failed(format!("did not open port {port} within {START_TIMEOUT:?}"), None).await);
             }
@@ -460,7 +462,7 @@ impl Processes {
                 status = child.wait() => status.ok(),
                 () = watched.kill.notified() => {
                     if let Some(pid) = pid {
-                        kill_group(pid);
+                        kill_group(pid).await;
                     }
                     let _ = child.start_kill();
                     let _ = child.wait().await;

@@ -214,8 +214,8 @@ impl App {
                 .await
                 .with_context(|| format!("opening the object store in {}", objects_dir.display()))?,
             Some(s3) => open_s3(s3, &store, &objects_dir.join("spool")).await?,
-        };
-        objects.set_max_uploads(config.max_uploads);
+        }
+        .with_max_uploads(config.max_uploads);
         let cache_dir = config.cdn_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cdn-cache"));
         let cache = pixflow_backends::EdgeCache::open(&cache_dir, config.cdn_cache_memory, config.cdn_cache_disk)
             .with_context(|| format!("opening the edge cache in {}", cache_dir.display()))?;

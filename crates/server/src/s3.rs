@@ -517,15 +517,11 @@ mod tests {
 
     use super::*;
 
-    /// A GET of `url` as an HTTP client sends it (path and query, `Host`).
+    /// A GET of `url` as an HTTP client sends it (path and query; the tests' host).
     async fn get(service: &s3s::service::S3Service, url: &object_store::signer::Url) -> (u16, String) {
-        let host = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+        assert_eq!((url.host_str(), url.port()), (Some("127.0.0.1"), Some(9000)));
         let target = format!("{}?{}", url.path(), url.query().unwrap_or_default());
-        let req = axum::http::Request::get(target).header("host", host).body(s3s::Body::empty()).unwrap();
-        let resp = service.call(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        send(service, "GET", &target, &[], vec![]).await
     }
 
     #[tokio::test]
@@ -616,6 +612,17 @@ mod tests {
         assert_eq!(status, 204, "{body}");
         let (status, body) = send(&service, "PUT", &part(1), &[], b"p".to_vec()).await;
         assert_eq!((status, code(&body)), (404, "NoSuchUpload"), "{body}");
+        objects.close().await;
+        // More uploads at once than the node takes: SlowDown, S3's 503.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let objects = Objects::open(&dir).await.unwrap().with_max_uploads(1);
+        objects.put_bucket("media", &pixflow_backends::BucketConfig::default()).await.unwrap();
+        let service = s3s::service::S3ServiceBuilder::new(Gateway::new(objects.clone(), 1024)).build();
+        let held = objects.upload(1024).await.unwrap();
+        let (status, body) = send(&service, "PUT", "/media/y.txt", &[], b"y".to_vec()).await;
+        assert_eq!((status, code(&body)), (503, "SlowDown"), "{body}");
+        drop(held);
+        assert_eq!(send(&service, "PUT", "/media/y.txt", &[], b"y".to_vec()).await.0, 200);
         objects.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
