@@ -9,6 +9,9 @@
 pub mod edge_cache;
 pub mod files;
 pub mod objects;
+#[cfg(feature = "postgres")]
+pub mod pg;
+pub mod queue;
 pub mod state;
 
 pub use edge_cache::{EdgeCache, Entry as CachedEntry};
@@ -16,4 +19,7 @@ pub use objects::{
     Bucket, BucketConfig, Change, Condition, Listed, Listing, ObjectError, ObjectMeta, Objects, Reader, Resume,
     S3Config, Upload,
 };
+#[cfg(feature = "postgres")]
+pub use pg::Postgres;
+pub use queue::{Delivery, Lease, Queue, QueueError, QueueStats};
 pub use state::{Claimed, InvocationRow, NewInvocation, Status, Store, StoreError};

@@ -14,12 +14,14 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, sqlite::SqliteRow};
 
 use crate::objects::{Bucket, BucketConfig};
+use crate::queue::{Queue, Wakers};
 
 /// A failure of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +198,8 @@ pub(crate) mod bucket_rows {
 #[derive(Clone)]
 pub struct Store {
     db: SqlitePool,
+    /// Shared by every [`Queue`] handle on this file, so an enqueue wakes any of their consumers.
+    wakers: Arc<Wakers>,
 }
 
 const SCHEMA: &[&str] = &[
@@ -239,7 +243,7 @@ impl Store {
 
     async fn connect(opts: SqliteConnectOptions, connections: u32) -> Result<Store> {
         let db = SqlitePoolOptions::new().max_connections(connections).connect_with(opts).await?;
-        for statement in SCHEMA {
+        for statement in SCHEMA.iter().chain(crate::queue::sqlite::SCHEMA) {
             sqlx::query(*statement).execute(&db).await?;
         }
         // State files made before claims had tokens.
@@ -250,7 +254,14 @@ impl Store {
         if !has_claim {
             sqlx::query("ALTER TABLE invocations ADD COLUMN claim TEXT").execute(&db).await?;
         }
-        Ok(Store { db })
+        Ok(Store { db, wakers: Arc::new(Wakers::default()) })
+    }
+
+    /// The queues in this state file. One process owns the file, so its leases are all this
+    /// node's.
+    pub fn queue(&self) -> Queue {
+        let backend = crate::queue::sqlite::SqliteQueue::new(self.db.clone(), self.wakers.clone());
+        Queue::new(Arc::new(backend), self.wakers.clone(), "local")
     }
 
     // ---- functions deployed through the API ----

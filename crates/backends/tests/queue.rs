@@ -1,0 +1,267 @@
+//! The queue contract, run against every backend: SQLite always; PostgreSQL when
+//! `PIXFLOW_TEST_POSTGRES_URL` names a server (`.ci/run` sets it; a configured server that does
+//! not answer fails the suite). Each case gets two handles, "nodes": two handles on one state
+//! file for SQLite, two connection pools for PostgreSQL.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use pixflow_backends::state::now_ms;
+use pixflow_backends::{Queue, QueueError, Store};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A queue name no other case (or run) uses.
+fn fresh(prefix: &str) -> String {
+    format!("{prefix}-{}-{}-{}", std::process::id(), now_ms() % 1_000_000, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn postgres_url() -> Option<String> {
+    let url = std::env::var("PIXFLOW_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty());
+    if url.is_none() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: skipped the PostgreSQL queue backend (set PIXFLOW_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test)"
+        );
+    }
+    url
+}
+
+/// Runs `case` with two handles on each backend.
+async fn each(case: impl AsyncFn(Queue, Queue, String)) {
+    let store = Store::memory().await.unwrap();
+    case(store.queue(), store.queue(), fresh("sqlite")).await;
+    if let Some(url) = postgres_url() {
+        let a = pixflow_backends::Postgres::open(&url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+        let b = pixflow_backends::Postgres::open(&url).await.unwrap();
+        let (qa, qb) = (a.queue(&fresh("node-a")).await.unwrap(), b.queue(&fresh("node-b")).await.unwrap());
+        case(qa, qb, fresh("pg")).await;
+        a.close().await;
+        b.close().await;
+    }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// `fut`, or a failure after `secs` (a bound on a wait that should end, never a measurement).
+async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still waiting after {secs} s"))
+}
+
+#[tokio::test]
+async fn two_consumers_never_hold_the_same_message() {
+    each(async |a, b, q| {
+        for i in 0..40 {
+            assert!(a.enqueue(&q, &format!("m{i}"), format!("{i}").as_bytes(), Duration::ZERO).await.unwrap());
+        }
+        let mut tasks = Vec::new();
+        for n in 0..8 {
+            let (h, q) = (if n % 2 == 0 { a.clone() } else { b.clone() }, q.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(d) = h.claim(&q, MINUTE).await.unwrap() {
+                    got.push(d.id);
+                }
+                got
+            }));
+        }
+        let mut seen = HashSet::new();
+        for t in tasks {
+            for id in t.await.unwrap() {
+                assert!(seen.insert(id.clone()), "{id} handed out twice");
+            }
+        }
+        assert_eq!(seen.len(), 40);
+        let stats = a.stats(&q).await.unwrap();
+        assert_eq!((stats.depth, stats.leased), (40, 40));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_late_settlement_after_the_lease_moved_on_is_refused() {
+    each(async |a, b, q| {
+        a.enqueue(&q, "job", b"x", Duration::ZERO).await.unwrap();
+        // The first consumer's lease runs out at once (it hung); the other node takes over.
+        let stale = a.claim(&q, Duration::ZERO).await.unwrap().unwrap();
+        let owner = b.claim(&q, MINUTE).await.unwrap().unwrap();
+        assert_eq!((owner.id.as_str(), owner.attempt), ("job", 2));
+        assert!(owner.lease.fence() > stale.lease.fence());
+        assert_ne!(owner.lease.token(), stale.lease.token());
+        assert!(matches!(a.extend(&stale.lease, MINUTE).await, Err(QueueError::Stale)));
+        assert!(matches!(a.finish(&stale.lease).await, Err(QueueError::Stale)));
+        assert!(matches!(a.retry(&stale.lease, Duration::ZERO).await, Err(QueueError::Stale)));
+        assert!(matches!(a.bury(&stale.lease, "late").await, Err(QueueError::Stale)));
+        // None of that freed the message for a third claim.
+        assert!(a.claim(&q, MINUTE).await.unwrap().is_none());
+        b.extend(&owner.lease, MINUTE).await.unwrap();
+        b.finish(&owner.lease).await.unwrap();
+        // Settled: the owner's lease ends too.
+        assert!(matches!(b.finish(&owner.lease).await, Err(QueueError::Stale)));
+        assert!(matches!(a.finish(&stale.lease).await, Err(QueueError::Stale)));
+        assert_eq!(a.stats(&q).await.unwrap().depth, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_same_deduplication_id_twice_is_one_message() {
+    each(async |a, b, q| {
+        assert!(a.enqueue(&q, "once", b"first", Duration::ZERO).await.unwrap());
+        assert!(!b.enqueue(&q, "once", b"second", Duration::ZERO).await.unwrap());
+        let d = a.claim(&q, MINUTE).await.unwrap().unwrap();
+        assert_eq!(d.payload, b"first");
+        assert!(b.claim(&q, MINUTE).await.unwrap().is_none());
+        // Still one while leased, and after it finished (within the deduplication window).
+        assert!(!b.enqueue(&q, "once", b"third", Duration::ZERO).await.unwrap());
+        a.finish(&d.lease).await.unwrap();
+        assert!(!b.enqueue(&q, "once", b"fourth", Duration::ZERO).await.unwrap());
+        assert!(a.claim(&q, MINUTE).await.unwrap().is_none());
+        // Past the window the id is free again.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        a.purge(Duration::ZERO, MINUTE).await.unwrap();
+        assert!(b.enqueue(&q, "once", b"fifth", Duration::ZERO).await.unwrap());
+        assert_eq!(a.claim(&q, MINUTE).await.unwrap().unwrap().payload, b"fifth");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_consumer_killed_mid_message_leads_to_redelivery() {
+    each(async |a, b, q| {
+        a.enqueue(&q, "work", b"w", Duration::ZERO).await.unwrap();
+        let lost = a.claim(&q, Duration::from_millis(300)).await.unwrap().unwrap();
+        drop(lost); // its consumer died without settling or renewing
+        assert!(b.claim(&q, MINUTE).await.unwrap().is_none(), "the lease still runs");
+        // The waiting consumer wakes by its timer when the lease runs out.
+        let again = within(10, "redelivery", b.next(&q, MINUTE)).await.unwrap();
+        assert_eq!((again.id.as_str(), again.attempt), ("work", 2));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn delayed_messages_are_not_claimed_early() {
+    each(async |a, b, q| {
+        let delay = Duration::from_millis(400);
+        a.enqueue(&q, "later", b"l", delay).await.unwrap();
+        assert!(b.claim(&q, MINUTE).await.unwrap().is_none());
+        let d = within(10, "the delayed message", b.next(&q, MINUTE)).await.unwrap();
+        assert!(now_ms() >= d.enqueued_ms + 400, "claimed {} ms after enqueue", now_ms() - d.enqueued_ms);
+        // A retry with a delay is delayed alike, and counts an attempt.
+        b.retry(&d.lease, delay).await.unwrap();
+        assert!(a.claim(&q, MINUTE).await.unwrap().is_none());
+        let started = Instant::now();
+        let again = within(10, "the retried message", a.next(&q, MINUTE)).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(again.attempt, 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_enqueue_wakes_a_waiting_consumer_of_another_handle() {
+    each(async |a, b, q| {
+        let waiter = {
+            let (b, q) = (b.clone(), q.clone());
+            tokio::spawn(async move { b.next(&q, MINUTE).await })
+        };
+        // The consumer is waiting with nothing due (its backstop timer is 30 s away).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = Instant::now();
+        a.enqueue(&q, "ping", b"p", Duration::ZERO).await.unwrap();
+        let d = within(5, "the woken consumer", waiter).await.unwrap().unwrap();
+        assert_eq!(d.id, "ping");
+        assert!(sent.elapsed() < Duration::from_secs(5));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn buried_messages_are_never_delivered_again_and_stats_follow() {
+    each(async |a, b, q| {
+        assert_eq!(a.stats(&q).await.unwrap(), Default::default());
+        a.enqueue(&q, "bad", b"b", Duration::ZERO).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.enqueue(&q, "good", b"g", Duration::from_secs(3600)).await.unwrap();
+        let s = b.stats(&q).await.unwrap();
+        assert_eq!((s.depth, s.leased), (2, 0));
+        assert!(s.oldest_age >= Duration::from_millis(20), "{s:?}");
+        let d = b.claim(&q, MINUTE).await.unwrap().unwrap();
+        assert_eq!(d.id, "bad");
+        assert_eq!(a.stats(&q).await.unwrap().leased, 1);
+        b.bury(&d.lease, "cannot be processed").await.unwrap();
+        assert!(a.claim(&q, MINUTE).await.unwrap().is_none());
+        assert_eq!(a.stats(&q).await.unwrap().depth, 1);
+        // A buried id stays taken until purged.
+        assert!(!a.enqueue(&q, "bad", b"b", Duration::ZERO).await.unwrap());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_takes_its_own_leases_back_at_once() {
+    each(async |a, b, q| {
+        a.enqueue(&q, "held", b"h", Duration::ZERO).await.unwrap();
+        let before = a.claim(&q, Duration::from_secs(3600)).await.unwrap().unwrap();
+        if a.holder() != b.holder() {
+            // Another node's release leaves it alone (one SQLite file is one node).
+            assert_eq!(b.release_held().await.unwrap(), 0);
+            assert!(b.claim(&q, MINUTE).await.unwrap().is_none());
+        }
+        // The holder's next start releases it.
+        assert!(a.release_held().await.unwrap() >= 1);
+        let after = b.claim(&q, MINUTE).await.unwrap().unwrap();
+        assert_eq!((after.id.as_str(), after.attempt), ("held", 2));
+        assert!(matches!(a.finish(&before.lease).await, Err(QueueError::Stale)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_names_ids_and_oversized_messages_are_refused() {
+    each(async |a, _b, q| {
+        for name in ["", "Upper", "has space", "dots.are.out", &"x".repeat(65)] {
+            assert!(
+                matches!(a.enqueue(name, "id", b"", Duration::ZERO).await, Err(QueueError::InvalidName(_))),
+                "{name}"
+            );
+        }
+        for id in ["", "with space", &"x".repeat(201), "tab\t"] {
+            assert!(matches!(a.enqueue(&q, id, b"", Duration::ZERO).await, Err(QueueError::InvalidId)), "{id:?}");
+        }
+        let big = vec![0u8; pixflow_backends::queue::MAX_MESSAGE + 1];
+        assert!(matches!(a.enqueue(&q, "big", &big, Duration::ZERO).await, Err(QueueError::TooLarge { .. })));
+        assert_eq!(a.stats(&q).await.unwrap().depth, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_state_file_keeps_the_queue_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("pixflow-queue-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.db");
+    {
+        let s = Store::open(&path).await.unwrap();
+        let q = s.queue();
+        q.enqueue("invocations", "a", b"1", Duration::ZERO).await.unwrap();
+        q.enqueue("invocations", "b", b"2", Duration::ZERO).await.unwrap();
+        // Stopped while running `a`, its lease far from over.
+        q.claim("invocations", Duration::from_secs(3600)).await.unwrap().unwrap();
+        s.close().await;
+    }
+    let s = Store::open(&path).await.unwrap();
+    let q = s.queue();
+    assert_eq!(q.release_held().await.unwrap(), 1);
+    let a = q.claim("invocations", MINUTE).await.unwrap().unwrap();
+    assert_eq!((a.id.as_str(), a.attempt, a.payload.as_slice()), ("a", 2, &b"1"[..]));
+    assert_eq!(q.claim("invocations", MINUTE).await.unwrap().unwrap().id, "b");
+    s.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
