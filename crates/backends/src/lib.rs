@@ -22,4 +22,4 @@ pub use objects::{
 #[cfg(feature = "postgres")]
 pub use pg::Postgres;
 pub use queue::{Delivery, Lease, Queue, QueueError, QueueStats};
-pub use state::{Claimed, InvocationRow, NewInvocation, Status, Store, StoreError};
+pub use state::{InvocationRow, NewInvocation, Status, Store, StoreError};

@@ -1,16 +1,14 @@
 //! The node's durable state in one SQLite file (the embedded default): functions deployed
-//! through the API, API tokens (hashes only), and the asynchronous invocation queue.
+//! through the API, API tokens (hashes only), bucket settings of an S3 service, the invocation
+//! log, and (in the same file, through [`Store::queue`]) the queues.
 //!
-//! The queue is a table: `enqueue` commits before the caller is told "accepted"; a worker
-//! `claim`s the oldest due row with a short lease and a claim token of its own (one
-//! `UPDATE ... RETURNING`, so two workers never take the same row) and renews the lease with
-//! `extend_lease` while it runs; `finish` records the result, `retry_at` puts it back with a
-//! later due time, `bury` dead-letters it. Each of these updates only the claim it names: a
-//! worker whose lease ran out and whose row another claim took over changes nothing. A claim
-//! also takes a running row whose lease ran out (its worker stopped), and at start the node
-//! queues again what its previous run left running (`requeue_interrupted`), so work is
-//! delivered at least once and soon after a crash. The store knows nothing of functions'
-//! payload formats: payloads, results and errors are opaque bytes and text.
+//! The invocation log keeps each asynchronous invocation's request, status, attempts, result
+//! and error; its queue message carries only the id. A consumer that claimed the message
+//! `start`s the invocation with the delivery's attempt number and lease token, and records the
+//! outcome with `finish`, `retry_at` or `bury`: each changes the row only while it is still that
+//! lease's, so a consumer whose lease ran out and whose message another claim took over changes
+//! nothing (the fencing of [`crate::queue`], applied to the log). The store knows nothing of
+//! functions' payload formats: payloads, results and errors are opaque bytes and text.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -93,25 +91,14 @@ pub struct InvocationRow {
     pub error: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// When a retried invocation's next attempt is due (ms since the epoch).
     pub next_ms: i64,
-    /// When the lease of a running invocation ends (ms since the epoch).
-    pub lease_ms: i64,
-}
-
-/// A claimed invocation: the row, its payload and the claim's token.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    pub row: InvocationRow,
-    pub payload: Vec<u8>,
-    /// Names this claim: [`Store::extend_lease`], [`Store::finish`], [`Store::retry_at`] and
-    /// [`Store::bury`] change the row only while it is still this claim's.
-    pub claim: String,
 }
 
 /// The columns [`row`] reads, spliced into queries at compile time.
 macro_rules! row_columns {
     () => {
-        "id, function, status, attempts, max_attempts, meta, callback, result_meta, error, created_ms, updated_ms, next_ms, lease_ms"
+        "id, function, status, attempts, max_attempts, meta, callback, result_meta, error, created_ms, updated_ms, next_ms"
     };
 }
 
@@ -130,15 +117,7 @@ fn row(r: &SqliteRow) -> InvocationRow {
         created_ms: int("created_ms"),
         updated_ms: int("updated_ms"),
         next_ms: int("next_ms"),
-        lease_ms: int("lease_ms"),
     }
-}
-
-/// A fresh claim token: 128 random bits, hex.
-fn claim_token() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| StoreError(sqlx::Error::Io(std::io::Error::other(e.to_string()))))?;
-    Ok(hex::encode(bytes))
 }
 
 fn millis(d: Duration) -> i64 {
@@ -213,7 +192,7 @@ const SCHEMA: &[&str] = &[
         meta TEXT NOT NULL, payload BLOB NOT NULL, callback TEXT,
         result_meta TEXT, result BLOB, error TEXT,
         created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
-        next_ms INTEGER NOT NULL, lease_ms INTEGER NOT NULL DEFAULT 0, claim TEXT)",
+        next_ms INTEGER NOT NULL, claim TEXT, message TEXT)",
     "CREATE INDEX IF NOT EXISTS invocations_due ON invocations (status, next_ms)",
     "CREATE TABLE IF NOT EXISTS buckets (
         name TEXT PRIMARY KEY, public INTEGER NOT NULL, cache_control TEXT, created_ms INTEGER NOT NULL)",
@@ -246,13 +225,19 @@ impl Store {
         for statement in SCHEMA.iter().chain(crate::queue::sqlite::SCHEMA) {
             sqlx::query(*statement).execute(&db).await?;
         }
-        // State files made before claims had tokens.
-        let has_claim = sqlx::query("SELECT 1 AS one FROM pragma_table_info('invocations') WHERE name = 'claim'")
-            .fetch_optional(&db)
-            .await?
-            .is_some();
-        if !has_claim {
-            sqlx::query("ALTER TABLE invocations ADD COLUMN claim TEXT").execute(&db).await?;
+        // State files made before leases were recorded (`claim`, the lease token) and before
+        // invocations named their queue message (`message`; NULL: the invocation's own id).
+        for column in ["claim", "message"] {
+            let present = sqlx::query("SELECT 1 AS one FROM pragma_table_info('invocations') WHERE name = ?")
+                .bind(column)
+                .fetch_optional(&db)
+                .await?
+                .is_some();
+            if !present {
+                sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE invocations ADD COLUMN {column} TEXT")))
+                    .execute(&db)
+                    .await?;
+            }
         }
         Ok(Store { db, wakers: Arc::new(Wakers::default()) })
     }
@@ -338,14 +323,16 @@ impl Store {
         Ok(r.is_some())
     }
 
-    // ---- the invocation queue ----
+    // ---- the invocation log (the queue carries only their ids: see [`crate::queue`]) ----
 
-    /// Stores a new invocation, due now. Returns once it is committed.
-    pub async fn enqueue(&self, inv: &NewInvocation) -> Result<()> {
+    /// Records a new invocation, queued; its queue message's deduplication id is its own id.
+    /// Returns once it is committed.
+    pub async fn insert_invocation(&self, inv: &NewInvocation) -> Result<()> {
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms, updated_ms, next_ms)
-             VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms, updated_ms,
+             next_ms, message)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?1)",
         )
         .bind(&inv.id)
         .bind(&inv.function)
@@ -354,56 +341,33 @@ impl Store {
         .bind(&inv.payload)
         .bind(&inv.callback)
         .bind(now)
-        .bind(now)
-        .bind(now)
         .execute(&self.db)
         .await?;
         Ok(())
     }
 
-    /// Takes the oldest due invocation and leases it for `lease` under a new claim token;
-    /// counts the attempt. A running invocation whose lease has run out (its worker stopped
-    /// renewing it) is due again, so accepted work is delivered at least once; the caller
-    /// dead-letters one whose attempts are spent.
-    pub async fn claim(&self, lease: Duration) -> Result<Option<Claimed>> {
-        let now = now_ms();
-        let token = claim_token()?;
+    /// Marks a queued (or interrupted) invocation running under `lease` (the queue lease's
+    /// token), counts the attempt, and returns it with its payload. `None`: it is settled
+    /// already, or gone. The latest start owns the row: an earlier lease's outcome is refused.
+    pub async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {
         let r = sqlx::query(concat!(
-            "UPDATE invocations SET status = 'running', attempts = attempts + 1, lease_ms = ?, claim = ?, updated_ms = ?
-             WHERE id = (SELECT id FROM invocations
-                         WHERE (status = 'queued' AND next_ms <= ?) OR (status = 'running' AND lease_ms <= ?)
-                         ORDER BY next_ms, created_ms LIMIT 1)
+            "UPDATE invocations SET status = 'running', attempts = attempts + 1, claim = ?1, updated_ms = ?2
+             WHERE id = ?3 AND status IN ('queued', 'running')
              RETURNING ",
             row_columns!(),
             ", payload"
         ))
-        .bind(now.saturating_add(millis(lease)))
-        .bind(&token)
-        .bind(now)
-        .bind(now)
-        .bind(now)
+        .bind(lease)
+        .bind(now_ms())
+        .bind(id)
         .fetch_optional(&self.db)
         .await?;
-        Ok(r.map(|r| Claimed { row: row(&r), payload: r.get("payload"), claim: token }))
-    }
-
-    /// Renews the lease of a running claim to `lease` from now (a worker's heartbeat). `false`:
-    /// the row is no longer this claim's (another claim took it over after the lease ran out),
-    /// so the worker should give the attempt up.
-    pub async fn extend_lease(&self, id: &str, claim: &str, lease: Duration) -> Result<bool> {
-        let now = now_ms();
-        let done = sqlx::query("UPDATE invocations SET lease_ms = ? WHERE id = ? AND claim = ? AND status = 'running'")
-            .bind(now.saturating_add(millis(lease)))
-            .bind(id)
-            .bind(claim)
-            .execute(&self.db)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(r.map(|r| (row(&r), r.get("payload"))))
     }
 
     /// Records success; the payload is dropped (it is no longer needed). `false` (and nothing
-    /// changed): the row is no longer this claim's.
-    pub async fn finish(&self, id: &str, claim: &str, result_meta: &str, result: &[u8]) -> Result<bool> {
+    /// changed): the invocation is no longer this lease's.
+    pub async fn finish(&self, id: &str, lease: &str, result_meta: &str, result: &[u8]) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE invocations SET status = 'succeeded', result_meta = ?, result = ?, error = NULL,
              payload = x'', claim = NULL, updated_ms = ? WHERE id = ? AND claim = ? AND status = 'running'",
@@ -412,15 +376,15 @@ impl Store {
         .bind(result)
         .bind(now_ms())
         .bind(id)
-        .bind(claim)
+        .bind(lease)
         .execute(&self.db)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    /// Puts a failed attempt back in the queue, due after `delay`. `false` (and nothing
-    /// changed): the row is no longer this claim's.
-    pub async fn retry_at(&self, id: &str, claim: &str, error: &str, delay: Duration) -> Result<bool> {
+    /// Records a failed attempt that will be retried after `delay`. `false` (and nothing
+    /// changed): the invocation is no longer this lease's.
+    pub async fn retry_at(&self, id: &str, lease: &str, error: &str, delay: Duration) -> Result<bool> {
         let now = now_ms();
         let done = sqlx::query(
             "UPDATE invocations SET status = 'queued', error = ?, next_ms = ?, claim = NULL, updated_ms = ?
@@ -430,15 +394,15 @@ impl Store {
         .bind(now.saturating_add(millis(delay)))
         .bind(now)
         .bind(id)
-        .bind(claim)
+        .bind(lease)
         .execute(&self.db)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    /// Dead-letters an invocation, keeping its payload so it can be re-driven. `false` (and
-    /// nothing changed): the row is no longer this claim's.
-    pub async fn bury(&self, id: &str, claim: &str, error: &str) -> Result<bool> {
+    /// Dead-letters an invocation (its payload is kept for a re-drive). `false` (and nothing
+    /// changed): the invocation is no longer this lease's.
+    pub async fn bury(&self, id: &str, lease: &str, error: &str) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE invocations SET status = 'dead', error = ?, claim = NULL, updated_ms = ?
              WHERE id = ? AND claim = ? AND status = 'running'",
@@ -446,42 +410,46 @@ impl Store {
         .bind(error)
         .bind(now_ms())
         .bind(id)
-        .bind(claim)
+        .bind(lease)
         .execute(&self.db)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    /// Puts a dead letter back in the queue with a fresh set of attempts. Returns whether one
-    /// was re-driven.
-    pub async fn redrive(&self, id: &str) -> Result<bool> {
+    /// Puts a dead letter back with a fresh set of attempts, under a new queue message whose
+    /// deduplication id this returns (`None`: it was not dead-lettered). The caller enqueues it.
+    pub async fn redrive(&self, id: &str) -> Result<Option<String>> {
         let now = now_ms();
+        let message = format!("{id}.{now}");
         let done = sqlx::query(
-            "UPDATE invocations SET status = 'queued', attempts = 0, next_ms = ?, updated_ms = ?
-             WHERE id = ? AND status = 'dead'",
+            "UPDATE invocations SET status = 'queued', attempts = 0, next_ms = ?1, updated_ms = ?1, message = ?2
+             WHERE id = ?3 AND status = 'dead'",
         )
         .bind(now)
-        .bind(now)
+        .bind(&message)
         .bind(id)
         .execute(&self.db)
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok((done.rows_affected() == 1).then_some(message))
     }
 
-    /// Queues again, due now and in their place in line, every running invocation: their
-    /// claims belong to a run of this node that stopped (the state file is this node's own), so
-    /// call it at start, before the workers claim anything. Their leases may not have run out
-    /// yet; waiting for them would only delay the work. The interrupted attempt stays counted.
-    pub async fn requeue_interrupted(&self) -> Result<u64> {
-        let now = now_ms();
-        let done = sqlx::query(
-            "UPDATE invocations SET status = 'queued', next_ms = MIN(next_ms, ?1), claim = NULL, updated_ms = ?1
-             WHERE status = 'running'",
+    /// Forgets an invocation whose message could not be queued (it was never accepted).
+    pub async fn delete_invocation(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM invocations WHERE id = ?").bind(id).execute(&self.db).await?;
+        Ok(())
+    }
+
+    /// `(invocation id, message deduplication id)` of every invocation not settled: what the
+    /// queue must hold. Enqueueing them again at start is harmless (deduplicated) and repairs
+    /// a stop between recording an invocation and enqueueing its message.
+    pub async fn unsettled(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT id, COALESCE(message, id) AS message FROM invocations WHERE status IN ('queued', 'running')
+             ORDER BY created_ms",
         )
-        .bind(now)
-        .execute(&self.db)
+        .fetch_all(&self.db)
         .await?;
-        Ok(done.rows_affected())
+        Ok(rows.iter().map(|r| (r.get("id"), r.get("message"))).collect())
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<InvocationRow>> {
@@ -513,14 +481,6 @@ impl Store {
         .fetch_all(&self.db)
         .await?;
         Ok(rows.iter().map(row).collect())
-    }
-
-    /// Invocations waiting or running.
-    pub async fn queue_depth(&self) -> Result<u64> {
-        let r = sqlx::query("SELECT COUNT(*) AS n FROM invocations WHERE status IN ('queued', 'running')")
-            .fetch_one(&self.db)
-            .await?;
-        Ok(u64::try_from(r.get::<i64, _>("n")).unwrap_or(0))
     }
 
     /// Deletes finished invocations (succeeded or dead) last updated before `before_ms`.
@@ -560,100 +520,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn queue_life_cycle() {
+    async fn invocation_log_life_cycle() {
         let s = Store::memory().await.unwrap();
-        s.enqueue(&inv("a")).await.unwrap();
-        s.enqueue(&inv("b")).await.unwrap();
-        assert_eq!(s.queue_depth().await.unwrap(), 2);
-        let c = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((c.row.id.as_str(), c.row.attempts, c.payload.as_slice()), ("a", 1, &[1u8, 2, 3][..]));
-        // A claimed row is not handed out twice.
-        let c2 = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!(c2.row.id, "b");
-        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
-        assert!(s.finish("a", &c.claim, "{\"ok\":true}", b"out").await.unwrap());
+        s.insert_invocation(&inv("a")).await.unwrap();
+        s.insert_invocation(&inv("b")).await.unwrap();
+        let pairs = |v: &[(&str, &str)]| v.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect::<Vec<_>>();
+        assert_eq!(s.unsettled().await.unwrap(), pairs(&[("a", "a"), ("b", "b")]));
+        let (row, payload) = s.start("a", "1.1").await.unwrap().unwrap();
+        assert_eq!((row.status, row.attempts, payload.as_slice()), (Status::Running, 1, &[1u8, 2, 3][..]));
+        assert!(s.finish("a", "1.1", "{\"ok\":true}", b"out").await.unwrap());
         assert_eq!(s.result("a").await.unwrap().unwrap(), b"out");
         assert_eq!(s.get("a").await.unwrap().unwrap().status, Status::Succeeded);
-        // A retry is not due before its delay.
-        assert!(s.retry_at("b", &c2.claim, "boom", Duration::from_secs(3600)).await.unwrap());
-        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
-        // Its claim ended with the retry.
-        assert!(!s.retry_at("b", &c2.claim, "boom", Duration::ZERO).await.unwrap());
-        sqlx::query("UPDATE invocations SET next_ms = 0 WHERE id = 'b'").execute(&s.db).await.unwrap();
-        let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((again.row.id.as_str(), again.row.attempts), ("b", 2));
-        assert!(s.bury("b", &again.claim, "dead").await.unwrap());
+        // A settled invocation is not started again (a late redelivery of its message).
+        assert!(s.start("a", "1.2").await.unwrap().is_none());
+        s.start("b", "2.1").await.unwrap().unwrap();
+        assert!(s.retry_at("b", "2.1", "boom", Duration::from_secs(3600)).await.unwrap());
+        let row = s.get("b").await.unwrap().unwrap();
+        assert_eq!(row.status, Status::Queued);
+        assert!(row.next_ms > now_ms() + 3_500_000);
+        // Its lease ended with the retry.
+        assert!(!s.retry_at("b", "2.1", "boom", Duration::ZERO).await.unwrap());
+        let (again, _) = s.start("b", "2.2").await.unwrap().unwrap();
+        assert_eq!(again.attempts, 2);
+        assert!(s.bury("b", "2.2", "dead").await.unwrap());
         let dead = s.dead_letters(None, 10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].error.as_deref(), Some("dead"));
-        assert!(s.redrive("b").await.unwrap());
-        assert!(!s.redrive("b").await.unwrap());
-        let redriven = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((redriven.row.attempts, redriven.payload.len()), (1, 3));
+        assert_eq!((dead.len(), dead[0].error.as_deref()), (1, Some("dead")));
+        assert_eq!(s.unsettled().await.unwrap(), vec![]);
+        let message = s.redrive("b").await.unwrap().unwrap();
+        assert!(message.starts_with("b.") && message != "b");
+        assert!(s.redrive("b").await.unwrap().is_none());
+        assert_eq!(s.unsettled().await.unwrap(), vec![("b".to_owned(), message)]);
+        let (redriven, payload) = s.start("b", "3.1").await.unwrap().unwrap();
+        assert_eq!((redriven.attempts, payload.len()), (1, 3));
     }
 
     #[tokio::test]
-    async fn expired_leases_come_back() {
+    async fn a_stale_lease_does_not_overwrite_the_new_owners_outcome() {
         let s = Store::memory().await.unwrap();
-        s.enqueue(&inv("a")).await.unwrap();
-        s.claim(Duration::ZERO).await.unwrap().unwrap();
-        // Without a restart, a claim takes a running row whose lease ran out.
-        let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((again.row.id.as_str(), again.row.attempts), ("a", 2));
-        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn work_interrupted_by_a_stop_is_due_at_once_at_the_next_start() {
-        let s = Store::memory().await.unwrap();
-        s.enqueue(&inv("a")).await.unwrap();
-        s.enqueue(&inv("b")).await.unwrap();
-        // The node stopped while running `a`, its lease far from over.
-        let lost = s.claim(Duration::from_secs(3600)).await.unwrap().unwrap();
-        assert_eq!(s.requeue_interrupted().await.unwrap(), 1);
-        let row = s.get("a").await.unwrap().unwrap();
-        assert_eq!((row.status, row.attempts), (Status::Queued, 1));
-        let again = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((again.row.id.as_str(), again.row.attempts), ("a", 2));
-        // What the lost run would still say changes nothing.
-        assert!(!s.finish("a", &lost.claim, "[]", b"stale").await.unwrap());
-        assert_eq!(s.requeue_interrupted().await.unwrap(), 1);
-        assert_eq!(s.get("b").await.unwrap().unwrap().status, Status::Queued);
-    }
-
-    #[tokio::test]
-    async fn a_heartbeat_extends_the_lease_of_its_own_claim_only() {
-        let s = Store::memory().await.unwrap();
-        s.enqueue(&inv("a")).await.unwrap();
-        let c = s.claim(Duration::from_secs(1)).await.unwrap().unwrap();
-        assert!(c.row.lease_ms <= now_ms() + 1000);
-        assert!(s.extend_lease("a", &c.claim, Duration::from_secs(3600)).await.unwrap());
-        assert!(s.get("a").await.unwrap().unwrap().lease_ms > now_ms() + 3_500_000);
-        // A renewed lease keeps other claims away.
-        assert!(s.claim(Duration::from_secs(60)).await.unwrap().is_none());
-        assert!(!s.extend_lease("a", "someone-else", Duration::from_secs(3600)).await.unwrap());
-        assert!(s.finish("a", &c.claim, "[]", b"").await.unwrap());
-        // A finished invocation has no lease to renew.
-        assert!(!s.extend_lease("a", &c.claim, Duration::from_secs(3600)).await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn a_stale_worker_does_not_overwrite_the_new_owners_outcome() {
-        let s = Store::memory().await.unwrap();
-        s.enqueue(&inv("a")).await.unwrap();
-        // The first worker's lease runs out (it hung); a second one takes the row over.
-        let stale = s.claim(Duration::ZERO).await.unwrap().unwrap();
-        let owner = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((owner.row.id.as_str(), owner.row.attempts), ("a", 2));
-        assert!(!s.extend_lease("a", &stale.claim, Duration::from_secs(60)).await.unwrap());
-        assert!(!s.retry_at("a", &stale.claim, "late", Duration::ZERO).await.unwrap());
-        assert!(!s.bury("a", &stale.claim, "late").await.unwrap());
-        assert!(!s.finish("a", &stale.claim, "[\"stale\"]", b"stale").await.unwrap());
+        s.insert_invocation(&inv("a")).await.unwrap();
+        // The first consumer's lease ran out (it hung); the message's next claim started it.
+        s.start("a", "7.1").await.unwrap().unwrap();
+        let (owner, _) = s.start("a", "7.2").await.unwrap().unwrap();
+        assert_eq!(owner.attempts, 2);
+        assert!(!s.retry_at("a", "7.1", "late", Duration::ZERO).await.unwrap());
+        assert!(!s.bury("a", "7.1", "late").await.unwrap());
+        assert!(!s.finish("a", "7.1", "[\"stale\"]", b"stale").await.unwrap());
         assert_eq!(s.get("a").await.unwrap().unwrap().status, Status::Running);
-        assert!(s.finish("a", &owner.claim, "[\"owner\"]", b"owner").await.unwrap());
+        assert!(s.finish("a", "7.2", "[\"owner\"]", b"owner").await.unwrap());
         // Nor after the owner finished.
-        assert!(!s.finish("a", &stale.claim, "[\"stale\"]", b"stale").await.unwrap());
-        assert!(!s.bury("a", &stale.claim, "late").await.unwrap());
+        assert!(!s.finish("a", "7.1", "[\"stale\"]", b"stale").await.unwrap());
+        assert!(!s.bury("a", "7.1", "late").await.unwrap());
         let row = s.get("a").await.unwrap().unwrap();
         assert_eq!((row.status, row.result_meta.as_deref()), (Status::Succeeded, Some("[\"owner\"]")));
         assert_eq!(s.result("a").await.unwrap().unwrap(), b"owner");
@@ -662,10 +578,10 @@ mod tests {
     #[tokio::test]
     async fn finished_invocations_are_purged_after_retention() {
         let s = Store::memory().await.unwrap();
-        s.enqueue(&inv("a")).await.unwrap();
-        s.enqueue(&inv("b")).await.unwrap();
-        let c = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert!(s.finish("a", &c.claim, "[]", b"x").await.unwrap());
+        s.insert_invocation(&inv("a")).await.unwrap();
+        s.insert_invocation(&inv("b")).await.unwrap();
+        s.start("a", "1.1").await.unwrap().unwrap();
+        assert!(s.finish("a", "1.1", "[]", b"x").await.unwrap());
         assert_eq!(s.purge_finished(now_ms() - 60_000).await.unwrap(), 0);
         assert_eq!(s.purge_finished(now_ms() + 1).await.unwrap(), 1);
         assert!(s.get("a").await.unwrap().is_none() && s.get("b").await.unwrap().is_some());
@@ -678,13 +594,13 @@ mod tests {
         let path = dir.join("state.db");
         {
             let s = Store::open(&path).await.unwrap();
-            s.enqueue(&inv("kept")).await.unwrap();
+            s.insert_invocation(&inv("kept")).await.unwrap();
             s.save_function("thumb", "1", "name: thumb").await.unwrap();
             s.add_token(&[7; 32], "admin", "first").await.unwrap();
             s.close().await;
         }
         let s = Store::open(&path).await.unwrap();
-        assert_eq!(s.claim(Duration::from_secs(1)).await.unwrap().unwrap().row.id, "kept");
+        assert_eq!(s.unsettled().await.unwrap(), vec![("kept".to_owned(), "kept".to_owned())]);
         assert_eq!(s.functions().await.unwrap(), vec![("thumb".into(), "name: thumb".into())]);
         assert_eq!(s.token_role(&[7; 32]).await.unwrap().as_deref(), Some("admin"));
         assert_eq!(s.token_role(&[8; 32]).await.unwrap(), None);
@@ -701,7 +617,7 @@ mod tests {
         crate::files::create_dir_all(&dir).unwrap();
         let path = dir.join("state.db");
         let s = Store::open(&path).await.unwrap();
-        s.enqueue(&inv("secret")).await.unwrap();
+        s.insert_invocation(&inv("secret")).await.unwrap();
         for f in ["state.db", "state.db-wal", "state.db-shm"] {
             assert_eq!(crate::files::mode(&dir.join(f)).unwrap(), 0o600, "{f}");
         }
@@ -710,7 +626,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_state_file_from_before_claim_tokens_is_migrated() {
+    async fn a_state_file_from_before_leases_and_messages_is_migrated() {
         let dir = std::env::temp_dir().join(format!("pixflow-state-migrate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -741,10 +657,11 @@ mod tests {
             db.close().await;
         }
         let s = Store::open(&path).await.unwrap();
-        assert_eq!(s.requeue_interrupted().await.unwrap(), 1);
-        let c = s.claim(Duration::from_secs(60)).await.unwrap().unwrap();
-        assert_eq!((c.row.id.as_str(), c.row.attempts), ("old", 2));
-        assert!(s.finish("old", &c.claim, "[]", b"").await.unwrap());
+        // Its message is enqueued again at start, named by its id.
+        assert_eq!(s.unsettled().await.unwrap(), vec![("old".to_owned(), "old".to_owned())]);
+        let (row, _) = s.start("old", "1.1").await.unwrap().unwrap();
+        assert_eq!((row.id.as_str(), row.attempts), ("old", 2));
+        assert!(s.finish("old", "1.1", "[]", b"").await.unwrap());
         s.close().await;
         // Opening a migrated file again changes nothing.
         let s = Store::open(&path).await.unwrap();

@@ -81,7 +81,7 @@ pub(crate) enum Source {
 
 impl Remote {
     /// Refuses now what would only fail when read: a missing object, a URL the policy refuses.
-    async fn check(&self, app: &App) -> Result<(), Problem> {
+    pub(crate) async fn check(&self, app: &App) -> Result<(), Problem> {
         match self {
             Remote::Object(r) => app.objects.head(&r.bucket, &r.key).await.map(|_| ()).map_err(Problem::from),
             Remote::Url(u) => app.config.url_policy.check(u).map(|_| ()),
@@ -566,7 +566,7 @@ pub(crate) async fn invoke(
                 Some(url.to_owned())
             }
         };
-        return enqueue(&app, &f, parsed, callback).await;
+        return crate::dispatch::accept(&app, &f, parsed, callback).await;
     }
     let mode = parsed.mode;
     let (invocation, source_key) = resolve(&app, &f, parsed, Some(&mut ticket)).await?;
@@ -665,120 +665,6 @@ pub(crate) fn rendition_meta(r: &pixflow_imageops::Rendition) -> Value {
         v["frame"] = json!({"index": pos.index, "time_ms": pos.time_ms, "duration_ms": pos.duration_ms});
     }
     v
-}
-
-/// The stored form of a queued request's parameters.
-#[derive(Serialize, Deserialize)]
-pub(crate) struct QueuedMeta {
-    pub mode: Mode,
-    #[serde(default)]
-    pub content_type: Option<String>,
-    pub params: Vec<(String, String)>,
-    /// Extra named inputs, base64.
-    pub inputs: BTreeMap<String, String>,
-    /// The main input, when the node reads it itself (the payload is then empty).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_remote: Option<Remote>,
-    /// Extra named inputs the node reads itself.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub inputs_remote: BTreeMap<String, Remote>,
-    /// Where the results go (the request's; the manifest's applies when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<OutputRequest>,
-}
-
-impl QueuedMeta {
-    /// The request again, as [`decode`] would have read it.
-    pub(crate) fn into_parsed(self, payload: Vec<u8>) -> Result<Parsed, String> {
-        let mut inputs = BTreeMap::new();
-        for (name, b64) in self.inputs {
-            let bytes = B64.decode(b64).map_err(|e| format!("stored input {name}: {e}"))?;
-            inputs.insert(name, Source::Inline(bytes));
-        }
-        inputs.extend(self.inputs_remote.into_iter().map(|(name, r)| (name, Source::Remote(r))));
-        let input = Some(self.input_remote.map_or(Source::Inline(payload), Source::Remote));
-        Ok(Parsed {
-            input,
-            inputs,
-            params: self.params,
-            content_type: self.content_type,
-            mode: self.mode,
-            output: self.output,
-        })
-    }
-}
-
-async fn enqueue(app: &App, f: &Function, parsed: Parsed, callback: Option<String>) -> Result<Response, Problem> {
-    if app.stopping() {
-        return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
-    }
-    let depth = app.store.queue_depth().await?;
-    if depth >= app.config.max_async_queued {
-        return Err(Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "async_queue_full",
-            format!(
-                "{depth} asynchronous invocations are waiting (the node holds {}); retry later",
-                app.config.max_async_queued
-            ),
-        )
-        .retry_after(std::time::Duration::from_secs(5)));
-    }
-    // Refuse now what would only fail later: parameters, stored inputs and the output.
-    if f.processes.is_none() {
-        f.pipeline(&parsed.params)?;
-    }
-    let (mut payload, mut input_remote) = (Vec::new(), None);
-    match parsed.input {
-        Some(Source::Inline(b)) => payload = b,
-        Some(Source::Remote(r)) => {
-            r.check(app).await?;
-            input_remote = Some(r);
-        }
-        None => {}
-    }
-    let (mut inputs, mut inputs_remote) = (BTreeMap::new(), BTreeMap::new());
-    for (name, source) in parsed.inputs {
-        match source {
-            Source::Inline(b) => {
-                inputs.insert(name, B64.encode(b));
-            }
-            Source::Remote(r) => {
-                r.check(app).await?;
-                inputs_remote.insert(name, r);
-            }
-        }
-    }
-    let meta = QueuedMeta {
-        mode: parsed.mode,
-        content_type: parsed.content_type,
-        params: parsed.params,
-        inputs,
-        input_remote,
-        inputs_remote,
-        output: parsed.output,
-    };
-    let id = auth::invocation_id().map_err(Problem::internal)?;
-    let new = pixflow_backends::NewInvocation {
-        id: id.clone(),
-        function: f.deployment.name.clone(),
-        max_attempts: f.deployment.retry.attempts,
-        meta: serde_json::to_string(&meta).map_err(Problem::internal)?,
-        payload,
-        callback,
-    };
-    app.store.enqueue(&new).await?;
-    app.queue_wake.notify_one();
-    metrics::counter!("pixflow_async_accepted_total", "function" => f.deployment.name.clone()).increment(1);
-    let location = format!("/v1/invocations/{id}");
-    let mut resp =
-        (StatusCode::ACCEPTED, Json(json!({"id": id, "status": "queued", "status_url": location}))).into_response();
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        h.insert(header::LOCATION, v);
-    }
-    h.insert("preference-applied", HeaderValue::from_static("respond-async"));
-    Ok(resp)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod callback;
 pub mod cdn;
 pub mod conn;
 mod delivery;
+mod dispatch;
 pub mod fetch;
 mod functions;
 mod invocations;
@@ -30,7 +31,6 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pixflow_backends::{Objects, Store};
 use pixflow_runtime::{Node, NodeLimits, Registry, RegistryOptions};
-use tokio::sync::Notify;
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -152,8 +152,8 @@ pub struct App {
     metrics: PrometheusHandle,
     ready: AtomicBool,
     stopping: AtomicBool,
-    /// Wakes asynchronous workers when work is queued or the node stops.
-    queue_wake: Notify,
+    /// The queues (asynchronous invocations today).
+    pub queue: pixflow_backends::Queue,
     /// Cancelled when the node stops: the stop signal of background loops and listeners.
     stop: tokio_util::sync::CancellationToken,
     /// Connections of the S3 endpoint; a shutdown waits for them before closing the store.
@@ -208,6 +208,7 @@ impl App {
             Store::open(&config.data_dir.join("state.db")).await?
         };
         let new_admin_token = admin_token(&store, &config).await?;
+        let queue = store.queue();
         let objects_dir = config.objects_dir.clone().unwrap_or_else(|| config.data_dir.join("objects"));
         let objects = match &config.objects_s3 {
             None => Objects::open(&objects_dir)
@@ -245,7 +246,7 @@ impl App {
             metrics: metrics_handle(),
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            queue_wake: Notify::new(),
+            queue,
             stop: tokio_util::sync::CancellationToken::new(),
             connections: tokio_util::task::TaskTracker::new(),
             deploys: tokio::sync::Mutex::new(()),
@@ -254,13 +255,10 @@ impl App {
         });
         app.load_functions().await?;
         // Whatever the last run left running was cut short: run it again now, not after its lease.
-        let requeued = app.store.requeue_interrupted().await?;
-        if requeued > 0 {
-            tracing::info!(requeued, "asynchronous invocations interrupted by a stop are queued again");
-        }
+        dispatch::reconcile(&app).await.context("taking back queued asynchronous invocations")?;
         let mut workers: Vec<_> =
-            (0..app.config.async_workers).map(|_| tokio::spawn(invocations::worker(app.clone()))).collect();
-        workers.push(tokio::spawn(invocations::retention(app.clone())));
+            (0..app.config.async_workers).map(|_| tokio::spawn(dispatch::worker(app.clone()))).collect();
+        workers.push(tokio::spawn(dispatch::retention(app.clone())));
         workers.push(tokio::spawn(cdn::follow_changes(app.clone())));
         // Blobs a crash left without an object (renamed, never committed) are collected once.
         let (objects, started) = (app.objects.clone(), std::time::SystemTime::now());
@@ -316,7 +314,6 @@ impl App {
     fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::Release);
         self.stopping.store(true, Ordering::Release);
-        self.queue_wake.notify_waiters();
         self.stop.cancel();
     }
 
@@ -525,8 +522,10 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
 
 async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if let Ok(depth) = app.store.queue_depth().await {
-        metrics::gauge!("pixflow_async_queue_depth").set(depth as f64);
+    if let Ok(stats) = app.queue.stats(dispatch::QUEUE).await {
+        metrics::gauge!("pixflow_async_queue_depth").set(stats.depth as f64);
+        metrics::gauge!("pixflow_async_queue_leased").set(stats.leased as f64);
+        metrics::gauge!("pixflow_async_queue_oldest_age_seconds").set(stats.oldest_age.as_secs_f64());
     }
     metrics::gauge!("pixflow_node_requests").set(app.node.requests() as f64);
     metrics::gauge!("pixflow_engine_overdue").set(app.node.overdue() as f64);

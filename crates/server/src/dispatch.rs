@@ -1,0 +1,560 @@
+//! The dispatch layer of asynchronous invocations, from acceptance to outcome, whoever asks
+//! (the HTTP API today; triggers and workflows later): the queued request's stored form
+//! ([`QueuedMeta`]), recording it in the invocation log and its id in the `invocations` queue,
+//! the workers that claim, run and settle it, and the decisions on attempt outcomes.
+//!
+//! A worker takes the next message of the queue (woken by an enqueue, never polling), starts
+//! the invocation in the log under the message's lease, runs it through the same path as a
+//! synchronous call (so quotas, queues and node limits apply alike), then records the result,
+//! puts it back with exponential backoff (errors a retry can fix: overload, timeouts, internal
+//! failures), or dead-letters it (its last attempt failed, or the input itself is wrong, which
+//! no retry fixes). The log is written first and the queue message settled after, both only
+//! for the lease that holds the message: a consumer whose lease moved on changes neither. While
+//! an attempt runs, a heartbeat renews the lease, so a node that dies leaves its work to other
+//! consumers within [`LEASE`] (and its own next start takes it back at once).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use pixflow_backends::{Delivery, InvocationRow, Lease, Queue, QueueError, Status};
+use pixflow_runtime::{Function, InvokeError, Produced};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::auth;
+use crate::invoke::{
+    Mode, OutputRequest, Parsed, Remote, Source, output_target, rendition_meta, resolve, storable, store_results,
+};
+use crate::problem::Problem;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The queue of asynchronous invocations; its messages carry an invocation's id.
+pub(crate) const QUEUE: &str = "invocations";
+
+/// How long a claim is leased without a heartbeat: the longest a running invocation whose node
+/// died waits before another consumer takes it (its own node's next start takes it back at
+/// once). A worker renews the lease every third of it while the attempt runs, however long.
+pub(crate) const LEASE: Duration = Duration::from_secs(30);
+
+/// The stored form of a queued request's parameters.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct QueuedMeta {
+    pub mode: Mode,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    pub params: Vec<(String, String)>,
+    /// Extra named inputs, base64.
+    pub inputs: BTreeMap<String, String>,
+    /// The main input, when the node reads it itself (the payload is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_remote: Option<Remote>,
+    /// Extra named inputs the node reads itself.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs_remote: BTreeMap<String, Remote>,
+    /// Where the results go (the request's; the manifest's applies when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputRequest>,
+}
+
+impl QueuedMeta {
+    /// The request again, as [`decode`] would have read it.
+    pub(crate) fn into_parsed(self, payload: Vec<u8>) -> Result<Parsed, String> {
+        let mut inputs = BTreeMap::new();
+        for (name, b64) in self.inputs {
+            let bytes = B64.decode(b64).map_err(|e| format!("stored input {name}: {e}"))?;
+            inputs.insert(name, Source::Inline(bytes));
+        }
+        inputs.extend(self.inputs_remote.into_iter().map(|(name, r)| (name, Source::Remote(r))));
+        let input = Some(self.input_remote.map_or(Source::Inline(payload), Source::Remote));
+        Ok(Parsed {
+            input,
+            inputs,
+            params: self.params,
+            content_type: self.content_type,
+            mode: self.mode,
+            output: self.output,
+        })
+    }
+}
+
+/// Accepts an asynchronous invocation: checks what would only fail later, records it in the
+/// log, queues its id, and answers `202 Accepted` with where to follow it.
+pub(crate) async fn accept(
+    app: &App,
+    f: &Function,
+    parsed: Parsed,
+    callback: Option<String>,
+) -> Result<Response, Problem> {
+    if app.stopping() {
+        return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
+    }
+    let depth = app.queue.stats(QUEUE).await.map_err(queue_problem)?.depth;
+    if depth >= app.config.max_async_queued {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "async_queue_full",
+            format!(
+                "{depth} asynchronous invocations are waiting (the node holds {}); retry later",
+                app.config.max_async_queued
+            ),
+        )
+        .retry_after(std::time::Duration::from_secs(5)));
+    }
+    // Refuse now what would only fail later: parameters, stored inputs and the output.
+    if f.processes.is_none() {
+        f.pipeline(&parsed.params)?;
+    }
+    let (mut payload, mut input_remote) = (Vec::new(), None);
+    match parsed.input {
+        Some(Source::Inline(b)) => payload = b,
+        Some(Source::Remote(r)) => {
+            r.check(app).await?;
+            input_remote = Some(r);
+        }
+        None => {}
+    }
+    let (mut inputs, mut inputs_remote) = (BTreeMap::new(), BTreeMap::new());
+    for (name, source) in parsed.inputs {
+        match source {
+            Source::Inline(b) => {
+                inputs.insert(name, B64.encode(b));
+            }
+            Source::Remote(r) => {
+                r.check(app).await?;
+                inputs_remote.insert(name, r);
+            }
+        }
+    }
+    let meta = QueuedMeta {
+        mode: parsed.mode,
+        content_type: parsed.content_type,
+        params: parsed.params,
+        inputs,
+        input_remote,
+        inputs_remote,
+        output: parsed.output,
+    };
+    let id = auth::invocation_id().map_err(Problem::internal)?;
+    let new = pixflow_backends::NewInvocation {
+        id: id.clone(),
+        function: f.deployment.name.clone(),
+        max_attempts: f.deployment.retry.attempts,
+        meta: serde_json::to_string(&meta).map_err(Problem::internal)?,
+        payload,
+        callback,
+    };
+    app.store.insert_invocation(&new).await?;
+    if let Err(e) = app.queue.enqueue(QUEUE, &id, id.as_bytes(), Duration::ZERO).await {
+        // Not queued, so not accepted: the caller may send it again.
+        if let Err(e) = app.store.delete_invocation(&id).await {
+            tracing::error!(%id, error = %e, "forgetting an invocation that could not be queued");
+        }
+        return Err(queue_problem(e));
+    }
+    metrics::counter!("pixflow_async_accepted_total", "function" => f.deployment.name.clone()).increment(1);
+    let location = format!("/v1/invocations/{id}");
+    let mut resp =
+        (StatusCode::ACCEPTED, Json(json!({"id": id, "status": "queued", "status_url": location}))).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert("preference-applied", HeaderValue::from_static("respond-async"));
+    Ok(resp)
+}
+
+/// A queue failure as the API tells it.
+pub(crate) fn queue_problem(e: QueueError) -> Problem {
+    tracing::error!(error = %e, "asynchronous invocation queue");
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "queue_unavailable",
+        "the invocation queue is unavailable; retry later",
+    )
+    .retry_after(Duration::from_secs(5))
+}
+
+/// Re-drives a dead-lettered invocation: a fresh set of attempts under a new message. `false`:
+/// it was not dead-lettered.
+pub(crate) async fn redrive(app: &App, id: &str) -> Result<bool, Problem> {
+    let Some(message) = app.store.redrive(id).await? else {
+        return Ok(false);
+    };
+    // Should this fail, the next start queues it (see [`reconcile`]).
+    app.queue.enqueue(QUEUE, &message, id.as_bytes(), Duration::ZERO).await.map_err(queue_problem)?;
+    Ok(true)
+}
+
+/// At start, before the workers: takes back what this node's previous run held (at once, not
+/// after its leases), and queues every unsettled invocation whose message is missing (a stop
+/// between recording and queueing; deduplication makes the others no-ops).
+pub(crate) async fn reconcile(app: &App) -> anyhow::Result<()> {
+    let released = app.queue.release_held().await?;
+    if released > 0 {
+        tracing::info!(released, "asynchronous invocations interrupted by a stop are queued again");
+    }
+    let mut repaired = 0u64;
+    for (id, message) in app.store.unsettled().await? {
+        if app.queue.enqueue(QUEUE, &message, id.as_bytes(), Duration::ZERO).await? {
+            repaired += 1;
+        }
+    }
+    if repaired > 0 {
+        tracing::warn!(repaired, "recorded asynchronous invocations were missing from the queue; queued");
+    }
+    Ok(())
+}
+
+/// One worker: claims and runs queued invocations until the node stops.
+pub(crate) async fn worker(app: Arc<App>) {
+    work(app, LEASE).await;
+}
+
+/// A worker whose claims are leased for `lease`.
+async fn work(app: Arc<App>, lease: Duration) {
+    loop {
+        let next = tokio::select! {
+            () = app.stopped() => return,
+            next = app.queue.next(QUEUE, lease) => next,
+        };
+        match next {
+            Ok(delivery) => run(&app, delivery, lease).await,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming queued invocations");
+                tokio::select! {
+                    () = app.stopped() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+fn problem_json(p: &Problem) -> String {
+    serde_json::to_string(p).unwrap_or_default()
+}
+
+/// Deletes finished invocations past the retention period, and settled queue messages past
+/// it, hourly.
+pub(crate) async fn retention(app: Arc<App>) {
+    while !app.stopping() {
+        let keep = app.config.async_retention;
+        let before =
+            pixflow_backends::state::now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+        match app.store.purge_finished(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "finished asynchronous invocations past retention deleted"),
+            Err(e) => tracing::error!(error = %e, "purging finished invocations"),
+        }
+        if let Err(e) = app.queue.purge(keep, keep).await {
+            tracing::error!(error = %e, "purging settled queue messages");
+        }
+        tokio::select! {
+            () = app.stopped() => {}
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
+/// Runs `work` while renewing `held` every third of `lease`. `None`: the message was taken over
+/// by another claim (this one's lease ran out unrenewed, the queue out of reach or the node
+/// stalled), and `work` was dropped, as the new holder runs the invocation.
+async fn with_lease<F: Future>(queue: &Queue, held: &Lease, lease: Duration, work: F) -> Option<F::Output> {
+    let heartbeat = async {
+        let period = (lease / 3).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(period).await;
+            match queue.extend(held, lease).await {
+                Ok(()) => {}
+                Err(QueueError::Stale) => return,
+                // Renewed at the next beat, if the lease has not run out by then.
+                Err(e) => tracing::warn!(lease = %held.token(), error = %e, "renewing an invocation's lease"),
+            }
+        }
+    };
+    tokio::select! {
+        out = work => Some(out),
+        () = heartbeat => None,
+    }
+}
+
+/// How one attempt ended, for the log and the queue.
+enum Settle {
+    Done,
+    Retry(Duration),
+    Dead,
+}
+
+async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
+    let held = delivery.lease;
+    let Ok(id) = String::from_utf8(delivery.payload) else {
+        settle_queue(app, &held, Settle::Dead, "the message is not an invocation id").await;
+        return;
+    };
+    let token = held.token();
+    let (row, payload) = match app.store.start(&id, &token).await {
+        Ok(Some(started)) => started,
+        // Settled already (its outcome was recorded, then the node stopped before the message
+        // was), or gone: the message is spent.
+        Ok(None) => {
+            settle_queue(app, &held, Settle::Done, "").await;
+            return;
+        }
+        // The lease runs out and brings the message back; nothing is lost.
+        Err(e) => {
+            tracing::error!(%id, error = %e, "starting a queued invocation");
+            return;
+        }
+    };
+    let (recorded, settle, reason) = if row.attempts > row.max_attempts {
+        // Its last attempt was lost with its node (stopped while running it, maybe because of
+        // it). It is not run again.
+        let problem = Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "attempt_lost",
+            "the node stopped while running the last attempt",
+        );
+        metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
+        (app.store.bury(&id, &token, &problem_json(&problem)).await, Settle::Dead, problem.code.to_owned())
+    } else {
+        let Some(outcome) = with_lease(&app.queue, &held, lease, attempt(app, &row, payload)).await else {
+            tracing::warn!(%id, function = %row.function, "another claim took this invocation over; attempt given up");
+            return;
+        };
+        match outcome {
+            Ok((meta, bytes)) => (app.store.finish(&id, &token, &meta, &bytes).await, Settle::Done, String::new()),
+            Err((problem, retry)) => {
+                let error = problem_json(&problem);
+                match retry {
+                    Some(delay) if row.attempts < row.max_attempts => {
+                        metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone())
+                            .increment(1);
+                        (app.store.retry_at(&id, &token, &error, delay).await, Settle::Retry(delay), String::new())
+                    }
+                    _ => {
+                        metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone())
+                            .increment(1);
+                        tracing::warn!(%id, function = %row.function, code = problem.code, "dead-lettered");
+                        (app.store.bury(&id, &token, &error).await, Settle::Dead, problem.code.to_owned())
+                    }
+                }
+            }
+        }
+    };
+    match recorded {
+        Ok(true) => {
+            settle_queue(app, &held, settle, &reason).await;
+            notify(app, &id).await;
+        }
+        // Another claim owns the invocation now; its outcome is the one that counts.
+        Ok(false) => {
+            tracing::warn!(%id, function = %row.function, "another claim took this invocation over; outcome dropped");
+        }
+        // The lease runs out and brings the message back; nothing is lost.
+        Err(e) => tracing::error!(%id, error = %e, "recording an invocation's outcome"),
+    }
+}
+
+/// Settles the message after the log recorded the outcome. A failure here is harmless: the
+/// message comes back when its lease runs out, and the log tells its next consumer it is done.
+async fn settle_queue(app: &App, held: &Lease, settle: Settle, reason: &str) {
+    let settled = match settle {
+        Settle::Done => app.queue.finish(held).await,
+        Settle::Retry(delay) => app.queue.retry(held, delay).await,
+        Settle::Dead => app.queue.bury(held, reason).await,
+    };
+    if let Err(e) = settled {
+        tracing::warn!(lease = %held.token(), error = %e, "settling an invocation's queue message");
+    }
+}
+
+/// Sends the completion callback of a finished invocation, if it asked for one.
+async fn notify(app: &Arc<App>, id: &str) {
+    match app.store.get(id).await {
+        Ok(Some(row)) if matches!(row.status, Status::Succeeded | Status::Dead) => {
+            if let Some(url) = row.callback.clone() {
+                crate::callback::send(app, row.id.clone(), url, crate::invocations::describe(&row));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(%id, error = %e, "reading an invocation for its callback"),
+    }
+}
+
+/// A result kept in the invocation log: the renditions' metadata, and their bytes back to back.
+fn inline_result(produced: Produced) -> (String, Vec<u8>) {
+    match produced {
+        Produced::Renditions(renditions) => {
+            let metas: Vec<Value> = renditions.iter().map(rendition_meta).collect();
+            let bytes = renditions.into_iter().flat_map(|r| r.bytes).collect();
+            (serde_json::to_string(&metas).unwrap_or_default(), bytes)
+        }
+        Produced::Reply(reply) => {
+            let metas =
+                json!([{"content_type": reply.content_type, "size": reply.bytes.len(), "status": reply.status}]);
+            (metas.to_string(), reply.bytes)
+        }
+    }
+}
+
+/// Runs one attempt: the stored result (renditions' metadata, their bytes back to back), or the
+/// problem and, when a retry could help, the delay before it.
+async fn attempt(
+    app: &Arc<App>,
+    row: &InvocationRow,
+    payload: Vec<u8>,
+) -> Result<(String, Vec<u8>), (Problem, Option<Duration>)> {
+    let Some(f) = app.registry.get(&row.function) else {
+        return Err((crate::functions::not_found(&row.function), None));
+    };
+    let meta: QueuedMeta = serde_json::from_str(&row.meta)
+        .map_err(|e| (Problem::internal(format!("stored invocation {}: {e}", row.id)), None))?;
+    let parsed = meta.into_parsed(payload).map_err(|e| (Problem::internal(e), None))?;
+    let target = output_target(&f, parsed.output.as_ref()).map_err(|p| (p, None))?;
+    // A stored input that went missing or changed will not come back by retrying.
+    let (invocation, source_key) = resolve(app, &f, parsed, None).await.map_err(|p| {
+        let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+        (p, retry)
+    })?;
+    match pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), None).await {
+        // The program answered with an error: its own 5xx may pass on a retry, 4xx not.
+        Ok(pixflow_runtime::Output { produced: Produced::Reply(reply), .. }) if !(200..300).contains(&reply.status) => {
+            let text = String::from_utf8_lossy(&reply.bytes[..reply.bytes.len().min(500)]).into_owned();
+            let problem = Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "function_error",
+                format!("the function answered {}: {text}", reply.status),
+            );
+            let retry = (reply.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+            Err((problem, retry))
+        }
+        Ok(out) => match &target {
+            None => Ok(inline_result(out.produced)),
+            // Stored: the result lists the objects and holds no bytes.
+            Some(t) => match store_results(app, t, source_key.as_deref(), &row.id, storable(&out.produced)).await {
+                Ok(objects) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
+                Err(p) => {
+                    let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+                    Err((p, retry))
+                }
+            },
+        },
+        Err(e) => {
+            let retry = e.retryable().then(|| f.deployment.retry.delay(row.attempts + 1));
+            let retry = retry.or(match e {
+                InvokeError::Engine(pixflow_imageops::Error::Timeout { .. }) => Some(f.deployment.retry.backoff),
+                _ => None,
+            });
+            Err((Problem::from(e), retry))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use pixflow_backends::state::now_ms;
+
+    use super::*;
+
+    /// Polls `done` until it holds, for at most 20 s.
+    async fn eventually<F: Future<Output = bool>>(mut done: impl FnMut() -> F) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done().await {
+            assert!(Instant::now() < deadline, "not done within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_heartbeat_keeps_the_lease_of_a_long_attempt() {
+        let queue = pixflow_backends::Store::memory().await.unwrap().queue();
+        queue.enqueue(QUEUE, "a", b"a", Duration::ZERO).await.unwrap();
+        let lease = Duration::from_millis(1500);
+        let claimed = queue.claim(QUEUE, lease).await.unwrap().unwrap();
+        let first_end = now_ms() + 1500;
+        // An attempt that runs until its first lease is long over.
+        let long = eventually(|| async { now_ms() > first_end + 2_000 });
+        let out = with_lease(&queue, &claimed.lease, lease, async {
+            long.await;
+            // Renewed all along: no other claim can take the message.
+            queue.claim(QUEUE, lease).await.unwrap().map(|d| d.id)
+        })
+        .await;
+        assert_eq!(out, Some(None), "the message was taken over while its attempt ran");
+        queue.finish(&claimed.lease).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_attempt_whose_message_was_taken_over_is_given_up() {
+        let queue = pixflow_backends::Store::memory().await.unwrap().queue();
+        queue.enqueue(QUEUE, "a", b"a", Duration::ZERO).await.unwrap();
+        let lease = Duration::from_millis(150);
+        let stale = queue.claim(QUEUE, lease).await.unwrap().unwrap();
+        let taker = queue.clone();
+        let owner = tokio::spawn(async move {
+            // Another run of the node takes the message back and claims it.
+            taker.release_held().await.unwrap();
+            taker.claim(QUEUE, Duration::from_secs(60)).await.unwrap().unwrap()
+        });
+        let given_up = tokio::time::timeout(
+            Duration::from_secs(20),
+            with_lease(&queue, &stale.lease, lease, std::future::pending::<()>()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(given_up, None);
+        let owner = owner.await.unwrap();
+        assert!(matches!(queue.finish(&stale.lease).await, Err(QueueError::Stale)));
+        queue.finish(&owner.lease).await.unwrap();
+    }
+
+    /// A node killed while running an invocation (its claim's lease still far from over) runs it
+    /// again as soon as it starts.
+    #[tokio::test]
+    async fn a_restarted_node_reruns_its_interrupted_invocations_at_once() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let dir = std::env::temp_dir().join(format!("pixflow-interrupted-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("functions")).unwrap();
+        std::fs::write(dir.join("functions/flip.yaml"), "name: flip\nversion: '1'\nbuiltin: flip\nauth: none\n")
+            .unwrap();
+        let mut c = crate::Config::new(dir.join("data"));
+        c.functions_dir = Some(dir.join("functions"));
+        c.admin_token = Some("pfx_test-admin-token".into());
+        c.async_workers = 0;
+        let app = crate::App::start(c.clone(), None).await.unwrap().app;
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(4, 4).write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let req = axum::http::Request::post("/v1/functions/flip/invoke")
+            .header("prefer", "respond-async")
+            .body(axum::body::Body::from(png.into_inner()))
+            .unwrap();
+        let resp = crate::router(app.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        let id = body["id"].as_str().unwrap().to_owned();
+        // A worker claims it for an hour and starts it, and the node dies.
+        let d = app.queue.claim(QUEUE, Duration::from_secs(3600)).await.unwrap().unwrap();
+        app.store.start(&id, &d.lease.token()).await.unwrap().unwrap();
+        app.shutdown().await;
+        c.async_workers = 1;
+        let app = crate::App::start(c, None).await.unwrap().app;
+        let store = app.store.clone();
+        eventually(|| async { store.get(&id).await.unwrap().unwrap().status == Status::Succeeded }).await;
+        assert_eq!(store.get(&id).await.unwrap().unwrap().attempts, 2);
+        app.shutdown().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
