@@ -248,6 +248,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal();
     if let Some(token) = &started.new_admin_token {
         eprintln!("admin token (shown once; also in {}): {token}", args.data_dir.join("admin-token").display());
     }
@@ -272,7 +273,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    pixflow_server::serve(started.app, listener, shutdown_signal()).await?;
+    pixflow_server::serve(started.app, listener, shutdown).await?;
     if let Some(cdn) = cdn {
         cdn.await.context("the CDN listener")?;
     }
@@ -282,23 +283,32 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled, so a signal right after the "serving" line still drains the node
+/// instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::interrupt()).and_then(|int| Ok((int, signal(SignalKind::terminate())?)))
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
+            Ok((mut int, mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch SIGTERM; stop with Ctrl-C");
                 let _ = tokio::signal::ctrl_c().await;
                 return;
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stopping: finishing in-flight work");
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("stopping: finishing in-flight work");
 }
