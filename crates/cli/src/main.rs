@@ -1,23 +1,26 @@
 //! The `pixflow` binary: argument parsing and wiring only. Image work lives in
 //! `pixflow-imageops`, the platform in `pixflow-server`; this crate reads and writes files,
-//! draws progress, supplies the optional `ffmpeg`-backed decoder, and makes the HTTP calls of
-//! the client commands (`deploy`, `functions list`).
+//! draws progress, supplies the optional `ffmpeg`-backed decoder, layers `serve`'s configuration
+//! file under its flags (`config.rs`), and makes the HTTP calls of the client commands (`deploy`,
+//! `functions list`).
 
 mod alloc;
 mod batch;
 mod chain;
 mod client;
+mod config;
 mod ffmpeg;
 mod limits;
 mod opsdoc;
 mod serve;
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use pixflow_imageops::{EncodeOptions, RunOptions};
 
 #[global_allocator]
@@ -89,6 +92,25 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
+    /// Configuration files of `pixflow serve`: `check` validates one without starting anything.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a `pixflow serve --config` file (`-` for standard input): prints `FILE: ok`, or
+    /// every problem as `FILE:LINE:COL: field `name`: problem` and exits 2.
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Also print the effective settings (flags > environment > file > defaults) as YAML on
+        /// standard output, secrets as "<redacted>"; `FILE: ok` then goes to standard error.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -136,7 +158,10 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_command_line(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
@@ -151,8 +176,62 @@ fn main() -> ExitCode {
     }
 }
 
+/// Exit status of a configuration file with problems (as clap's for a bad command line).
+const BAD_CONFIG: u8 = 2;
+
+/// Parses the command line; with `serve --config FILE` the file is layered under the flags and
+/// the environment, and a file with problems ends the program here (exit 2), before any state
+/// is opened.
+fn parse_command_line(argv: Vec<OsString>) -> Result<Cli, ExitCode> {
+    let root = Cli::command();
+    let matches = root.clone().get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
+    let Command::Serve(args) = &cli.command else { return Ok(cli) };
+    let Some(path) = args.config_file() else { return Ok(cli) };
+    let layered = config::read(path).map_err(|p| vec![p]).and_then(|text| config::resolve(&root, &argv, &text));
+    match layered {
+        Ok(matches) => Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit())),
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("{}", problem.line(&path.display().to_string()));
+            }
+            Err(ExitCode::from(BAD_CONFIG))
+        }
+    }
+}
+
+/// `pixflow config check FILE [--print]`.
+fn config_check(file: &Path, print: bool) -> Result<ExitCode> {
+    let root = Cli::command();
+    let name = file.display().to_string();
+    let argv = [OsString::from("pixflow"), OsString::from("serve")];
+    let layered = config::read(file).map_err(|p| vec![p]).and_then(|text| config::resolve(&root, &argv, &text));
+    match layered {
+        Ok(matches) => {
+            if print {
+                let serve = matches.subcommand_matches("serve").context("the settings of serve")?;
+                std::io::stdout()
+                    .lock()
+                    .write_all(config::effective_yaml(&root, serve).as_bytes())
+                    .context("writing standard output")?;
+                eprintln!("{name}: ok");
+            } else {
+                say!("{name}: ok");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("{}", problem.line(&name));
+            }
+            Ok(ExitCode::from(BAD_CONFIG))
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Config { command: ConfigCommand::Check { file, print } } => config_check(&file, print),
         Command::Run { steps, io, limits } => {
             let limits = limits.resolve();
             run_one(&steps, &io, limits)?;

@@ -3,7 +3,7 @@
 //! SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,10 @@ use anyhow::{Context, Result};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
+    /// YAML (or JSON) file of settings keyed by these flags' long names; flags and environment
+    /// variables override it. Check one with `pixflow config check FILE`.
+    #[arg(long, env = "PIXFLOW_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "PIXFLOW_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -157,7 +161,57 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     pixflow_runtime::manifest::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration like 30s"))
 }
 
+/// A setting that contradicts another, by the flag it names.
+pub struct Contradiction {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ServeArgs {
+    /// The `--config` file, if any.
+    pub fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    /// Every contradiction between settings that each parsed well; no I/O (reading files
+    /// such as `--url-ca` happens when the node starts).
+    pub fn validate(&self) -> Vec<Contradiction> {
+        let mut found = Vec::new();
+        let mut refuse = |field, message: &str| found.push(Contradiction { field, message: message.to_owned() });
+        let s3_options = self.objects_s3_endpoint.is_some()
+            || self.objects_s3_region.is_some()
+            || self.objects_s3_access_key.is_some()
+            || self.objects_s3_virtual_hosted;
+        if self.objects_backend != "s3" && s3_options {
+            refuse(
+                "objects-backend",
+                "--objects-s3-* options need --objects-backend s3 (objects are in the embedded store otherwise)",
+            );
+        }
+        if self.objects_backend == "s3" && self.s3_listen.is_some() {
+            refuse(
+                "s3-listen",
+                "--s3-listen serves the embedded store; with --objects-backend s3, S3 clients use the service itself",
+            );
+        }
+        if self.s3_secret_key.as_ref().is_some_and(|secret| secret.len() < 16) {
+            refuse("s3-secret-key", "--s3-secret-key: use at least 16 characters");
+        }
+        if !self.cdn_inline_active.is_empty() && self.cdn_listen.is_none() {
+            refuse(
+                "cdn-inline-active",
+                "--cdn-inline-active needs --cdn-listen: active content is served inline only on the CDN's own origin",
+            );
+        }
+        found
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
+    let contradictions = args.validate();
+    if !contradictions.is_empty() {
+        anyhow::bail!("{}", contradictions.into_iter().map(|c| c.message).collect::<Vec<_>>().join("; "));
+    }
     // s3s reports every refused client request (bad signatures, missing keys) at ERROR; the
     // endpoint logs its own failures, so s3s stays quiet unless RUST_LOG asks for it.
     tracing_subscriber::fmt()
@@ -187,19 +241,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.admin_token = args.admin_token;
     config.objects_dir = args.objects_dir;
     config.secrets_dir = args.secrets_dir;
-    let s3_options = args.objects_s3_endpoint.is_some()
-        || args.objects_s3_region.is_some()
-        || args.objects_s3_access_key.is_some()
-        || args.objects_s3_virtual_hosted;
-    anyhow::ensure!(
-        args.objects_backend == "s3" || !s3_options,
-        "--objects-s3-* options need --objects-backend s3 (objects are in the embedded store otherwise)"
-    );
     if args.objects_backend == "s3" {
-        anyhow::ensure!(
-            args.s3_listen.is_none(),
-            "--s3-listen serves the embedded store; with --objects-backend s3, S3 clients use the service itself"
-        );
         config.objects_s3 = Some(pixflow_server::S3Config {
             endpoint: args.objects_s3_endpoint,
             region: args.objects_s3_region,
@@ -211,9 +253,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.max_object_bytes = args.max_object_bytes;
     config.max_uploads = args.max_uploads;
     config.cdn_cache_control = args.cdn_cache_control;
-    if let Some(secret) = &args.s3_secret_key {
-        anyhow::ensure!(secret.len() >= 16, "--s3-secret-key: use at least 16 characters");
-    }
     config.url_policy = pixflow_server::fetch::UrlPolicy {
         hosts: args.url_allow.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
         private: args.url_allow_private,
@@ -228,10 +267,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     config.cdn_signing_key = args.cdn_signing_key;
     config.cdn_allow_unsigned = args.cdn_allow_unsigned;
-    anyhow::ensure!(
-        args.cdn_inline_active.is_empty() || args.cdn_listen.is_some(),
-        "--cdn-inline-active needs --cdn-listen: active content is served inline only on the CDN's own origin"
-    );
     config.cdn_inline_active = args.cdn_inline_active;
     config.client_deadlines.header_read = args.header_read_timeout;
     config.client_deadlines.body_idle = args.body_idle_timeout;
@@ -248,6 +283,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal();
     if let Some(token) = &started.new_admin_token {
         eprintln!("admin token (shown once; also in {}): {token}", args.data_dir.join("admin-token").display());
     }
@@ -272,7 +308,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    pixflow_server::serve(started.app, listener, shutdown_signal()).await?;
+    pixflow_server::serve(started.app, listener, shutdown).await?;
     if let Some(cdn) = cdn {
         cdn.await.context("the CDN listener")?;
     }
@@ -282,23 +318,32 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled, so a signal right after the "serving" line still drains the node
+/// instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::interrupt()).and_then(|int| Ok((int, signal(SignalKind::terminate())?)))
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
+            Ok((mut int, mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch SIGTERM; stop with Ctrl-C");
                 let _ = tokio::signal::ctrl_c().await;
                 return;
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stopping: finishing in-flight work");
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("stopping: finishing in-flight work");
 }

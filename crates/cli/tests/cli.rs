@@ -5,6 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// `pixflow serve --config` and `pixflow config check`.
+#[path = "cli/config.rs"]
+mod config;
+
 fn pixflow(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pixflow")).args(args).current_dir(cwd).output().expect("run pixflow")
 }
@@ -660,26 +664,35 @@ HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 
 /// Starts `pixflow serve` in `dir` and returns it with its address.
 fn start_serve(dir: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    let base = ["--listen", "127.0.0.1:0", "--data-dir", "data", "--functions", "fns"];
+    let (server, serving) =
+        spawn_serve(dir, &[&base[..], extra].concat(), &[("PIXFLOW_SECRET_API_KEY", "from-the-environment")]);
+    (server, serving.split_whitespace().next().unwrap().to_owned())
+}
+
+/// Starts `pixflow serve ARGS` in `dir` with these environment variables and returns it with
+/// the rest of its `pixflow serving on http://` line (address, functions, data folder).
+fn spawn_serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut server = Command::new(env!("CARGO_BIN_EXE_pixflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data", "--functions", "fns"])
-        .args(extra)
+        .arg("serve")
+        .args(args)
         .current_dir(dir)
         .env("RUST_LOG", "warn")
-        .env("PIXFLOW_SECRET_API_KEY", "from-the-environment")
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
-    let addr = loop {
+    let serving = loop {
         let line = lines.next().expect("serve exited early").unwrap();
         if let Some(rest) = line.strip_prefix("pixflow serving on http://") {
-            break rest.split_whitespace().next().unwrap().to_owned();
+            break rest.to_owned();
         }
     };
     // Keep reading the log so the node never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (server, addr)
+    (server, serving)
 }
 
 /// Whether a process is gone (or a zombie nobody reaped yet).
