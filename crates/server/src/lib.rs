@@ -16,6 +16,7 @@ mod invoke;
 mod objects;
 pub mod problem;
 pub mod s3;
+mod supervisor;
 
 pub use pixflow_backends::S3Config;
 pub use pixflow_backends::objects::DEFAULT_MAX_UPLOADS;
@@ -160,7 +161,8 @@ pub struct App {
     connections: tokio_util::task::TaskTracker,
     /// Serialises deploys and removals (registry and state file change together).
     deploys: tokio::sync::Mutex<()>,
-    workers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The background loops: queue workers, retention, the edge's purge follower.
+    loops: supervisor::Supervisor,
 }
 
 /// What [`App::start`] has to tell the operator.
@@ -229,6 +231,7 @@ impl App {
         if reaped > 0 {
             tracing::warn!(reaped, "process-function children left by an earlier run of this node were stopped");
         }
+        let stop = tokio_util::sync::CancellationToken::new();
         let app = Arc::new(App {
             registry: Registry::new(RegistryOptions {
                 tick: config.tick,
@@ -247,19 +250,22 @@ impl App {
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             queue,
-            stop: tokio_util::sync::CancellationToken::new(),
             connections: tokio_util::task::TaskTracker::new(),
             deploys: tokio::sync::Mutex::new(()),
-            workers: std::sync::Mutex::new(Vec::new()),
+            loops: supervisor::Supervisor::new(stop.clone()),
+            stop,
             config,
         });
         app.load_functions().await?;
         // Whatever the last run left running was cut short: run it again now, not after its lease.
         dispatch::reconcile(&app).await.context("taking back queued asynchronous invocations")?;
-        let mut workers: Vec<_> =
-            (0..app.config.async_workers).map(|_| tokio::spawn(dispatch::worker(app.clone()))).collect();
-        workers.push(tokio::spawn(dispatch::retention(app.clone())));
-        workers.push(tokio::spawn(cdn::follow_changes(app.clone())));
+        for _ in 0..app.config.async_workers {
+            let a = app.clone();
+            app.loops.spawn("invocation-worker", move || dispatch::worker(a.clone()));
+        }
+        let (a, b) = (app.clone(), app.clone());
+        app.loops.spawn("invocation-retention", move || dispatch::retention(a.clone()));
+        app.loops.spawn("cdn-purge-follower", move || cdn::follow_changes(b.clone()));
         // Blobs a crash left without an object (renamed, never committed) are collected once.
         let (objects, started) = (app.objects.clone(), std::time::SystemTime::now());
         tokio::spawn(async move {
@@ -269,7 +275,6 @@ impl App {
                 Err(e) => tracing::warn!(error = %e, "collecting unreferenced object blobs"),
             }
         });
-        *app.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = workers;
         app.ready.store(true, Ordering::Release);
         Ok(Started { app, new_admin_token })
     }
@@ -332,15 +337,12 @@ impl App {
                 p.stop_all();
             }
         }
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        // One deadline for all workers together.
+        // One deadline for all background loops together; an attempt cut here comes back when
+        // its lease runs out (or at once at this node's next start).
         let end = tokio::time::Instant::now() + grace;
-        for w in workers {
-            let abort = w.abort_handle();
-            if tokio::time::timeout_at(end, w).await.is_err() {
-                abort.abort();
-                tracing::warn!("an asynchronous invocation was cut at the shutdown deadline; its lease returns it");
-            }
+        let aborted = self.loops.join(end).await;
+        if aborted > 0 {
+            tracing::warn!(aborted, "background work was cut at the shutdown deadline");
         }
         // S3 connections finish their requests (they were told to stop after the current one).
         self.connections.close();
@@ -500,7 +502,10 @@ fn with_fallbacks(routes: Router<Arc<App>>) -> Router<Arc<App>> {
 
 async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if app.ready.load(Ordering::Acquire) && app.node.saturated() {
+    let ready = app.ready.load(Ordering::Acquire);
+    let loops = app.loops.health();
+    let down: Vec<&str> = loops.iter().filter(|l| !l.running).map(|l| l.name).collect();
+    if ready && app.node.saturated() {
         // A load balancer should send image work elsewhere until the overdue work ends.
         problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -508,8 +513,19 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
             "every CPU is busy with work past its deadline",
         )
         .into_response()
-    } else if app.ready.load(Ordering::Acquire) {
-        axum::Json(serde_json::json!({"status": "ready"})).into_response()
+    } else if ready && !down.is_empty() {
+        // A loop failed and waits to be started again: its work (queued invocations, purges)
+        // is not being done meanwhile.
+        problem::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "background_failed",
+            format!("background work failed and is being restarted: {}", down.join(", ")),
+        )
+        .into_response()
+    } else if ready {
+        let restarts: u64 = loops.iter().map(|l| l.restarts).sum();
+        axum::Json(serde_json::json!({"status": "ready", "background": {"loops": loops.len(), "restarts": restarts}}))
+            .into_response()
     } else {
         problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
