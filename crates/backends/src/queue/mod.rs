@@ -27,9 +27,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
+#[cfg(feature = "nats")]
+pub(crate) mod nats;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
+
+#[cfg(feature = "nats")]
+pub use nats::NatsOptions;
 
 /// The largest message a queue carries, in bytes. Bigger payloads are stored elsewhere (the
 /// object store, the invocation log) and the message names them.
@@ -76,6 +81,8 @@ pub struct Lease {
     pub(crate) message: i64,
     /// The fencing token: grows with every claim of the message.
     pub(crate) fence: i64,
+    /// Where the backend takes the settlement (JetStream's ack subject), if it needs one.
+    pub(crate) reply: Option<String>,
 }
 
 impl Lease {
@@ -118,9 +125,20 @@ pub struct QueueStats {
 /// What a backend does; [`Queue`] checks arguments and does the waiting.
 #[async_trait]
 pub(crate) trait Backend: Send + Sync {
+    /// `sqlite`, `postgres` or `nats`.
+    fn kind(&self) -> &'static str;
     /// `false`: a message with this id is in the queue already (nothing changed).
     async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool>;
     async fn claim(&self, queue: &str, lease: Duration, holder: &str) -> Result<Option<Delivery>>;
+    /// Whether [`Backend::claim_waiting`] waits on the server (a JetStream pull); otherwise the
+    /// handle waits with its notifier and timer.
+    fn waits(&self) -> bool {
+        false
+    }
+    /// Claims, waiting up to `max` for a message to arrive.
+    async fn claim_waiting(&self, queue: &str, lease: Duration, holder: &str, _max: Duration) -> Result<Option<Delivery>> {
+        self.claim(queue, lease, holder).await
+    }
     /// When the next message of `queue` falls due (delayed, or leased and unrenewed), if any.
     async fn next_due_ms(&self, queue: &str) -> Result<Option<i64>>;
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<()>;
@@ -132,6 +150,8 @@ pub(crate) trait Backend: Send + Sync {
     async fn release(&self, holder: &str) -> Result<u64>;
     /// Deletes settled messages: finished before `done_before_ms`, buried before `dead_before_ms`.
     async fn purge(&self, done_before_ms: i64, dead_before_ms: i64) -> Result<u64>;
+    /// Deletes a queue and every message in it.
+    async fn remove(&self, queue: &str) -> Result<()>;
 }
 
 /// Wake-ups, one per queue name, shared by a backend and the waiting consumers.
@@ -195,6 +215,26 @@ impl Queue {
         Queue { backend, wakers, holder: holder.into() }
     }
 
+    /// The queues in NATS JetStream at `url` (`nats://host:4222`), shared by every node that
+    /// connects there; `holder` names this node's leases (see [`Queue::release_held`]).
+    #[cfg(feature = "nats")]
+    pub async fn nats(url: &str, options: nats::NatsOptions, holder: &str) -> Result<Queue> {
+        let backend = nats::NatsQueue::connect(url, options).await?;
+        Ok(Queue::new(Arc::new(backend), Arc::new(Wakers::default()), holder))
+    }
+
+    /// The backend: `sqlite`, `postgres` or `nats`.
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Deletes a queue with every message in it, leased or not (an operator's clean-up; the
+    /// tests' too).
+    pub async fn remove(&self, queue: &str) -> Result<()> {
+        check_name(queue)?;
+        self.backend.remove(queue).await
+    }
+
     /// Who this handle's leases are recorded as.
     pub fn holder(&self) -> &str {
         &self.holder
@@ -221,6 +261,13 @@ impl Queue {
     /// delayed message or an unrenewed lease falls due.
     pub async fn next(&self, queue: &str, lease: Duration) -> Result<Delivery> {
         check_name(queue)?;
+        if self.backend.waits() {
+            loop {
+                if let Some(d) = self.backend.claim_waiting(queue, lease, &self.holder, RECHECK).await? {
+                    return Ok(d);
+                }
+            }
+        }
         let wake = self.wakers.get(queue);
         loop {
             // Registered before looking, so an enqueue between the look and the wait is not missed.

@@ -76,7 +76,7 @@ fn delivery(queue: &str, r: &PgRow) -> Delivery {
         payload: r.get("payload"),
         attempt: u32::try_from(fence).unwrap_or(u32::MAX),
         enqueued_ms: r.get("enqueued_ms"),
-        lease: Lease { queue: queue.to_owned(), message: r.get("seq"), fence },
+        lease: Lease { queue: queue.to_owned(), message: r.get("seq"), fence, reply: None },
     }
 }
 
@@ -86,6 +86,15 @@ fn settled(done: sqlx::postgres::PgQueryResult) -> Result<()> {
 
 #[async_trait]
 impl Backend for PgQueue {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn remove(&self, queue: &str) -> Result<()> {
+        sqlx::query("DELETE FROM queue_messages WHERE queue = $1").bind(queue).execute(&self.db).await?;
+        Ok(())
+    }
+
     async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool> {
         let now = now_ms();
         let due = now.saturating_add(millis(delay));

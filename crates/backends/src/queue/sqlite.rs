@@ -47,7 +47,7 @@ fn delivery(queue: &str, r: &SqliteRow) -> Delivery {
         payload: r.get("payload"),
         attempt: u32::try_from(fence).unwrap_or(u32::MAX),
         enqueued_ms: r.get("enqueued_ms"),
-        lease: Lease { queue: queue.to_owned(), message: r.get("seq"), fence },
+        lease: Lease { queue: queue.to_owned(), message: r.get("seq"), fence, reply: None },
     }
 }
 
@@ -58,6 +58,15 @@ fn settled(done: sqlx::sqlite::SqliteQueryResult) -> Result<()> {
 
 #[async_trait]
 impl Backend for SqliteQueue {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn remove(&self, queue: &str) -> Result<()> {
+        sqlx::query("DELETE FROM queue_messages WHERE queue = ?").bind(queue).execute(&self.db).await?;
+        Ok(())
+    }
+
     async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool> {
         let now = now_ms();
         let done = sqlx::query(

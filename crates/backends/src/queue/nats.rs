@@ -1,0 +1,402 @@
+//! The queue in NATS JetStream (cargo feature `nats`), shared by every node on the same
+//! server or cluster. Each queue is a work-queue stream (`PIXFLOW_Q_<queue>`, subject
+//! `pixflow.q.<queue>`) with one durable pull consumer (`workers`, explicit acks) that all
+//! nodes share; a message leaves the stream when it is acked or terminated.
+//!
+//! How the contract maps onto JetStream:
+//! - Deduplication: the id is the `Nats-Msg-Id` header; the stream's duplicate window
+//!   ([`NatsOptions::duplicate_window`]) counts from the first publish, not from settling.
+//! - Delayed messages: a `Pixflow-Not-Before` header; a claim that meets one early gives it back
+//!   with a negative ack delayed to that time (the server redelivers it then; no attempt counted).
+//! - Leases: the consumer's `AckWait` ([`NatsOptions::ack_wait`]) is every lease's length; a
+//!   heartbeat's in-progress ack restarts it. A claim asking for a shorter lease gets `AckWait`.
+//! - Fencing: JetStream accepts an ack from any holder of the ack subject, so the node keeps
+//!   each leased message's fence in a key-value bucket (`pixflow_leases`), raised with a
+//!   compare-and-set at every claim; a settlement or heartbeat whose fence is not the current
+//!   one is refused before it reaches the server. (A redelivery in the moment between that
+//!   check and the ack can still let an old holder's ack through; the invocation log's own
+//!   lease check refuses that holder's outcome.)
+//! - Waiting: a pull request that the server holds open until a message arrives.
+//! - Retry: a negative ack with the delay. Bury: the message is copied to the dead-letter
+//!   stream `PIXFLOW_DEAD` (subject `pixflow.dead.<queue>`, with its reason) and terminated.
+//! - A node's own leases after a restart: the lease entries name their holder and ack subject,
+//!   so [`super::Queue::release_held`] sends each a negative ack, and the server redelivers them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result};
+use crate::state::now_ms;
+
+const NOT_BEFORE: &str = "Pixflow-Not-Before";
+const LEASES: &str = "pixflow_leases";
+const DEAD: &str = "PIXFLOW_DEAD";
+const CONSUMER: &str = "workers";
+
+/// Settings of the JetStream queues.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// How long a claim holds a message without a heartbeat (the consumers' `AckWait`).
+    pub ack_wait: Duration,
+    /// How long a deduplication id is remembered after its first publish.
+    pub duplicate_window: Duration,
+    /// How long dead letters stay in `PIXFLOW_DEAD`.
+    pub keep_dead: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> NatsOptions {
+        NatsOptions {
+            ack_wait: Duration::from_secs(30),
+            duplicate_window: Duration::from_secs(3600),
+            keep_dead: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+/// What the lease bucket holds for a leased message.
+#[derive(Serialize, Deserialize)]
+struct Held {
+    fence: i64,
+    holder: String,
+    reply: String,
+}
+
+pub(crate) struct NatsQueue {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    leases: kv::Store,
+    options: NatsOptions,
+    /// Each queue's consumer, made (with its stream) at first use.
+    consumers: tokio::sync::Mutex<HashMap<String, consumer::PullConsumer>>,
+}
+
+fn stream_name(queue: &str) -> String {
+    format!("PIXFLOW_Q_{queue}")
+}
+
+fn subject(queue: &str) -> String {
+    format!("pixflow.q.{queue}")
+}
+
+fn lease_key(queue: &str, seq: i64) -> String {
+    format!("{queue}.{seq}")
+}
+
+impl NatsQueue {
+    pub(crate) async fn connect(url: &str, options: NatsOptions) -> Result<NatsQueue> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .name("pixflow")
+            .connect(url)
+            .await
+            .map_err(unavailable)?;
+        let js = jetstream::new(client.clone());
+        js.get_or_create_stream(stream::Config {
+            name: DEAD.to_owned(),
+            subjects: vec!["pixflow.dead.>".to_owned()],
+            max_age: options.keep_dead,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(format!("the dead-letter stream {DEAD}: {e}")))?;
+        // The bucket's stream made the way key-value buckets are (one value per key, rollups,
+        // direct gets): the client's own bucket creation first asks for the account's limits
+        // in a form servers before 2.10 do not answer.
+        js.get_or_create_stream(stream::Config {
+            name: format!("KV_{LEASES}"),
+            subjects: vec![format!("$KV.{LEASES}.>")],
+            max_messages_per_subject: 1,
+            // Entries of messages settled by a node that stopped before deleting them.
+            max_age: options.keep_dead,
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
+        let leases = js.get_key_value(LEASES).await.map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
+        Ok(NatsQueue { client, js, leases, options, consumers: tokio::sync::Mutex::new(HashMap::new()) })
+    }
+
+    async fn consumer(&self, queue: &str) -> Result<consumer::PullConsumer> {
+        let mut all = self.consumers.lock().await;
+        if let Some(c) = all.get(queue) {
+            return Ok(c.clone());
+        }
+        let stream = self
+            .js
+            .get_or_create_stream(stream::Config {
+                name: stream_name(queue),
+                subjects: vec![subject(queue)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: self.options.duplicate_window,
+                max_message_size: i32::try_from(super::MAX_MESSAGE + 4096).unwrap_or(i32::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let c = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(CONSUMER.to_owned()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        all.insert(queue.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Takes `msg` as a claim, or gives it back when it is not due yet (`None`).
+    async fn take(&self, queue: &str, msg: jetstream::Message, holder: &str) -> Result<Option<Delivery>> {
+        let now = now_ms();
+        let not_before =
+            msg.headers.as_ref().and_then(|h| h.get(NOT_BEFORE)).and_then(|v| v.as_str().parse::<i64>().ok());
+        if let Some(due) = not_before.filter(|due| *due > now) {
+            let delay = Duration::from_millis(u64::try_from(due - now).unwrap_or(0));
+            msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await.map_err(unavailable)?;
+            return Ok(None);
+        }
+        let (seq, published) = {
+            let info = msg.info().map_err(unavailable)?;
+            (i64::try_from(info.stream_sequence).unwrap_or(i64::MAX), info.published)
+        };
+        let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else {
+            return Err(QueueError::Unavailable("a JetStream message without an ack subject".into()));
+        };
+        let key = lease_key(queue, seq);
+        let entry = self.leases.entry(key.as_str()).await.map_err(unavailable)?;
+        let previous = entry.as_ref().and_then(|e| serde_json::from_slice::<Held>(&e.value).ok());
+        let fence = previous.map_or(1, |h| h.fence + 1);
+        let held = Bytes::from(
+            serde_json::to_vec(&Held { fence, holder: holder.to_owned(), reply: reply.clone() }).map_err(unavailable)?,
+        );
+        let written = match &entry {
+            Some(e) => self.leases.update(key.as_str(), held, e.revision).await.map(|_| ()).map_err(unavailable),
+            None => self.leases.create(key.as_str(), held).await.map(|_| ()).map_err(unavailable),
+        };
+        if let Err(e) = written {
+            // Another claim raced this one for the lease entry: give the delivery back.
+            let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+            return Err(e);
+        }
+        let id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        Ok(Some(Delivery {
+            id,
+            payload: msg.payload.to_vec(),
+            attempt: u32::try_from(fence).unwrap_or(u32::MAX),
+            enqueued_ms: i64::try_from(published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+            lease: Lease { queue: queue.to_owned(), message: seq, fence, reply: Some(reply) },
+        }))
+    }
+
+    /// The lease entry of `lease`, if `lease` still holds its message.
+    async fn holding(&self, lease: &Lease) -> Result<(String, u64)> {
+        let key = lease_key(&lease.queue, lease.message);
+        let entry = self.leases.entry(key.as_str()).await.map_err(unavailable)?.ok_or(QueueError::Stale)?;
+        let held: Held = serde_json::from_slice(&entry.value).map_err(|_| QueueError::Stale)?;
+        if held.fence != lease.fence {
+            return Err(QueueError::Stale);
+        }
+        Ok((key, entry.revision))
+    }
+
+    /// Sends `ack` for the message and waits for the server's confirmation.
+    async fn acknowledge(&self, lease: &Lease, ack: jetstream::AckKind) -> Result<()> {
+        let reply = lease.reply.clone().ok_or(QueueError::Stale)?;
+        self.client.request(reply, ack.into()).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Settles `lease` with `ack` and forgets its lease entry.
+    async fn settle(&self, lease: &Lease, ack: jetstream::AckKind) -> Result<()> {
+        let (key, _) = self.holding(lease).await?;
+        self.acknowledge(lease, ack).await?;
+        if let Err(e) = self.leases.delete(key.as_str()).await {
+            tracing::warn!(error = %e, "forgetting a settled JetStream lease");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for NatsQueue {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn remove(&self, queue: &str) -> Result<()> {
+        self.consumers.lock().await.remove(queue);
+        match self.js.delete_stream(stream_name(queue)).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool> {
+        self.consumer(queue).await?;
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        if !delay.is_zero() {
+            let due = now_ms().saturating_add(super::millis(delay));
+            headers.insert(NOT_BEFORE, due.to_string().as_str());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject(queue), headers, Bytes::copy_from_slice(payload))
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        Ok(!ack.duplicate)
+    }
+
+    async fn claim(&self, queue: &str, _lease: Duration, holder: &str) -> Result<Option<Delivery>> {
+        let consumer = self.consumer(queue).await?;
+        // Messages met before their time go back; a few of them in a row end the look.
+        for _ in 0..16 {
+            let mut batch = consumer.fetch().max_messages(1).messages().await.map_err(unavailable)?;
+            let Some(msg) = batch.next().await else {
+                return Ok(None);
+            };
+            if let Some(d) = self.take(queue, msg.map_err(unavailable)?, holder).await? {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
+    fn waits(&self) -> bool {
+        true
+    }
+
+    async fn claim_waiting(
+        &self,
+        queue: &str,
+        _lease: Duration,
+        holder: &str,
+        max: Duration,
+    ) -> Result<Option<Delivery>> {
+        let consumer = self.consumer(queue).await?;
+        let end = tokio::time::Instant::now() + max;
+        loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            if left < Duration::from_millis(10) {
+                return Ok(None);
+            }
+            let mut batch =
+                consumer.batch().max_messages(1).expires(left).messages().await.map_err(unavailable)?;
+            match batch.next().await {
+                None => return Ok(None),
+                Some(msg) => {
+                    if let Some(d) = self.take(queue, msg.map_err(unavailable)?, holder).await? {
+                        return Ok(Some(d));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn next_due_ms(&self, _queue: &str) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
+    async fn extend(&self, lease: &Lease, _by: Duration) -> Result<()> {
+        self.holding(lease).await?;
+        self.acknowledge(lease, jetstream::AckKind::Progress).await
+    }
+
+    async fn finish(&self, lease: &Lease) -> Result<()> {
+        self.settle(lease, jetstream::AckKind::Ack).await
+    }
+
+    async fn retry(&self, lease: &Lease, delay: Duration) -> Result<()> {
+        let ack = jetstream::AckKind::Nak((!delay.is_zero()).then_some(delay));
+        self.holding(lease).await?;
+        self.acknowledge(lease, ack).await
+    }
+
+    async fn bury(&self, lease: &Lease, reason: &str) -> Result<()> {
+        self.holding(lease).await?;
+        let stream = self.js.get_stream(stream_name(&lease.queue)).await.map_err(unavailable)?;
+        let original = stream.get_raw_message(u64::try_from(lease.message).unwrap_or(0)).await.map_err(unavailable)?;
+        let mut headers = original.headers.clone();
+        headers.insert("Pixflow-Reason", reason.chars().filter(|c| !c.is_control()).take(500).collect::<String>().as_str());
+        headers.insert("Pixflow-Queue", lease.queue.as_str());
+        // Not deduplicated against the live queue's ids.
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("dead.{}.{}", lease.queue, lease.message).as_str());
+        self.js
+            .publish_with_headers(format!("pixflow.dead.{}", lease.queue), headers, original.payload.clone())
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        self.settle(lease, jetstream::AckKind::Term).await
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats> {
+        let mut consumer = self.consumer(queue).await?;
+        let leased = consumer.info().await.map_err(unavailable)?.num_ack_pending;
+        let mut stream = self.js.get_stream(stream_name(queue)).await.map_err(unavailable)?;
+        let state = stream.info().await.map_err(unavailable)?.state.clone();
+        let oldest_age = if state.messages == 0 {
+            Duration::ZERO
+        } else {
+            let first = stream.get_raw_message(state.first_sequence).await.map_err(unavailable)?;
+            let ms = i64::try_from(first.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            Duration::from_millis(u64::try_from(now_ms().saturating_sub(ms)).unwrap_or(0))
+        };
+        Ok(QueueStats { depth: state.messages, leased: u64::try_from(leased).unwrap_or(0), oldest_age })
+    }
+
+    async fn release(&self, holder: &str) -> Result<u64> {
+        let mut keys = self.leases.keys().await.map_err(unavailable)?;
+        let mut released = 0;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(unavailable)?;
+            let Some(entry) = self.leases.entry(key.as_str()).await.map_err(unavailable)? else { continue };
+            let Ok(held) = serde_json::from_slice::<Held>(&entry.value) else { continue };
+            if held.holder == holder {
+                // Redelivered at once; its next claim raises the fence.
+                self.client.publish(held.reply, jetstream::AckKind::Nak(None).into()).await.map_err(unavailable)?;
+                released += 1;
+            }
+        }
+        self.client.flush().await.map_err(unavailable)?;
+        Ok(released)
+    }
+
+    async fn purge(&self, _done_before_ms: i64, _dead_before_ms: i64) -> Result<u64> {
+        // Settled messages leave the stream when acked; dead letters and lease entries expire
+        // by their streams' age limits.
+        Ok(0)
+    }
+}
