@@ -307,6 +307,20 @@ impl EdgeCache {
         self.remove_files(&gone);
         gone.len() as u64
     }
+
+    /// Removes every entry; returns how many went.
+    pub fn purge_all(&self) -> u64 {
+        let gone: Vec<String> = {
+            let mut i = lock(&self.index);
+            let all: Vec<String> = i.entries.keys().cloned().collect();
+            for d in &all {
+                i.remove(d);
+            }
+            all
+        };
+        self.remove_files(&gone);
+        gone.len() as u64
+    }
 }
 
 fn read_header(path: &Path) -> std::io::Result<(Header, u64, std::time::SystemTime)> {

@@ -9,8 +9,9 @@
 //! Both give the same behaviour (the tests in `tests/objects.rs` run against each): keys and
 //! attributes are checked here, once, before a backend sees them; uploads spool to a local
 //! file while their MD5 and first bytes are taken, so a write reaches the backend whole or not
-//! at all; readers get the metadata and the bytes of one version; every write and delete made
-//! through a handle is announced on [`Objects::changes`].
+//! at all; readers get the metadata and the bytes of one version; every create, overwrite and
+//! delete made through a handle is recorded in the store's change feed ([`Objects::feed`],
+//! [`crate::feed`]), with who caused it ([`Objects::by`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use md5::{Digest, Md5};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::feed::{Actor, ChangeKind, Feed, Retention};
 
 mod embedded;
 pub mod multipart;
@@ -317,11 +320,10 @@ fn blob_id() -> Result<String> {
     Ok(hex::encode(bytes))
 }
 
-/// An object that was written or deleted (for caches of what derives from it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    pub bucket: String,
-    pub key: String,
+/// What a write is recorded as in the change feed.
+pub(crate) struct Cause<'a> {
+    pub kind: ChangeKind,
+    pub actor: &'a Actor,
 }
 
 /// An upload in progress: bytes stream into a temporary file while their MD5 is computed.
@@ -437,7 +439,6 @@ struct Inner {
     backend: Backend,
     /// Where uploads spool before they reach the backend.
     spool: PathBuf,
-    changes: tokio::sync::broadcast::Sender<Change>,
     /// Uploads under way (each spools to a file and holds a descriptor), at most `max_uploads`.
     uploads: Arc<tokio::sync::Semaphore>,
     max_uploads: usize,
@@ -446,9 +447,13 @@ struct Inner {
 /// Uploads a node takes at once unless configured otherwise.
 pub const DEFAULT_MAX_UPLOADS: usize = 256;
 
-/// The object store: a cheap handle, shared by every part of a node.
+/// The object store: a cheap handle, shared by every part of a node. Each handle carries the
+/// [`Actor`] its changes are recorded under ([`Objects::by`]; the node itself by default).
 #[derive(Clone)]
-pub struct Objects(Arc<Inner>);
+pub struct Objects {
+    inner: Arc<Inner>,
+    actor: Arc<Actor>,
+}
 
 impl Objects {
     /// Opens (creating if needed) the embedded store under `root`, emptying its `tmp/` (uploads
@@ -467,26 +472,53 @@ impl Objects {
             std::fs::remove_dir_all(spool)?;
         }
         crate::files::create_dir_all(spool)?;
-        let service = s3::Service::new(config, settings)?;
+        let feed = Feed::open(settings.pool()).await?;
+        let service = s3::Service::new(config, settings, feed)?;
         Ok(Objects::with(Backend::Service(service), spool.to_owned()))
     }
 
     fn with(backend: Backend, spool: PathBuf) -> Objects {
-        let (changes, _) = tokio::sync::broadcast::channel(1024);
-        Objects(Arc::new(Inner {
+        let inner = Inner {
             backend,
             spool,
-            changes,
             uploads: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_UPLOADS)),
             max_uploads: DEFAULT_MAX_UPLOADS,
-        }))
+        };
+        Objects { inner: Arc::new(inner), actor: Arc::new(Actor::system()) }
+    }
+
+    /// The same store, recording the changes made through the returned handle as `actor`'s.
+    pub fn by(&self, actor: Actor) -> Objects {
+        Objects { inner: self.inner.clone(), actor: Arc::new(actor) }
+    }
+
+    /// Whom this handle's changes are recorded under.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
+    }
+
+    /// The store's change feed: every create, overwrite and delete, in order, from a cursor.
+    pub fn feed(&self) -> Feed {
+        match &self.inner.backend {
+            Backend::Embedded(e) => e.feed.clone(),
+            #[cfg(feature = "s3")]
+            Backend::Service(s) => s.feed.clone(),
+        }
+    }
+
+    /// The same store keeping `retention` of its change feed (default: the last
+    /// [`crate::feed::DEFAULT_MAX_RECORDS`] records of the last 7 days). Applies to every
+    /// handle of the store, from the next trim on.
+    pub fn with_feed_retention(self, retention: Retention) -> Objects {
+        self.feed().set_retention(retention);
+        self
     }
 
     /// The same store taking at most `max` uploads at once (object PUTs, S3 objects and
     /// parts); beyond it [`Objects::upload`] answers [`ObjectError::TooManyUploads`]. Set at
     /// start, on a handle not yet shared (a shared one keeps the limit it has).
     pub fn with_max_uploads(mut self, max: usize) -> Objects {
-        if let Some(inner) = Arc::get_mut(&mut self.0) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
             let max = max.max(1);
             inner.uploads = Arc::new(tokio::sync::Semaphore::new(max));
             inner.max_uploads = max;
@@ -496,7 +528,7 @@ impl Objects {
 
     /// `embedded` or `s3`.
     pub fn kind(&self) -> &'static str {
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(_) => "embedded",
             #[cfg(feature = "s3")]
             Backend::Service(_) => "s3",
@@ -505,7 +537,7 @@ impl Objects {
 
     /// The embedded store, for what only it does (multipart uploads of the S3 endpoint).
     fn embedded(&self) -> Result<&embedded::Embedded> {
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => Ok(e),
             #[cfg(feature = "s3")]
             Backend::Service(_) => {
@@ -514,18 +546,8 @@ impl Objects {
         }
     }
 
-    /// Every later write and delete made through this handle (or a clone), as it commits. A
-    /// receiver that falls more than 1024 changes behind misses some (`Lagged`).
-    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
-        self.0.changes.subscribe()
-    }
-
-    fn changed(&self, bucket: &str, key: &str) {
-        let _ = self.0.changes.send(Change { bucket: bucket.to_owned(), key: key.to_owned() });
-    }
-
     pub async fn close(&self) {
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.close().await,
             #[cfg(feature = "s3")]
             Backend::Service(_) => {}
@@ -533,11 +555,16 @@ impl Objects {
     }
 
     /// Removes what crashes and abandoned uploads left that no object names, written before
-    /// `before` (later ones may belong to uploads committing right now). Returns how much went.
-    /// Only the embedded store keeps such leftovers; an S3 service's lifecycle rules clean
-    /// multipart uploads a crash cut short (failed and abandoned ones are aborted).
+    /// `before` (later ones may belong to uploads committing right now), and the change records
+    /// retention no longer keeps. Returns how many blobs went. Only the embedded store keeps
+    /// such leftovers; an S3 service's lifecycle rules clean multipart uploads a crash cut short
+    /// (failed and abandoned ones are aborted).
     pub async fn collect_garbage(&self, before: SystemTime) -> Result<u64> {
-        match &self.0.backend {
+        let trimmed = self.feed().trim().await.map_err(|e| ObjectError::Io(std::io::Error::other(e.to_string())))?;
+        if trimmed > 0 {
+            tracing::debug!(trimmed, "change records past retention removed");
+        }
+        match &self.inner.backend {
             Backend::Embedded(e) => {
                 self.expire_uploads(crate::state::now_ms().saturating_sub(multipart::EXPIRE_AFTER_MS)).await?;
                 e.collect_garbage(before).await
@@ -557,7 +584,7 @@ impl Objects {
             check_attributes(cc, &BTreeMap::new())
                 .map_err(|_| ObjectError::InvalidMetadata("cache_control: 1 to 255 visible ASCII characters".into()))?;
         }
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.put_bucket(name, config).await,
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.put_bucket(name, config).await,
@@ -565,7 +592,7 @@ impl Objects {
     }
 
     pub async fn bucket(&self, name: &str) -> Result<Option<Bucket>> {
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.bucket(name).await,
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.bucket(name).await,
@@ -573,7 +600,7 @@ impl Objects {
     }
 
     pub async fn buckets(&self) -> Result<Vec<Bucket>> {
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.buckets().await,
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.buckets().await,
@@ -582,7 +609,7 @@ impl Objects {
 
     /// Deletes an empty bucket (with an S3 service: forgets it; the service keeps its bucket).
     pub async fn delete_bucket(&self, name: &str) -> Result<()> {
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.delete_bucket(name).await,
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.delete_bucket(name).await,
@@ -593,10 +620,14 @@ impl Objects {
 
     /// Starts an upload of at most `limit` bytes.
     pub async fn upload(&self, limit: u64) -> Result<Upload> {
-        let slot =
-            self.0.uploads.clone().try_acquire_owned().map_err(|_| ObjectError::TooManyUploads(self.0.max_uploads))?;
+        let slot = self
+            .inner
+            .uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ObjectError::TooManyUploads(self.inner.max_uploads))?;
         let id = blob_id()?;
-        let tmp = self.0.spool.join(&id);
+        let tmp = self.inner.spool.join(&id);
         let file = crate::files::open_options_async().read(true).write(true).create_new(true).open(&tmp).await?;
         Ok(Upload { file: Some(file), tmp, id, md5: Md5::new(), size: 0, limit, prefix: Vec::new(), _slot: slot })
     }
@@ -604,7 +635,7 @@ impl Objects {
     /// The most memory committing an upload of `size` bytes holds: none for the embedded store
     /// (the spooled file is renamed); for an S3 service, the single PUT or the parts in flight.
     pub fn commit_memory(&self, size: u64) -> u64 {
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(_) => 0,
             #[cfg(feature = "s3")]
             Backend::Service(_) => s3::commit_memory(size),
@@ -621,16 +652,30 @@ impl Objects {
         metadata: &BTreeMap<String, String>,
         condition: &Condition,
     ) -> Result<ObjectMeta> {
+        self.commit_as(upload, bucket, key, content_type, metadata, condition, ChangeKind::Put).await
+    }
+
+    /// [`Objects::commit`], recorded in the feed as a change of `kind`.
+    #[allow(clippy::too_many_arguments, reason = "the arguments of `commit`, plus what its record says")]
+    pub(crate) async fn commit_as(
+        &self,
+        upload: Upload,
+        bucket: &str,
+        key: &str,
+        content_type: &str,
+        metadata: &BTreeMap<String, String>,
+        condition: &Condition,
+        kind: ChangeKind,
+    ) -> Result<ObjectMeta> {
         check_bucket(bucket)?;
         check_key(key)?;
         check_attributes(content_type, metadata)?;
-        let meta = match &self.0.backend {
-            Backend::Embedded(e) => e.commit(upload, bucket, key, content_type, metadata, condition).await?,
+        let cause = Cause { kind, actor: &self.actor };
+        match &self.inner.backend {
+            Backend::Embedded(e) => e.commit(upload, bucket, key, content_type, metadata, condition, &cause).await,
             #[cfg(feature = "s3")]
-            Backend::Service(s) => s.commit(upload, bucket, key, content_type, metadata, condition).await?,
-        };
-        self.changed(bucket, key);
-        Ok(meta)
+            Backend::Service(s) => s.commit(upload, bucket, key, content_type, metadata, condition, &cause).await,
+        }
     }
 
     /// Stores bytes held in memory (results of functions).
@@ -647,11 +692,10 @@ impl Objects {
         check_key(key)?;
         check_attributes(content_type, metadata)?;
         #[cfg(feature = "s3")]
-        if let Backend::Service(s) = &self.0.backend {
-            let meta =
-                s.put(bucket, key, content_type, metadata, condition, Bytes::copy_from_slice(bytes), None).await?;
-            self.changed(bucket, key);
-            return Ok(meta);
+        if let Backend::Service(s) = &self.inner.backend {
+            let cause = Cause { kind: ChangeKind::Put, actor: &self.actor };
+            let bytes = Bytes::copy_from_slice(bytes);
+            return s.put(bucket, key, content_type, metadata, condition, bytes, None, &cause).await;
         }
         let mut upload = self.upload(u64::MAX).await?;
         upload.write(bytes).await?;
@@ -662,7 +706,7 @@ impl Objects {
     pub async fn head(&self, bucket: &str, key: &str) -> Result<ObjectMeta> {
         check_bucket(bucket)?;
         check_key(key)?;
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.head(bucket, key).await,
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.head(bucket, key).await,
@@ -675,7 +719,7 @@ impl Objects {
     pub async fn get(&self, bucket: &str, key: &str) -> Result<(ObjectMeta, Reader)> {
         check_bucket(bucket)?;
         check_key(key)?;
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.get(bucket, key).await.map(|(m, f)| (m, Reader(ReaderKind::File(f)))),
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.get(bucket, key).await.map(|(m, v)| (m, Reader(ReaderKind::Service(v)))),
@@ -686,7 +730,7 @@ impl Objects {
     pub async fn read(&self, bucket: &str, key: &str, limit: u64) -> Result<(ObjectMeta, Vec<u8>)> {
         check_bucket(bucket)?;
         check_key(key)?;
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.read(bucket, key, limit).await,
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.read(bucket, key, limit).await,
@@ -697,15 +741,11 @@ impl Objects {
     pub async fn delete(&self, bucket: &str, key: &str, condition: &Condition) -> Result<bool> {
         check_bucket(bucket)?;
         check_key(key)?;
-        let deleted = match &self.0.backend {
-            Backend::Embedded(e) => e.delete(bucket, key, condition).await?,
+        match &self.inner.backend {
+            Backend::Embedded(e) => e.delete(bucket, key, condition, &self.actor).await,
             #[cfg(feature = "s3")]
-            Backend::Service(s) => s.delete(bucket, key, condition).await?,
-        };
-        if deleted {
-            self.changed(bucket, key);
+            Backend::Service(s) => s.delete(bucket, key, condition, &self.actor).await,
         }
-        Ok(deleted)
     }
 
     /// One page of the keys under `prefix` (a plain string prefix, as S3's), rolled up at
@@ -722,7 +762,7 @@ impl Objects {
         check_bucket(bucket)?;
         let limit = limit.clamp(1, MAX_LIST);
         let delimiter = delimiter.filter(|d| !d.is_empty());
-        match &self.0.backend {
+        match &self.inner.backend {
             Backend::Embedded(e) => e.list(bucket, prefix, delimiter, resume, limit).await,
             #[cfg(feature = "s3")]
             Backend::Service(s) => s.list(bucket, prefix, delimiter, resume, limit).await,

@@ -502,6 +502,24 @@ impl Store {
     pub async fn close(&self) {
         self.db.close().await;
     }
+
+    // ---- for the change feed of the object store (`crate::feed`) ----
+    //
+    // The feed keeps its own tables; with the S3 backend they live in this file. Kept apart from
+    // the sections above on purpose.
+
+    /// The connections, for the change feed's tables (their schema is the feed's).
+    #[cfg(feature = "s3")]
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.db
+    }
+
+    /// The role and label of the token with this hash (who a change is recorded under).
+    pub async fn token_role_and_label(&self, hash: &[u8]) -> Result<Option<(String, String)>> {
+        let r =
+            sqlx::query("SELECT role, label FROM tokens WHERE hash = ?").bind(hash).fetch_optional(&self.db).await?;
+        Ok(r.map(|r| (r.get("role"), r.get("label"))))
+    }
 }
 
 #[cfg(test)]

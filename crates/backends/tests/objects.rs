@@ -3,10 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use pixflow_backends::{BucketConfig, Change, Condition, Listing, ObjectError, ObjectMeta, Objects, Resume};
+use pixflow_backends::{
+    Actor, BucketConfig, ChangeKind, ChangeRecord, Condition, FeedError, Listing, ObjectError, ObjectMeta, Objects,
+    Resume, Retention,
+};
 
 struct Dir(PathBuf);
 
@@ -86,7 +90,8 @@ macro_rules! behaviour {
 behaviour!(
     objects_round_trip_with_their_facts,
     readers_take_ranges_of_one_version,
-    writes_and_deletes_are_announced,
+    changes_are_recorded_in_order_with_their_cause,
+    a_waiter_wakes_on_a_commit,
     conditions_hold,
     uploads_stream_with_a_limit,
     large_uploads_arrive_whole,
@@ -168,17 +173,78 @@ async fn readers_take_ranges_of_one_version(o: &Objects) {
     }
 }
 
-async fn writes_and_deletes_are_announced(o: &Objects) {
-    let mut rx = o.changes();
-    put(o, "a", b"1").await;
-    o.delete("media", "a", &Condition::None).await.unwrap();
-    // A refused write and a delete of nothing announce nothing.
-    let _ = o.put("media", "b", "text/plain", &BTreeMap::new(), &Condition::Matches(vec!["x".into()]), b"2").await;
-    o.delete("media", "nothing", &Condition::None).await.unwrap();
-    let change = |k: &str| Change { bucket: "media".into(), key: k.into() };
-    assert_eq!(rx.try_recv().unwrap(), change("a"));
-    assert_eq!(rx.try_recv().unwrap(), change("a"));
-    assert!(rx.try_recv().is_err());
+/// The parts of a record a test can know in advance (not its number or time).
+fn fields(r: &ChangeRecord) -> (ChangeKind, Option<bool>, &str, Option<&str>, u64, &Actor) {
+    (r.kind, r.replaced, r.key.as_str(), r.etag.as_deref(), r.size, &r.actor)
+}
+
+async fn changes_are_recorded_in_order_with_their_cause(o: &Objects) {
+    let feed = o.feed();
+    let start = feed.last().await.unwrap();
+    let none = BTreeMap::new();
+    let cms = Actor::token("cms", "0a1b2c3d");
+    let thumb = Actor::function("thumb", 1);
+    let key = Actor::access_key("AKIDEXAMPLE");
+    let created = o.by(cms.clone()).put("media", "a", "text/plain", &none, &Condition::Absent, b"one").await.unwrap();
+    let fresh = Condition::Matches(vec![created.etag.clone()]);
+    let overwritten = o.by(thumb.clone()).put("media", "a", "text/plain", &none, &fresh, b"three").await.unwrap();
+    let plain = put(o, "b", b"22").await;
+    // Refused writes, a refused delete and a delete of nothing record nothing.
+    let stale = Condition::Matches(vec!["0000".into()]);
+    assert!(o.put("media", "a", "text/plain", &none, &Condition::Absent, b"x").await.is_err());
+    assert!(o.put("media", "a", "text/plain", &none, &stale, b"x").await.is_err());
+    assert!(o.put("media", "c", "text/plain", &none, &Condition::Matches(vec!["*".into()]), b"x").await.is_err());
+    assert!(o.delete("media", "a", &stale).await.is_err());
+    assert!(!o.delete("media", "nothing", &Condition::None).await.unwrap());
+    assert!(o.by(key.clone()).delete("media", "a", &Condition::None).await.unwrap());
+
+    let records = feed.read(start, 100).await.unwrap();
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (start + 1..=start + 4).collect::<Vec<_>>());
+    assert_eq!(feed.last().await.unwrap(), start + 4);
+    // An unconditional write to an S3 service cannot tell whether it replaced an object.
+    let unknown = if o.kind() == "embedded" { Some(false) } else { None };
+    let system = Actor::system();
+    assert_eq!(
+        records.iter().map(fields).collect::<Vec<_>>(),
+        [
+            (ChangeKind::Put, Some(false), "a", Some(created.etag.as_str()), 3, &cms),
+            (ChangeKind::Put, Some(true), "a", Some(overwritten.etag.as_str()), 5, &thumb),
+            (ChangeKind::Put, unknown, "b", Some(plain.etag.as_str()), 2, &system),
+            (ChangeKind::Delete, Some(true), "a", None, 0, &key),
+        ]
+    );
+    assert!(records.iter().all(|r| r.bucket == "media"));
+    let now = pixflow_backends::state::now_ms();
+    assert!(records.iter().all(|r| (now - r.time_ms).abs() < 60_000), "{records:?}");
+    assert_eq!((key.depth, thumb.depth, o.actor()), (0, 1, &system));
+    // Reading resumes anywhere, a page at a time.
+    assert_eq!(feed.read(records[1].seq, 1).await.unwrap(), [records[2].clone()]);
+    assert!(feed.read(feed.last().await.unwrap(), 10).await.unwrap().is_empty());
+}
+
+/// A reader that saw everything waits for the next commit, and a commit between its empty read
+/// and its wait is not missed. (The bound only ends a broken run.)
+async fn a_waiter_wakes_on_a_commit(o: &Objects) {
+    let feed = o.feed();
+    let seen = feed.last().await.unwrap();
+    assert!(feed.read(seen, 10).await.unwrap().is_empty());
+    let waiter = tokio::spawn({
+        let feed = feed.clone();
+        async move { feed.wait(seen).await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished(), "nothing was committed yet");
+    put(o, "woken", b"x").await;
+    tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("a commit wakes the waiter").unwrap().unwrap();
+    let seen = feed.last().await.unwrap();
+    assert!(feed.read(seen, 10).await.unwrap().is_empty());
+    put(o, "between", b"y").await;
+    tokio::time::timeout(Duration::from_secs(5), feed.wait(seen))
+        .await
+        .expect("a commit before the wait counts")
+        .unwrap();
+    assert_eq!(feed.read(seen, 10).await.unwrap().len(), 1);
 }
 
 async fn conditions_hold(o: &Objects) {
@@ -230,6 +296,7 @@ async fn large_uploads_arrive_whole(o: &Objects) {
         all.extend_from_slice(&c);
     }
     let meta = BTreeMap::from([("source".to_owned(), "camera".to_owned())]);
+    let before = o.feed().last().await.unwrap();
     let m = o.commit(u, "media", "video.bin", "video/mp4", &meta, &Condition::Absent).await.unwrap();
     assert_eq!(m.size, size as u64);
     let head = o.head("media", "video.bin").await.unwrap();
@@ -247,6 +314,13 @@ async fn large_uploads_arrive_whole(o: &Objects) {
         assert!(matches!(refused, Err(ObjectError::PreconditionFailed(_))), "{condition:?}: {refused:?}");
     }
     assert_eq!(o.head("media", "video.bin").await.unwrap().etag, m.etag);
+    // One record, for the write that happened.
+    let records = o.feed().read(before, 10).await.unwrap();
+    let system = Actor::system();
+    assert_eq!(
+        records.iter().map(fields).collect::<Vec<_>>(),
+        [(ChangeKind::Put, Some(false), "video.bin", Some(m.etag.as_str()), m.size, &system)]
+    );
 }
 
 async fn buckets_are_registered_updated_and_deleted_only_when_empty(o: &Objects) {
@@ -326,6 +400,131 @@ async fn listing_pages_through_prefixes_and_delimiters(o: &Objects) {
     assert!(matches!(o.list("missing", "", None, None, 10).await, Err(ObjectError::NoSuchBucket(_))));
 }
 
+/// The change feed of the embedded store across reopening its files, multipart uploads and
+/// retention.
+mod embedded_feed {
+    use super::*;
+
+    /// Closes `o`, a handle of the store of `f`, and opens the store again.
+    async fn reopen(o: &Objects, f: &Fixture) -> Objects {
+        o.close().await;
+        Objects::open(&f._dir.0.join("store")).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_resumes_after_its_saved_cursor_once_the_store_is_reopened() {
+        let f = embedded("feed-resume").await;
+        for k in ["a", "b", "c"] {
+            put(&f.objects, k, k.as_bytes()).await;
+        }
+        let feed = f.objects.feed();
+        let first = feed.read(feed.cursor("reader").await.unwrap(), 2).await.unwrap();
+        assert_eq!(first.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        feed.save_cursor("reader", first[1].seq).await.unwrap();
+        // Another reader's cursor is its own.
+        feed.save_cursor("other", 0).await.unwrap();
+
+        let o = reopen(&f.objects, &f).await;
+        let feed = o.feed();
+        assert_eq!(feed.last().await.unwrap(), first[1].seq + 1, "the newest number survives the reopening");
+        let cursor = feed.cursor("reader").await.unwrap();
+        assert_eq!(cursor, first[1].seq);
+        let rest = feed.read(cursor, 100).await.unwrap();
+        assert_eq!(rest.iter().map(|r| (r.seq, r.key.as_str())).collect::<Vec<_>>(), [(cursor + 1, "c")]);
+        feed.save_cursor("reader", rest[0].seq).await.unwrap();
+        put(&o, "d", b"d").await;
+        let o = reopen(&o, &f).await;
+        let feed = o.feed();
+        let cursor = feed.cursor("reader").await.unwrap();
+        let rest = feed.read(cursor, 100).await.unwrap();
+        assert_eq!(rest.iter().map(|r| (r.seq, r.key.as_str())).collect::<Vec<_>>(), [(cursor + 1, "d")]);
+        feed.save_cursor("reader", rest[0].seq).await.unwrap();
+        assert!(feed.read(feed.cursor("reader").await.unwrap(), 100).await.unwrap().is_empty());
+        assert_eq!(feed.read(feed.cursor("other").await.unwrap(), 100).await.unwrap().len(), 4);
+        o.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn committed_changes_are_in_the_feed_after_reopening_and_numbers_are_never_reused() {
+        let f = embedded("feed-durable").await;
+        let m = put(&f.objects, "kept", b"kept").await;
+        f.objects.delete("media", "kept", &Condition::None).await.unwrap();
+        // No reader ran before the store closed.
+        let o = reopen(&f.objects, &f).await;
+        let records = o.feed().read(0, 100).await.unwrap();
+        let system = Actor::system();
+        assert_eq!(
+            records.iter().map(fields).collect::<Vec<_>>(),
+            [
+                (ChangeKind::Put, Some(false), "kept", Some(m.etag.as_str()), 4, &system),
+                (ChangeKind::Delete, Some(true), "kept", None, 0, &system),
+            ]
+        );
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+        // Retention that keeps nothing empties the feed; the next change still gets a new number.
+        let o = o.with_feed_retention(Retention { max_records: 0, max_age: Duration::from_secs(3600) });
+        assert_eq!(o.feed().trim().await.unwrap(), 2);
+        let o = reopen(&o, &f).await;
+        put(&o, "next", b"n").await;
+        assert_eq!(o.feed().read(2, 10).await.unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(), [3]);
+        o.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_multipart_completion_is_one_multipart_change() {
+        let f = embedded("feed-multipart").await;
+        let o = f.objects.by(Actor::access_key("AKIDEXAMPLE"));
+        let start = o.feed().last().await.unwrap();
+        let id = o.create_multipart("media", "big.bin", "application/octet-stream", &BTreeMap::new()).await.unwrap();
+        let mut u = o.upload(1 << 20).await.unwrap();
+        u.write(b"only part").await.unwrap();
+        let part = o.put_part(&id, "media", "big.bin", 1, u).await.unwrap();
+        let listed = [(1, part.etag.clone())];
+        assert!(o.feed().read(start, 10).await.unwrap().is_empty(), "parts are not changes");
+        let m = o.complete_multipart(&id, "media", "big.bin", &listed, &Condition::None, u64::MAX).await.unwrap();
+        // A completion whose condition fails changes nothing and records nothing.
+        let again = o.create_multipart("media", "big.bin", "text/plain", &BTreeMap::new()).await.unwrap();
+        let mut u = o.upload(1 << 20).await.unwrap();
+        u.write(b"second").await.unwrap();
+        let part = o.put_part(&again, "media", "big.bin", 1, u).await.unwrap();
+        let listed = [(1, part.etag.clone())];
+        let refused = o.complete_multipart(&again, "media", "big.bin", &listed, &Condition::Absent, u64::MAX).await;
+        assert!(matches!(refused, Err(ObjectError::PreconditionFailed(_))), "{refused:?}");
+        let records = o.feed().read(start, 10).await.unwrap();
+        let key = Actor::access_key("AKIDEXAMPLE");
+        assert_eq!(
+            records.iter().map(fields).collect::<Vec<_>>(),
+            [(ChangeKind::Multipart, Some(false), "big.bin", Some(m.etag.as_str()), 9, &key)]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cursor_older_than_retention_is_told_it_is_behind() {
+        let f = embedded("feed-behind").await;
+        let o = f.objects.clone().with_feed_retention(Retention { max_records: 2, max_age: Duration::from_secs(3600) });
+        for k in ["1", "2", "3", "4", "5"] {
+            put(&o, k, b"x").await;
+        }
+        // Garbage collection trims what retention no longer keeps.
+        o.collect_garbage(std::time::SystemTime::UNIX_EPOCH).await.unwrap();
+        assert_eq!(o.feed().oldest().await.unwrap(), 4);
+        for cursor in [0, 1, 2] {
+            match o.feed().read(cursor, 10).await {
+                Err(FeedError::Behind { cursor: c, oldest: 4 }) if c == cursor => {}
+                other => panic!("cursor {cursor}: {other:?}"),
+            }
+        }
+        // A cursor just before the oldest record kept missed nothing.
+        let rest = o.feed().read(3, 10).await.unwrap();
+        assert_eq!(rest.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5]);
+        // By age: everything goes; a reader that saw the last record is not behind, others are.
+        let o = o.with_feed_retention(Retention { max_records: 100, max_age: Duration::ZERO });
+        assert_eq!(o.feed().trim().await.unwrap(), 2);
+        assert!(o.feed().read(5, 10).await.unwrap().is_empty());
+        assert!(matches!(o.feed().read(4, 10).await, Err(FeedError::Behind { cursor: 4, oldest: 6 })));
+    }
+}
+
 #[cfg(feature = "s3")]
 mod s3_only {
     use super::*;
@@ -364,6 +563,37 @@ mod s3_only {
         assert!(matches!(e, ObjectError::Service(_)), "{e:?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(60));
     }
+}
+
+/// With an S3 service the feed lives in the state store: a file-backed one keeps the records
+/// and cursors of the handle's writes across a restart.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_backends_feed_survives_a_restart_in_the_state_file() {
+    let dir = Dir::new("s3-feed-restart");
+    let root = dir.0.join("service");
+    std::fs::create_dir_all(root.join("media")).unwrap();
+    let endpoint = service::start(&root).await.unwrap();
+    let open = || async {
+        let settings = pixflow_backends::Store::open(&dir.0.join("state.db")).await.unwrap();
+        let config = service::config(endpoint.clone());
+        let objects = Objects::open_s3(&config, settings.clone(), &dir.0.join("spool")).await.unwrap();
+        (objects, settings)
+    };
+    let (o, settings) = open().await;
+    o.put_bucket("media", &BucketConfig::default()).await.unwrap();
+    let m = put(&o, "a", b"one").await;
+    o.delete("media", "a", &Condition::None).await.unwrap();
+    o.feed().save_cursor("reader", 1).await.unwrap();
+    settings.close().await;
+    let (o, settings) = open().await;
+    let feed = o.feed();
+    assert_eq!((feed.last().await.unwrap(), feed.cursor("reader").await.unwrap()), (2, 1));
+    let all = feed.read(0, 10).await.unwrap();
+    assert_eq!(all[0].etag.as_deref(), Some(m.etag.as_str()));
+    let rest = feed.read(1, 10).await.unwrap();
+    assert_eq!(rest.iter().map(|r| (r.seq, r.kind)).collect::<Vec<_>>(), [(2, ChangeKind::Delete)]);
+    settings.close().await;
 }
 
 /// Only the node's user reads what the stores keep: folders `0700`, files `0600`.

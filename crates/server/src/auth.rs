@@ -59,6 +59,19 @@ pub async fn role(store: &pixflow_backends::Store, headers: &HeaderMap) -> Resul
     role.as_deref().and_then(Role::parse).ok_or_else(Problem::unauthorized)
 }
 
+/// The role of the request's token and who it is for the change feed (its label and id);
+/// 401 without a valid token.
+pub async fn caller(
+    store: &pixflow_backends::Store,
+    headers: &HeaderMap,
+) -> Result<(Role, pixflow_backends::Actor), Problem> {
+    let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
+    let hash = digest(token);
+    let (role, label) = store.token_role_and_label(&hash).await?.ok_or_else(Problem::unauthorized)?;
+    let role = Role::parse(&role).ok_or_else(Problem::unauthorized)?;
+    Ok((role, pixflow_backends::Actor::token(&label, &hex::encode(&hash[..4]))))
+}
+
 /// 401 without a valid token, 403 unless it is an admin token.
 pub async fn admin(store: &pixflow_backends::Store, headers: &HeaderMap) -> Result<(), Problem> {
     match role(store, headers).await? {

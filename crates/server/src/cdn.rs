@@ -533,22 +533,63 @@ pub(crate) async fn sign(
     Ok(Json(json!({"url": url, "signature": signature, "path": path})))
 }
 
-/// Purges the derivatives of every object that changes, for as long as the node runs.
+/// The change feed cursor of [`follow_changes`], saved in the object store.
+pub const PURGE_CURSOR: &str = "cdn-purge";
+/// Change records read at once.
+const PURGE_BATCH: u32 = 512;
+
+/// Purges the derivatives of every object that changes, for as long as the node runs: reads
+/// the object store's change feed from the cursor [`PURGE_CURSOR`], purges each record's
+/// derivatives, saves the cursor after each batch, and waits for the next commit when it has
+/// seen everything. Changes made while the node was down are purged at the next start. A cursor
+/// older than the feed's retention purges the whole edge cache (what it missed is unknown), then
+/// goes on from the oldest record kept.
 pub(crate) async fn follow_changes(app: Arc<App>) {
-    let mut changes = app.objects.changes();
+    let feed = app.objects.feed();
+    let mut cursor = None;
     loop {
-        tokio::select! {
+        let step = async {
+            let after = match cursor {
+                Some(c) => c,
+                None => feed.cursor(PURGE_CURSOR).await?,
+            };
+            cursor = Some(after);
+            match feed.read(after, PURGE_BATCH).await {
+                Ok(batch) if batch.is_empty() => feed.wait(after).await?,
+                Ok(batch) => {
+                    for change in &batch {
+                        app.cdn.cache.purge(&change.bucket, &change.key, false);
+                    }
+                    let last = batch.last().map_or(after, |c| c.seq);
+                    feed.save_cursor(PURGE_CURSOR, last).await?;
+                    cursor = Some(last);
+                }
+                Err(pixflow_backends::FeedError::Behind { cursor: behind, oldest }) => {
+                    let purged = app.cdn.cache.purge_all();
+                    tracing::warn!(
+                        cursor = behind,
+                        oldest,
+                        purged,
+                        "the edge cache's purge cursor is older than the change feed keeps; purged the whole cache"
+                    );
+                    let resume = oldest.saturating_sub(1);
+                    feed.save_cursor(PURGE_CURSOR, resume).await?;
+                    cursor = Some(resume);
+                }
+                Err(e) => return Err(e),
+            }
+            Ok::<(), pixflow_backends::FeedError>(())
+        };
+        let failed = tokio::select! {
             () = app.stopped() => return,
-            change = changes.recv() => match change {
-                Ok(c) => {
-                    app.cdn.cache.purge(&c.bucket, &c.key, false);
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    // Derivatives are keyed by their source's ETag, so nothing stale is served;
-                    // missed purges only leave entries for the LRU to retire.
-                    tracing::warn!(missed = n, "the edge cache missed purges");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            r = step => r.err(),
+        };
+        if let Some(e) = failed {
+            // Derivatives are keyed by their source's ETag, so nothing stale is served meanwhile.
+            tracing::warn!(error = %e, "following the change feed for edge purges; retrying in a second");
+            tokio::select! {
+                () = app.stopped() => return,
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             }
         }
     }

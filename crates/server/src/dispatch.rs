@@ -439,7 +439,7 @@ async fn attempt(
         Ok(out) => match &target {
             None => Ok(inline_result(out.produced)),
             // Stored: the result lists the objects and holds no bytes.
-            Some(t) => match store_results(app, t, source_key.as_deref(), &row.id, storable(&out.produced)).await {
+            Some(t) => match store_results(app, &row.function, t, source_key.as_deref(), &row.id, storable(&out.produced)).await {
                 Ok(objects) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
                 Err(p) => {
                     let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));

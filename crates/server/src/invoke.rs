@@ -401,9 +401,10 @@ pub(crate) struct Stored<'a> {
 }
 
 /// Stores results under the target's keys (all keys distinct, checked before anything is
-/// written) and describes the objects.
+/// written), as writes of `function` (invoked by a client: one hop), and describes the objects.
 pub(crate) async fn store_results(
     app: &App,
+    function: &str,
     target: &pixflow_runtime::OutputTarget,
     source_key: Option<&str>,
     id: &str,
@@ -435,10 +436,10 @@ pub(crate) async fn store_results(
         keys.push(key);
     }
     let public = app.objects.bucket(&target.bucket).await?.is_some_and(|b| b.config.public);
+    let objects = app.objects.by(pixflow_backends::Actor::function(function, 1));
     let mut described = Vec::with_capacity(results.len());
     for (r, key) in results.into_iter().zip(keys) {
-        let meta = app
-            .objects
+        let meta = objects
             .put(&target.bucket, &key, r.content_type, &BTreeMap::new(), &pixflow_backends::Condition::None, r.bytes)
             .await?;
         let mut v = r.meta;
@@ -586,7 +587,8 @@ pub(crate) async fn invoke(
                 return Ok(respond(&f, out, mode));
             }
             let id = auth::invocation_id().map_err(Problem::internal)?;
-            let objects = store_results(&app, &target, source_key.as_deref(), &id, storable(&out.produced)).await?;
+            let stored = storable(&out.produced);
+            let objects = store_results(&app, &f.deployment.name, &target, source_key.as_deref(), &id, stored).await?;
             let timing = format!("queue;dur={:.3}, cpu;dur={:.3}", ms(out.queued), ms(out.cpu));
             let mut resp = Json(json!({
                 "function": f.deployment.name,

@@ -196,7 +196,8 @@ pub(crate) async fn put_object(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    auth::role(&app.store, &headers).await?;
+    let (_, actor) = auth::caller(&app.store, &headers).await?;
+    let objects = app.objects.by(actor);
     pixflow_backends::objects::check_bucket(&bucket)?;
     pixflow_backends::objects::check_key(&key)?;
     let declared_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -222,7 +223,7 @@ pub(crate) async fn put_object(
     // An upload is a request like any other: it takes a slot on the node, and the memory its
     // commit holds (sending to an S3 service buffers up to one PUT or a few parts).
     let mut ticket = app.node.admit(0)?;
-    let mut upload = app.objects.upload(max).await?;
+    let mut upload = objects.upload(max).await?;
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| crate::functions::body_problem(&e))?;
@@ -238,8 +239,8 @@ pub(crate) async fn put_object(
         ));
     }
     let content_type = declared_type.unwrap_or_else(|| sniffed_type(upload.prefix()).to_owned());
-    ticket.grow(app.objects.commit_memory(upload.size()))?;
-    let meta = app.objects.commit(upload, &bucket, &key, &content_type, &metadata, &condition).await?;
+    ticket.grow(objects.commit_memory(upload.size()))?;
+    let meta = objects.commit(upload, &bucket, &key, &content_type, &metadata, &condition).await?;
     drop(ticket);
     let public = app.objects.bucket(&bucket).await?.is_some_and(|b| b.config.public);
     let mut resp = Json(describe_object(&app, &meta, public)).into_response();
@@ -266,9 +267,9 @@ pub(crate) async fn delete_object(
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<StatusCode, Problem> {
-    auth::role(&app.store, &headers).await?;
+    let (_, actor) = auth::caller(&app.store, &headers).await?;
     let condition = write_condition(&headers)?;
     // Deleting what is not there succeeds (S3's behaviour): a retried DELETE stays a success.
-    app.objects.delete(&bucket, &key, &condition).await?;
+    app.objects.by(actor).delete(&bucket, &key, &condition).await?;
     Ok(StatusCode::NO_CONTENT)
 }

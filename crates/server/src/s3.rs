@@ -29,6 +29,17 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The store, recording changes under the request's access key.
+    fn by<T>(&self, req: &S3Request<T>) -> Objects {
+        match &req.credentials {
+            Some(c) => self.objects.by(pixflow_backends::Actor::access_key(&c.access_key)),
+            // Unsigned requests are refused before any operation (`Access`).
+            None => self.objects.clone(),
+        }
+    }
+}
+
 fn s3_err(e: ObjectError) -> S3Error {
     let code = match &e {
         ObjectError::InvalidBucket { .. } => S3ErrorCode::InvalidBucketName,
@@ -211,6 +222,7 @@ impl S3 for Gateway {
     }
 
     async fn put_object(&self, req: S3Request<dto::PutObjectInput>) -> S3Result<S3Response<dto::PutObjectOutput>> {
+        let objects = self.by(&req);
         let input = req.input;
         pixflow_backends::objects::check_bucket(&input.bucket).map_err(s3_err)?;
         pixflow_backends::objects::check_key(&input.key).map_err(s3_err)?;
@@ -221,11 +233,10 @@ impl S3 for Gateway {
         let meta = metadata(input.metadata);
         let declared = input.content_type.as_deref().unwrap_or("application/octet-stream");
         pixflow_backends::objects::check_attributes(declared, &meta).map_err(s3_err)?;
-        let upload = receive(&self.objects, self.max_object_bytes, input.body, input.content_md5.as_deref()).await?;
+        let upload = receive(&objects, self.max_object_bytes, input.body, input.content_md5.as_deref()).await?;
         let content_type =
             input.content_type.unwrap_or_else(|| crate::objects::sniffed_type(upload.prefix()).to_owned());
-        let m = self
-            .objects
+        let m = objects
             .commit(upload, &input.bucket, &input.key, &content_type, &meta, &condition)
             .await
             .map_err(s3_err)?;
@@ -287,9 +298,10 @@ impl S3 for Gateway {
         &self,
         req: S3Request<dto::DeleteObjectInput>,
     ) -> S3Result<S3Response<dto::DeleteObjectOutput>> {
+        let objects = self.by(&req);
         let input = req.input;
         let condition = write_condition(input.if_match.as_ref(), None)?;
-        self.objects.delete(&input.bucket, &input.key, &condition).await.map_err(s3_err)?;
+        objects.delete(&input.bucket, &input.key, &condition).await.map_err(s3_err)?;
         Ok(S3Response::new(dto::DeleteObjectOutput::default()))
     }
 
@@ -297,13 +309,14 @@ impl S3 for Gateway {
         &self,
         req: S3Request<dto::DeleteObjectsInput>,
     ) -> S3Result<S3Response<dto::DeleteObjectsOutput>> {
+        let objects = self.by(&req);
         let input = req.input;
         if input.delete.objects.len() > 1000 {
             return Err(s3_error!(MalformedXML, "at most 1000 keys per request"));
         }
         let (mut deleted, mut errors) = (Vec::new(), Vec::new());
         for o in input.delete.objects {
-            match self.objects.delete(&input.bucket, &o.key, &Condition::None).await {
+            match objects.delete(&input.bucket, &o.key, &Condition::None).await {
                 Ok(_) => deleted.push(dto::DeletedObject { key: Some(o.key), ..Default::default() }),
                 Err(e) => {
                     let e = s3_err(e);
@@ -408,6 +421,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<dto::CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<dto::CompleteMultipartUploadOutput>> {
+        let objects = self.by(&req);
         let input = req.input;
         let parts = input.multipart_upload.and_then(|m| m.parts).unwrap_or_default();
         let mut listed = Vec::with_capacity(parts.len());
@@ -418,8 +432,7 @@ impl S3 for Gateway {
             listed.push((number, etag));
         }
         let condition = write_condition(input.if_match.as_ref(), input.if_none_match.as_ref())?;
-        let m = self
-            .objects
+        let m = objects
             .complete_multipart(&input.upload_id, &input.bucket, &input.key, &listed, &condition, self.max_object_bytes)
             .await
             .map_err(s3_err)?;
@@ -551,6 +564,46 @@ mod tests {
         // Unsigned requests are still refused.
         let (status, body) = get(&service, &"http://127.0.0.1:9000/media/cat.txt".parse().unwrap()).await;
         assert_eq!(status, 403, "{body}");
+        objects.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_are_recorded_under_the_access_key_that_signed_them() {
+        let dir = std::env::temp_dir().join(format!("pixflow-s3-actor-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let objects = Objects::open(&dir).await.unwrap();
+        objects.put_bucket("media", &pixflow_backends::BucketConfig::default()).await.unwrap();
+        let service = service(objects.clone(), 1 << 20, "cms", "0123456789abcdef");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let signer = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint("http://127.0.0.1:9000")
+            .with_allow_http(true)
+            .with_bucket_name("media")
+            .with_region("us-east-1")
+            .with_access_key_id("cms")
+            .with_secret_access_key("0123456789abcdef")
+            .build()
+            .unwrap();
+        let path = object_store::path::Path::from("cat.txt");
+        let target = |url: object_store::signer::Url| format!("{}?{}", url.path(), url.query().unwrap_or_default());
+        let put = signer.signed_url(object_store::signer::Method::PUT, &path, Duration::from_secs(60)).await.unwrap();
+        let (status, body) = send(&service, "PUT", &target(put), &[], b"hello".to_vec()).await;
+        assert_eq!(status, 200, "{body}");
+        let delete =
+            signer.signed_url(object_store::signer::Method::DELETE, &path, Duration::from_secs(60)).await.unwrap();
+        let (status, body) = send(&service, "DELETE", &target(delete), &[], vec![]).await;
+        assert_eq!(status, 204, "{body}");
+        let records = objects.feed().read(0, 10).await.unwrap();
+        let seen: Vec<_> = records.iter().map(|r| (r.kind, r.key.as_str(), &r.actor)).collect();
+        let cms = pixflow_backends::Actor::access_key("cms");
+        assert_eq!(
+            seen,
+            [
+                (pixflow_backends::ChangeKind::Put, "cat.txt", &cms),
+                (pixflow_backends::ChangeKind::Delete, "cat.txt", &cms)
+            ]
+        );
         objects.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1345,6 +1345,18 @@ async fn sign(app: &Arc<App>, ops: &str, bucket: &str, key: &str) -> String {
 const CDN_PRESET: &str = "name: small\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\n\
                           cdn: {auto_format: true, cache_control: 'public, max-age=31536000, immutable'}\n";
 
+/// Waits until the edge's purge follower has handled every change committed so far (it follows
+/// the change feed in a task of its own). A condition, not a time budget: the bound only ends a
+/// broken run.
+async fn purges_caught_up(app: &Arc<App>) {
+    let feed = app.objects.feed();
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while feed.cursor(pixflow_server::cdn::PURGE_CURSOR).await.unwrap() < feed.last().await.unwrap() {
+        assert!(tokio::time::Instant::now() < until, "the purge follower caught up with the change feed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn cdn_presets_negotiate_formats_and_cache_at_the_edge() {
     let app = start(config()).await;
@@ -1352,6 +1364,8 @@ async fn cdn_presets_negotiate_formats_and_cache_at_the_edge() {
     bucket(&app, "private", json!({})).await;
     put_object(&app, "public/objects/cat.png", &[("content-type", "image/png")], png(64, 32)).await;
     put_object(&app, "private/objects/cat.png", &[("content-type", "image/png")], png(64, 32)).await;
+    // The sources' own changes are purged before anything derives from them.
+    purges_caught_up(&app).await;
     deploy(&app, CDN_PRESET).await;
     deploy(&app, THUMB).await;
     let webp = [("accept", "image/webp,*/*")];
@@ -1392,13 +1406,8 @@ async fn cdn_presets_negotiate_formats_and_cache_at_the_edge() {
     let before = app.cdn.cache.stats().entries;
     assert_eq!(before, 3);
     put_object(&app, "public/objects/cat.png", &[("content-type", "image/png")], png(32, 32)).await;
-    // The purge follows the change feed in a task of its own: wait for it (a condition, not a
-    // time budget; the bound only ends a broken run).
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    while app.cdn.cache.stats().entries != 0 {
-        assert!(tokio::time::Instant::now() < until, "derivatives of an overwritten object are purged");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    purges_caught_up(&app).await;
+    assert_eq!(app.cdn.cache.stats().entries, 0, "derivatives of an overwritten object are purged");
     let r = cdn_get(&app, "/cdn/p/small/public/cat.png", &webp).await;
     assert_eq!(r.headers["x-cache"], "MISS");
     assert_eq!(image::load_from_memory(&r.body).unwrap().height(), 16);
@@ -1418,6 +1427,94 @@ async fn cdn_presets_negotiate_formats_and_cache_at_the_edge() {
         .await
         .problem(StatusCode::FORBIDDEN, "forbidden");
     assert_eq!(cdn_get(&app, "/cdn/p/small/public/cat.png", &webp).await.headers["x-cache"], "MISS");
+    app.shutdown().await;
+}
+
+/// The edge follows the change feed from a saved cursor: an overwrite made while the node was
+/// down purges that object's derivatives at the next start, and only those.
+#[tokio::test]
+async fn cdn_purges_at_start_what_changed_while_the_node_was_down() {
+    let c = config();
+    let app = start(c.clone()).await;
+    bucket(&app, "public", json!({"public": true})).await;
+    put_object(&app, "public/objects/cat.png", &[("content-type", "image/png")], png(64, 32)).await;
+    put_object(&app, "public/objects/dog.png", &[("content-type", "image/png")], png(64, 32)).await;
+    deploy(&app, CDN_PRESET).await;
+    purges_caught_up(&app).await;
+    for path in ["/cdn/p/small/public/cat.png", "/cdn/p/small/public/dog.png"] {
+        assert_eq!(cdn_get(&app, path, &[]).await.headers["x-cache"], "MISS");
+    }
+    assert_eq!(app.cdn.cache.stats().entries, 2);
+    app.shutdown().await;
+    drop(app);
+
+    // While no node runs, another writer of the store overwrites one source.
+    let objects = pixflow_backends::Objects::open(&c.data_dir.join("objects")).await.unwrap();
+    let none = std::collections::BTreeMap::new();
+    let condition = pixflow_backends::Condition::None;
+    objects.put("public", "cat.png", "image/png", &none, &condition, &png(32, 32)).await.unwrap();
+    objects.close().await;
+
+    let app = start(c).await;
+    purges_caught_up(&app).await;
+    assert_eq!(app.cdn.cache.stats().entries, 1, "the overwritten object's derivative went, the other stayed");
+    // The state of this node is in memory: the preset is deployed again, the same.
+    deploy(&app, CDN_PRESET).await;
+    assert_eq!(cdn_get(&app, "/cdn/p/small/public/dog.png", &[]).await.headers["x-cache"], "HIT");
+    let cat = cdn_get(&app, "/cdn/p/small/public/cat.png", &[]).await;
+    assert_eq!(cat.headers["x-cache"], "MISS");
+    assert_eq!(image::load_from_memory(&cat.body).unwrap().height(), 16);
+    app.shutdown().await;
+}
+
+/// Who made each object change is in the change feed: a token (label and id), a function storing
+/// its results (synchronously or from the queue), the S3 endpoint's access key (tested there).
+#[tokio::test]
+async fn object_changes_are_recorded_with_who_made_them() {
+    use pixflow_backends::{ActorKind, ChangeKind};
+    let app = start(config()).await;
+    bucket(&app, "media", json!({})).await;
+    let token = invoke_token(&app).await;
+    let put = call(&app, Method::PUT, "/v1/buckets/media/objects/a.png", Some(&token), &[], png(8, 8)).await;
+    assert_eq!(put.status, StatusCode::OK);
+    deploy(&app, THUMB).await;
+    let doc = json!({"input": {"base64": B64.encode(png(32, 32))}, "output": {"bucket": "media", "key": "sync.{ext}"}});
+    assert_eq!(invoke_json(&app, "thumb", doc).await.status, StatusCode::OK);
+    let del = call(&app, Method::DELETE, "/v1/buckets/media/objects/a.png", Some(&token), &[], vec![]).await;
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    let doc =
+        json!({"input": {"base64": B64.encode(png(32, 32))}, "output": {"bucket": "media", "key": "async.{ext}"}});
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/functions/thumb/invoke",
+        Some(ADMIN),
+        &[("content-type", "application/json"), ("prefer", "respond-async")],
+        doc.to_string().into_bytes(),
+    )
+    .await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    wait_for(&app, &id, "succeeded").await;
+    let records = app.objects.feed().read(0, 100).await.unwrap();
+    let seen: Vec<_> = records
+        .iter()
+        .map(|r| (r.kind, r.key.as_str(), r.actor.kind, r.actor.name.split('#').next().unwrap(), r.actor.depth))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (ChangeKind::Put, "a.png", ActorKind::Token, "cms", 0),
+            (ChangeKind::Put, "sync.png", ActorKind::Function, "thumb", 1),
+            (ChangeKind::Delete, "a.png", ActorKind::Token, "cms", 0),
+            (ChangeKind::Put, "async.png", ActorKind::Function, "thumb", 1),
+        ]
+    );
+    // The token's id: the first 8 hex digits of its SHA-256.
+    let digest = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(token.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(records[0].actor.name, format!("cms#{digest}"));
     app.shutdown().await;
 }
 

@@ -15,7 +15,9 @@
 //!
 //! A write streams into `tmp/`, fsyncs, renames into `blobs/`, fsyncs the folder, then swaps
 //! the row with a compare-and-swap on the blob id (so `If-Match` / `If-None-Match: *` hold
-//! under concurrent writers); only then is the replaced blob unlinked. A crash at any point
+//! under concurrent writers), appending its change record ([`crate::feed`]) in the same
+//! statement (an `INSTEAD OF` trigger), so the feed holds a change if and only if the catalogue
+//! does; only then is the replaced blob unlinked. A crash at any point
 //! leaves either the old object or the new one, never a torn one: at the next open `tmp/` is
 //! emptied and blobs no object or multipart part names are collected (with uploads left
 //! incomplete for a week, as S3 lifecycle rules usually abort them). Readers that lose a race with an overwrite
@@ -31,8 +33,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    Bucket, BucketConfig, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, Upload, prefix_end,
+    Bucket, BucketConfig, Cause, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, Upload,
+    prefix_end,
 };
+use crate::feed::{Actor, Feed};
 use crate::files;
 use crate::state::{bucket_rows, now_ms};
 
@@ -52,6 +56,58 @@ const SCHEMA: &[&str] = &[
         size INTEGER NOT NULL, etag TEXT NOT NULL, PRIMARY KEY (upload, number)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS parts_blob ON parts (blob)",
 ];
+
+/// What a statement below aborts with when it changed no row (a concurrent writer won).
+const LOST_RACE: &str = "pixflow: lost race";
+
+/// Catalogue changes with their change records ([`crate::feed`]): an insert into one of these
+/// views runs its `INSTEAD OF` trigger, which changes `objects` and, if a row changed, appends
+/// the record, all in one statement (so in one transaction, and in one round trip to SQLite);
+/// if no row changed it aborts with [`LOST_RACE`], changing nothing. Made again at every open,
+/// so a catalogue always has the current definitions.
+const WRITES: &[&str] = &[
+    "DROP VIEW IF EXISTS object_creates",
+    "DROP VIEW IF EXISTS object_overwrites",
+    "DROP VIEW IF EXISTS object_deletes",
+    "CREATE VIEW object_creates AS SELECT NULL AS blob, NULL AS size, NULL AS etag, NULL AS content_type,
+        NULL AS metadata, NULL AS modified_ms, NULL AS bucket, NULL AS key, NULL AS kind, NULL AS actor_kind,
+        NULL AS actor_name, NULL AS actor_depth WHERE 0",
+    "CREATE TRIGGER object_create INSTEAD OF INSERT ON object_creates BEGIN
+        INSERT INTO objects (blob, size, etag, content_type, metadata, modified_ms, bucket, key)
+            VALUES (NEW.blob, NEW.size, NEW.etag, NEW.content_type, NEW.metadata, NEW.modified_ms, NEW.bucket, NEW.key)
+            ON CONFLICT (bucket, key) DO NOTHING;
+        SELECT RAISE(ABORT, 'pixflow: lost race') WHERE changes() = 0;
+        INSERT INTO changes (kind, replaced, bucket, key, etag, size, time_ms, actor_kind, actor_name, actor_depth)
+            VALUES (NEW.kind, 0, NEW.bucket, NEW.key, NEW.etag, NEW.size, NEW.modified_ms, NEW.actor_kind,
+                    NEW.actor_name, NEW.actor_depth);
+    END",
+    "CREATE VIEW object_overwrites AS SELECT NULL AS blob, NULL AS size, NULL AS etag, NULL AS content_type,
+        NULL AS metadata, NULL AS modified_ms, NULL AS bucket, NULL AS key, NULL AS old_blob, NULL AS kind,
+        NULL AS actor_kind, NULL AS actor_name, NULL AS actor_depth WHERE 0",
+    "CREATE TRIGGER object_overwrite INSTEAD OF INSERT ON object_overwrites BEGIN
+        UPDATE objects SET blob = NEW.blob, size = NEW.size, etag = NEW.etag, content_type = NEW.content_type,
+            metadata = NEW.metadata, modified_ms = NEW.modified_ms
+            WHERE bucket = NEW.bucket AND key = NEW.key AND blob = NEW.old_blob;
+        SELECT RAISE(ABORT, 'pixflow: lost race') WHERE changes() = 0;
+        INSERT INTO changes (kind, replaced, bucket, key, etag, size, time_ms, actor_kind, actor_name, actor_depth)
+            VALUES (NEW.kind, 1, NEW.bucket, NEW.key, NEW.etag, NEW.size, NEW.modified_ms, NEW.actor_kind,
+                    NEW.actor_name, NEW.actor_depth);
+    END",
+    "CREATE VIEW object_deletes AS SELECT NULL AS bucket, NULL AS key, NULL AS blob, NULL AS time_ms,
+        NULL AS actor_kind, NULL AS actor_name, NULL AS actor_depth WHERE 0",
+    "CREATE TRIGGER object_delete INSTEAD OF INSERT ON object_deletes BEGIN
+        DELETE FROM objects WHERE bucket = NEW.bucket AND key = NEW.key AND blob = NEW.blob;
+        SELECT RAISE(ABORT, 'pixflow: lost race') WHERE changes() = 0;
+        INSERT INTO changes (kind, replaced, bucket, key, etag, size, time_ms, actor_kind, actor_name, actor_depth)
+            VALUES ('delete', 1, NEW.bucket, NEW.key, NULL, 0, NEW.time_ms, NEW.actor_kind, NEW.actor_name,
+                    NEW.actor_depth);
+    END",
+];
+
+/// Whether a write through [`WRITES`] changed nothing because another writer came first.
+fn is_lost_race(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.message().contains(LOST_RACE))
+}
 
 const OBJECT_COLUMNS: &str = "bucket, key, blob, size, etag, content_type, metadata, modified_ms";
 
@@ -87,6 +143,8 @@ pub(super) fn is_foreign_key_error(e: &sqlx::Error) -> bool {
 pub(crate) struct Embedded {
     pub(super) db: SqlitePool,
     root: PathBuf,
+    /// The change feed, in the catalogue.
+    pub(super) feed: Feed,
 }
 
 /// A blob made durable, not yet named by any row.
@@ -120,7 +178,11 @@ impl Embedded {
         for statement in SCHEMA {
             sqlx::query(*statement).execute(&db).await?;
         }
-        Ok(Embedded { db, root: root.to_owned() })
+        let feed = Feed::open(&db).await?;
+        for statement in WRITES {
+            sqlx::query(*statement).execute(&db).await?;
+        }
+        Ok(Embedded { db, root: root.to_owned(), feed })
     }
 
     /// Where uploads spool.
@@ -240,6 +302,7 @@ impl Embedded {
     }
 
     /// Makes an upload the object at `bucket`/`key` if `condition` holds, atomically.
+    #[allow(clippy::too_many_arguments, reason = "the arguments of `Objects::commit`, plus what its record says")]
     pub(super) async fn commit(
         &self,
         upload: Upload,
@@ -248,6 +311,7 @@ impl Embedded {
         content_type: &str,
         metadata: &BTreeMap<String, String>,
         condition: &Condition,
+        cause: &Cause<'_>,
     ) -> Result<ObjectMeta> {
         let blob = self.persist(upload).await?;
         let meta = ObjectMeta {
@@ -260,7 +324,7 @@ impl Embedded {
             metadata: metadata.clone(),
             blob: blob.id,
         };
-        match self.swap(&meta, condition).await {
+        match self.swap(&meta, condition, cause).await {
             Ok(replaced) => {
                 if let Some(old) = replaced {
                     remove_blob(&self.blob_path(&old)).await;
@@ -274,8 +338,9 @@ impl Embedded {
         }
     }
 
-    /// Points the row at the new blob if the condition holds; returns the blob it replaced.
-    async fn swap(&self, meta: &ObjectMeta, condition: &Condition) -> Result<Option<String>> {
+    /// Points the row at the new blob if the condition holds, recording the change in the same
+    /// statement; returns the blob it replaced.
+    async fn swap(&self, meta: &ObjectMeta, condition: &Condition, cause: &Cause<'_>) -> Result<Option<String>> {
         let size = i64::try_from(meta.size).unwrap_or(i64::MAX);
         let metadata = encode_metadata(&meta.metadata);
         // Compare-and-swap on the blob id: a writer that lost the race re-reads and re-checks.
@@ -287,46 +352,47 @@ impl Embedded {
                 .await?
                 .map(|r| (r.get::<String, _>("blob"), r.get::<String, _>("etag")));
             condition.check(current.as_ref().map(|(_, e)| e.as_str()))?;
-            // Both statements take the row's values in the same order; the update then names
-            // the blob it replaces.
-            let row = |sql| {
-                sqlx::query(sql)
-                    .bind(&meta.blob)
-                    .bind(size)
-                    .bind(&meta.etag)
-                    .bind(&meta.content_type)
-                    .bind(&metadata)
-                    .bind(meta.modified_ms)
-                    .bind(&meta.bucket)
-                    .bind(&meta.key)
+            // Both views take the row's values in the same order; an overwrite then names the
+            // blob it replaces, and both end with the record's kind and actor.
+            let write = match &current {
+                None => sqlx::query(
+                    "INSERT INTO object_creates (blob, size, etag, content_type, metadata, modified_ms, bucket, key,
+                     kind, actor_kind, actor_name, actor_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ),
+                Some(_) => sqlx::query(
+                    "INSERT INTO object_overwrites (blob, size, etag, content_type, metadata, modified_ms, bucket, key,
+                     old_blob, kind, actor_kind, actor_name, actor_depth)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ),
+            }
+            .bind(&meta.blob)
+            .bind(size)
+            .bind(&meta.etag)
+            .bind(&meta.content_type)
+            .bind(&metadata)
+            .bind(meta.modified_ms)
+            .bind(&meta.bucket)
+            .bind(&meta.key);
+            let write = match &current {
+                None => write,
+                Some((old, _)) => write.bind(old),
             };
-            let done = match &current {
-                None => {
-                    let r =
-                        row("INSERT INTO objects (blob, size, etag, content_type, metadata, modified_ms, bucket, key)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bucket, key) DO NOTHING")
-                        .execute(&self.db)
-                        .await;
-                    match r {
-                        Ok(r) => r.rows_affected() == 1,
-                        Err(e) if is_foreign_key_error(&e) => {
-                            return Err(ObjectError::NoSuchBucket(meta.bucket.clone()));
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Some((old, _)) => row(
-                    "UPDATE objects SET blob = ?, size = ?, etag = ?, content_type = ?, metadata = ?, modified_ms = ?
-                         WHERE bucket = ? AND key = ? AND blob = ?",
-                )
-                .bind(old)
+            let done = write
+                .bind(cause.kind.as_str())
+                .bind(cause.actor.kind.as_str())
+                .bind(&cause.actor.name)
+                .bind(i64::from(cause.actor.depth))
                 .execute(&self.db)
-                .await?
-                .rows_affected()
-                    == 1,
-            };
-            if done {
-                return Ok(current.map(|(blob, _)| blob));
+                .await;
+            match done {
+                Ok(_) => {
+                    self.feed.committed().await;
+                    return Ok(current.map(|(blob, _)| blob));
+                }
+                // Another writer came first: nothing was written; look again.
+                Err(e) if is_lost_race(&e) => continue,
+                Err(e) if is_foreign_key_error(&e) => return Err(ObjectError::NoSuchBucket(meta.bucket.clone())),
+                Err(e) => return Err(e.into()),
             }
         }
         Err(ObjectError::Io(std::io::Error::other("too many concurrent writers of one key")))
@@ -375,8 +441,9 @@ impl Embedded {
         Ok((meta, bytes))
     }
 
-    /// Deletes an object (if `condition` holds); `false` when there was none.
-    pub(super) async fn delete(&self, bucket: &str, key: &str, condition: &Condition) -> Result<bool> {
+    /// Deletes an object (if `condition` holds), recording the change in the same statement;
+    /// `false` when there was none.
+    pub(super) async fn delete(&self, bucket: &str, key: &str, condition: &Condition, actor: &Actor) -> Result<bool> {
         for _ in 0..64 {
             let current = match self.head(bucket, key).await {
                 Ok(m) => Some(m),
@@ -385,15 +452,27 @@ impl Embedded {
             };
             condition.check(current.as_ref().map(|m| m.etag.as_str()))?;
             let Some(current) = current else { return Ok(false) };
-            let r = sqlx::query("DELETE FROM objects WHERE bucket = ? AND key = ? AND blob = ?")
-                .bind(bucket)
-                .bind(key)
-                .bind(&current.blob)
-                .execute(&self.db)
-                .await?;
-            if r.rows_affected() == 1 {
-                remove_blob(&self.blob_path(&current.blob)).await;
-                return Ok(true);
+            let done = sqlx::query(
+                "INSERT INTO object_deletes (bucket, key, blob, time_ms, actor_kind, actor_name, actor_depth)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(bucket)
+            .bind(key)
+            .bind(&current.blob)
+            .bind(now_ms())
+            .bind(actor.kind.as_str())
+            .bind(&actor.name)
+            .bind(i64::from(actor.depth))
+            .execute(&self.db)
+            .await;
+            match done {
+                Ok(_) => {
+                    self.feed.committed().await;
+                    remove_blob(&self.blob_path(&current.blob)).await;
+                    return Ok(true);
+                }
+                Err(e) if is_lost_race(&e) => {}
+                Err(e) => return Err(e.into()),
             }
             // Replaced meanwhile: check the condition against the new object.
         }

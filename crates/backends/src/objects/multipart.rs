@@ -1,7 +1,8 @@
 //! Multipart uploads of the embedded store (S3's CreateMultipartUpload / UploadPart /
 //! CompleteMultipartUpload / AbortMultipartUpload). Each part is a durable blob named by a
 //! `parts` row; completing streams the listed parts, in order, into one new upload and commits
-//! it like any write (so the object appears whole or not at all), then drops the parts. Part
+//! it like any write (so the object appears whole or not at all, with a `multipart` record in
+//! the change feed), then drops the parts. Part
 //! rules are S3's: numbers 1-10000, every part but the last at least 5 MiB, the completion
 //! listing parts in ascending order with their ETags.
 
@@ -230,7 +231,9 @@ impl Objects {
                 joined.write(&buf[..n]).await?;
             }
         }
-        let meta = self.commit(joined, bucket, key, &content_type, &decode_metadata(&metadata), condition).await?;
+        let metadata = decode_metadata(&metadata);
+        let kind = crate::feed::ChangeKind::Multipart;
+        let meta = self.commit_as(joined, bucket, key, &content_type, &metadata, condition, kind).await?;
         self.drop_upload(id).await?;
         Ok(meta)
     }

@@ -6,6 +6,12 @@
 //! atomic as the service makes them) and multipart uploads above it (conditions checked just
 //! before the upload). Reads take the version's ETag and ask for exactly that version
 //! (`If-Match`), so a reader never mixes two versions.
+//!
+//! The change feed ([`crate::feed`]) lives in the state store: a write or delete is recorded
+//! once the service has acknowledged it. There is no transaction spanning both, so a crash
+//! between the acknowledgement and the append (or a failing state store) loses the record; and
+//! changes other clients make to the service's bucket are not seen at all (the service's event
+//! notifications are not ingested).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -24,9 +30,10 @@ use object_store::{
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{
-    Bucket, BucketConfig, ByteStream, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, S3Config,
-    Upload,
+    Bucket, BucketConfig, ByteStream, Cause, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume,
+    S3Config, Upload,
 };
+use crate::feed::{Actor, ChangeKind, Feed, NewChange};
 use crate::state::{Store, now_ms};
 
 /// Uploads up to this size go in one PUT; larger ones in parts.
@@ -46,6 +53,8 @@ pub(crate) struct Service {
     config: S3Config,
     settings: Store,
     clients: Mutex<HashMap<String, Arc<AmazonS3>>>,
+    /// The change feed, in the state store.
+    pub(super) feed: Feed,
 }
 
 /// A multipart upload in progress; dropped unfinished, it is aborted in the background.
@@ -184,10 +193,10 @@ fn written(
 }
 
 impl Service {
-    pub(crate) fn new(config: &S3Config, settings: Store) -> Result<Service> {
+    pub(crate) fn new(config: &S3Config, settings: Store, feed: Feed) -> Result<Service> {
         // One TLS stack for the whole process: rustls over ring (a second call is a no-op).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let service = Service { config: config.clone(), settings, clients: Mutex::new(HashMap::new()) };
+        let service = Service { config: config.clone(), settings, clients: Mutex::new(HashMap::new()), feed };
         // Build one client now so that a bad configuration fails at start, not at first use.
         service.build("pixflow-check")?;
         Ok(service)
@@ -295,7 +304,38 @@ impl Service {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Records a change the service acknowledged. The object is written whatever happens here,
+    /// so a failure to record is logged, not returned (the feed of this backend is best effort).
+    async fn record(&self, change: NewChange<'_>) {
+        if let Err(e) = self.feed.record(&change).await {
+            tracing::error!(
+                error = %e, bucket = change.bucket, key = change.key, kind = change.kind.as_str(),
+                "recording an object change in the change feed; its readers will not see it"
+            );
+        }
+    }
+
+    /// Records a write the service acknowledged. Whether it replaced an object is known only
+    /// when a condition said so.
+    async fn record_write(&self, meta: &ObjectMeta, condition: &Condition, cause: &Cause<'_>) {
+        let replaced = match condition {
+            Condition::None => None,
+            Condition::Absent => Some(false),
+            Condition::Matches(_) => Some(true),
+        };
+        self.record(NewChange {
+            kind: cause.kind,
+            replaced,
+            bucket: &meta.bucket,
+            key: &meta.key,
+            etag: Some(&meta.etag),
+            size: meta.size,
+            actor: cause.actor,
+        })
+        .await;
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "a write's target, attributes, condition, bytes and record")]
     pub(crate) async fn put(
         &self,
         bucket: &str,
@@ -305,6 +345,7 @@ impl Service {
         condition: &Condition,
         bytes: Bytes,
         md5: Option<String>,
+        cause: &Cause<'_>,
     ) -> Result<ObjectMeta> {
         let client = self.registered(bucket).await?;
         let mode = self.mode(&client, bucket, key, condition).await?;
@@ -313,9 +354,12 @@ impl Service {
         let opts = PutOptions { mode, attributes: attributes(content_type, metadata), ..Default::default() };
         let done = client.put_opts(&location(key)?, PutPayload::from(bytes), opts).await;
         let done = done.map_err(|e| object_error(bucket, key, e))?;
-        Ok(written(bucket, key, content_type, metadata, size, done.e_tag.as_deref(), md5))
+        let meta = written(bucket, key, content_type, metadata, size, done.e_tag.as_deref(), md5);
+        self.record_write(&meta, condition, cause).await;
+        Ok(meta)
     }
 
+    #[allow(clippy::too_many_arguments, reason = "the arguments of `Objects::commit`, plus what its record says")]
     pub(crate) async fn commit(
         &self,
         mut upload: Upload,
@@ -324,6 +368,7 @@ impl Service {
         content_type: &str,
         metadata: &BTreeMap<String, String>,
         condition: &Condition,
+        cause: &Cause<'_>,
     ) -> Result<ObjectMeta> {
         let size = upload.size;
         let md5 = upload.md5_hex();
@@ -338,7 +383,9 @@ impl Service {
             if bytes.len() as u64 != size {
                 return Err(short());
             }
-            return self.put(bucket, key, content_type, metadata, condition, Bytes::from(bytes), Some(md5)).await;
+            return self
+                .put(bucket, key, content_type, metadata, condition, Bytes::from(bytes), Some(md5), cause)
+                .await;
         }
         let client = self.registered(bucket).await?;
         // Multipart uploads take no condition: check it just before.
@@ -366,7 +413,9 @@ impl Service {
         }
         let w = writer.0.take().ok_or_else(short)?;
         let done = w.finish().await.map_err(|e| object_error(bucket, key, e))?;
-        Ok(written(bucket, key, content_type, metadata, size, done.e_tag.as_deref(), md5))
+        let meta = written(bucket, key, content_type, metadata, size, done.e_tag.as_deref(), md5);
+        self.record_write(&meta, condition, cause).await;
+        Ok(meta)
     }
 
     /// The ETag of the object at `key`, `None` when there is none (any other failure is one).
@@ -420,7 +469,7 @@ impl Service {
     }
 
     /// Deletes an object; a condition is checked just before (S3 deletes take none).
-    pub(crate) async fn delete(&self, bucket: &str, key: &str, condition: &Condition) -> Result<bool> {
+    pub(crate) async fn delete(&self, bucket: &str, key: &str, condition: &Condition, actor: &Actor) -> Result<bool> {
         let client = self.registered(bucket).await?;
         let current = self.current(&client, bucket, key).await?;
         condition.check(current.as_deref())?;
@@ -428,6 +477,9 @@ impl Service {
             return Ok(false);
         }
         client.delete(&location(key)?).await.map_err(|e| object_error(bucket, key, e))?;
+        let change =
+            NewChange { kind: ChangeKind::Delete, replaced: Some(true), bucket, key, etag: None, size: 0, actor };
+        self.record(change).await;
         Ok(true)
     }
 
