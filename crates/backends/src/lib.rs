@@ -1,25 +1,27 @@
-//! Data I/O adapters. Today: the node's state and embedded durable invocation queue in one
-//! SQLite file ([`state::Store`]); object storage ([`objects::Objects`]: the embedded store, a
-//! SQLite catalogue over write-once blob files, or any S3-compatible service with the `s3`
-//! feature); and the CDN's edge cache ([`edge_cache::EdgeCache`]: memory over disk, LRU). What
-//! they write is readable by the node's user only ([`files`]: folders `0700`, files `0600`). The
-//! NATS JetStream and PostgreSQL adapters join here, each behind a cargo feature; the local
-//! defaults need no external service.
+//! Data I/O adapters. Today: the node's state ([`State`], opened on SQLite or PostgreSQL) as one
+//! handle per concern, the [`Catalogue`], the [`InvocationLog`] and the durable [`Queue`];
+//! object storage ([`objects::Objects`]: the embedded store, a SQLite catalogue over write-once
+//! blob files, or any S3-compatible service with the `s3` feature); and the CDN's edge cache ([`edge_cache::EdgeCache`]: memory over disk, LRU). What
+//! they write is readable by the node's user only ([`files`]: folders `0700`, files `0600`).
+//! PostgreSQL is behind the cargo feature `postgres`, NATS JetStream will join behind its own;
+//! the local defaults need no external service.
 
+pub mod catalogue;
 pub mod edge_cache;
 pub mod files;
+pub mod invocation_log;
 pub mod objects;
 #[cfg(feature = "postgres")]
-pub mod pg;
+mod pg;
 pub mod queue;
 pub mod state;
 
+pub use catalogue::Catalogue;
 pub use edge_cache::{EdgeCache, Entry as CachedEntry};
+pub use invocation_log::{InvocationLog, InvocationRow, NewInvocation, Status};
 pub use objects::{
     Bucket, BucketConfig, Change, Condition, Listed, Listing, ObjectError, ObjectMeta, Objects, Reader, Resume,
     S3Config, Upload,
 };
-#[cfg(feature = "postgres")]
-pub use pg::Postgres;
 pub use queue::{Delivery, Lease, Queue, QueueError, QueueStats};
-pub use state::{InvocationRow, NewInvocation, Status, Store, StoreError};
+pub use state::{State, StateError};

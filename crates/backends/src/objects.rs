@@ -462,7 +462,7 @@ impl Objects {
     /// Connects to an S3-compatible service; bucket settings live in `settings` and uploads
     /// spool under `spool` (emptied first).
     #[cfg(feature = "s3")]
-    pub async fn open_s3(config: &S3Config, settings: crate::state::Store, spool: &Path) -> Result<Objects> {
+    pub async fn open_s3(config: &S3Config, settings: crate::Catalogue, spool: &Path) -> Result<Objects> {
         if spool.exists() {
             std::fs::remove_dir_all(spool)?;
         }

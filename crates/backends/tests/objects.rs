@@ -53,7 +53,7 @@ mod service {
         std::fs::create_dir_all(root.join("media")).unwrap();
         std::fs::create_dir_all(root.join("spare")).unwrap();
         let endpoint = start(&root).await.unwrap();
-        let settings = pixflow_backends::Store::memory().await.unwrap();
+        let settings = pixflow_backends::State::memory().await.unwrap().catalogue();
         let objects = Objects::open_s3(&config(endpoint), settings, &dir.0.join("spool")).await.unwrap();
         objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
         Fixture { objects, spool: dir.0.join("spool"), _dir: dir }
@@ -356,7 +356,7 @@ mod s3_only {
         let reserved = tokio::net::TcpSocket::new_v4().unwrap();
         reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = reserved.local_addr().unwrap().port();
-        let settings = pixflow_backends::Store::memory().await.unwrap();
+        let settings = pixflow_backends::State::memory().await.unwrap().catalogue();
         let cfg = service::config(format!("http://127.0.0.1:{port}"));
         let dead = Objects::open_s3(&cfg, settings, &dir.0.join("spool")).await.unwrap();
         let started = std::time::Instant::now();
@@ -436,7 +436,7 @@ mod private_files {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
         for (data, was) in [(dir.0.join("fresh/data"), None), (open, Some(0o755))] {
             assert_eq!(pixflow_backends::files::private_dir(&data).unwrap(), was);
-            let state = pixflow_backends::Store::open(&data.join("state.db")).await.unwrap();
+            let state = pixflow_backends::State::sqlite(&data.join("state.db")).await.unwrap();
             let objects = Objects::open(&data.join("objects")).await.unwrap();
             objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
             put(&objects, "private/cat.png", b"not for others").await;

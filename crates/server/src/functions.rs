@@ -1,6 +1,6 @@
 //! The management API: list, show, deploy (`PUT` a manifest), remove functions, and create API
 //! tokens. Writes need an admin token; reads need any token. A deploy through the API is
-//! persisted in the state file and comes back after a restart.
+//! persisted in the catalogue and comes back after a restart.
 
 use std::sync::Arc;
 
@@ -97,7 +97,7 @@ pub(crate) fn describe(f: &Function, admin: bool) -> Value {
 }
 
 pub(crate) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<Value>, Problem> {
-    let admin = auth::role(&app.store, &headers).await? == Role::Admin;
+    let admin = auth::role(&app.catalogue, &headers).await? == Role::Admin;
     let functions: Vec<Value> = app.registry.list().iter().map(|f| describe(f, admin)).collect();
     Ok(Json(json!({ "functions": functions })))
 }
@@ -107,7 +107,7 @@ pub(crate) async fn show(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    let role = auth::role(&app.store, &headers).await?;
+    let role = auth::role(&app.catalogue, &headers).await?;
     let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
     // The manifest and a process's command line are for admins: they may hold settings an
     // invoking client has no business reading.
@@ -129,7 +129,7 @@ pub(crate) async fn deploy(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let body = read_body(body, pixflow_runtime::manifest::MAX_MANIFEST_BYTES as u64).await?;
     let text = String::from_utf8(body.to_vec()).map_err(|_| Problem::bad_request("the manifest is not UTF-8 text"))?;
     let deployment = pixflow_runtime::parse(&text).map_err(|invalid| {
@@ -159,7 +159,7 @@ pub(crate) async fn deploy(
         ));
     }
     let version = deployment.version.clone();
-    // Deploys and removals apply one at a time, so the state file ends with what runs.
+    // Deploys and removals apply one at a time, so the catalogue ends with what runs.
     let _serial = app.deploys.lock().await;
     // Process functions deployed through the API run in the data folder.
     let outcome = app.registry.deploy(deployment, text.clone(), &app.config.data_dir).map_err(|e| match e {
@@ -172,7 +172,7 @@ pub(crate) async fn deploy(
         }
     })?;
     if outcome != Deployed::Unchanged {
-        app.store.save_function(&name, &version, &text).await?;
+        app.catalogue.save_function(&name, &version, &text).await?;
     }
     let (status, result) = match &outcome {
         Deployed::Created => (StatusCode::CREATED, "created"),
@@ -194,12 +194,12 @@ pub(crate) async fn remove(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let _serial = app.deploys.lock().await;
     if !app.registry.remove(&name) {
         return Err(not_found(&name));
     }
-    app.store.delete_function(&name).await?;
+    app.catalogue.delete_function(&name).await?;
     tracing::info!(function = %name, "removed");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -218,7 +218,7 @@ pub(crate) async fn create_token(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let body = read_body(body, 4096).await?;
     let req: NewToken = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request(format!("expected {{\"role\", \"label\"}}: {e}")))?;
@@ -228,6 +228,6 @@ pub(crate) async fn create_token(
         return Err(Problem::bad_request("label: at most 200 characters"));
     }
     let token = auth::generate().map_err(Problem::internal)?;
-    app.store.add_token(&auth::digest(&token), role.as_str(), &req.label).await?;
+    app.catalogue.add_token(&auth::digest(&token), role.as_str(), &req.label).await?;
     Ok((StatusCode::CREATED, Json(json!({"token": token, "role": role.as_str(), "label": req.label}))).into_response())
 }

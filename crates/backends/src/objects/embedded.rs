@@ -33,8 +33,9 @@ use tokio::io::AsyncWriteExt;
 use super::{
     Bucket, BucketConfig, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, Upload, prefix_end,
 };
+use crate::catalogue::sqlite::bucket_rows;
 use crate::files;
-use crate::state::{bucket_rows, now_ms};
+use crate::state::now_ms;
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS buckets (
