@@ -1,8 +1,9 @@
 //! Data I/O adapters. Today: the node's state ([`State`], opened on SQLite or PostgreSQL) as one
 //! handle per concern, the [`Catalogue`], the [`InvocationLog`] and the durable [`Queue`];
 //! object storage ([`objects::Objects`]: the embedded store, a SQLite catalogue over write-once
-//! blob files, or any S3-compatible service with the `s3` feature); and the CDN's edge cache ([`edge_cache::EdgeCache`]: memory over disk, LRU). What
-//! they write is readable by the node's user only ([`files`]: folders `0700`, files `0600`).
+//! blob files, or any S3-compatible service with the `s3` feature); and the CDN's edge cache
+//! ([`edge_cache::EdgeCache`]: memory over disk, LRU). What they write is readable by the
+//! node's user only ([`files`]: folders `0700`, files `0600`).
 //! PostgreSQL is behind the cargo feature `postgres`, NATS JetStream will join behind its own;
 //! the local defaults need no external service.
 

@@ -29,8 +29,8 @@ pub struct ServeArgs {
     #[arg(long, env = "PIXFLOW_STATE", default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
     state: String,
     /// The PostgreSQL database of `--state postgres`:
-    /// postgres://user:password@host:5432/database (sslmode and other parameters as libpq takes
-    /// them).
+    /// postgres://user:password@host:5432/database (plain TCP: keep the database on a private
+    /// network).
     #[arg(long, env = "PIXFLOW_STATE_URL", hide_env_values = true, value_name = "URL")]
     state_url: Option<String>,
     /// This node's name among the nodes sharing a state: its queue leases are recorded under it,
@@ -220,7 +220,8 @@ impl ServeArgs {
         if self.state != "postgres" && self.state_url.is_some() {
             refuse(
                 "state-url",
-                "--state-url names a PostgreSQL database: it needs --state postgres (the SQLite state is a file in the data folder)",
+                "--state-url names a PostgreSQL database: it needs --state postgres \
+                 (the SQLite state is a file in the data folder)",
             );
         }
         if let Some(name) = &self.node_name
