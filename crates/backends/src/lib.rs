@@ -17,7 +17,7 @@ mod pg;
 pub mod queue;
 pub mod state;
 
-pub use catalogue::Catalogue;
+pub use catalogue::{Catalogue, Change as CatalogueChange};
 pub use edge_cache::{EdgeCache, Entry as CachedEntry};
 pub use invocation_log::{InvocationLog, InvocationRow, NewInvocation, Status};
 pub use objects::{

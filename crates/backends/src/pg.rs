@@ -33,6 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub(crate) struct Postgres {
     db: PgPool,
+    /// Other nodes' catalogue changes, shared by this state's catalogue handles.
+    feed: Arc<crate::catalogue::postgres::Feed>,
 }
 
 impl Postgres {
@@ -77,11 +79,12 @@ impl Postgres {
         migrator.run(&db).await.map_err(|e| {
             StateError::Unavailable(redact(&format!("bringing the PostgreSQL schema up to date: {e}"), url))
         })?;
-        Ok(Postgres { db })
+        let feed = crate::catalogue::postgres::Feed::start(&db).await?;
+        Ok(Postgres { db, feed })
     }
 
     pub(crate) fn catalogue(&self) -> Catalogue {
-        Catalogue::new(Arc::new(crate::catalogue::postgres::PgCatalogue::new(self.db.clone())))
+        Catalogue::new(Arc::new(crate::catalogue::postgres::PgCatalogue::new(self.db.clone(), self.feed.clone())))
     }
 
     pub(crate) fn invocations(&self) -> InvocationLog {

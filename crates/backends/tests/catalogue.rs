@@ -6,7 +6,9 @@
 
 mod support;
 
-use pixflow_backends::{Bucket, BucketConfig, Catalogue, State};
+use std::time::Duration;
+
+use pixflow_backends::{Bucket, BucketConfig, Catalogue, CatalogueChange, State};
 use support::fresh;
 
 /// Runs `case` with two handles on each backend.
@@ -64,8 +66,11 @@ async fn a_deleted_function_is_gone_for_every_node() {
         a.save_function(&kept, "1", "kept").await.unwrap();
         a.save_function(&gone, "1", "gone").await.unwrap();
         assert_eq!(functions(&b, &p).await.len(), 2);
+        assert_eq!(b.function(&gone).await.unwrap().as_deref(), Some("gone"));
         b.delete_function(&gone).await.unwrap();
-        assert_eq!(functions(&a, &p).await, vec![(kept, "kept".to_owned())]);
+        assert_eq!(functions(&a, &p).await, vec![(kept.clone(), "kept".to_owned())]);
+        assert_eq!(a.function(&gone).await.unwrap(), None);
+        assert_eq!(a.function(&kept).await.unwrap().as_deref(), Some("kept"));
         // Deleting what is not there is no error.
         a.delete_function(&gone).await.unwrap();
     })
@@ -148,6 +153,41 @@ async fn nodes_replacing_the_same_labelled_token_at_once_all_succeed() {
             t.await.unwrap().unwrap();
         }
         assert_eq!(a.token_role(&hash).await.unwrap().as_deref(), Some("admin"));
+    })
+    .await;
+}
+
+/// The next change `changes` announces, or a failure after 10 s.
+async fn next(changes: &mut tokio::sync::broadcast::Receiver<CatalogueChange>) -> CatalogueChange {
+    tokio::time::timeout(Duration::from_secs(10), changes.recv())
+        .await
+        .expect("no change announced within 10 s")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn changes_to_functions_are_announced_to_the_other_nodes() {
+    each(async |a, b, p| {
+        // One node owns a SQLite file: it makes every change itself, and nothing is announced.
+        let (Some(mut seen_by_a), Some(mut seen_by_b)) = (a.changes(), b.changes()) else {
+            assert!(a.changes().is_none() && b.changes().is_none());
+            return;
+        };
+        let (thumb, other) = (format!("{p}-thumb"), format!("{p}-other"));
+        a.save_function(&thumb, "1", "one").await.unwrap();
+        assert_eq!(next(&mut seen_by_b).await, CatalogueChange::Function(thumb.clone()));
+        a.save_function(&thumb, "2", "two").await.unwrap();
+        a.delete_function(&thumb).await.unwrap();
+        // Deleting what is not there announces nothing.
+        a.delete_function(&thumb).await.unwrap();
+        a.save_function(&other, "1", "other").await.unwrap();
+        for expected in [&thumb, &thumb, &other] {
+            assert_eq!(next(&mut seen_by_b).await, CatalogueChange::Function(expected.clone()));
+        }
+        // A node hears only the others: the first change A hears is B's.
+        b.save_function(&other, "2", "other 2").await.unwrap();
+        assert_eq!(next(&mut seen_by_a).await, CatalogueChange::Function(other.clone()));
+        assert!(seen_by_b.try_recv().is_err(), "B heard its own change");
     })
     .await;
 }

@@ -1,6 +1,7 @@
 //! The management API: list, show, deploy (`PUT` a manifest), remove functions, and create API
 //! tokens. Writes need an admin token; reads need any token. A deploy through the API is
-//! persisted in the catalogue and comes back after a restart.
+//! persisted in the catalogue and comes back after a restart; with a catalogue other nodes
+//! share, [`follow_catalogue`] applies their deploys and removals to this node's registry.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
+use pixflow_backends::CatalogueChange;
 use pixflow_runtime::{DeployError, Deployed, Function, Runnable};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -230,4 +232,55 @@ pub(crate) async fn create_token(
     let token = auth::generate().map_err(Problem::internal)?;
     app.catalogue.add_token(&auth::digest(&token), role.as_str(), &req.label).await?;
     Ok((StatusCode::CREATED, Json(json!({"token": token, "role": role.as_str(), "label": req.label}))).into_response())
+}
+
+/// Applies deploys and removals made through other nodes' APIs to this node's registry, as the
+/// catalogue announces them, until the node stops. A lost announcement reloads every function
+/// (removals then wait for the next announcement of that name, or the next start).
+pub(crate) async fn follow_catalogue(app: Arc<App>, mut changes: tokio::sync::broadcast::Receiver<CatalogueChange>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = tokio::select! {
+            () = app.stopped() => return,
+            change = changes.recv() => change,
+        };
+        let _serial = app.deploys.lock().await;
+        match change {
+            Ok(CatalogueChange::Function(name)) => match app.catalogue.function(&name).await {
+                Ok(Some(manifest)) => apply(&app, &name, manifest),
+                Ok(None) => {
+                    if app.registry.remove(&name) {
+                        tracing::info!(function = %name, "removed through another node");
+                    }
+                }
+                Err(e) => tracing::error!(function = %name, error = %e, "reading a function another node changed"),
+            },
+            Ok(CatalogueChange::Missed) | Err(RecvError::Lagged(_)) => match app.catalogue.functions().await {
+                Ok(all) => {
+                    for (name, manifest) in all {
+                        apply(&app, &name, manifest);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reading the functions after missed catalogue changes"),
+            },
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Deploys a manifest from the catalogue to this node's registry (in the data folder, as a
+/// deploy through the API).
+fn apply(app: &App, name: &str, manifest: String) {
+    let deployment = match pixflow_runtime::parse(&manifest) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(function = %name, error = %e, "a stored manifest no longer validates");
+            return;
+        }
+    };
+    match app.registry.deploy(deployment, manifest, &app.config.data_dir) {
+        Ok(Deployed::Unchanged) => {}
+        Ok(outcome) => tracing::info!(function = %name, ?outcome, "deployed through another node"),
+        Err(e) => tracing::warn!(function = %name, error = %e, "a deploy through another node does not apply here"),
+    }
 }

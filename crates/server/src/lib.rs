@@ -308,6 +308,8 @@ impl App {
             workers: std::sync::Mutex::new(Vec::new()),
             config,
         });
+        // Subscribed before loading, so a deploy through another node in between is not missed.
+        let catalogue_changes = app.catalogue.changes();
         app.load_functions().await?;
         // Whatever the last run left running was cut short: run it again now, not after its lease.
         dispatch::reconcile(&app).await.context("taking back queued asynchronous invocations")?;
@@ -315,6 +317,9 @@ impl App {
             (0..app.config.async_workers).map(|_| tokio::spawn(dispatch::worker(app.clone()))).collect();
         workers.push(tokio::spawn(dispatch::retention(app.clone())));
         workers.push(tokio::spawn(cdn::follow_changes(app.clone())));
+        if let Some(changes) = catalogue_changes {
+            workers.push(tokio::spawn(functions::follow_catalogue(app.clone(), changes)));
+        }
         // Blobs a crash left without an object (renamed, never committed) are collected once.
         let (objects, started) = (app.objects.clone(), std::time::SystemTime::now());
         tokio::spawn(async move {

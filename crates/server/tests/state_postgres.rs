@@ -1,5 +1,6 @@
 //! Nodes sharing one PostgreSQL state, end to end through their routers (`Router::oneshot`):
-//! what one node writes (tokens, functions, asynchronous invocations) the other sees and does.
+//! what one node writes (tokens, functions, asynchronous invocations) the other sees and does,
+//! its registry following deploys and removals made through the other.
 //! Runs when `PIXFLOW_TEST_POSTGRES_URL` names a server (`.ci/run` sets it; a configured server
 //! that does not answer fails the test), in a schema made for the test, so other tests, runs
 //! and branches on the same database neither see its rows nor share its migrations.
@@ -85,6 +86,15 @@ async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: still waiting after {secs} s"))
 }
 
+/// Waits until `done` holds, for at most 30 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 struct Reply {
     status: StatusCode,
     body: Vec<u8>,
@@ -164,10 +174,9 @@ async fn nodes_share_tokens_functions_and_asynchronous_work() {
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&deployed.body));
     let listed = b.catalogue.functions().await.unwrap();
     assert!(listed.contains(&(name.clone(), manifest.clone())), "{listed:?}");
-    // B runs it once its registry has it (deployed there too; the catalogue holds it once).
-    let on_b = call(&b, Method::PUT, &uri, Some(ADMIN), &[], manifest.clone().into_bytes()).await;
-    assert!(on_b.status.is_success(), "{}", String::from_utf8_lossy(&on_b.body));
-    assert_eq!(a.catalogue.functions().await.unwrap().iter().filter(|(n, _)| *n == name).count(), 1);
+    // B's registry follows the catalogue, without a restart or a deploy of its own.
+    let version = |app: &Arc<App>| app.registry.get(&name).map(|f| f.deployment.version.clone());
+    eventually("B deploys the function", || version(&b).as_deref() == Some("1")).await;
 
     // Accepted by A, which runs no workers; done by B.
     let invoke = format!("/v1/functions/{name}/invoke");
@@ -194,7 +203,17 @@ async fn nodes_share_tokens_functions_and_asynchronous_work() {
     assert_eq!(b.invocations.get(&id).await.unwrap().unwrap().status, pixflow_backends::Status::Succeeded);
     assert_eq!(a.queue.stats("invocations").await.unwrap().depth, 0);
 
-    // A node's shutdown closes the state under its queue's listener.
+    // A new version and a removal through A reach B's registry too.
+    let manifest = manifest.replace("version: '1'", "version: '2'");
+    let updated = call(&a, Method::PUT, &uri, Some(ADMIN), &[], manifest.into_bytes()).await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", String::from_utf8_lossy(&updated.body));
+    eventually("B updates the function", || version(&b).as_deref() == Some("2")).await;
+    assert_eq!(call(&a, Method::DELETE, &uri, Some(ADMIN), &[], vec![]).await.status, StatusCode::NO_CONTENT);
+    eventually("B removes the function", || version(&b).is_none()).await;
+    let gone = call(&b, Method::POST, &invoke, None, &[], png(8, 8)).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+
+    // A node's shutdown closes the state under its queue's and catalogue's listeners.
     within(60, "node A's shutdown", a.shutdown()).await;
     within(60, "node B's shutdown", b.shutdown()).await;
     schema.drop().await;

@@ -7,10 +7,14 @@
 //! The contract every backend keeps (the behaviour suite in `tests/catalogue.rs` runs against
 //! each): a write is committed when it returns and seen by every handle on the same store, the
 //! handle of another node included; names are compared byte for byte and listed in byte order.
+//! A backend other nodes write to also announces their changes to functions
+//! ([`Catalogue::changes`]: PostgreSQL by LISTEN/NOTIFY), so a node can keep its registry in
+//! step without a restart; SQLite has one node, which makes every change itself.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
 use crate::objects::{Bucket, BucketConfig};
 use crate::state::Result;
@@ -19,12 +23,26 @@ use crate::state::Result;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 
+/// A change another node made to the catalogue (see [`Catalogue::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The function of this name was saved or deleted: read it again.
+    Function(String),
+    /// Announcements may have been lost (a connection dropped): read every function again.
+    Missed,
+}
+
 /// What a backend does; [`Catalogue`] documents each operation.
 #[async_trait]
 pub(crate) trait Backend: Send + Sync {
     async fn save_function(&self, name: &str, version: &str, manifest: &str) -> Result<()>;
     async fn delete_function(&self, name: &str) -> Result<()>;
     async fn functions(&self) -> Result<Vec<(String, String)>>;
+    async fn function(&self, name: &str) -> Result<Option<String>>;
+    /// Announcements of other nodes' changes; `None` when no other node writes.
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        None
+    }
     async fn save_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool>;
     async fn buckets(&self, name: Option<&str>) -> Result<Vec<Bucket>>;
     async fn delete_bucket(&self, name: &str) -> Result<bool>;
@@ -66,6 +84,18 @@ impl Catalogue {
     /// `(name, manifest)` of every function deployed through the API, by name.
     pub async fn functions(&self) -> Result<Vec<(String, String)>> {
         self.backend.functions().await
+    }
+
+    /// The manifest of the function deployed through the API under `name`, if there is one.
+    pub async fn function(&self, name: &str) -> Result<Option<String>> {
+        self.backend.function(name).await
+    }
+
+    /// Changes to functions that other nodes make from now on, for as long as the receiver
+    /// lives (not this node's own). `None`: no other node writes to this catalogue (SQLite).
+    /// Subscribe before reading the functions, so that no change falls between the two.
+    pub fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        self.backend.changes()
     }
 
     // ---- settings of the buckets of an S3 service ----

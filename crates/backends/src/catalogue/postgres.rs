@@ -1,12 +1,22 @@
 //! The catalogue in PostgreSQL, shared by every node on the same database. Upserts are single
 //! statements (`ON CONFLICT ... DO UPDATE`), so nodes writing the same name at once end with
 //! one of their writes, never an error; names sort byte-wise (`COLLATE "C"`), as in SQLite.
+//!
+//! A write to a function sends `NOTIFY pixflow_catalogue` with the writer's origin (one per
+//! opened state) and the function's name, in the same statement, so it goes out with the
+//! commit and only when a row changed. Each opened state listens ([`Feed`]) and hands the
+//! names other origins wrote to its subscribers; a listener that lost its connection tells
+//! them [`Change::Missed`], since what was notified meanwhile is gone.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgListener, PgPool};
+use tokio::sync::broadcast;
 
-use super::Backend;
+use super::{Backend, Change};
 use crate::objects::{Bucket, BucketConfig};
 use crate::state::{Result, now_ms};
 
@@ -24,13 +34,70 @@ pub(crate) const MIGRATION: &str = r#"
         created_ms BIGINT NOT NULL);
 "#;
 
+/// The channel catalogue writes notify; the payload is `<origin> <function name>`.
+const CHANNEL: &str = "pixflow_catalogue";
+
+/// Announcements of other nodes' changes, for one opened state: its origin and its listener.
+pub(crate) struct Feed {
+    origin: String,
+    sender: broadcast::Sender<Change>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl Feed {
+    /// Starts listening before returning, so no change committed after this is missed.
+    pub(crate) async fn start(db: &PgPool) -> Result<Arc<Feed>> {
+        let mut bytes = [0u8; 12];
+        getrandom::fill(&mut bytes).map_err(|e| crate::state::StateError::Unavailable(e.to_string()))?;
+        let origin = hex::encode(bytes);
+        let mut listener = PgListener::connect_with(db).await?;
+        listener.listen(CHANNEL).await?;
+        let (sender, _) = broadcast::channel(256);
+        let listener = tokio::spawn(listen(listener, origin.clone(), sender.clone()));
+        Ok(Arc::new(Feed { origin, sender, listener }))
+    }
+}
+
+async fn listen(mut listener: PgListener, origin: String, sender: broadcast::Sender<Change>) {
+    loop {
+        // Sends fail only when nobody subscribes, which is nothing to report.
+        match listener.try_recv().await {
+            Ok(Some(n)) => {
+                if let Some((from, name)) = n.payload().split_once(' ')
+                    && from != origin
+                {
+                    let _ = sender.send(Change::Function(name.to_owned()));
+                }
+            }
+            // The connection dropped (it reconnects at the next call).
+            Ok(None) => {
+                let _ = sender.send(Change::Missed);
+            }
+            // The state is closing: give the connection back.
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "catalogue notifications from PostgreSQL");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = sender.send(Change::Missed);
+            }
+        }
+    }
+}
+
 pub(crate) struct PgCatalogue {
     db: PgPool,
+    feed: Arc<Feed>,
 }
 
 impl PgCatalogue {
-    pub(crate) fn new(db: PgPool) -> PgCatalogue {
-        PgCatalogue { db }
+    pub(crate) fn new(db: PgPool, feed: Arc<Feed>) -> PgCatalogue {
+        PgCatalogue { db, feed }
     }
 }
 
@@ -42,22 +109,45 @@ const UPSERT_TOKEN: &str = "INSERT INTO tokens (hash, role, label, created_ms) V
 impl Backend for PgCatalogue {
     async fn save_function(&self, name: &str, version: &str, manifest: &str) -> Result<()> {
         sqlx::query(
-            "INSERT INTO functions (name, version, manifest, updated_ms) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, manifest = EXCLUDED.manifest,
-             updated_ms = EXCLUDED.updated_ms",
+            "WITH saved AS (
+                 INSERT INTO functions (name, version, manifest, updated_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, manifest = EXCLUDED.manifest,
+                 updated_ms = EXCLUDED.updated_ms
+                 RETURNING name)
+             SELECT pg_notify($5, concat($6::TEXT, ' ', name)) FROM saved",
         )
         .bind(name)
         .bind(version)
         .bind(manifest)
         .bind(now_ms())
+        .bind(CHANNEL)
+        .bind(&self.feed.origin)
         .execute(&self.db)
         .await?;
         Ok(())
     }
 
     async fn delete_function(&self, name: &str) -> Result<()> {
-        sqlx::query("DELETE FROM functions WHERE name = $1").bind(name).execute(&self.db).await?;
+        sqlx::query(
+            "WITH gone AS (DELETE FROM functions WHERE name = $1 RETURNING name)
+             SELECT pg_notify($2, concat($3::TEXT, ' ', name)) FROM gone",
+        )
+        .bind(name)
+        .bind(CHANNEL)
+        .bind(&self.feed.origin)
+        .execute(&self.db)
+        .await?;
         Ok(())
+    }
+
+    async fn function(&self, name: &str) -> Result<Option<String>> {
+        let r =
+            sqlx::query("SELECT manifest FROM functions WHERE name = $1").bind(name).fetch_optional(&self.db).await?;
+        Ok(r.map(|r| r.get("manifest")))
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        Some(self.feed.sender.subscribe())
     }
 
     async fn functions(&self) -> Result<Vec<(String, String)>> {

@@ -99,6 +99,12 @@ impl Backend for SqliteCatalogue {
         Ok(rows.iter().map(|r| (r.get("name"), r.get("manifest"))).collect())
     }
 
+    async fn function(&self, name: &str) -> Result<Option<String>> {
+        let r =
+            sqlx::query("SELECT manifest FROM functions WHERE name = ?").bind(name).fetch_optional(&self.db).await?;
+        Ok(r.map(|r| r.get("manifest")))
+    }
+
     async fn save_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool> {
         Ok(bucket_rows::save(&self.db, name, config).await?)
     }
