@@ -217,4 +217,7 @@ async fn nodes_share_tokens_functions_and_asynchronous_work() {
     within(60, "node A's shutdown", a.shutdown()).await;
     within(60, "node B's shutdown", b.shutdown()).await;
     schema.drop().await;
+    for app in [a, b] {
+        std::fs::remove_dir_all(&app.config.data_dir).unwrap();
+    }
 }
