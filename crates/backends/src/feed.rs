@@ -295,6 +295,21 @@ impl Feed {
         }
     }
 
+    /// The feed in a SQLite file of its own at `path` (the S3 backend's: the node's own writes),
+    /// with synchronous commits, readable by the node's user only.
+    #[cfg(feature = "s3")]
+    pub(crate) async fn open_file(path: &std::path::Path) -> sqlx::Result<Feed> {
+        crate::files::prepare_database(path).map_err(sqlx::Error::Io)?;
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let db = sqlx::sqlite::SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        Feed::open(&db).await
+    }
+
     /// Appends a record in one statement of its own (a change that happened elsewhere: an S3
     /// service acknowledged it) and wakes the waiters.
     #[cfg(feature = "s3")]

@@ -467,12 +467,14 @@ impl Objects {
     /// Connects to an S3-compatible service; bucket settings live in `settings` and uploads
     /// spool under `spool` (emptied first).
     #[cfg(feature = "s3")]
-    pub async fn open_s3(config: &S3Config, settings: crate::state::Store, spool: &Path) -> Result<Objects> {
+    pub async fn open_s3(config: &S3Config, settings: crate::Catalogue, spool: &Path) -> Result<Objects> {
         if spool.exists() {
             std::fs::remove_dir_all(spool)?;
         }
         crate::files::create_dir_all(spool)?;
-        let feed = Feed::open(settings.pool()).await?;
+        // The feed of this node's writes, in a file of its own beside the spool: the state may
+        // be a shared database, and these records are the node's (decision 016).
+        let feed = Feed::open_file(&spool.with_file_name("feed.db")).await?;
         let service = s3::Service::new(config, settings, feed)?;
         Ok(Objects::with(Backend::Service(service), spool.to_owned()))
     }

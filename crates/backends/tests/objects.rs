@@ -57,7 +57,7 @@ mod service {
         std::fs::create_dir_all(root.join("media")).unwrap();
         std::fs::create_dir_all(root.join("spare")).unwrap();
         let endpoint = start(&root).await.unwrap();
-        let settings = pixflow_backends::Store::memory().await.unwrap();
+        let settings = pixflow_backends::State::memory().await.unwrap().catalogue();
         let objects = Objects::open_s3(&config(endpoint), settings, &dir.0.join("spool")).await.unwrap();
         objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
         Fixture { objects, spool: dir.0.join("spool"), _dir: dir }
@@ -555,7 +555,7 @@ mod s3_only {
         let reserved = tokio::net::TcpSocket::new_v4().unwrap();
         reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = reserved.local_addr().unwrap().port();
-        let settings = pixflow_backends::Store::memory().await.unwrap();
+        let settings = pixflow_backends::State::memory().await.unwrap().catalogue();
         let cfg = service::config(format!("http://127.0.0.1:{port}"));
         let dead = Objects::open_s3(&cfg, settings, &dir.0.join("spool")).await.unwrap();
         let started = std::time::Instant::now();
@@ -565,19 +565,19 @@ mod s3_only {
     }
 }
 
-/// With an S3 service the feed lives in the state store: a file-backed one keeps the records
-/// and cursors of the handle's writes across a restart.
+/// With an S3 service the feed of the node's writes lives in a file of its own beside the spool:
+/// it keeps the records and cursors of the handle's writes across a restart.
 #[cfg(feature = "s3")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_s3_backends_feed_survives_a_restart_in_the_state_file() {
+async fn an_s3_backends_feed_survives_a_restart() {
     let dir = Dir::new("s3-feed-restart");
     let root = dir.0.join("service");
     std::fs::create_dir_all(root.join("media")).unwrap();
     let endpoint = service::start(&root).await.unwrap();
     let open = || async {
-        let settings = pixflow_backends::Store::open(&dir.0.join("state.db")).await.unwrap();
+        let settings = pixflow_backends::State::sqlite(&dir.0.join("state.db")).await.unwrap();
         let config = service::config(endpoint.clone());
-        let objects = Objects::open_s3(&config, settings.clone(), &dir.0.join("spool")).await.unwrap();
+        let objects = Objects::open_s3(&config, settings.catalogue(), &dir.0.join("spool")).await.unwrap();
         (objects, settings)
     };
     let (o, settings) = open().await;
@@ -666,7 +666,7 @@ mod private_files {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
         for (data, was) in [(dir.0.join("fresh/data"), None), (open, Some(0o755))] {
             assert_eq!(pixflow_backends::files::private_dir(&data).unwrap(), was);
-            let state = pixflow_backends::Store::open(&data.join("state.db")).await.unwrap();
+            let state = pixflow_backends::State::sqlite(&data.join("state.db")).await.unwrap();
             let objects = Objects::open(&data.join("objects")).await.unwrap();
             objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
             put(&objects, "private/cat.png", b"not for others").await;

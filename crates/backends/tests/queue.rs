@@ -1,50 +1,40 @@
 //! The queue contract, run against every backend: SQLite always; PostgreSQL when
-//! `PIXFLOW_TEST_POSTGRES_URL` names a server, NATS JetStream when `PIXFLOW_TEST_NATS_URL` does
-//! (`.ci/run` sets both; a configured server that does not answer fails the suite). Each case
-//! gets two handles, "nodes": two handles on one state file for SQLite, two connection pools
-//! for PostgreSQL, two connections for JetStream (whose leases last its `AckWait`, 2 s here).
+//! `PIXFLOW_TEST_POSTGRES_URL` names a server (each case in a schema of its own), NATS JetStream
+//! when `PIXFLOW_TEST_NATS_URL` does (`.ci/run` sets both; a configured server that does not
+//! answer fails the suite). Each case gets two handles, "nodes": two handles on one state for
+//! SQLite, two connection pools for PostgreSQL, two connections for JetStream (whose leases
+//! last its `AckWait`, 2 s here).
+
+mod support;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use pixflow_backends::state::now_ms;
-use pixflow_backends::{Queue, QueueError, Store};
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A queue name no other case (or run) uses.
-fn fresh(prefix: &str) -> String {
-    format!("{prefix}-{}-{}-{}", std::process::id(), now_ms() % 1_000_000, NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// The service the variable names, or a note that its backend is skipped.
-fn service(var: &str, example: &str) -> Option<String> {
-    let url = std::env::var(var).ok().filter(|u| !u.is_empty());
-    if url.is_none() {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "note: skipped a queue backend (set {var}={example})");
-    }
-    url
-}
+use pixflow_backends::{Queue, QueueError, State};
+use support::fresh;
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(Queue, Queue, String)) {
-    let store = Store::memory().await.unwrap();
-    case(store.queue(), store.queue(), fresh("sqlite")).await;
-    if let Some(url) = service("PIXFLOW_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test") {
-        let a = pixflow_backends::Postgres::open(&url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
-        let b = pixflow_backends::Postgres::open(&url).await.unwrap();
+    let state = State::memory().await.unwrap();
+    case(state.queue("local").await.unwrap(), state.queue("local").await.unwrap(), fresh("sqlite")).await;
+    if let Some(server) = support::postgres_url("queue") {
+        let schema = support::Schema::create(&server).await;
+        let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+        let b = State::postgres(&schema.url).await.unwrap();
         let (qa, qb) = (a.queue(&fresh("node-a")).await.unwrap(), b.queue(&fresh("node-b")).await.unwrap());
         let q = fresh("pg");
         case(qa.clone(), qb, q.clone()).await;
         qa.remove(&q).await.unwrap();
         a.close().await;
         b.close().await;
+        schema.drop().await;
     }
-    if let Some(url) = service("PIXFLOW_TEST_NATS_URL", "nats://127.0.0.1:4222") {
+    if let Some(url) = support::service("PIXFLOW_TEST_NATS_URL", "nats://127.0.0.1:4222") {
         let options = pixflow_backends::queue::NatsOptions { ack_wait: Duration::from_secs(2), ..Default::default() };
-        let qa = Queue::nats(&url, options.clone(), &fresh("node-a")).await.expect("PIXFLOW_TEST_NATS_URL is set but unreachable");
+        let qa = Queue::nats(&url, options.clone(), &fresh("node-a"))
+            .await
+            .expect("PIXFLOW_TEST_NATS_URL is set but unreachable");
         let qb = Queue::nats(&url, options, &fresh("node-b")).await.unwrap();
         let q = fresh("nats");
         case(qa.clone(), qb, q.clone()).await;
@@ -260,20 +250,37 @@ async fn a_state_file_keeps_the_queue_across_a_restart() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("state.db");
     {
-        let s = Store::open(&path).await.unwrap();
-        let q = s.queue();
+        let s = State::sqlite(&path).await.unwrap();
+        let q = s.queue("local").await.unwrap();
         q.enqueue("invocations", "a", b"1", Duration::ZERO).await.unwrap();
         q.enqueue("invocations", "b", b"2", Duration::ZERO).await.unwrap();
         // Stopped while running `a`, its lease far from over.
         q.claim("invocations", Duration::from_secs(3600)).await.unwrap().unwrap();
         s.close().await;
     }
-    let s = Store::open(&path).await.unwrap();
-    let q = s.queue();
+    let s = State::sqlite(&path).await.unwrap();
+    let q = s.queue("local").await.unwrap();
     assert_eq!(q.release_held().await.unwrap(), 1);
     let a = q.claim("invocations", MINUTE).await.unwrap().unwrap();
     assert_eq!((a.id.as_str(), a.attempt, a.payload.as_slice()), ("a", 2, &b"1"[..]));
     assert_eq!(q.claim("invocations", MINUTE).await.unwrap().unwrap().id, "b");
     s.close().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn closing_the_state_does_not_wait_for_an_open_queue() {
+    let state = State::memory().await.unwrap();
+    let queue = state.queue("local").await.unwrap();
+    within(10, "closing SQLite", state.close()).await;
+    drop(queue);
+    if let Some(server) = support::postgres_url("queue") {
+        let schema = support::Schema::create(&server).await;
+        let state = State::postgres(&schema.url).await.unwrap();
+        // Its listener holds a connection while it waits for notifications.
+        let queue = state.queue(&fresh("node")).await.unwrap();
+        within(10, "closing PostgreSQL", state.close()).await;
+        drop(queue);
+        schema.drop().await;
+    }
 }

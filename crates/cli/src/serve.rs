@@ -1,6 +1,7 @@
 //! `pixflow serve`: one node on embedded defaults (state and queue in a SQLite file, objects in
-//! the embedded store, both in the data folder), functions from a folder and the API, until
-//! SIGINT/SIGTERM.
+//! the embedded store, both in the data folder) or one of many sharing PostgreSQL (`--state
+//! postgres`) and an S3 service (`--objects-backend s3`), functions from a folder and the API,
+//! until SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,9 +19,25 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "PIXFLOW_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Folder for the node's state (SQLite) and its generated admin token.
+    /// Folder for the node's state (SQLite), its generated admin token and, by default, the
+    /// embedded object store and the edge cache.
     #[arg(long, env = "PIXFLOW_DATA_DIR", default_value = "pixflow-data")]
     data_dir: PathBuf,
+    /// Where the node's state lives (functions deployed through the API, tokens, bucket
+    /// settings, asynchronous invocations and their queue): `sqlite` (a file in the data
+    /// folder, one node) or `postgres` (one database every node shares; needs --state-url).
+    #[arg(long, env = "PIXFLOW_STATE", default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    state: String,
+    /// The PostgreSQL database of `--state postgres`:
+    /// postgres://user:password@host:5432/database (plain TCP: keep the database on a private
+    /// network).
+    #[arg(long, env = "PIXFLOW_STATE_URL", hide_env_values = true, value_name = "URL")]
+    state_url: Option<String>,
+    /// This node's name among the nodes sharing a state: its queue leases are recorded under it,
+    /// so its next start takes back at once what it held. Keep it stable across restarts and
+    /// different on every node (default: the host name).
+    #[arg(long, env = "PIXFLOW_NODE_NAME")]
+    node_name: Option<String>,
     /// Folder of function manifests deployed at start (GitOps style).
     #[arg(long, env = "PIXFLOW_FUNCTIONS")]
     functions: Option<PathBuf>,
@@ -197,6 +214,21 @@ impl ServeArgs {
         if self.s3_secret_key.as_ref().is_some_and(|secret| secret.len() < 16) {
             refuse("s3-secret-key", "--s3-secret-key: use at least 16 characters");
         }
+        if self.state == "postgres" && self.state_url.is_none() {
+            refuse("state", "--state postgres needs --state-url (postgres://user:password@host:5432/database)");
+        }
+        if self.state != "postgres" && self.state_url.is_some() {
+            refuse(
+                "state-url",
+                "--state-url names a PostgreSQL database: it needs --state postgres \
+                 (the SQLite state is a file in the data folder)",
+            );
+        }
+        if let Some(name) = &self.node_name
+            && (name.is_empty() || name.len() > 200 || !name.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            refuse("node-name", "--node-name: use 1 to 200 visible ASCII characters (no spaces)");
+        }
         if !self.cdn_inline_active.is_empty() && self.cdn_listen.is_none() {
             refuse(
                 "cdn-inline-active",
@@ -227,6 +259,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
 async fn serve(args: ServeArgs) -> Result<()> {
     let mut config = pixflow_server::Config::new(&args.data_dir);
     config.functions_dir = args.functions;
+    if let Some(url) = args.state_url.clone().filter(|_| args.state == "postgres") {
+        config.state = pixflow_server::StateBackend::Postgres { url };
+    }
+    if let Some(name) = args.node_name {
+        config.node_name = name;
+    }
     if let Some(n) = args.cpus {
         config.node.cpus = n.max(1);
         config.async_workers = n.max(1);
@@ -279,7 +317,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.s3_secret_key = args.s3_secret_key;
     config.public_url = args.public_url.unwrap_or_else(|| format!("http://{}", args.listen));
     let foreign: Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync> = Arc::new(crate::ffmpeg::Ffmpeg::new());
-    let started = pixflow_server::App::start(config, Some(foreign)).await?;
+    let started = pixflow_server::App::start(config, Some(foreign)).await.map_err(name_the_state_setting)?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -287,11 +325,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(token) = &started.new_admin_token {
         eprintln!("admin token (shown once; also in {}): {token}", args.data_dir.join("admin-token").display());
     }
-    eprintln!(
-        "pixflow serving on http://{addr} ({} functions; state in {})",
-        started.app.registry.list().len(),
-        args.data_dir.display()
-    );
+    let state = match args.state.as_str() {
+        "postgres" => format!("state in PostgreSQL, as node {}", started.app.config.node_name),
+        _ => format!("state in {}", args.data_dir.display()),
+    };
+    eprintln!("pixflow serving on http://{addr} ({} functions; {state})", started.app.registry.list().len());
     let s3 = match args.s3_listen {
         Some(at) => {
             let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
@@ -316,6 +354,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         s3.await.context("the S3 endpoint")??;
     }
     Ok(())
+}
+
+/// A state store that cannot be opened for its address, as one line naming the setting:
+/// `--state-url: cannot connect to PostgreSQL at 127.0.0.1:5999: connection refused` (the
+/// messages never hold the URL's password).
+fn name_the_state_setting(e: anyhow::Error) -> anyhow::Error {
+    use pixflow_server::StateError;
+    match e.downcast_ref::<StateError>() {
+        Some(state @ (StateError::Connect { .. } | StateError::InvalidUrl(_))) => {
+            anyhow::anyhow!("--state-url: {state}")
+        }
+        Some(state @ StateError::Unsupported(_)) => anyhow::anyhow!("--state: {state}"),
+        _ => e,
+    }
 }
 
 /// Resolves at SIGINT or SIGTERM. The handlers are installed when this is called, not when the

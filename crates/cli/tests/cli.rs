@@ -636,6 +636,38 @@ fn serve_refuses_contradicting_storage_options_before_starting() {
     std::fs::write(dir.join("ca.pem"), "not a certificate").unwrap();
     let ca = run(&["--url-ca", "ca.pem"]);
     assert!(ca.contains("--url-ca ca.pem"), "{ca}");
+    let no_url = run(&["--state", "postgres"]);
+    assert!(no_url.contains("--state postgres needs --state-url"), "{no_url}");
+    let stray = run(&["--state-url", "postgres://db.internal/pixflow"]);
+    assert!(stray.contains("--state-url names a PostgreSQL database: it needs --state postgres"), "{stray}");
+}
+
+#[test]
+fn a_state_url_that_does_not_answer_stops_the_start_in_one_line() {
+    let dir = temp_dir("serve-state-url");
+    // A port bound without listening: connections to it are refused, and no one else takes it.
+    let dead = tokio::net::TcpSocket::new_v4().unwrap();
+    dead.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = dead.local_addr().unwrap().port();
+    let base = ["serve", "--listen", "127.0.0.1:0", "--data-dir", "data", "--state", "postgres", "--state-url"];
+    let run = |url: &str| {
+        let out = pixflow(&[&base[..], &[url]].concat(), &dir);
+        assert!(!out.status.success(), "{url} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let refused = run(&format!("postgres://pixflow:hunter2-sekrit@127.0.0.1:{port}/pixflow"));
+    assert_eq!(
+        refused,
+        format!("pixflow: error: --state-url: cannot connect to PostgreSQL at 127.0.0.1:{port}: connection refused\n")
+    );
+    let wrong = run("mysql://root:hunter2-sekrit@127.0.0.1/pixflow");
+    assert_eq!(wrong.lines().count(), 1, "{wrong}");
+    assert!(wrong.starts_with("pixflow: error: --state-url: not a PostgreSQL URL"), "{wrong}");
+    let port = run("postgres://root:hunter2-sekrit@127.0.0.1:port/pixflow");
+    assert_eq!(port.lines().count(), 1, "{port}");
+    assert!(port.starts_with("pixflow: error: --state-url: not a valid PostgreSQL URL"), "{port}");
+    assert!(!format!("{refused}{wrong}{port}").contains("sekrit"));
+    drop(dead);
 }
 
 /// A process function that answers with the secrets it was given, and starts a helper of its

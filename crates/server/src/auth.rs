@@ -1,5 +1,5 @@
 //! API tokens. A token is `pfx_` + 32 random bytes (base64url); only its SHA-256 is stored, so
-//! the state file does not hold usable secrets. Roles: `admin` (everything: deploy, delete,
+//! the catalogue does not hold usable secrets. Roles: `admin` (everything: deploy, delete,
 //! tokens, dead letters) and `invoke` (invoke token-protected functions, read the function
 //! list). Lookups compare digests of the presented token, so their timing says nothing useful
 //! about a stored token.
@@ -53,28 +53,28 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The role of the request's token; 401 without a valid one.
-pub async fn role(store: &pixflow_backends::Store, headers: &HeaderMap) -> Result<Role, Problem> {
+pub async fn role(catalogue: &pixflow_backends::Catalogue, headers: &HeaderMap) -> Result<Role, Problem> {
     let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
-    let role = store.token_role(&digest(token)).await?;
+    let role = catalogue.token_role(&digest(token)).await?;
     role.as_deref().and_then(Role::parse).ok_or_else(Problem::unauthorized)
 }
 
 /// The role of the request's token and who it is for the change feed (its label and id);
 /// 401 without a valid token.
 pub async fn caller(
-    store: &pixflow_backends::Store,
+    catalogue: &pixflow_backends::Catalogue,
     headers: &HeaderMap,
 ) -> Result<(Role, pixflow_backends::Actor), Problem> {
     let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
     let hash = digest(token);
-    let (role, label) = store.token_role_and_label(&hash).await?.ok_or_else(Problem::unauthorized)?;
+    let (role, label) = catalogue.token_role_and_label(&hash).await?.ok_or_else(Problem::unauthorized)?;
     let role = Role::parse(&role).ok_or_else(Problem::unauthorized)?;
     Ok((role, pixflow_backends::Actor::token(&label, &hex::encode(&hash[..4]))))
 }
 
 /// 401 without a valid token, 403 unless it is an admin token.
-pub async fn admin(store: &pixflow_backends::Store, headers: &HeaderMap) -> Result<(), Problem> {
-    match role(store, headers).await? {
+pub async fn admin(catalogue: &pixflow_backends::Catalogue, headers: &HeaderMap) -> Result<(), Problem> {
+    match role(catalogue, headers).await? {
         Role::Admin => Ok(()),
         Role::Invoke => Err(Problem::forbidden("this needs an admin token")),
     }

@@ -492,7 +492,7 @@ pub(crate) async fn purge(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<Value>, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let req: PurgeRequest = crate::functions::read_json(body, "purge request").await?;
     let purged = match (&req.key, &req.prefix) {
         (Some(k), None) => app.cdn.cache.purge(&req.bucket, k, false),
@@ -516,7 +516,7 @@ pub(crate) async fn sign(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<Value>, Problem> {
-    auth::role(&app.store, &headers).await?;
+    auth::role(&app.catalogue, &headers).await?;
     let req: SignRequest = crate::functions::read_json(body, "sign request").await?;
     pixflow_backends::objects::check_bucket(&req.bucket)?;
     pixflow_backends::objects::check_key(&req.key)?;

@@ -151,10 +151,10 @@ pub(crate) async fn accept(
         payload,
         callback,
     };
-    app.store.insert_invocation(&new).await?;
+    app.invocations.insert_invocation(&new).await?;
     if let Err(e) = app.queue.enqueue(QUEUE, &id, id.as_bytes(), Duration::ZERO).await {
         // Not queued, so not accepted: the caller may send it again.
-        if let Err(e) = app.store.delete_invocation(&id).await {
+        if let Err(e) = app.invocations.delete_invocation(&id).await {
             tracing::error!(%id, error = %e, "forgetting an invocation that could not be queued");
         }
         return Err(queue_problem(e));
@@ -185,7 +185,7 @@ pub(crate) fn queue_problem(e: QueueError) -> Problem {
 /// Re-drives a dead-lettered invocation: a fresh set of attempts under a new message. `false`:
 /// it was not dead-lettered.
 pub(crate) async fn redrive(app: &App, id: &str) -> Result<bool, Problem> {
-    let Some(message) = app.store.redrive(id).await? else {
+    let Some(message) = app.invocations.redrive(id).await? else {
         return Ok(false);
     };
     // Should this fail, the next start queues it (see [`reconcile`]).
@@ -202,7 +202,7 @@ pub(crate) async fn reconcile(app: &App) -> anyhow::Result<()> {
         tracing::info!(released, "asynchronous invocations interrupted by a stop are queued again");
     }
     let mut repaired = 0u64;
-    for (id, message) in app.store.unsettled().await? {
+    for (id, message) in app.invocations.unsettled().await? {
         if app.queue.enqueue(QUEUE, &message, id.as_bytes(), Duration::ZERO).await? {
             repaired += 1;
         }
@@ -249,7 +249,7 @@ pub(crate) async fn retention(app: Arc<App>) {
         let keep = app.config.async_retention;
         let before =
             pixflow_backends::state::now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
-        match app.store.purge_finished(before).await {
+        match app.invocations.purge_finished(before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "finished asynchronous invocations past retention deleted"),
             Err(e) => tracing::error!(error = %e, "purging finished invocations"),
@@ -300,7 +300,7 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
         return;
     };
     let token = held.token();
-    let (row, payload) = match app.store.start(&id, &token).await {
+    let (row, payload) = match app.invocations.start(&id, &token).await {
         Ok(Some(started)) => started,
         // Settled already (its outcome was recorded, then the node stopped before the message
         // was), or gone: the message is spent.
@@ -323,27 +323,33 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
             "the node stopped while running the last attempt",
         );
         metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
-        (app.store.bury(&id, &token, &problem_json(&problem)).await, Settle::Dead, problem.code.to_owned())
+        (app.invocations.bury(&id, &token, &problem_json(&problem)).await, Settle::Dead, problem.code.to_owned())
     } else {
         let Some(outcome) = with_lease(&app.queue, &held, lease, attempt(app, &row, payload)).await else {
             tracing::warn!(%id, function = %row.function, "another claim took this invocation over; attempt given up");
             return;
         };
         match outcome {
-            Ok((meta, bytes)) => (app.store.finish(&id, &token, &meta, &bytes).await, Settle::Done, String::new()),
+            Ok((meta, bytes)) => {
+                (app.invocations.finish(&id, &token, &meta, &bytes).await, Settle::Done, String::new())
+            }
             Err((problem, retry)) => {
                 let error = problem_json(&problem);
                 match retry {
                     Some(delay) if row.attempts < row.max_attempts => {
                         metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone())
                             .increment(1);
-                        (app.store.retry_at(&id, &token, &error, delay).await, Settle::Retry(delay), String::new())
+                        (
+                            app.invocations.retry_at(&id, &token, &error, delay).await,
+                            Settle::Retry(delay),
+                            String::new(),
+                        )
                     }
                     _ => {
                         metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone())
                             .increment(1);
                         tracing::warn!(%id, function = %row.function, code = problem.code, "dead-lettered");
-                        (app.store.bury(&id, &token, &error).await, Settle::Dead, problem.code.to_owned())
+                        (app.invocations.bury(&id, &token, &error).await, Settle::Dead, problem.code.to_owned())
                     }
                 }
             }
@@ -378,7 +384,7 @@ async fn settle_queue(app: &App, held: &Lease, settle: Settle, reason: &str) {
 
 /// Sends the completion callback of a finished invocation, if it asked for one.
 async fn notify(app: &Arc<App>, id: &str) {
-    match app.store.get(id).await {
+    match app.invocations.get(id).await {
         Ok(Some(row)) if matches!(row.status, Status::Succeeded | Status::Dead) => {
             if let Some(url) = row.callback.clone() {
                 crate::callback::send(app, row.id.clone(), url, crate::invocations::describe(&row));
@@ -439,13 +445,17 @@ async fn attempt(
         Ok(out) => match &target {
             None => Ok(inline_result(out.produced)),
             // Stored: the result lists the objects and holds no bytes.
-            Some(t) => match store_results(app, &row.function, t, source_key.as_deref(), &row.id, storable(&out.produced)).await {
-                Ok(objects) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
-                Err(p) => {
-                    let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
-                    Err((p, retry))
+            Some(t) => {
+                match store_results(app, &row.function, t, source_key.as_deref(), &row.id, storable(&out.produced))
+                    .await
+                {
+                    Ok(objects) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
+                    Err(p) => {
+                        let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
+                        Err((p, retry))
+                    }
                 }
-            },
+            }
         },
         Err(e) => {
             let retry = e.retryable().then(|| f.deployment.retry.delay(row.attempts + 1));
@@ -477,7 +487,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_heartbeat_keeps_the_lease_of_a_long_attempt() {
-        let queue = pixflow_backends::Store::memory().await.unwrap().queue();
+        let queue = pixflow_backends::State::memory().await.unwrap().queue("local").await.unwrap();
         queue.enqueue(QUEUE, "a", b"a", Duration::ZERO).await.unwrap();
         let lease = Duration::from_millis(1500);
         let claimed = queue.claim(QUEUE, lease).await.unwrap().unwrap();
@@ -496,7 +506,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_attempt_whose_message_was_taken_over_is_given_up() {
-        let queue = pixflow_backends::Store::memory().await.unwrap().queue();
+        let queue = pixflow_backends::State::memory().await.unwrap().queue("local").await.unwrap();
         queue.enqueue(QUEUE, "a", b"a", Duration::ZERO).await.unwrap();
         let lease = Duration::from_millis(150);
         let stale = queue.claim(QUEUE, lease).await.unwrap().unwrap();
@@ -547,13 +557,13 @@ mod tests {
         let id = body["id"].as_str().unwrap().to_owned();
         // A worker claims it for an hour and starts it, and the node dies.
         let d = app.queue.claim(QUEUE, Duration::from_secs(3600)).await.unwrap().unwrap();
-        app.store.start(&id, &d.lease.token()).await.unwrap().unwrap();
+        app.invocations.start(&id, &d.lease.token()).await.unwrap().unwrap();
         app.shutdown().await;
         c.async_workers = 1;
         let app = crate::App::start(c, None).await.unwrap().app;
-        let store = app.store.clone();
-        eventually(|| async { store.get(&id).await.unwrap().unwrap().status == Status::Succeeded }).await;
-        assert_eq!(store.get(&id).await.unwrap().unwrap().attempts, 2);
+        let log = app.invocations.clone();
+        eventually(|| async { log.get(&id).await.unwrap().unwrap().status == Status::Succeeded }).await;
+        assert_eq!(log.get(&id).await.unwrap().unwrap().attempts, 2);
         app.shutdown().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,6 +1,7 @@
 //! The management API: list, show, deploy (`PUT` a manifest), remove functions, and create API
 //! tokens. Writes need an admin token; reads need any token. A deploy through the API is
-//! persisted in the state file and comes back after a restart.
+//! persisted in the catalogue and comes back after a restart; with a catalogue other nodes
+//! share, [`follow_catalogue`] applies their deploys and removals to this node's registry.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
+use pixflow_backends::CatalogueChange;
 use pixflow_runtime::{DeployError, Deployed, Function, Runnable};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -97,7 +99,7 @@ pub(crate) fn describe(f: &Function, admin: bool) -> Value {
 }
 
 pub(crate) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<Value>, Problem> {
-    let admin = auth::role(&app.store, &headers).await? == Role::Admin;
+    let admin = auth::role(&app.catalogue, &headers).await? == Role::Admin;
     let functions: Vec<Value> = app.registry.list().iter().map(|f| describe(f, admin)).collect();
     Ok(Json(json!({ "functions": functions })))
 }
@@ -107,7 +109,7 @@ pub(crate) async fn show(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    let role = auth::role(&app.store, &headers).await?;
+    let role = auth::role(&app.catalogue, &headers).await?;
     let f = app.registry.get(&name).ok_or_else(|| not_found(&name))?;
     // The manifest and a process's command line are for admins: they may hold settings an
     // invoking client has no business reading.
@@ -129,7 +131,7 @@ pub(crate) async fn deploy(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let body = read_body(body, pixflow_runtime::manifest::MAX_MANIFEST_BYTES as u64).await?;
     let text = String::from_utf8(body.to_vec()).map_err(|_| Problem::bad_request("the manifest is not UTF-8 text"))?;
     let deployment = pixflow_runtime::parse(&text).map_err(|invalid| {
@@ -159,7 +161,7 @@ pub(crate) async fn deploy(
         ));
     }
     let version = deployment.version.clone();
-    // Deploys and removals apply one at a time, so the state file ends with what runs.
+    // Deploys and removals apply one at a time, so the catalogue ends with what runs.
     let _serial = app.deploys.lock().await;
     // Process functions deployed through the API run in the data folder.
     let outcome = app.registry.deploy(deployment, text.clone(), &app.config.data_dir).map_err(|e| match e {
@@ -172,7 +174,7 @@ pub(crate) async fn deploy(
         }
     })?;
     if outcome != Deployed::Unchanged {
-        app.store.save_function(&name, &version, &text).await?;
+        app.catalogue.save_function(&name, &version, &text).await?;
     }
     let (status, result) = match &outcome {
         Deployed::Created => (StatusCode::CREATED, "created"),
@@ -194,12 +196,12 @@ pub(crate) async fn remove(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let _serial = app.deploys.lock().await;
     if !app.registry.remove(&name) {
         return Err(not_found(&name));
     }
-    app.store.delete_function(&name).await?;
+    app.catalogue.delete_function(&name).await?;
     tracing::info!(function = %name, "removed");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -218,7 +220,7 @@ pub(crate) async fn create_token(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let body = read_body(body, 4096).await?;
     let req: NewToken = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request(format!("expected {{\"role\", \"label\"}}: {e}")))?;
@@ -228,6 +230,75 @@ pub(crate) async fn create_token(
         return Err(Problem::bad_request("label: at most 200 characters"));
     }
     let token = auth::generate().map_err(Problem::internal)?;
-    app.store.add_token(&auth::digest(&token), role.as_str(), &req.label).await?;
+    app.catalogue.add_token(&auth::digest(&token), role.as_str(), &req.label).await?;
     Ok((StatusCode::CREATED, Json(json!({"token": token, "role": role.as_str(), "label": req.label}))).into_response())
+}
+
+/// Applies deploys and removals made through other nodes' APIs to this node's registry, as the
+/// catalogue announces them, until the node stops. A lost announcement reloads every function
+/// (removals then wait for the next announcement of that name, or the next start).
+pub(crate) async fn follow_catalogue(
+    app: Arc<App>,
+    changes: Option<tokio::sync::broadcast::Receiver<CatalogueChange>>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut changes = match changes {
+        Some(changes) => changes,
+        // Started again after a failure: what changed meanwhile was missed.
+        None => {
+            let Some(changes) = app.catalogue.changes() else { return };
+            let _serial = app.deploys.lock().await;
+            reload_all(&app).await;
+            changes
+        }
+    };
+    loop {
+        let change = tokio::select! {
+            () = app.stopped() => return,
+            change = changes.recv() => change,
+        };
+        let _serial = app.deploys.lock().await;
+        match change {
+            Ok(CatalogueChange::Function(name)) => match app.catalogue.function(&name).await {
+                Ok(Some(manifest)) => apply(&app, &name, manifest),
+                Ok(None) => {
+                    if app.registry.remove(&name) {
+                        tracing::info!(function = %name, "removed through another node");
+                    }
+                }
+                Err(e) => tracing::error!(function = %name, error = %e, "reading a function another node changed"),
+            },
+            Ok(CatalogueChange::Missed) | Err(RecvError::Lagged(_)) => reload_all(&app).await,
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Applies every function of the catalogue (after changes were missed).
+async fn reload_all(app: &Arc<App>) {
+    match app.catalogue.functions().await {
+        Ok(all) => {
+            for (name, manifest) in all {
+                apply(app, &name, manifest);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "reading the functions after missed catalogue changes"),
+    }
+}
+
+/// Deploys a manifest from the catalogue to this node's registry (in the data folder, as a
+/// deploy through the API).
+fn apply(app: &App, name: &str, manifest: String) {
+    let deployment = match pixflow_runtime::parse(&manifest) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(function = %name, error = %e, "a stored manifest no longer validates");
+            return;
+        }
+    };
+    match app.registry.deploy(deployment, manifest, &app.config.data_dir) {
+        Ok(Deployed::Unchanged) => {}
+        Ok(outcome) => tracing::info!(function = %name, ?outcome, "deployed through another node"),
+        Err(e) => tracing::warn!(function = %name, error = %e, "a deploy through another node does not apply here"),
+    }
 }

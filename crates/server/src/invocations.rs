@@ -62,7 +62,7 @@ fn check_id(id: &str) -> Result<(), Problem> {
 
 pub(crate) async fn status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
     check_id(&id)?;
-    let row = app.store.get(&id).await?.ok_or_else(|| not_found(&id))?;
+    let row = app.invocations.get(&id).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(describe(&row)))
 }
 
@@ -80,7 +80,7 @@ pub(crate) async fn result(
 ) -> Result<Response, Problem> {
     let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
     check_id(&id)?;
-    let row = app.store.get(&id).await?.ok_or_else(|| not_found(&id))?;
+    let row = app.invocations.get(&id).await?.ok_or_else(|| not_found(&id))?;
     if row.status != Status::Succeeded {
         return Err(Problem::new(
             StatusCode::CONFLICT,
@@ -105,7 +105,7 @@ pub(crate) async fn result(
         }
         return Ok(resp);
     }
-    let bytes = app.store.result(&id).await?.ok_or_else(|| not_found(&id))?;
+    let bytes = app.invocations.result(&id).await?.ok_or_else(|| not_found(&id))?;
     // Renditions are stored back to back; each one's size says where the next begins.
     let mut offset = 0usize;
     for (i, m) in metas.iter().enumerate() {
@@ -135,10 +135,10 @@ pub(crate) async fn dead_letters(
     headers: HeaderMap,
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let Query(page) = page.map_err(|e| Problem::bad_request(e.body_text()))?;
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-    let rows = app.store.dead_letters(page.after.as_deref(), limit).await?;
+    let rows = app.invocations.dead_letters(page.after.as_deref(), limit).await?;
     let next = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id.clone())).flatten();
     Ok(Json(json!({
         "dead_letters": rows.iter().map(describe).collect::<Vec<_>>(),
@@ -151,10 +151,10 @@ pub(crate) async fn redrive(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     check_id(&id)?;
     if !crate::dispatch::redrive(&app, &id).await? {
-        return match app.store.get(&id).await? {
+        return match app.invocations.get(&id).await? {
             None => Err(not_found(&id)),
             Some(row) => Err(Problem::new(
                 StatusCode::CONFLICT,
@@ -164,6 +164,6 @@ pub(crate) async fn redrive(
         };
     }
     metrics::counter!("pixflow_async_redriven_total").increment(1);
-    let row = app.store.get(&id).await?.ok_or_else(|| not_found(&id))?;
+    let row = app.invocations.get(&id).await?.ok_or_else(|| not_found(&id))?;
     Ok((StatusCode::ACCEPTED, Json(describe(&row))).into_response())
 }

@@ -518,7 +518,7 @@ async fn guard_anonymous(app: &App, parsed: &Parsed) -> Result<(), Problem> {
 pub(crate) async fn check_invoke(app: &App, f: &Function, headers: &HeaderMap) -> Result<(), Problem> {
     match f.deployment.auth {
         AuthMode::None => Ok(()),
-        AuthMode::Token => auth::role(&app.store, headers).await.map(|_| ()),
+        AuthMode::Token => auth::role(&app.catalogue, headers).await.map(|_| ()),
     }
 }
 
@@ -544,7 +544,7 @@ pub(crate) async fn invoke(
         return Err(pixflow_runtime::InvokeError::Rejected(full).into());
     }
     // An open function's anonymous callers reach only what is public anyway.
-    let anonymous = f.deployment.auth == AuthMode::None && auth::role(&app.store, &headers).await.is_err();
+    let anonymous = f.deployment.auth == AuthMode::None && auth::role(&app.catalogue, &headers).await.is_err();
     let mut ticket = app.node.admit(reserve(&f, &headers)?)?;
     let parsed = decode(&f, query, &headers, body).await?;
     if anonymous {

@@ -1,5 +1,6 @@
 //! The composition root: the only crate with HTTP and JSON wire types. [`App::start`] opens the
-//! node's state and object store, loads functions (from the state file, then from a folder, GitOps style),
+//! node's state (the backend its [`Config`] names) and object store, loads functions (from the
+//! catalogue, then from a folder, GitOps style),
 //! creates the admin token on first start and runs the asynchronous workers; [`router`] is the
 //! versioned API; [`serve`] runs it on a listener until a shutdown future resolves, then drains.
 
@@ -18,8 +19,8 @@ pub mod problem;
 pub mod s3;
 mod supervisor;
 
-pub use pixflow_backends::S3Config;
 pub use pixflow_backends::objects::DEFAULT_MAX_UPLOADS;
+pub use pixflow_backends::{S3Config, StateError};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,13 +31,14 @@ use anyhow::{Context, Result};
 use axum::Router;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use pixflow_backends::{Objects, Store};
+use pixflow_backends::{Catalogue, InvocationLog, Objects, State};
 use pixflow_runtime::{Node, NodeLimits, Registry, RegistryOptions};
 
 /// How a node runs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the state file (and a generated admin token) live.
+    /// Where the SQLite state file, a generated admin token and (by default) the objects and
+    /// the edge cache live.
     pub data_dir: PathBuf,
     /// Manifests deployed at start (`*.yaml`, `*.yml`, `*.json`).
     pub functions_dir: Option<PathBuf>,
@@ -49,7 +51,14 @@ pub struct Config {
     pub async_workers: usize,
     /// An admin token to accept (besides generated ones), e.g. from `PIXFLOW_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
-    /// Keep state in memory only (tests).
+    /// Where the node's state lives: the catalogue, the invocation log and the queue.
+    pub state: StateBackend,
+    /// This node's name among the nodes sharing a PostgreSQL state: its queue leases are
+    /// recorded under it, so its next start takes back at once what this run held. Keep it
+    /// stable across restarts and different on every node (default: the host name).
+    pub node_name: String,
+    /// Keep a SQLite state in memory, and write no admin token or signing key to the data
+    /// folder (tests).
     pub in_memory: bool,
     /// Asynchronous invocations waiting or running before new ones get 503.
     pub max_async_queued: u64,
@@ -112,6 +121,8 @@ impl Config {
             tick: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
             admin_token: None,
+            state: StateBackend::Sqlite,
+            node_name: host_name(),
             in_memory: false,
             max_async_queued: 10_000,
             async_retention: Duration::from_secs(7 * 86_400),
@@ -141,11 +152,48 @@ impl Config {
     }
 }
 
+/// Where a node keeps its state.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StateBackend {
+    /// A SQLite file in the data folder (`state.db`; in memory with [`Config::in_memory`]),
+    /// owned by this one node.
+    Sqlite,
+    /// A PostgreSQL database shared by every node of a deployment
+    /// (`postgres://user:password@host:5432/database`).
+    Postgres { url: String },
+}
+
+impl std::fmt::Debug for StateBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateBackend::Sqlite => f.write_str("Sqlite"),
+            // The URL may hold a password.
+            StateBackend::Postgres { .. } => f.debug_struct("Postgres").finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The machine's host name (`/proc/sys/kernel/hostname`, else `HOSTNAME`), else `pixflow`: the
+/// default [`Config::node_name`].
+pub fn host_name() -> String {
+    let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    from_kernel
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "pixflow".to_owned())
+}
+
 /// One running node.
 pub struct App {
     pub registry: Arc<Registry>,
     pub node: Arc<Node>,
-    pub store: Store,
+    /// Functions deployed through the API, token hashes, bucket settings of an S3 service.
+    pub catalogue: Catalogue,
+    /// Asynchronous invocations: requests, attempts, outcomes.
+    pub invocations: InvocationLog,
+    /// The state store the handles are on (closed at shutdown).
+    state: State,
     pub objects: Objects,
     pub cdn: cdn::Cdn,
     pub config: Config,
@@ -159,7 +207,7 @@ pub struct App {
     stop: tokio_util::sync::CancellationToken,
     /// Connections of the S3 endpoint; a shutdown waits for them before closing the store.
     connections: tokio_util::task::TaskTracker,
-    /// Serialises deploys and removals (registry and state file change together).
+    /// Serialises deploys and removals (registry and catalogue change together).
     deploys: tokio::sync::Mutex<()>,
     /// The background loops: queue workers, retention, the edge's purge follower.
     loops: supervisor::Supervisor,
@@ -194,9 +242,7 @@ impl App {
         config: Config,
         foreign: Option<Arc<dyn pixflow_imageops::ForeignDecoder + Send + Sync>>,
     ) -> Result<Started> {
-        let store = if config.in_memory {
-            Store::memory().await?
-        } else {
+        if !config.in_memory {
             // Private objects, payloads and results live here: the node's user only.
             let narrowed = pixflow_backends::files::private_dir(&config.data_dir)
                 .with_context(|| format!("creating {}", config.data_dir.display()))?;
@@ -207,16 +253,23 @@ impl App {
                     "the data folder was open to other users; narrowed to 0700"
                 );
             }
-            Store::open(&config.data_dir.join("state.db")).await?
+        }
+        // A failure to open is returned as the `StateError` itself, for the caller to name the
+        // setting at fault.
+        let state = match &config.state {
+            StateBackend::Sqlite if config.in_memory => State::memory().await?,
+            StateBackend::Sqlite => State::sqlite(&config.data_dir.join("state.db")).await?,
+            StateBackend::Postgres { url } => State::postgres(url).await?,
         };
-        let new_admin_token = admin_token(&store, &config).await?;
-        let queue = store.queue();
+        let (catalogue, invocations) = (state.catalogue(), state.invocations());
+        let new_admin_token = admin_token(&catalogue, &config).await?;
+        let queue = state.queue(&config.node_name).await.context("opening the queue")?;
         let objects_dir = config.objects_dir.clone().unwrap_or_else(|| config.data_dir.join("objects"));
         let objects = match &config.objects_s3 {
             None => Objects::open(&objects_dir)
                 .await
                 .with_context(|| format!("opening the object store in {}", objects_dir.display()))?,
-            Some(s3) => open_s3(s3, &store, &objects_dir.join("spool")).await?,
+            Some(s3) => open_s3(s3, &catalogue, &objects_dir.join("spool")).await?,
         }
         .with_max_uploads(config.max_uploads);
         let cache_dir = config.cdn_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cdn-cache"));
@@ -242,7 +295,9 @@ impl App {
                 node_tag: Some(node_tag.clone()),
             }),
             node: Node::new(config.node),
-            store,
+            catalogue,
+            invocations,
+            state,
             objects,
             cdn,
             foreign,
@@ -256,6 +311,8 @@ impl App {
             stop,
             config,
         });
+        // Subscribed before loading, so a deploy through another node in between is not missed.
+        let catalogue_changes = app.catalogue.changes();
         app.load_functions().await?;
         // Whatever the last run left running was cut short: run it again now, not after its lease.
         dispatch::reconcile(&app).await.context("taking back queued asynchronous invocations")?;
@@ -266,6 +323,15 @@ impl App {
         let (a, b) = (app.clone(), app.clone());
         app.loops.spawn("invocation-retention", move || dispatch::retention(a.clone()));
         app.loops.spawn("cdn-purge-follower", move || cdn::follow_changes(b.clone()));
+        if let Some(first) = catalogue_changes {
+            // The first run follows from the subscription made before the functions were read;
+            // a run started again after a failure subscribes anew and reads them all again.
+            let (a, first) = (app.clone(), std::sync::Mutex::new(Some(first)));
+            app.loops.spawn("catalogue-follower", move || {
+                let resumed = first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                functions::follow_catalogue(a.clone(), resumed)
+            });
+        }
         // Blobs a crash left without an object (renamed, never committed) are collected once.
         let (objects, started) = (app.objects.clone(), std::time::SystemTime::now());
         tokio::spawn(async move {
@@ -280,7 +346,7 @@ impl App {
     }
 
     async fn load_functions(&self) -> Result<()> {
-        for (name, manifest) in self.store.functions().await? {
+        for (name, manifest) in self.catalogue.functions().await? {
             match pixflow_runtime::parse(&manifest) {
                 Ok(d) => {
                     self.registry.deploy(d, manifest, &self.config.data_dir)?;
@@ -323,7 +389,7 @@ impl App {
     }
 
     /// Shuts down: no new work, in-flight work finishes within the grace period, state is
-    /// flushed. Queued asynchronous work stays in the state file for the next start.
+    /// flushed. Queued asynchronous work stays in the state store for the next start.
     pub async fn shutdown(&self) {
         self.begin_shutdown();
         let grace = self.config.shutdown_grace;
@@ -349,7 +415,7 @@ impl App {
         if tokio::time::timeout_at(end, self.connections.wait()).await.is_err() {
             tracing::warn!("S3 connections still open at the shutdown deadline were cut");
         }
-        self.store.close().await;
+        self.state.close().await;
         self.objects.close().await;
     }
 }
@@ -367,19 +433,18 @@ fn node_tag(config: &Config) -> Result<String> {
 }
 
 /// Ensures an admin token exists; returns one created now.
-async fn admin_token(store: &Store, config: &Config) -> Result<Option<String>> {
+async fn admin_token(catalogue: &Catalogue, config: &Config) -> Result<Option<String>> {
     if let Some(token) = &config.admin_token {
         anyhow::ensure!(token.len() >= 16, "the configured admin token is too short: use at least 16 characters");
         // A token configured before (and since replaced) stops working.
-        store.delete_tokens_labelled("configured").await?;
-        store.add_token(&auth::digest(token), auth::Role::Admin.as_str(), "configured").await?;
+        catalogue.replace_labelled_token("configured", &auth::digest(token), auth::Role::Admin.as_str()).await?;
         return Ok(None);
     }
-    if store.has_role(auth::Role::Admin.as_str()).await? {
+    if catalogue.has_role(auth::Role::Admin.as_str()).await? {
         return Ok(None);
     }
     let token = auth::generate().context("generating the admin token")?;
-    store.add_token(&auth::digest(&token), auth::Role::Admin.as_str(), "generated at first start").await?;
+    catalogue.add_token(&auth::digest(&token), auth::Role::Admin.as_str(), "generated at first start").await?;
     if !config.in_memory {
         write_secret(&config.data_dir.join("admin-token"), &token)?;
     }
@@ -556,12 +621,12 @@ async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> a
 }
 
 #[cfg(feature = "s3")]
-async fn open_s3(s3: &pixflow_backends::S3Config, store: &Store, spool: &std::path::Path) -> anyhow::Result<Objects> {
-    Objects::open_s3(s3, store.clone(), spool).await.context("connecting to the S3 service")
+async fn open_s3(s3: &pixflow_backends::S3Config, catalogue: &Catalogue, spool: &Path) -> anyhow::Result<Objects> {
+    Objects::open_s3(s3, catalogue.clone(), spool).await.context("connecting to the S3 service")
 }
 
 #[cfg(not(feature = "s3"))]
-async fn open_s3(_: &pixflow_backends::S3Config, _: &Store, _: &std::path::Path) -> anyhow::Result<Objects> {
+async fn open_s3(_: &pixflow_backends::S3Config, _: &Catalogue, _: &Path) -> anyhow::Result<Objects> {
     anyhow::bail!("this pixflow was built without the `s3` feature: only the embedded object store is available")
 }
 

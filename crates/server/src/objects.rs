@@ -61,7 +61,7 @@ pub(crate) struct BucketBody {
 }
 
 pub(crate) async fn list_buckets(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<Value>, Problem> {
-    auth::role(&app.store, &headers).await?;
+    auth::role(&app.catalogue, &headers).await?;
     let buckets = app.objects.buckets().await?;
     Ok(Json(json!({"buckets": buckets.iter().map(|b| describe_bucket(&app, b)).collect::<Vec<_>>()})))
 }
@@ -72,7 +72,7 @@ pub(crate) async fn put_bucket(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     let body = crate::functions::read_body(body, 16 << 10).await?;
     let spec: BucketBody = if body.iter().all(u8::is_ascii_whitespace) {
         BucketBody::default()
@@ -91,7 +91,7 @@ pub(crate) async fn show_bucket(
     Path(bucket): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, Problem> {
-    auth::role(&app.store, &headers).await?;
+    auth::role(&app.catalogue, &headers).await?;
     let b = app.objects.bucket(&bucket).await?.ok_or_else(|| no_such_bucket(&bucket))?;
     Ok(Json(describe_bucket(&app, &b)))
 }
@@ -101,7 +101,7 @@ pub(crate) async fn delete_bucket(
     Path(bucket): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, Problem> {
-    auth::admin(&app.store, &headers).await?;
+    auth::admin(&app.catalogue, &headers).await?;
     app.objects.delete_bucket(&bucket).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -126,7 +126,7 @@ pub(crate) async fn list_objects(
     headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, Problem> {
-    auth::role(&app.store, &headers).await?;
+    auth::role(&app.catalogue, &headers).await?;
     let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
     if q.prefix.len() > pixflow_backends::objects::MAX_KEY_BYTES || q.delimiter.as_ref().is_some_and(|d| d.len() > 16) {
         return Err(Problem::bad_request("prefix: at most 1024 bytes; delimiter: at most 16"));
@@ -196,7 +196,7 @@ pub(crate) async fn put_object(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let (_, actor) = auth::caller(&app.store, &headers).await?;
+    let (_, actor) = auth::caller(&app.catalogue, &headers).await?;
     let objects = app.objects.by(actor);
     pixflow_backends::objects::check_bucket(&bucket)?;
     pixflow_backends::objects::check_key(&key)?;
@@ -256,7 +256,7 @@ pub(crate) async fn get_object(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    auth::role(&app.store, &headers).await?;
+    auth::role(&app.catalogue, &headers).await?;
     let (meta, file) = app.objects.get(&bucket, &key).await?;
     let extra = Extra { metadata: true, file_name: Some(crate::cdn::file_name(&key).to_owned()), ..Extra::default() };
     delivery::respond(&method, &headers, (&meta).into(), delivery::Payload::Object(file), extra).await
@@ -267,7 +267,7 @@ pub(crate) async fn delete_object(
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<StatusCode, Problem> {
-    let (_, actor) = auth::caller(&app.store, &headers).await?;
+    let (_, actor) = auth::caller(&app.catalogue, &headers).await?;
     let condition = write_condition(&headers)?;
     // Deleting what is not there succeeds (S3's behaviour): a retried DELETE stays a success.
     app.objects.by(actor).delete(&bucket, &key, &condition).await?;

@@ -128,8 +128,8 @@ impl IntoResponse for Problem {
     }
 }
 
-impl From<pixflow_backends::StoreError> for Problem {
-    fn from(e: pixflow_backends::StoreError) -> Problem {
+impl From<pixflow_backends::StateError> for Problem {
+    fn from(e: pixflow_backends::StateError) -> Problem {
         Problem::internal(e)
     }
 }

@@ -700,7 +700,7 @@ async fn an_attempt_lost_with_its_node_is_retried_and_the_last_one_dead_lettered
     // Two attempts start and their node dies each time (the leases run out unanswered).
     for _ in 0..2 {
         let d = app.queue.claim("invocations", Duration::ZERO).await.unwrap().unwrap();
-        app.store.start(&id, &d.lease.token()).await.unwrap().unwrap();
+        app.invocations.start(&id, &d.lease.token()).await.unwrap().unwrap();
     }
     app.shutdown().await;
     c.async_workers = 1;

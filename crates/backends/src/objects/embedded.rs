@@ -36,9 +36,10 @@ use super::{
     Bucket, BucketConfig, Cause, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume, Upload,
     prefix_end,
 };
+use crate::catalogue::sqlite::bucket_rows;
 use crate::feed::{Actor, Feed};
 use crate::files;
-use crate::state::{bucket_rows, now_ms};
+use crate::state::now_ms;
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS buckets (

@@ -33,8 +33,9 @@ use super::{
     Bucket, BucketConfig, ByteStream, Cause, Condition, Listed, Listing, ObjectError, ObjectMeta, Result, Resume,
     S3Config, Upload,
 };
+use crate::catalogue::Catalogue;
 use crate::feed::{Actor, ChangeKind, Feed, NewChange};
-use crate::state::{Store, now_ms};
+use crate::state::now_ms;
 
 /// Uploads up to this size go in one PUT; larger ones in parts.
 pub const SINGLE_PUT_BYTES: u64 = 16 << 20;
@@ -51,7 +52,7 @@ pub(crate) fn commit_memory(size: u64) -> u64 {
 
 pub(crate) struct Service {
     config: S3Config,
-    settings: Store,
+    settings: Catalogue,
     clients: Mutex<HashMap<String, Arc<AmazonS3>>>,
     /// The change feed, in the state store.
     pub(super) feed: Feed,
@@ -193,7 +194,7 @@ fn written(
 }
 
 impl Service {
-    pub(crate) fn new(config: &S3Config, settings: Store, feed: Feed) -> Result<Service> {
+    pub(crate) fn new(config: &S3Config, settings: Catalogue, feed: Feed) -> Result<Service> {
         // One TLS stack for the whole process: rustls over ring (a second call is a no-op).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let service = Service { config: config.clone(), settings, clients: Mutex::new(HashMap::new()), feed };
@@ -241,7 +242,7 @@ impl Service {
         }
     }
 
-    fn settings_error(e: crate::state::StoreError) -> ObjectError {
+    fn settings_error(e: crate::state::StateError) -> ObjectError {
         ObjectError::Io(std::io::Error::other(format!("bucket settings: {e}")))
     }
 

@@ -136,7 +136,13 @@ pub(crate) trait Backend: Send + Sync {
         false
     }
     /// Claims, waiting up to `max` for a message to arrive.
-    async fn claim_waiting(&self, queue: &str, lease: Duration, holder: &str, _max: Duration) -> Result<Option<Delivery>> {
+    async fn claim_waiting(
+        &self,
+        queue: &str,
+        lease: Duration,
+        holder: &str,
+        _max: Duration,
+    ) -> Result<Option<Delivery>> {
         self.claim(queue, lease, holder).await
     }
     /// When the next message of `queue` falls due (delayed, or leased and unrenewed), if any.

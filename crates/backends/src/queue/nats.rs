@@ -130,7 +130,8 @@ impl NatsQueue {
         })
         .await
         .map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
-        let leases = js.get_key_value(LEASES).await.map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
+        let leases =
+            js.get_key_value(LEASES).await.map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
         Ok(NatsQueue { client, js, leases, options, consumers: tokio::sync::Mutex::new(HashMap::new()) })
     }
 
@@ -191,7 +192,8 @@ impl NatsQueue {
         let previous = entry.as_ref().and_then(|e| serde_json::from_slice::<Held>(&e.value).ok());
         let fence = previous.map_or(1, |h| h.fence + 1);
         let held = Bytes::from(
-            serde_json::to_vec(&Held { fence, holder: holder.to_owned(), reply: reply.clone() }).map_err(unavailable)?,
+            serde_json::to_vec(&Held { fence, holder: holder.to_owned(), reply: reply.clone() })
+                .map_err(unavailable)?,
         );
         let written = match &entry {
             Some(e) => self.leases.update(key.as_str(), held, e.revision).await.map(|_| ()).map_err(unavailable),
@@ -312,8 +314,7 @@ impl Backend for NatsQueue {
             if left < Duration::from_millis(10) {
                 return Ok(None);
             }
-            let mut batch =
-                consumer.batch().max_messages(1).expires(left).messages().await.map_err(unavailable)?;
+            let mut batch = consumer.batch().max_messages(1).expires(left).messages().await.map_err(unavailable)?;
             match batch.next().await {
                 None => return Ok(None),
                 Some(msg) => {
@@ -349,7 +350,10 @@ impl Backend for NatsQueue {
         let stream = self.js.get_stream(stream_name(&lease.queue)).await.map_err(unavailable)?;
         let original = stream.get_raw_message(u64::try_from(lease.message).unwrap_or(0)).await.map_err(unavailable)?;
         let mut headers = original.headers.clone();
-        headers.insert("Pixflow-Reason", reason.chars().filter(|c| !c.is_control()).take(500).collect::<String>().as_str());
+        headers.insert(
+            "Pixflow-Reason",
+            reason.chars().filter(|c| !c.is_control()).take(500).collect::<String>().as_str(),
+        );
         headers.insert("Pixflow-Queue", lease.queue.as_str());
         // Not deduplicated against the live queue's ids.
         headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("dead.{}.{}", lease.queue, lease.message).as_str());

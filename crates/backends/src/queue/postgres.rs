@@ -60,6 +60,8 @@ async fn listen(mut listener: PgListener, wakers: Arc<Wakers>) {
             // The connection dropped (it reconnects at the next call): what was notified
             // meanwhile is lost, so every consumer looks again.
             Ok(None) => wakers.wake_all(),
+            // The state is closing: give the connection back, or the close waits for it forever.
+            Err(sqlx::Error::PoolClosed) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "queue notifications from PostgreSQL");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -211,3 +211,37 @@ fn serve_starts_from_a_config_file() {
     assert!(data.join("admin-token").exists());
     stop(&mut server);
 }
+
+#[test]
+fn a_postgres_state_needs_its_url_and_never_shows_it() {
+    let dir = temp_dir("config-state");
+    let (code, _, err) = check(&dir, "no-url.yaml", "listen: 127.0.0.1:0\nstate: postgres\n", &[]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "no-url.yaml:2:1: field `state`: --state postgres needs --state-url (postgres://user:password@host:5432/database)\n"
+    );
+    let url = "postgres://pixflow:hunter2-sekrit@db.internal:5432/pixflow";
+    let (code, _, err) = check(&dir, "stray.yaml", &format!("state-url: {url}\n"), &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with(
+            "stray.yaml:1:1: field `state-url`: --state-url names a PostgreSQL database: it needs --state postgres"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("sekrit"), "{err}");
+    let (code, _, err) = check(&dir, "node.yaml", "node-name: two words\n", &[]);
+    assert_eq!(code, 2);
+    assert!(err.starts_with("node.yaml:1:1: field `node-name`: use 1 to 200 visible ASCII characters"), "{err}");
+    // Complete: checked without connecting; the URL is a secret in the printed settings.
+    let body = format!("state: postgres\nstate-url: {url}\nnode-name: node-1\n");
+    let (code, out, err) = check(&dir, "shared.yaml", &body, &["--print"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("state: postgres\n") && out.contains("state-url: <redacted>\n"), "{out}");
+    assert!(out.contains("node-name: node-1\n") && !out.contains("sekrit"), "{out}");
+    // An environment variable chooses the backend too.
+    let out = pixflow_with(&dir, &["config", "check", "-"], &[("PIXFLOW_STATE", "postgres")], "cpus: 2\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("field `state`: --state postgres needs --state-url"), "{}", text(&out.stderr));
+}

@@ -1,0 +1,234 @@
+//! The invocation log: each asynchronous invocation's request, status, attempts, result and
+//! error. One handle, [`InvocationLog`], over a crate-private [`Backend`] trait (SQLite: the
+//! node's state file; PostgreSQL: shared by every node), opened by [`crate::State`].
+//!
+//! Its queue message carries only the id. A consumer that claimed the message [`start`]s the
+//! invocation with the delivery's lease token, and records the outcome with [`finish`],
+//! [`retry_at`] or [`bury`]: each changes the row only while it is still that lease's, so a
+//! consumer whose lease ran out and whose message another claim took over changes nothing (the
+//! fencing of [`crate::queue`], applied to the log). The log knows nothing of functions'
+//! payload formats: payloads, results and errors are opaque bytes and text.
+//!
+//! The contract every backend keeps (the behaviour suite in `tests/invocation_log.rs` runs
+//! against each): every write is committed when it returns; `start` is one atomic update that
+//! returns the row it changed, so of two starts the later one owns the row; ids compare byte
+//! for byte (dead letters page in byte order of their ids).
+//!
+//! [`start`]: InvocationLog::start
+//! [`finish`]: InvocationLog::finish
+//! [`retry_at`]: InvocationLog::retry_at
+//! [`bury`]: InvocationLog::bury
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::state::Result;
+
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+pub(crate) mod sqlite;
+
+/// Where an invocation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    /// Dead-lettered: failed on its last attempt, or with an error retrying cannot fix.
+    Dead,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Dead => "dead",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Status {
+        match s {
+            "running" => Status::Running,
+            "succeeded" => Status::Succeeded,
+            "dead" => Status::Dead,
+            _ => Status::Queued,
+        }
+    }
+}
+
+/// A new asynchronous invocation.
+#[derive(Debug, Clone)]
+pub struct NewInvocation {
+    pub id: String,
+    pub function: String,
+    pub max_attempts: u32,
+    /// Request description (parameters, content type), opaque to the log.
+    pub meta: String,
+    /// Request bytes, opaque to the log.
+    pub payload: Vec<u8>,
+    /// Where to report completion, if anywhere.
+    pub callback: Option<String>,
+}
+
+/// An invocation as stored (without its payload and result bytes).
+#[derive(Debug, Clone)]
+pub struct InvocationRow {
+    pub id: String,
+    pub function: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub meta: String,
+    pub callback: Option<String>,
+    pub result_meta: Option<String>,
+    pub error: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// When a retried invocation's next attempt is due (ms since the epoch).
+    pub next_ms: i64,
+}
+
+/// The columns every backend reads into an [`InvocationRow`], spliced into queries at compile
+/// time.
+macro_rules! row_columns {
+    () => {
+        "id, function, status, attempts, max_attempts, meta, callback, result_meta, error, created_ms, updated_ms, next_ms"
+    };
+}
+pub(crate) use row_columns;
+
+/// Reads the [`row_columns`] of a result row, whichever backend made it.
+pub(crate) fn read_row<'r, R>(r: &'r R) -> InvocationRow
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let int = |c: &str| r.get::<i64, _>(c);
+    InvocationRow {
+        id: r.get("id"),
+        function: r.get("function"),
+        status: Status::parse(&r.get::<String, _>("status")),
+        attempts: u32::try_from(int("attempts")).unwrap_or(0),
+        max_attempts: u32::try_from(int("max_attempts")).unwrap_or(1),
+        meta: r.get("meta"),
+        callback: r.get("callback"),
+        result_meta: r.get("result_meta"),
+        error: r.get("error"),
+        created_ms: int("created_ms"),
+        updated_ms: int("updated_ms"),
+        next_ms: int("next_ms"),
+    }
+}
+
+/// What a backend does; [`InvocationLog`] documents each operation.
+#[async_trait]
+pub(crate) trait Backend: Send + Sync {
+    async fn insert(&self, inv: &NewInvocation) -> Result<()>;
+    async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>>;
+    async fn finish(&self, id: &str, lease: &str, result_meta: &str, result: &[u8]) -> Result<bool>;
+    /// `next_ms`: when the next attempt is due.
+    async fn retry_at(&self, id: &str, lease: &str, error: &str, next_ms: i64) -> Result<bool>;
+    async fn bury(&self, id: &str, lease: &str, error: &str) -> Result<bool>;
+    async fn redrive(&self, id: &str, message: &str) -> Result<bool>;
+    async fn delete(&self, id: &str) -> Result<()>;
+    async fn unsettled(&self) -> Result<Vec<(String, String)>>;
+    async fn get(&self, id: &str) -> Result<Option<InvocationRow>>;
+    async fn result(&self, id: &str) -> Result<Option<Vec<u8>>>;
+    async fn dead_letters(&self, after: &str, limit: u32) -> Result<Vec<InvocationRow>>;
+    async fn purge_finished(&self, before_ms: i64) -> Result<u64>;
+}
+
+/// A handle on the invocation log; cheap to clone.
+#[derive(Clone)]
+pub struct InvocationLog {
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for InvocationLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvocationLog").finish_non_exhaustive()
+    }
+}
+
+impl InvocationLog {
+    pub(crate) fn new(backend: Arc<dyn Backend>) -> InvocationLog {
+        InvocationLog { backend }
+    }
+
+    /// Records a new invocation, queued; its queue message's deduplication id is its own id.
+    /// Returns once it is committed.
+    pub async fn insert_invocation(&self, inv: &NewInvocation) -> Result<()> {
+        self.backend.insert(inv).await
+    }
+
+    /// Marks a queued (or interrupted) invocation running under `lease` (the queue lease's
+    /// token), counts the attempt, and returns it with its payload. `None`: it is settled
+    /// already, or gone. The latest start owns the row: an earlier lease's outcome is refused.
+    pub async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {
+        self.backend.start(id, lease).await
+    }
+
+    /// Records success; the payload is dropped (it is no longer needed). `false` (and nothing
+    /// changed): the invocation is no longer this lease's.
+    pub async fn finish(&self, id: &str, lease: &str, result_meta: &str, result: &[u8]) -> Result<bool> {
+        self.backend.finish(id, lease, result_meta, result).await
+    }
+
+    /// Records a failed attempt that will be retried after `delay`. `false` (and nothing
+    /// changed): the invocation is no longer this lease's.
+    pub async fn retry_at(&self, id: &str, lease: &str, error: &str, delay: Duration) -> Result<bool> {
+        let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        self.backend.retry_at(id, lease, error, crate::state::now_ms().saturating_add(delay)).await
+    }
+
+    /// Dead-letters an invocation (its payload is kept for a re-drive). `false` (and nothing
+    /// changed): the invocation is no longer this lease's.
+    pub async fn bury(&self, id: &str, lease: &str, error: &str) -> Result<bool> {
+        self.backend.bury(id, lease, error).await
+    }
+
+    /// Puts a dead letter back with a fresh set of attempts, under a new queue message whose
+    /// deduplication id this returns (`None`: it was not dead-lettered). The caller enqueues it.
+    pub async fn redrive(&self, id: &str) -> Result<Option<String>> {
+        let message = format!("{id}.{}", crate::state::now_ms());
+        Ok(self.backend.redrive(id, &message).await?.then_some(message))
+    }
+
+    /// Forgets an invocation whose message could not be queued (it was never accepted).
+    pub async fn delete_invocation(&self, id: &str) -> Result<()> {
+        self.backend.delete(id).await
+    }
+
+    /// `(invocation id, message deduplication id)` of every invocation not settled, oldest
+    /// first: what the queue must hold. Enqueueing them again at start is harmless
+    /// (deduplicated) and repairs a stop between recording an invocation and enqueueing its
+    /// message.
+    pub async fn unsettled(&self) -> Result<Vec<(String, String)>> {
+        self.backend.unsettled().await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<InvocationRow>> {
+        self.backend.get(id).await
+    }
+
+    /// The result bytes of a succeeded invocation.
+    pub async fn result(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        self.backend.result(id).await
+    }
+
+    /// Dead letters, by id, after the id `after` (pagination).
+    pub async fn dead_letters(&self, after: Option<&str>, limit: u32) -> Result<Vec<InvocationRow>> {
+        self.backend.dead_letters(after.unwrap_or(""), limit).await
+    }
+
+    /// Deletes finished invocations (succeeded or dead) last updated before `before_ms`.
+    pub async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
+        self.backend.purge_finished(before_ms).await
+    }
+}

@@ -1,0 +1,222 @@
+//! The invocation log contract, run against every backend: SQLite always; PostgreSQL when
+//! `PIXFLOW_TEST_POSTGRES_URL` names a server (`.ci/run` sets it; a configured server that does
+//! not answer fails the suite), each case in a schema of its own. Each case gets two handles,
+//! "nodes": two handles on one state file for SQLite, two connection pools for PostgreSQL, and
+//! a prefix for the ids it writes.
+
+mod support;
+
+use std::time::Duration;
+
+use pixflow_backends::state::now_ms;
+use pixflow_backends::{InvocationLog, NewInvocation, State, Status};
+use support::fresh;
+
+/// Runs `case` with two handles on each backend.
+async fn each(case: impl AsyncFn(InvocationLog, InvocationLog, String)) {
+    let dir = std::env::temp_dir().join(fresh("pixflow-invocation-log"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = State::sqlite(&dir.join("state.db")).await.unwrap();
+    case(state.invocations(), state.invocations(), fresh("sqlite")).await;
+    state.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    if let Some(server) = support::postgres_url("invocation log") {
+        let schema = support::Schema::create(&server).await;
+        let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+        let b = State::postgres(&schema.url).await.unwrap();
+        case(a.invocations(), b.invocations(), fresh("pg")).await;
+        a.close().await;
+        b.close().await;
+        schema.drop().await;
+    }
+}
+
+fn inv(id: &str) -> NewInvocation {
+    NewInvocation {
+        id: id.into(),
+        function: "thumb".into(),
+        max_attempts: 3,
+        meta: "{\"mode\":\"raw\"}".into(),
+        payload: vec![1, 2, 3],
+        callback: Some("http://hooks.example/done".into()),
+    }
+}
+
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+}
+
+#[tokio::test]
+async fn an_invocation_lives_through_its_life_cycle() {
+    each(async |a, b, p| {
+        let (x, y) = (format!("{p}-x"), format!("{p}-y"));
+        a.insert_invocation(&inv(&x)).await.unwrap();
+        a.insert_invocation(&inv(&y)).await.unwrap();
+        assert_eq!(b.unsettled().await.unwrap(), pairs(&[(&x, &x), (&y, &y)]));
+        let queued = b.get(&x).await.unwrap().unwrap();
+        assert_eq!((queued.status, queued.attempts, queued.max_attempts), (Status::Queued, 0, 3));
+        assert_eq!(
+            (queued.meta.as_str(), queued.callback.as_deref()),
+            ("{\"mode\":\"raw\"}", Some("http://hooks.example/done"))
+        );
+
+        // Started on one node, finished on the other, read on the first.
+        let (row, payload) = b.start(&x, "1.1").await.unwrap().unwrap();
+        assert_eq!((row.status, row.attempts, payload.as_slice()), (Status::Running, 1, &[1u8, 2, 3][..]));
+        assert_eq!(b.result(&x).await.unwrap(), None, "no result while running");
+        assert!(a.finish(&x, "1.1", "{\"ok\":true}", b"out").await.unwrap());
+        assert_eq!(b.result(&x).await.unwrap().unwrap(), b"out");
+        let done = b.get(&x).await.unwrap().unwrap();
+        assert_eq!(
+            (done.status, done.result_meta.as_deref(), done.error),
+            (Status::Succeeded, Some("{\"ok\":true}"), None)
+        );
+        // A settled invocation is not started again (a late redelivery of its message).
+        assert!(a.start(&x, "1.2").await.unwrap().is_none());
+
+        // A retry puts it back with its error, due later; its lease ended with it.
+        a.start(&y, "2.1").await.unwrap().unwrap();
+        assert!(b.retry_at(&y, "2.1", "boom", Duration::from_secs(3600)).await.unwrap());
+        let retried = a.get(&y).await.unwrap().unwrap();
+        assert_eq!((retried.status, retried.error.as_deref()), (Status::Queued, Some("boom")));
+        assert!(retried.next_ms > now_ms() + 3_500_000);
+        assert!(!a.retry_at(&y, "2.1", "boom", Duration::ZERO).await.unwrap());
+        assert_eq!(a.unsettled().await.unwrap(), pairs(&[(&y, &y)]));
+
+        // Buried: a dead letter, no longer unsettled.
+        let (again, _) = b.start(&y, "2.2").await.unwrap().unwrap();
+        assert_eq!(again.attempts, 2);
+        assert!(a.bury(&y, "2.2", "dead").await.unwrap());
+        let dead = b.dead_letters(None, 10).await.unwrap();
+        assert_eq!(
+            dead.iter().map(|r| (r.id.as_str(), r.error.as_deref())).collect::<Vec<_>>(),
+            [(y.as_str(), Some("dead"))]
+        );
+        assert_eq!(b.unsettled().await.unwrap(), vec![]);
+        assert_eq!(a.result(&y).await.unwrap(), None);
+
+        // Re-driven under a new message, with a fresh set of attempts and its payload.
+        let message = b.redrive(&y).await.unwrap().unwrap();
+        assert!(message.starts_with(&format!("{y}.")) && message != y, "{message}");
+        assert!(a.redrive(&y).await.unwrap().is_none(), "no longer dead");
+        assert!(a.redrive(&x).await.unwrap().is_none(), "never dead");
+        assert_eq!(a.unsettled().await.unwrap(), vec![(y.clone(), message)]);
+        assert!(b.dead_letters(None, 10).await.unwrap().is_empty());
+        let (redriven, payload) = a.start(&y, "3.1").await.unwrap().unwrap();
+        assert_eq!((redriven.attempts, payload.len()), (1, 3));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stale_lease_does_not_overwrite_the_new_owners_outcome() {
+    each(async |a, b, p| {
+        let x = format!("{p}-x");
+        a.insert_invocation(&inv(&x)).await.unwrap();
+        // The first consumer's lease ran out (it hung); the message's next claim, on the other
+        // node, started it again.
+        a.start(&x, "7.1").await.unwrap().unwrap();
+        let (owner, _) = b.start(&x, "7.2").await.unwrap().unwrap();
+        assert_eq!(owner.attempts, 2);
+        assert!(!a.retry_at(&x, "7.1", "late", Duration::ZERO).await.unwrap());
+        assert!(!a.bury(&x, "7.1", "late").await.unwrap());
+        assert!(!a.finish(&x, "7.1", "[\"stale\"]", b"stale").await.unwrap());
+        assert_eq!(b.get(&x).await.unwrap().unwrap().status, Status::Running);
+        assert!(b.finish(&x, "7.2", "[\"owner\"]", b"owner").await.unwrap());
+        // Nor after the owner finished.
+        assert!(!a.finish(&x, "7.1", "[\"stale\"]", b"stale").await.unwrap());
+        assert!(!a.bury(&x, "7.1", "late").await.unwrap());
+        assert!(!a.retry_at(&x, "7.1", "late", Duration::ZERO).await.unwrap());
+        let row = a.get(&x).await.unwrap().unwrap();
+        assert_eq!((row.status, row.result_meta.as_deref()), (Status::Succeeded, Some("[\"owner\"]")));
+        assert_eq!(a.result(&x).await.unwrap().unwrap(), b"owner");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn of_starts_at_once_the_last_one_owns_the_invocation() {
+    each(async |a, b, p| {
+        let x = format!("{p}-x");
+        a.insert_invocation(&inv(&x)).await.unwrap();
+        let mut starts = Vec::new();
+        for n in 0..8 {
+            let (log, x) = (if n % 2 == 0 { a.clone() } else { b.clone() }, x.clone());
+            starts.push(tokio::spawn(async move { log.start(&x, &format!("9.{n}")).await }));
+        }
+        for s in starts {
+            assert!(s.await.unwrap().unwrap().is_some());
+        }
+        assert_eq!(a.get(&x).await.unwrap().unwrap().attempts, 8, "every start counted");
+        let mut owners = 0;
+        for n in 0..8 {
+            if b.finish(&x, &format!("9.{n}"), "[]", b"").await.unwrap() {
+                owners += 1;
+            }
+        }
+        assert_eq!(owners, 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dead_letters_page_in_byte_order_of_their_ids() {
+    each(async |a, b, p| {
+        let ids: Vec<String> = ["0", "A", "a", "b", "c"].iter().map(|s| format!("{p}-{s}")).collect();
+        // Inserted out of order, buried through both nodes.
+        for (n, id) in ids.iter().rev().enumerate() {
+            let log = if n % 2 == 0 { &a } else { &b };
+            log.insert_invocation(&inv(id)).await.unwrap();
+            log.start(id, "1.1").await.unwrap().unwrap();
+            assert!(log.bury(id, "1.1", "no").await.unwrap());
+        }
+        let page = |rows: Vec<pixflow_backends::InvocationRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(page(a.dead_letters(None, 2).await.unwrap()), ids[..2]);
+        assert_eq!(page(b.dead_letters(Some(&ids[1]), 2).await.unwrap()), ids[2..4]);
+        assert_eq!(page(a.dead_letters(Some(&ids[3]), 2).await.unwrap()), ids[4..]);
+        assert!(b.dead_letters(Some(&ids[4]), 2).await.unwrap().is_empty());
+        assert!(a.dead_letters(None, 0).await.unwrap().is_empty());
+        let all = b.dead_letters(None, 100).await.unwrap();
+        assert!(all.iter().all(|r| r.status == Status::Dead && r.attempts == 1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn finished_invocations_are_purged_after_retention() {
+    each(async |a, b, p| {
+        let (done, dead, queued, running) =
+            (format!("{p}-done"), format!("{p}-dead"), format!("{p}-queued"), format!("{p}-running"));
+        for id in [&done, &dead, &queued, &running] {
+            a.insert_invocation(&inv(id)).await.unwrap();
+        }
+        a.start(&done, "1.1").await.unwrap().unwrap();
+        assert!(a.finish(&done, "1.1", "[]", b"x").await.unwrap());
+        b.start(&dead, "2.1").await.unwrap().unwrap();
+        assert!(b.bury(&dead, "2.1", "no").await.unwrap());
+        b.start(&running, "3.1").await.unwrap().unwrap();
+        // Nothing finished before a minute ago.
+        assert_eq!(b.purge_finished(now_ms() - 60_000).await.unwrap(), 0);
+        assert_eq!(a.purge_finished(now_ms() + 1).await.unwrap(), 2);
+        for (id, kept) in [(&done, false), (&dead, false), (&queued, true), (&running, true)] {
+            assert_eq!(b.get(id).await.unwrap().is_some(), kept, "{id}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invocation_never_queued_is_forgotten() {
+    each(async |a, b, p| {
+        let (x, kept) = (format!("{p}-x"), format!("{p}-kept"));
+        a.insert_invocation(&inv(&x)).await.unwrap();
+        a.insert_invocation(&inv(&kept)).await.unwrap();
+        b.delete_invocation(&x).await.unwrap();
+        assert!(a.get(&x).await.unwrap().is_none());
+        assert!(a.start(&x, "1.1").await.unwrap().is_none(), "gone");
+        assert_eq!(a.unsettled().await.unwrap(), pairs(&[(&kept, &kept)]));
+        // The same id twice is refused: ids name one invocation.
+        assert!(b.insert_invocation(&inv(&kept)).await.is_err());
+    })
+    .await;
+}

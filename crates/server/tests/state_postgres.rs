@@ -1,0 +1,223 @@
+//! Nodes sharing one PostgreSQL state, end to end through their routers (`Router::oneshot`):
+//! what one node writes (tokens, functions, asynchronous invocations) the other sees and does,
+//! its registry following deploys and removals made through the other.
+//! Runs when `PIXFLOW_TEST_POSTGRES_URL` names a server (`.ci/run` sets it; a configured server
+//! that does not answer fails the test), in a schema made for the test, so other tests, runs
+//! and branches on the same database neither see its rows nor share its migrations.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use pixflow_server::{App, Config, StateBackend};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tower::ServiceExt;
+
+const ADMIN: &str = "pfx_test-admin-token";
+
+fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000;
+    format!("{prefix}-{}-{ms}-{n}", std::process::id())
+}
+
+fn postgres_url() -> Option<String> {
+    let url = std::env::var("PIXFLOW_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty());
+    if url.is_none() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: skipped the nodes sharing a PostgreSQL state (set PIXFLOW_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test)"
+        );
+    }
+    url
+}
+
+/// A schema made for one test; `url` connects with it first on the search path.
+struct Schema {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl Schema {
+    async fn create(server: &str) -> Schema {
+        let name = unique("pixflow_node_test").replace('-', "_");
+        let mut conn = sqlx::PgConnection::connect(server)
+            .await
+            .unwrap_or_else(|e| panic!("PIXFLOW_TEST_POSTGRES_URL is set but unreachable: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        let joint = if server.contains('?') { '&' } else { '?' };
+        let url = format!("{server}{joint}options=-c%20search_path%3D{name}");
+        Schema { server: server.to_owned(), name, url }
+    }
+
+    async fn drop(self) {
+        let mut conn = sqlx::PgConnection::connect(&self.server).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", self.name)))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    }
+}
+
+/// A node on the shared state, with a data folder of its own.
+async fn node(url: &str, name: &str, async_workers: usize) -> Arc<App> {
+    let dir = std::env::temp_dir().join(unique(&format!("pixflow-node-{name}")));
+    let mut c = Config::new(&dir);
+    c.state = StateBackend::Postgres { url: url.to_owned() };
+    c.node_name = unique(name);
+    c.admin_token = Some(ADMIN.into());
+    c.async_workers = async_workers;
+    c.tick = Duration::from_millis(50);
+    App::start(c, None).await.unwrap().app
+}
+
+/// `fut`, or a failure after `secs` (a bound on a wait that should end, never a measurement).
+async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still waiting after {secs} s"))
+}
+
+/// Waits until `done` holds, for at most 30 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+async fn call(
+    app: &Arc<App>,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = pixflow_server::router(app.clone()).oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    Reply { status, body }
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_tokens_functions_and_asynchronous_work() {
+    let Some(server) = postgres_url() else { return };
+    let schema = Schema::create(&server).await;
+    // A only accepts asynchronous work; B's worker runs it.
+    let a = node(&schema.url, "a", 0).await;
+    let b = node(&schema.url, "b", 1).await;
+
+    // A token made on A works on B.
+    let made = call(
+        &a,
+        Method::POST,
+        "/v1/tokens",
+        Some(ADMIN),
+        &[],
+        json!({"role": "invoke", "label": "cms"}).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&made.body));
+    let token = made.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(call(&b, Method::GET, "/v1/functions", Some(&token), &[], vec![]).await.status, StatusCode::OK);
+    let forged = format!("{token}x");
+    assert_eq!(
+        call(&b, Method::GET, "/v1/functions", Some(&forged), &[], vec![]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // An invoke token is not an admin token on either node.
+    let on_b =
+        call(&b, Method::POST, "/v1/tokens", Some(&token), &[], json!({"role": "admin"}).to_string().into_bytes())
+            .await;
+    assert_eq!(on_b.status, StatusCode::FORBIDDEN);
+
+    // A function deployed through A's API is in B's catalogue.
+    let name = unique("thumb");
+    let manifest = format!("name: {name}\nversion: '1'\nbuiltin: resize\nparams: {{width: 16}}\nauth: none\n");
+    let uri = format!("/v1/functions/{name}");
+    let deployed = call(&a, Method::PUT, &uri, Some(ADMIN), &[], manifest.clone().into_bytes()).await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&deployed.body));
+    let listed = b.catalogue.functions().await.unwrap();
+    assert!(listed.contains(&(name.clone(), manifest.clone())), "{listed:?}");
+    // B's registry follows the catalogue, without a restart or a deploy of its own.
+    let version = |app: &Arc<App>| app.registry.get(&name).map(|f| f.deployment.version.clone());
+    eventually("B deploys the function", || version(&b).as_deref() == Some("1")).await;
+
+    // Accepted by A, which runs no workers; done by B.
+    let invoke = format!("/v1/functions/{name}/invoke");
+    let accepted = call(&a, Method::POST, &invoke, None, &[("prefer", "respond-async")], png(64, 32)).await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&accepted.body));
+    let id = accepted.json()["id"].as_str().unwrap().to_owned();
+    let status = format!("/v1/invocations/{id}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let r = call(&a, Method::GET, &status, None, &[], vec![]).await.json();
+        if r["status"] == "succeeded" || r["status"] == "dead" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "not done within 30 s: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 1, "{done}");
+    let result = call(&a, Method::GET, &format!("{status}/result"), None, &[], vec![]).await;
+    assert_eq!(result.status, StatusCode::OK);
+    let img = image::load_from_memory(&result.body).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 8));
+    // Both nodes read the same log; the queue holds nothing more.
+    assert_eq!(b.invocations.get(&id).await.unwrap().unwrap().status, pixflow_backends::Status::Succeeded);
+    assert_eq!(a.queue.stats("invocations").await.unwrap().depth, 0);
+
+    // A new version and a removal through A reach B's registry too.
+    let manifest = manifest.replace("version: '1'", "version: '2'");
+    let updated = call(&a, Method::PUT, &uri, Some(ADMIN), &[], manifest.into_bytes()).await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", String::from_utf8_lossy(&updated.body));
+    eventually("B updates the function", || version(&b).as_deref() == Some("2")).await;
+    assert_eq!(call(&a, Method::DELETE, &uri, Some(ADMIN), &[], vec![]).await.status, StatusCode::NO_CONTENT);
+    eventually("B removes the function", || version(&b).is_none()).await;
+    let gone = call(&b, Method::POST, &invoke, None, &[], png(8, 8)).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+
+    // A node's shutdown closes the state under its queue's and catalogue's listeners.
+    within(60, "node A's shutdown", a.shutdown()).await;
+    within(60, "node B's shutdown", b.shutdown()).await;
+    schema.drop().await;
+    for app in [a, b] {
+        std::fs::remove_dir_all(&app.config.data_dir).unwrap();
+    }
+}
