@@ -40,7 +40,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use pixflow_backends::{Postgres, Queue, Store};
+use pixflow_backends::{Queue, State};
 use serde_json::{Value, json};
 
 /// Leases taken by the benchmark's consumers (never run out during a row).
@@ -207,11 +207,11 @@ async fn open_queue(args: &Args, backend: &str, dir: &Path) -> Result<Queue> {
         // A file on disk (WAL, synchronous=FULL: what a node runs), never `:memory:`.
         "sqlite" => {
             std::fs::create_dir_all(dir)?;
-            Ok(Store::open(&dir.join("state.db")).await?.queue())
+            Ok(State::sqlite(&dir.join("state.db")).await?.queue("local").await?)
         }
         "postgres" => {
             let url = args.pg_url.as_deref().context("--pg-url")?;
-            let pg = Postgres::open(url).await.context("opening PostgreSQL")?;
+            let pg = State::postgres(url).await.context("opening PostgreSQL")?;
             Ok(pg.queue(&format!("bench-{}", std::process::id())).await?)
         }
         other => bail!("unknown backend {other}"),
