@@ -33,6 +33,13 @@ pub struct ServeArgs {
     /// network).
     #[arg(long, env = "PIXFLOW_STATE_URL", hide_env_values = true, value_name = "URL")]
     state_url: Option<String>,
+    /// Where the queues live (asynchronous invocations): `embedded` (in the state's database) or
+    /// `nats` (NATS JetStream, shared by every node that connects there; needs --queue-url).
+    #[arg(long, env = "PIXFLOW_QUEUE", default_value = "embedded", value_parser = ["embedded", "nats"])]
+    queue: String,
+    /// The NATS server of `--queue nats`: nats://host:4222 (JetStream enabled).
+    #[arg(long, env = "PIXFLOW_QUEUE_URL", hide_env_values = true, value_name = "URL")]
+    queue_url: Option<String>,
     /// This node's name among the nodes sharing a state: its queue leases are recorded under it,
     /// so its next start takes back at once what it held. Keep it stable across restarts and
     /// different on every node (default: the host name).
@@ -224,6 +231,12 @@ impl ServeArgs {
                  (the SQLite state is a file in the data folder)",
             );
         }
+        if self.queue == "nats" && self.queue_url.is_none() {
+            refuse("queue", "--queue nats needs --queue-url (nats://host:4222)");
+        }
+        if self.queue != "nats" && self.queue_url.is_some() {
+            refuse("queue-url", "--queue-url names a NATS server: it needs --queue nats");
+        }
         if let Some(name) = &self.node_name
             && (name.is_empty() || name.len() > 200 || !name.bytes().all(|b| b.is_ascii_graphic()))
         {
@@ -261,6 +274,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.functions_dir = args.functions;
     if let Some(url) = args.state_url.clone().filter(|_| args.state == "postgres") {
         config.state = pixflow_server::StateBackend::Postgres { url };
+    }
+    if let Some(url) = args.queue_url.clone().filter(|_| args.queue == "nats") {
+        config.queue = pixflow_server::QueueBackend::Nats { url };
     }
     if let Some(name) = args.node_name {
         config.node_name = name;
@@ -329,6 +345,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         "postgres" => format!("state in PostgreSQL, as node {}", started.app.config.node_name),
         _ => format!("state in {}", args.data_dir.display()),
     };
+    let state = match started.app.config.queue {
+        pixflow_server::QueueBackend::Nats { .. } => format!("{state}; queue in NATS JetStream"),
+        pixflow_server::QueueBackend::Embedded => state,
+    };
     eprintln!("pixflow serving on http://{addr} ({} functions; {state})", started.app.registry.list().len());
     let s3 = match args.s3_listen {
         Some(at) => {
@@ -366,7 +386,10 @@ fn name_the_state_setting(e: anyhow::Error) -> anyhow::Error {
             anyhow::anyhow!("--state-url: {state}")
         }
         Some(state @ StateError::Unsupported(_)) => anyhow::anyhow!("--state: {state}"),
-        _ => e,
+        _ => match e.downcast_ref::<pixflow_server::QueueError>() {
+            Some(queue) => anyhow::anyhow!("--queue-url: cannot use the NATS server: {queue}"),
+            None => e,
+        },
     }
 }
 

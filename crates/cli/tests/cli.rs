@@ -640,6 +640,10 @@ fn serve_refuses_contradicting_storage_options_before_starting() {
     assert!(no_url.contains("--state postgres needs --state-url"), "{no_url}");
     let stray = run(&["--state-url", "postgres://db.internal/pixflow"]);
     assert!(stray.contains("--state-url names a PostgreSQL database: it needs --state postgres"), "{stray}");
+    let no_url = run(&["--queue", "nats"]);
+    assert!(no_url.contains("--queue nats needs --queue-url"), "{no_url}");
+    let stray = run(&["--queue-url", "nats://127.0.0.1:4222"]);
+    assert!(stray.contains("--queue-url names a NATS server: it needs --queue nats"), "{stray}");
 }
 
 #[test]
@@ -667,6 +671,24 @@ fn a_state_url_that_does_not_answer_stops_the_start_in_one_line() {
     assert_eq!(port.lines().count(), 1, "{port}");
     assert!(port.starts_with("pixflow: error: --state-url: not a valid PostgreSQL URL"), "{port}");
     assert!(!format!("{refused}{wrong}{port}").contains("sekrit"));
+    drop(dead);
+}
+
+#[test]
+fn a_queue_url_that_does_not_answer_stops_the_start_in_one_line() {
+    let dir = temp_dir("serve-queue-url");
+    // A port bound without listening: connections to it are refused, and no one else takes it.
+    let dead = tokio::net::TcpSocket::new_v4().unwrap();
+    dead.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = dead.local_addr().unwrap().port();
+    let url = format!("nats://pixflow:hunter2-sekrit@127.0.0.1:{port}");
+    let args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", "data", "--queue", "nats", "--queue-url", &url];
+    let out = pixflow(&args, &dir);
+    assert!(!out.status.success(), "started without its queue");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("pixflow: error: --queue-url: cannot use the NATS server: "), "{err}");
+    assert!(!err.contains("sekrit"), "{err}");
     drop(dead);
 }
 

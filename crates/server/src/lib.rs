@@ -20,7 +20,7 @@ pub mod s3;
 mod supervisor;
 
 pub use pixflow_backends::objects::DEFAULT_MAX_UPLOADS;
-pub use pixflow_backends::{S3Config, StateError};
+pub use pixflow_backends::{QueueError, S3Config, StateError};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,6 +53,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Where the node's state lives: the catalogue, the invocation log and the queue.
     pub state: StateBackend,
+    /// Where the queues live: in the state's own database, or in NATS JetStream.
+    pub queue: QueueBackend,
     /// This node's name among the nodes sharing a PostgreSQL state: its queue leases are
     /// recorded under it, so its next start takes back at once what this run held. Keep it
     /// stable across restarts and different on every node (default: the host name).
@@ -122,6 +124,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(30),
             admin_token: None,
             state: StateBackend::Sqlite,
+            queue: QueueBackend::Embedded,
             node_name: host_name(),
             in_memory: false,
             max_async_queued: 10_000,
@@ -171,6 +174,38 @@ impl std::fmt::Debug for StateBackend {
             StateBackend::Postgres { .. } => f.debug_struct("Postgres").finish_non_exhaustive(),
         }
     }
+}
+
+/// Where a node's queues live.
+#[derive(Clone, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// In the state's database (a table of the SQLite file, or of the shared PostgreSQL).
+    Embedded,
+    /// NATS JetStream (`nats://host:4222`), shared by every node that connects there.
+    Nats { url: String },
+}
+
+impl std::fmt::Debug for QueueBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueBackend::Embedded => f.write_str("Embedded"),
+            // The URL may hold credentials.
+            QueueBackend::Nats { .. } => f.debug_struct("Nats").finish_non_exhaustive(),
+        }
+    }
+}
+
+/// Opens the JetStream queues, their leases as long as the workers' ([`dispatch::LEASE`]). A
+/// failure is the `QueueError` itself, for the caller to name the setting at fault.
+#[cfg(feature = "nats")]
+async fn open_nats(url: &str, holder: &str) -> Result<pixflow_backends::Queue> {
+    let options = pixflow_backends::queue::NatsOptions { ack_wait: dispatch::LEASE, ..Default::default() };
+    Ok(pixflow_backends::Queue::nats(url, options, holder).await?)
+}
+
+#[cfg(not(feature = "nats"))]
+async fn open_nats(_url: &str, _holder: &str) -> Result<pixflow_backends::Queue> {
+    anyhow::bail!("this pixflow was built without the `nats` feature: the queue is in the state's database")
 }
 
 /// The machine's host name (`/proc/sys/kernel/hostname`, else `HOSTNAME`), else `pixflow`: the
@@ -263,7 +298,10 @@ impl App {
         };
         let (catalogue, invocations) = (state.catalogue(), state.invocations());
         let new_admin_token = admin_token(&catalogue, &config).await?;
-        let queue = state.queue(&config.node_name).await.context("opening the queue")?;
+        let queue = match &config.queue {
+            QueueBackend::Embedded => state.queue(&config.node_name).await.context("opening the queue")?,
+            QueueBackend::Nats { url } => open_nats(url, &config.node_name).await?,
+        };
         let objects_dir = config.objects_dir.clone().unwrap_or_else(|| config.data_dir.join("objects"));
         let objects = match &config.objects_s3 {
             None => Objects::open(&objects_dir)

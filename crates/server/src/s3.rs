@@ -537,6 +537,20 @@ mod tests {
         send(service, "GET", &target, &[], vec![]).await
     }
 
+    /// A client of the `media` bucket signing as `cms` (the key `service` is made with).
+    fn signer() -> object_store::aws::AmazonS3 {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint("http://127.0.0.1:9000")
+            .with_allow_http(true)
+            .with_bucket_name("media")
+            .with_region("us-east-1")
+            .with_access_key_id("cms")
+            .with_secret_access_key("0123456789abcdef")
+            .build()
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn presigned_urls_are_valid_for_at_most_seven_days() {
         let dir = std::env::temp_dir().join(format!("pixflow-s3-presigned-{}", std::process::id()));
@@ -545,16 +559,7 @@ mod tests {
         objects.put_bucket("media", &pixflow_backends::BucketConfig::default()).await.unwrap();
         objects.put("media", "cat.txt", "text/plain", &BTreeMap::new(), &Condition::None, b"hello").await.unwrap();
         let service = service(objects.clone(), 1 << 20, "cms", "0123456789abcdef");
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let signer = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint("http://127.0.0.1:9000")
-            .with_allow_http(true)
-            .with_bucket_name("media")
-            .with_region("us-east-1")
-            .with_access_key_id("cms")
-            .with_secret_access_key("0123456789abcdef")
-            .build()
-            .unwrap();
+        let signer = signer();
         let path = object_store::path::Path::from("cat.txt");
         let url = |secs| signer.signed_url(object_store::signer::Method::GET, &path, Duration::from_secs(secs));
         assert_eq!(get(&service, &url(MAX_PRESIGNED_EXPIRES).await.unwrap()).await, (200, "hello".into()));
@@ -575,16 +580,7 @@ mod tests {
         let objects = Objects::open(&dir).await.unwrap();
         objects.put_bucket("media", &pixflow_backends::BucketConfig::default()).await.unwrap();
         let service = service(objects.clone(), 1 << 20, "cms", "0123456789abcdef");
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let signer = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint("http://127.0.0.1:9000")
-            .with_allow_http(true)
-            .with_bucket_name("media")
-            .with_region("us-east-1")
-            .with_access_key_id("cms")
-            .with_secret_access_key("0123456789abcdef")
-            .build()
-            .unwrap();
+        let signer = signer();
         let path = object_store::path::Path::from("cat.txt");
         let target = |url: object_store::signer::Url| format!("{}?{}", url.path(), url.query().unwrap_or_default());
         let put = signer.signed_url(object_store::signer::Method::PUT, &path, Duration::from_secs(60)).await.unwrap();

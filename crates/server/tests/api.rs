@@ -1885,3 +1885,30 @@ async fn anonymous_callers_of_open_functions_reach_only_public_objects() {
     assert_eq!(invoke_json(&app, "thumb", store).await.status, StatusCode::OK);
     app.shutdown().await;
 }
+
+/// With `--queue nats` the node's asynchronous invocations go through NATS JetStream (when
+/// `PIXFLOW_TEST_NATS_URL` names a server; `.ci/run` sets it).
+#[tokio::test]
+async fn asynchronous_invocations_run_through_a_nats_queue() {
+    let Some(url) = std::env::var("PIXFLOW_TEST_NATS_URL").ok().filter(|u| !u.is_empty()) else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: skipped the NATS queue of a node (set PIXFLOW_TEST_NATS_URL=nats://127.0.0.1:4222)"
+        );
+        return;
+    };
+    let mut c = config();
+    c.queue = pixflow_server::QueueBackend::Nats { url };
+    c.node_name = format!("api-nats-{}", std::process::id());
+    c.async_workers = 1;
+    let app = start(c).await;
+    deploy(&app, "name: nats-flip\nversion: '1'\nbuiltin: flip\nauth: none\n").await;
+    let r = call(&app, Method::POST, "/v1/functions/nats-flip/invoke", None, &[("prefer", "respond-async")], png(4, 4))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let done = wait_for(&app, &id, "succeeded").await;
+    assert_eq!(done["attempts"], 1);
+    app.shutdown().await;
+}
