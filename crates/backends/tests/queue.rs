@@ -3,7 +3,8 @@
 //! when `PIXFLOW_TEST_NATS_URL` does (`.ci/run` sets both; a configured server that does not
 //! answer fails the suite). Each case gets two handles, "nodes": two handles on one state for
 //! SQLite, two connection pools for PostgreSQL, two connections for JetStream (whose leases
-//! last its `AckWait`, 2 s here).
+//! last its `AckWait`, 5 s here: longer than any case holds a lease it means to keep, even on a
+//! loaded machine).
 
 mod support;
 
@@ -31,7 +32,7 @@ async fn each(case: impl AsyncFn(Queue, Queue, String)) {
         schema.drop().await;
     }
     if let Some(url) = support::service("PIXFLOW_TEST_NATS_URL", "nats://127.0.0.1:4222") {
-        let options = pixflow_backends::queue::NatsOptions { ack_wait: Duration::from_secs(2), ..Default::default() };
+        let options = pixflow_backends::queue::NatsOptions { ack_wait: Duration::from_secs(5), ..Default::default() };
         let qa = Queue::nats(&url, options.clone(), &fresh("node-a"))
             .await
             .expect("PIXFLOW_TEST_NATS_URL is set but unreachable");
