@@ -104,6 +104,13 @@ async fn a_late_settlement_after_the_lease_moved_on_is_refused() {
         assert!(matches!(b.finish(&owner.lease).await, Err(QueueError::Stale)));
         assert!(matches!(a.finish(&stale.lease).await, Err(QueueError::Stale)));
         assert_eq!(a.stats(&q).await.unwrap().depth, 0);
+        // Each limit itself is allowed.
+        let longest = format!("{q}-{}", "x".repeat(pixflow_backends::queue::MAX_QUEUE_NAME - q.len() - 1));
+        assert!(a.enqueue(&longest, &"i".repeat(200), b"", Duration::ZERO).await.unwrap());
+        let full = vec![7u8; pixflow_backends::queue::MAX_MESSAGE];
+        assert!(a.enqueue(&q, "full", &full, Duration::ZERO).await.unwrap());
+        assert_eq!(a.claim(&q, MINUTE).await.unwrap().unwrap().payload, full);
+        a.remove(&longest).await.unwrap();
     })
     .await;
 }
@@ -192,6 +199,7 @@ async fn buried_messages_are_never_delivered_again_and_stats_follow() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         a.enqueue(&q, "good", b"g", Duration::from_secs(3600)).await.unwrap();
         let s = b.stats(&q).await.unwrap();
+        assert_eq!(a.depth(&q).await.unwrap(), 2);
         assert_eq!((s.depth, s.leased), (2, 0));
         assert!(s.oldest_age >= Duration::from_millis(20), "{s:?}");
         let d = b.claim(&q, MINUTE).await.unwrap().unwrap();
@@ -200,6 +208,7 @@ async fn buried_messages_are_never_delivered_again_and_stats_follow() {
         b.bury(&d.lease, "cannot be processed").await.unwrap();
         assert!(a.claim(&q, MINUTE).await.unwrap().is_none());
         assert_eq!(a.stats(&q).await.unwrap().depth, 1);
+        assert_eq!(b.depth(&q).await.unwrap(), 1);
         // A buried id stays taken until purged.
         assert!(!a.enqueue(&q, "bad", b"b", Duration::ZERO).await.unwrap());
     })

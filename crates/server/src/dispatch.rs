@@ -96,7 +96,7 @@ pub(crate) async fn accept(
     if app.stopping() {
         return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
     }
-    let depth = app.queue.stats(QUEUE).await.map_err(queue_problem)?.depth;
+    let depth = app.queue.depth(QUEUE).await.map_err(queue_problem)?;
     if depth >= app.config.max_async_queued {
         return Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,

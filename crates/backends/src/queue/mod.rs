@@ -152,6 +152,11 @@ pub(crate) trait Backend: Send + Sync {
     async fn retry(&self, lease: &Lease, delay: Duration) -> Result<()>;
     async fn bury(&self, lease: &Lease, reason: &str) -> Result<()>;
     async fn stats(&self, queue: &str) -> Result<QueueStats>;
+    /// Messages not settled (what [`Backend::stats`] counts as depth), where a backend can tell
+    /// it more cheaply than the whole of `stats`.
+    async fn depth(&self, queue: &str) -> Result<u64> {
+        Ok(self.stats(queue).await?.depth)
+    }
     /// Makes every message `holder` leases due again now (a node's previous run held them).
     async fn release(&self, holder: &str) -> Result<u64>;
     /// Deletes settled messages: finished before `done_before_ms`, buried before `dead_before_ms`.
@@ -284,10 +289,7 @@ impl Queue {
                 return Ok(d);
             }
             let wait = match self.backend.next_due_ms(queue).await? {
-                Some(due) => {
-                    let ms = u64::try_from(due.saturating_sub(crate::state::now_ms())).unwrap_or(0);
-                    Duration::from_millis(ms).min(RECHECK)
-                }
+                Some(due) => span_ms(crate::state::now_ms(), due).min(RECHECK),
                 None => RECHECK,
             };
             if wait.is_zero() {
@@ -330,6 +332,12 @@ impl Queue {
         self.backend.stats(queue).await
     }
 
+    /// Messages not settled (due, delayed or leased): an admission check's cheaper `stats`.
+    pub async fn depth(&self, queue: &str) -> Result<u64> {
+        check_name(queue)?;
+        self.backend.depth(queue).await
+    }
+
     /// Makes every message this node's previous run leased due again at once, in its place in
     /// line (by enqueue time): call it at start, before claiming. Leases of other nodes are
     /// left to run out.
@@ -348,6 +356,11 @@ impl Queue {
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         self.backend.purge(now.saturating_sub(ms(dedup_window)), now.saturating_sub(ms(keep_dead))).await
     }
+}
+
+/// The time from `from_ms` to `to_ms` (ms since the epoch); zero when `to_ms` is not later.
+pub(crate) fn span_ms(from_ms: i64, to_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(to_ms.saturating_sub(from_ms)).unwrap_or(0))
 }
 
 pub(crate) fn millis(d: Duration) -> i64 {

@@ -369,16 +369,24 @@ impl Backend for NatsQueue {
     async fn stats(&self, queue: &str) -> Result<QueueStats> {
         let mut consumer = self.consumer(queue).await?;
         let leased = consumer.info().await.map_err(unavailable)?.num_ack_pending;
-        let mut stream = self.js.get_stream(stream_name(queue)).await.map_err(unavailable)?;
-        let state = stream.info().await.map_err(unavailable)?.state.clone();
+        // The stream's info comes with it (no second request).
+        let stream = self.js.get_stream(stream_name(queue)).await.map_err(unavailable)?;
+        let state = stream.cached_info().state.clone();
         let oldest_age = if state.messages == 0 {
             Duration::ZERO
         } else {
             let first = stream.get_raw_message(state.first_sequence).await.map_err(unavailable)?;
             let ms = i64::try_from(first.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            Duration::from_millis(u64::try_from(now_ms().saturating_sub(ms)).unwrap_or(0))
+            super::span_ms(ms, now_ms())
         };
         Ok(QueueStats { depth: state.messages, leased: u64::try_from(leased).unwrap_or(0), oldest_age })
+    }
+
+    async fn depth(&self, queue: &str) -> Result<u64> {
+        // Settled messages leave a work-queue stream, so its count is the depth: one request.
+        self.consumer(queue).await?;
+        let stream = self.js.get_stream(stream_name(queue)).await.map_err(unavailable)?;
+        Ok(stream.cached_info().state.messages)
     }
 
     async fn release(&self, holder: &str) -> Result<u64> {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 
-use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result, Wakers, millis};
+use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result, Wakers, millis, span_ms};
 use crate::state::now_ms;
 
 /// The channel enqueues notify; the payload is the queue's name.
@@ -220,9 +220,7 @@ impl Backend for PgQueue {
         Ok(QueueStats {
             depth: u64::try_from(r.get::<i64, _>("depth")).unwrap_or(0),
             leased: u64::try_from(r.get::<i64, _>("leased")).unwrap_or(0),
-            oldest_age: oldest.map_or(Duration::ZERO, |t| {
-                Duration::from_millis(u64::try_from(now_ms().saturating_sub(t)).unwrap_or(0))
-            }),
+            oldest_age: oldest.map_or(Duration::ZERO, |t| span_ms(t, now_ms())),
         })
     }
 

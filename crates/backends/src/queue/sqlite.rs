@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 
-use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result, Wakers, millis};
+use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result, Wakers, millis, span_ms};
 use crate::state::now_ms;
 
 /// The table, created with the rest of the state file's schema.
@@ -181,9 +181,7 @@ impl Backend for SqliteQueue {
         Ok(QueueStats {
             depth: u64::try_from(r.get::<i64, _>("depth")).unwrap_or(0),
             leased: u64::try_from(r.get::<i64, _>("leased")).unwrap_or(0),
-            oldest_age: oldest.map_or(Duration::ZERO, |t| {
-                Duration::from_millis(u64::try_from(now_ms().saturating_sub(t)).unwrap_or(0))
-            }),
+            oldest_age: oldest.map_or(Duration::ZERO, |t| span_ms(t, now_ms())),
         })
     }
 
