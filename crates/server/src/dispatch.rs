@@ -528,6 +528,28 @@ mod tests {
         queue.finish(&owner.lease).await.unwrap();
     }
 
+    /// A message that names no invocation is spent (an unknown id) or buried (not an id at
+    /// all), never redelivered in a loop.
+    #[tokio::test]
+    async fn messages_that_name_no_invocation_are_settled() {
+        let mut c = crate::Config::new(std::env::temp_dir().join(format!("pixflow-stray-{}", std::process::id())));
+        c.in_memory = true;
+        c.admin_token = Some("pfx_test-admin-token".into());
+        c.async_workers = 1;
+        let app = crate::App::start(c, None).await.unwrap().app;
+        app.queue.enqueue(QUEUE, "stray", b"0123abcd", Duration::ZERO).await.unwrap();
+        app.queue.enqueue(QUEUE, "junk", &[0xff, 0xfe], Duration::ZERO).await.unwrap();
+        let queue = app.queue.clone();
+        eventually(|| async { queue.depth(QUEUE).await.unwrap() == 0 }).await;
+        // Past the deduplication window a finished id is free again and a buried one is not:
+        // the unknown id was finished, the bytes that are no id were buried.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        queue.purge(Duration::ZERO, Duration::from_secs(3600)).await.unwrap();
+        assert!(queue.enqueue(QUEUE, "stray", b"0123abcd", Duration::ZERO).await.unwrap());
+        assert!(!queue.enqueue(QUEUE, "junk", &[0xff, 0xfe], Duration::ZERO).await.unwrap());
+        app.shutdown().await;
+    }
+
     /// A node killed while running an invocation (its claim's lease still far from over) runs it
     /// again as soon as it starts.
     #[tokio::test]
