@@ -310,6 +310,12 @@ impl Feed {
         Feed::open(&db).await
     }
 
+    /// Closes a feed that has a file of its own ([`Feed::open_file`]).
+    #[cfg(feature = "s3")]
+    pub(crate) async fn close(&self) {
+        self.db.close().await;
+    }
+
     /// Appends a record in one statement of its own (a change that happened elsewhere: an S3
     /// service acknowledged it) and wakes the waiters.
     #[cfg(feature = "s3")]

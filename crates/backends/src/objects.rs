@@ -551,8 +551,9 @@ impl Objects {
     pub async fn close(&self) {
         match &self.inner.backend {
             Backend::Embedded(e) => e.close().await,
+            // The feed's own file (flushing its WAL).
             #[cfg(feature = "s3")]
-            Backend::Service(_) => {}
+            Backend::Service(s) => s.feed.close().await,
         }
     }
 

@@ -585,6 +585,7 @@ async fn an_s3_backends_feed_survives_a_restart() {
     let m = put(&o, "a", b"one").await;
     o.delete("media", "a", &Condition::None).await.unwrap();
     o.feed().save_cursor("reader", 1).await.unwrap();
+    o.close().await;
     settings.close().await;
     let (o, settings) = open().await;
     let feed = o.feed();
