@@ -4,13 +4,13 @@
 //! "nodes": two handles on one state file for SQLite, two connection pools for PostgreSQL, and
 //! a prefix for the ids it writes.
 
-mod support;
+
 
 use std::time::Duration;
 
 use pixflow_backends::state::now_ms;
 use pixflow_backends::{InvocationLog, NewInvocation, State, Status};
-use support::fresh;
+use crate::support::fresh;
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(InvocationLog, InvocationLog, String)) {
@@ -20,8 +20,8 @@ async fn each(case: impl AsyncFn(InvocationLog, InvocationLog, String)) {
     case(state.invocations(), state.invocations(), fresh("sqlite")).await;
     state.close().await;
     std::fs::remove_dir_all(&dir).unwrap();
-    if let Some(server) = support::postgres_url("invocation log") {
-        let schema = support::Schema::create(&server).await;
+    if let Some(server) = crate::support::postgres_url("invocation log") {
+        let schema = crate::support::Schema::create(&server).await;
         let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
         let b = State::postgres(&schema.url).await.unwrap();
         case(a.invocations(), b.invocations(), fresh("pg")).await;

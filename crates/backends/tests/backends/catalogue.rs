@@ -4,12 +4,12 @@
 //! "nodes": two handles on one state file for SQLite, two connection pools for PostgreSQL, and
 //! a prefix for the names it writes.
 
-mod support;
+
 
 use std::time::Duration;
 
 use pixflow_backends::{Bucket, BucketConfig, Catalogue, CatalogueChange, State};
-use support::fresh;
+use crate::support::fresh;
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(Catalogue, Catalogue, String)) {
@@ -19,8 +19,8 @@ async fn each(case: impl AsyncFn(Catalogue, Catalogue, String)) {
     case(state.catalogue(), state.catalogue(), fresh("sqlite")).await;
     state.close().await;
     std::fs::remove_dir_all(&dir).unwrap();
-    if let Some(server) = support::postgres_url("catalogue") {
-        let schema = support::Schema::create(&server).await;
+    if let Some(server) = crate::support::postgres_url("catalogue") {
+        let schema = crate::support::Schema::create(&server).await;
         let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
         let b = State::postgres(&schema.url).await.unwrap();
         case(a.catalogue(), b.catalogue(), fresh("pg")).await;

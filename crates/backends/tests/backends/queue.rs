@@ -6,21 +6,21 @@
 //! last its `AckWait`, 5 s here: longer than any case holds a lease it means to keep, even on a
 //! loaded machine).
 
-mod support;
+
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use pixflow_backends::state::now_ms;
 use pixflow_backends::{Queue, QueueError, State};
-use support::fresh;
+use crate::support::fresh;
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(Queue, Queue, String)) {
     let state = State::memory().await.unwrap();
     case(state.queue("local").await.unwrap(), state.queue("local").await.unwrap(), fresh("sqlite")).await;
-    if let Some(server) = support::postgres_url("queue") {
-        let schema = support::Schema::create(&server).await;
+    if let Some(server) = crate::support::postgres_url("queue") {
+        let schema = crate::support::Schema::create(&server).await;
         let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
         let b = State::postgres(&schema.url).await.unwrap();
         let (qa, qb) = (a.queue(&fresh("node-a")).await.unwrap(), b.queue(&fresh("node-b")).await.unwrap());
@@ -31,7 +31,7 @@ async fn each(case: impl AsyncFn(Queue, Queue, String)) {
         b.close().await;
         schema.drop().await;
     }
-    if let Some(url) = support::service("PIXFLOW_TEST_NATS_URL", "nats://127.0.0.1:4222") {
+    if let Some(url) = crate::support::service("PIXFLOW_TEST_NATS_URL", "nats://127.0.0.1:4222") {
         let options = pixflow_backends::queue::NatsOptions { ack_wait: Duration::from_secs(5), ..Default::default() };
         let qa = Queue::nats(&url, options.clone(), &fresh("node-a"))
             .await
@@ -284,8 +284,8 @@ async fn closing_the_state_does_not_wait_for_an_open_queue() {
     let queue = state.queue("local").await.unwrap();
     within(10, "closing SQLite", state.close()).await;
     drop(queue);
-    if let Some(server) = support::postgres_url("queue") {
-        let schema = support::Schema::create(&server).await;
+    if let Some(server) = crate::support::postgres_url("queue") {
+        let schema = crate::support::Schema::create(&server).await;
         let state = State::postgres(&schema.url).await.unwrap();
         // Its listener holds a connection while it waits for notifications.
         let queue = state.queue(&fresh("node")).await.unwrap();
