@@ -86,6 +86,32 @@ pub enum ObjectError {
     InvalidCursor,
 }
 
+impl ObjectError {
+    /// A stable name of the error, the one API answers carry.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ObjectError::InvalidBucket { .. } => "invalid_bucket_name",
+            ObjectError::InvalidKey(_) => "invalid_key",
+            ObjectError::InvalidMetadata(_) => "invalid_metadata",
+            ObjectError::NoSuchBucket(_) => "no_such_bucket",
+            ObjectError::NoSuchKey { .. } => "no_such_key",
+            ObjectError::BucketNotEmpty(_) => "bucket_not_empty",
+            ObjectError::PreconditionFailed(_) => "precondition_failed",
+            ObjectError::TooLarge { .. } => "object_too_large",
+            ObjectError::NoSuchUpload(_) => "no_such_upload",
+            ObjectError::InvalidPart(_) | ObjectError::InvalidPartOrder | ObjectError::EntityTooSmall { .. } => {
+                "invalid_part"
+            }
+            ObjectError::TooManyUploads(_) => "overloaded",
+            ObjectError::Io(_) | ObjectError::Catalogue(_) => "internal",
+            ObjectError::Service(_) => "object_service_failed",
+            ObjectError::NotInService(_) => "bucket_not_in_service",
+            ObjectError::Unsupported(_) => "not_supported_by_backend",
+            ObjectError::InvalidCursor => "invalid_cursor",
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, ObjectError>;
 
 /// A bucket's settings.

@@ -40,6 +40,16 @@ pub enum StateError {
     Unsupported(&'static str),
 }
 
+impl StateError {
+    /// A stable name of the error, the one API answers carry.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StateError::Unavailable(_) | StateError::Connect { .. } => "state_unavailable",
+            StateError::InvalidUrl(_) | StateError::Unsupported(_) => "internal",
+        }
+    }
+}
+
 impl From<sqlx::Error> for StateError {
     fn from(e: sqlx::Error) -> StateError {
         StateError::Unavailable(e.to_string())

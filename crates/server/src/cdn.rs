@@ -421,14 +421,17 @@ async fn run(
     let cacheable = meta.etag == source.etag;
     let renditions = match t {
         Transform::Preset(f) => {
-            let invocation = pixflow_runtime::Invocation {
-                referenced_bytes: input.len() as u64,
-                input,
-                platform_params: platform,
-                ..Default::default()
+            let call = crate::dispatch::Call {
+                input: Some(crate::dispatch::Source::Read(input)),
+                inputs: Default::default(),
+                params: Vec::new(),
+                platform,
+                content_type: None,
+                mode: crate::dispatch::Mode::Raw,
+                output: crate::dispatch::Destination::Caller,
             };
-            let out = pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), Some(ticket)).await?;
-            match out.produced {
+            let done = crate::dispatch::call(app, f, call, Some(ticket), None).await?;
+            match done.output.produced {
                 pixflow_runtime::Produced::Renditions(r) => r,
                 pixflow_runtime::Produced::Reply(_) => {
                     return Err(Problem::internal("a CDN preset answered as a process"));

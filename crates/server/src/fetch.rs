@@ -17,7 +17,47 @@ use std::time::Duration;
 use axum::http::{StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty, Limited};
 
-use crate::problem::Problem;
+use pixflow_runtime::InvokeError;
+
+/// Why a URL was not fetched.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FetchError {
+    /// The URL is not one the node may fetch (its form, its host, an address it resolves to).
+    #[error("{0}")]
+    Refused(String),
+    /// The origin failed, or answered other than `200 OK`.
+    #[error("{0}")]
+    Origin(String),
+    #[error("the origin did not answer in time")]
+    Timeout,
+    /// The answer is larger than the function reads.
+    #[error("the origin's answer is {size} bytes; this function reads at most {limit}")]
+    TooLarge { size: String, limit: u64 },
+    /// The node cannot hold the answer now.
+    #[error(transparent)]
+    Node(#[from] InvokeError),
+}
+
+impl FetchError {
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            FetchError::Refused(_) => "url_not_allowed",
+            FetchError::Origin(_) => "origin_failed",
+            FetchError::Timeout => "origin_timeout",
+            FetchError::TooLarge { .. } => "origin_too_large",
+            FetchError::Node(e) => e.code(),
+        }
+    }
+
+    /// Whether fetching again could succeed.
+    pub(crate) fn retryable(&self) -> bool {
+        match self {
+            FetchError::Origin(_) | FetchError::Timeout => true,
+            FetchError::Refused(_) | FetchError::TooLarge { .. } => false,
+            FetchError::Node(e) => e.retryable(),
+        }
+    }
+}
 
 const MAX_URL: usize = 2048;
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -169,8 +209,8 @@ pub(crate) struct Target {
     pub(crate) path: String,
 }
 
-fn refuse(why: impl Into<String>) -> Problem {
-    Problem::new(StatusCode::FORBIDDEN, "url_not_allowed", why)
+fn refuse(why: impl Into<String>) -> FetchError {
+    FetchError::Refused(why.into())
 }
 
 impl UrlPolicy {
@@ -198,7 +238,7 @@ impl UrlPolicy {
     }
 
     /// Checks a URL against the host allow-list (no I/O): where to connect and what to ask.
-    pub(crate) fn check(&self, url: &str) -> Result<Target, Problem> {
+    pub(crate) fn check(&self, url: &str) -> Result<Target, FetchError> {
         if url.len() > MAX_URL {
             return Err(refuse(format!("the URL is longer than {MAX_URL} characters")));
         }
@@ -225,7 +265,7 @@ impl UrlPolicy {
     }
 
     /// Resolves the host and checks every address; returns one to connect to.
-    async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, Problem> {
+    async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, FetchError> {
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((host, port)))
@@ -245,8 +285,8 @@ impl UrlPolicy {
     }
 }
 
-fn origin(why: impl Into<String>) -> Problem {
-    Problem::new(StatusCode::BAD_GATEWAY, "origin_failed", why)
+fn origin(why: impl Into<String>) -> FetchError {
+    FetchError::Origin(why.into())
 }
 
 /// Fetches a URL source: at most `limit` bytes, within the deadline. `reserve` is told how
@@ -255,8 +295,8 @@ pub(crate) async fn fetch(
     policy: &UrlPolicy,
     url: &str,
     limit: u64,
-    reserve: &mut (dyn FnMut(u64) -> Result<(), Problem> + Send),
-) -> Result<Vec<u8>, Problem> {
+    reserve: &mut (dyn FnMut(u64) -> Result<(), InvokeError> + Send),
+) -> Result<Vec<u8>, FetchError> {
     let Target { tls, host, port, path } = policy.check(url)?;
     let work = async {
         let addr = policy.resolve(&host, port).await?;
@@ -289,13 +329,7 @@ pub(crate) async fn fetch(
             return Err(origin(format!("the origin answered {status}")));
         }
         let declared = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let too_large = |n: String| {
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "origin_too_large",
-                format!("the origin's answer is {n} bytes; this function reads at most {limit}"),
-            )
-        };
+        let too_large = |size: String| FetchError::TooLarge { size, limit };
         if let Some(n) = declared.filter(|n| *n > limit) {
             return Err(too_large(n.to_string()));
         }
@@ -309,9 +343,7 @@ pub(crate) async fn fetch(
             Err(e) => Err(origin(format!("reading the origin's answer: {e}"))),
         }
     };
-    tokio::time::timeout(DEADLINE, work)
-        .await
-        .map_err(|_| Problem::new(StatusCode::GATEWAY_TIMEOUT, "origin_timeout", "the origin did not answer in time"))?
+    tokio::time::timeout(DEADLINE, work).await.map_err(|_| FetchError::Timeout)?
 }
 
 /// Sends one request over a connection (HTTP/1.1).
@@ -319,7 +351,7 @@ async fn send(
     io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     req: hyper::Request<Empty<bytes::Bytes>>,
     addr: SocketAddr,
-) -> Result<hyper::Response<hyper::body::Incoming>, Problem> {
+) -> Result<hyper::Response<hyper::body::Incoming>, FetchError> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| origin(format!("talking to {addr}: {e}")))?;
@@ -408,7 +440,7 @@ mod tests {
             ("https://evil.example.com/", "url_not_allowed"),
             ("not a url", "url_not_allowed"),
         ] {
-            assert_eq!(p.check(bad).unwrap_err().code, code, "{bad}");
+            assert_eq!(p.check(bad).unwrap_err().code(), code, "{bad}");
         }
         let v6 =
             UrlPolicy { hosts: vec!["[2606:4700::1111]:8080".into(), "2a00:1450::1".into()], ..Default::default() };
@@ -419,6 +451,6 @@ mod tests {
         assert!(Tls::with_roots(b"not a certificate").is_err());
         assert!(Tls::with_roots(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
         let off = UrlPolicy::default();
-        assert!(off.check("http://images.example.com/").unwrap_err().detail.contains("--url-allow"));
+        assert!(off.check("http://images.example.com/").unwrap_err().to_string().contains("--url-allow"));
     }
 }

@@ -24,25 +24,17 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use pixflow_runtime::function::NodeTicket;
-use pixflow_runtime::{AuthMode, Function, Invocation, Output, Produced};
-use serde::{Deserialize, Serialize};
+use pixflow_runtime::{AuthMode, Function, Output, Produced};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::App;
 use crate::auth;
+use crate::dispatch::{Call, Destination, Mode, ObjectRef, OutputRequest, Remote, Source, rendition_meta};
 use crate::functions::{not_found, read_body};
 use crate::problem::Problem;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-/// How the caller spoke, so the answer (now or from the queue) speaks the same way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Mode {
-    Raw,
-    Json,
-}
 
 /// Bytes in a JSON document: inline base64, or a reference to a stored object.
 #[derive(Deserialize)]
@@ -54,47 +46,6 @@ struct Data {
     etag: Option<String>,
     /// An `http://` URL the node fetches (allowed origins only; see `fetch`).
     url: Option<String>,
-}
-
-/// A stored object named as an input; with `etag`, only that content is accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ObjectRef {
-    pub bucket: String,
-    pub key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etag: Option<String>,
-}
-
-/// An input the node reads itself: a stored object or a URL (queued as it is).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Remote {
-    Object(ObjectRef),
-    Url(String),
-}
-
-/// Where an input's bytes are.
-pub(crate) enum Source {
-    Inline(Vec<u8>),
-    Remote(Remote),
-}
-
-impl Remote {
-    /// Refuses now what would only fail when read: a missing object, a URL the policy refuses.
-    pub(crate) async fn check(&self, app: &App) -> Result<(), Problem> {
-        match self {
-            Remote::Object(r) => app.objects.head(&r.bucket, &r.key).await.map(|_| ()).map_err(Problem::from),
-            Remote::Url(u) => app.config.url_policy.check(u).map(|_| ()),
-        }
-    }
-
-    /// Reads the bytes under the function's input limit; they join the request's ticket.
-    async fn read(&self, app: &App, f: &Function, ticket: Option<&mut NodeTicket>) -> Result<Vec<u8>, Problem> {
-        match self {
-            Remote::Object(r) => read_stored(app, f, r, ticket).await,
-            Remote::Url(u) => fetch_url(app, f, u, ticket).await,
-        }
-    }
 }
 
 impl Data {
@@ -115,23 +66,6 @@ impl Data {
                 "{what}: give `base64`, `url`, or `bucket` and `key` (and maybe `etag`)"
             ))),
         }
-    }
-}
-
-/// Where results go, as a request names it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct OutputRequest {
-    pub bucket: String,
-    /// Key template (see `pixflow_runtime::output`).
-    pub key: String,
-}
-
-impl OutputRequest {
-    fn target(&self) -> Result<pixflow_runtime::OutputTarget, Problem> {
-        pixflow_backends::objects::check_bucket(&self.bucket)?;
-        let spec = pixflow_runtime::OutputSpec { bucket: self.bucket.clone(), key: self.key.clone() };
-        pixflow_runtime::OutputTarget::parse(&spec).map_err(|e| Problem::bad_request(format!("output.{e}")))
     }
 }
 
@@ -198,45 +132,8 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")))
 }
 
-/// A request as read, before stored inputs are fetched.
-pub(crate) struct Parsed {
-    pub input: Option<Source>,
-    pub inputs: BTreeMap<String, Source>,
-    pub params: Vec<(String, String)>,
-    pub content_type: Option<String>,
-    pub mode: Mode,
-    pub output: Option<OutputRequest>,
-}
-
-impl Parsed {
-    /// Bytes the request carried itself (what `max_request_bytes` bounds).
-    fn inline_bytes(&self) -> u64 {
-        let inline = |s: &Source| if let Source::Inline(b) = s { b.len() as u64 } else { 0 };
-        self.input.as_ref().map_or(0, inline) + self.inputs.values().map(inline).sum::<u64>()
-    }
-
-    /// The key of the main input when it is a stored object (what `{source_key}` fills in).
-    fn source_key(&self) -> Option<&str> {
-        match &self.input {
-            Some(Source::Remote(Remote::Object(r))) => Some(&r.key),
-            _ => None,
-        }
-    }
-
-    /// Refuses an output key template that names the source key of an input that has none.
-    fn check_output(&self, target: Option<&pixflow_runtime::OutputTarget>) -> Result<(), Problem> {
-        match target {
-            Some(t) if t.key.needs_source() && self.source_key().is_none() => Err(Problem::bad_request(format!(
-                "output key `{}` names the source key: send the input as an object reference",
-                t.key.as_str()
-            ))),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// Reads the request.
-async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: Body) -> Result<Parsed, Problem> {
+async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: Body) -> Result<Call, Problem> {
     let max = f.deployment.quota.max_request_bytes;
     let is_json = is_json(headers);
     let mut params: Vec<(String, String)> = match &query {
@@ -249,13 +146,14 @@ async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: 
     if !is_json {
         let input = read_body(body, max).await?.to_vec();
         let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        return Ok(Parsed {
+        return Ok(Call {
             input: Some(Source::Inline(input)),
             inputs: BTreeMap::new(),
             params,
+            platform: Vec::new(),
             content_type,
             mode: Mode::Raw,
-            output: None,
+            output: Destination::Default,
         });
     }
     let body = read_body(body, json_limit(max)).await?;
@@ -278,229 +176,22 @@ async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: 
         let source = d.source(&format!("inputs.{name}"))?;
         inputs.insert(name, source);
     }
-    Ok(Parsed { input, inputs, params, content_type: None, mode: Mode::Json, output: req.output })
-}
-
-/// Reads one stored input: refused before reading when larger than the function takes, or
-/// when the node cannot hold it (the bytes join the request's ticket); `etag` pins the content.
-async fn read_stored(
-    app: &App,
-    f: &Function,
-    r: &ObjectRef,
-    ticket: Option<&mut NodeTicket>,
-) -> Result<Vec<u8>, Problem> {
-    let limit = f.deployment.quota.limits.max_input_bytes;
-    let head = app.objects.head(&r.bucket, &r.key).await?;
-    if head.size > limit {
-        return Err(pixflow_backends::ObjectError::TooLarge { limit, actual: head.size }.into());
-    }
-    let mut ticket = ticket;
-    if let Some(t) = ticket.as_deref_mut() {
-        t.grow(head.size)?;
-    }
-    // Replaced by a larger version since the lookup: still within the limit, and held too.
-    let (meta, bytes) = app.objects.read(&r.bucket, &r.key, limit).await?;
-    if let Some(t) = ticket
-        && bytes.len() as u64 > head.size
-    {
-        t.grow(bytes.len() as u64 - head.size)?;
-    }
-    if r.etag.as_ref().is_some_and(|e| *e != meta.etag) {
-        return Err(Problem::new(
-            StatusCode::PRECONDITION_FAILED,
-            "precondition_failed",
-            format!("`{}` in `{}` no longer has ETag {}", r.key, r.bucket, r.etag.as_deref().unwrap_or_default()),
-        ));
-    }
-    Ok(bytes)
-}
-
-/// Fetches a URL source (allowed origins, public addresses, the function's input limit); its
-/// bytes join the request's ticket.
-async fn fetch_url(
-    app: &App,
-    f: &Function,
-    url: &str,
-    mut ticket: Option<&mut NodeTicket>,
-) -> Result<Vec<u8>, Problem> {
-    let mut reserve = |n: u64| match ticket.as_deref_mut() {
-        Some(t) => t.grow(n).map_err(Problem::from),
-        None => Ok(()),
-    };
-    crate::fetch::fetch(&app.config.url_policy, url, f.deployment.quota.limits.max_input_bytes, &mut reserve).await
-}
-
-/// The invocation with every stored input read; the key of the stored main input, if any.
-pub(crate) async fn resolve(
-    app: &App,
-    f: &Function,
-    parsed: Parsed,
-    mut ticket: Option<&mut NodeTicket>,
-) -> Result<(Invocation, Option<String>), Problem> {
-    let source_key = parsed.source_key().map(str::to_owned);
-    let mut referenced = 0u64;
-    let input = match parsed.input {
-        None => Vec::new(),
-        Some(source) => bytes_of(app, f, source, ticket.as_deref_mut(), &mut referenced).await?,
-    };
-    let mut inputs = BTreeMap::new();
-    for (name, source) in parsed.inputs {
-        inputs.insert(name, bytes_of(app, f, source, ticket.as_deref_mut(), &mut referenced).await?);
-    }
-    let invocation = Invocation {
-        input,
-        params: parsed.params,
-        inputs,
-        content_type: parsed.content_type,
-        referenced_bytes: referenced,
-        platform_params: Vec::new(),
-    };
-    Ok((invocation, source_key))
-}
-
-/// An input's bytes; those the node read itself are added to `referenced`.
-async fn bytes_of(
-    app: &App,
-    f: &Function,
-    source: Source,
-    ticket: Option<&mut NodeTicket>,
-    referenced: &mut u64,
-) -> Result<Vec<u8>, Problem> {
-    match source {
-        Source::Inline(b) => Ok(b),
-        Source::Remote(r) => {
-            let bytes = r.read(app, f, ticket).await?;
-            *referenced += bytes.len() as u64;
-            Ok(bytes)
-        }
-    }
-}
-
-/// Where this request's results are stored, if anywhere: the request's `output`, else the
-/// manifest's.
-pub(crate) fn output_target(
-    f: &Function,
-    requested: Option<&OutputRequest>,
-) -> Result<Option<pixflow_runtime::OutputTarget>, Problem> {
-    match requested {
-        Some(o) => o.target().map(Some),
-        None => Ok(f.deployment.output.clone()),
-    }
-}
-
-/// One result to store: its bytes and what it is.
-pub(crate) struct Stored<'a> {
-    pub bytes: &'a [u8],
-    pub content_type: &'a str,
-    pub ext: &'a str,
-    pub name: Option<&'a str>,
-    pub width: u32,
-    pub height: u32,
-    /// Facts about the result to show beside the object (size, frame, ...).
-    pub meta: Value,
-}
-
-/// Stores results under the target's keys (all keys distinct, checked before anything is
-/// written), as writes of `function` (invoked by a client: one hop), and describes the objects.
-pub(crate) async fn store_results(
-    app: &App,
-    function: &str,
-    target: &pixflow_runtime::OutputTarget,
-    source_key: Option<&str>,
-    id: &str,
-    results: Vec<Stored<'_>>,
-) -> Result<Vec<Value>, Problem> {
-    use sha2::Digest as _;
-    let mut keys = Vec::with_capacity(results.len());
-    for (index, r) in results.iter().enumerate() {
-        let hash = hex::encode(sha2::Sha256::digest(r.bytes));
-        let vars = pixflow_runtime::KeyVars {
-            source_key,
-            name: r.name,
-            ext: r.ext,
-            width: r.width,
-            height: r.height,
-            index,
-            hash: &hash,
-            id,
-        };
-        let key = target.key.expand(&vars).map_err(|e| Problem::bad_request(format!("output: {e}")))?;
-        pixflow_backends::objects::check_key(&key)
-            .map_err(|e| Problem::bad_request(format!("output key `{key}` (from `{}`): {e}", target.key.as_str())))?;
-        if keys.contains(&key) {
-            return Err(Problem::bad_request(format!(
-                "output: key template `{}` gives `{key}` to two renditions; use {{name}}, {{index}} or {{hash}}",
-                target.key.as_str()
-            )));
-        }
-        keys.push(key);
-    }
-    let public = app.objects.bucket(&target.bucket).await?.is_some_and(|b| b.config.public);
-    let objects = app.objects.by(pixflow_backends::Actor::function(function, 1));
-    let mut described = Vec::with_capacity(results.len());
-    for (r, key) in results.into_iter().zip(keys) {
-        let meta = objects
-            .put(&target.bucket, &key, r.content_type, &BTreeMap::new(), &pixflow_backends::Condition::None, r.bytes)
-            .await?;
-        let mut v = r.meta;
-        if let (Value::Object(v), Value::Object(o)) = (&mut v, crate::objects::describe_object(app, &meta, public)) {
-            v.extend(o);
-        }
-        described.push(v);
-    }
-    Ok(described)
-}
-
-/// The results of a run as storable items.
-pub(crate) fn storable(produced: &Produced) -> Vec<Stored<'_>> {
-    match produced {
-        Produced::Renditions(renditions) => renditions
-            .iter()
-            .map(|r| Stored {
-                bytes: &r.bytes,
-                content_type: r.format.mime(),
-                ext: r.format.extension(),
-                name: r.name.as_deref(),
-                width: r.width,
-                height: r.height,
-                meta: rendition_meta(r),
-            })
-            .collect(),
-        Produced::Reply(reply) => vec![Stored {
-            bytes: &reply.bytes,
-            content_type: &reply.content_type,
-            ext: extension_of(&reply.content_type),
-            name: None,
-            width: 0,
-            height: 0,
-            meta: json!({"content_type": reply.content_type, "size": reply.bytes.len()}),
-        }],
-    }
-}
-
-/// The `{ext}` of a process function's answer: its media type's, `json`, else `bin`.
-fn extension_of(content_type: &str) -> &'static str {
-    match pixflow_imageops::OutFormat::from_mime(content_type) {
-        Some(f) => f.extension(),
-        None if content_type.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) => {
-            "json"
-        }
-        None => "bin",
-    }
+    let output = req.output.map_or(Destination::Default, Destination::To);
+    Ok(Call { input, inputs, params, platform: Vec::new(), content_type: None, mode: Mode::Json, output })
 }
 
 /// What a caller without a token may name in a request to an open (`auth: none`) function:
 /// stored inputs in public buckets only (others look missing, as on the CDN), and no `output`
 /// of its own (the manifest's output still applies).
-async fn guard_anonymous(app: &App, parsed: &Parsed) -> Result<(), Problem> {
-    if parsed.output.is_some() {
+async fn guard_anonymous(app: &App, call: &Call) -> Result<(), Problem> {
+    if call.output != Destination::Default {
         return Err(Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "naming where results are stored needs an API token (`Authorization: Bearer ...`)",
         ));
     }
-    for source in parsed.input.iter().chain(parsed.inputs.values()) {
+    for source in call.input.iter().chain(call.inputs.values()) {
         if let Source::Remote(Remote::Object(r)) = source {
             let public = app.objects.bucket(&r.bucket).await?.is_some_and(|b| b.config.public);
             if !public {
@@ -545,19 +236,18 @@ pub(crate) async fn invoke(
     }
     // An open function's anonymous callers reach only what is public anyway.
     let anonymous = f.deployment.auth == AuthMode::None && auth::role(&app.catalogue, &headers).await.is_err();
-    let mut ticket = app.node.admit(reserve(&f, &headers)?)?;
-    let parsed = decode(&f, query, &headers, body).await?;
+    let ticket = app.node.admit(reserve(&f, &headers)?)?;
+    let call = decode(&f, query, &headers, body).await?;
     if anonymous {
-        guard_anonymous(&app, &parsed).await?;
+        guard_anonymous(&app, &call).await?;
     }
     // Inline bytes are bounded by the request limit, checked before anything is read or queued.
-    let size = parsed.inline_bytes();
+    let size = call.inline_bytes();
     let max = f.deployment.quota.max_request_bytes;
     if size > max {
         return Err(pixflow_runtime::InvokeError::RequestTooLarge { limit: max, actual: size }.into());
     }
-    let target = output_target(&f, parsed.output.as_ref())?;
-    parsed.check_output(target.as_ref())?;
+    call.target(&f)?;
     if asynchronous {
         let callback = match headers.get("x-callback-url") {
             None => None,
@@ -567,42 +257,40 @@ pub(crate) async fn invoke(
                 Some(url.to_owned())
             }
         };
-        return crate::dispatch::accept(&app, &f, parsed, callback).await;
+        let id = crate::dispatch::accept(&app, &f, call, callback).await?;
+        return Ok(accepted(&id));
     }
-    let mode = parsed.mode;
-    let (invocation, source_key) = resolve(&app, &f, parsed, Some(&mut ticket)).await?;
-    // A new version may have rolled out while the body arrived: the request goes to it.
-    let f = match app.registry.get(&name) {
-        Some(latest) if f.is_retired() => latest,
-        _ => f,
+    let mode = call.mode;
+    let done = crate::dispatch::call(&app, f, call, Some(ticket), None).await?;
+    let (f, out) = (done.function, done.output);
+    let Some(objects) = done.stored else {
+        return Ok(respond(&f, out, mode));
     };
-    let out = pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), Some(ticket)).await?;
-    match target {
-        None => Ok(respond(&f, out, mode)),
-        Some(target) => {
-            if let Produced::Reply(r) = &out.produced
-                && !(200..300).contains(&r.status)
-            {
-                // A process function's error is relayed, not stored.
-                return Ok(respond(&f, out, mode));
-            }
-            let id = auth::invocation_id().map_err(Problem::internal)?;
-            let stored = storable(&out.produced);
-            let objects = store_results(&app, &f.deployment.name, &target, source_key.as_deref(), &id, stored).await?;
-            let timing = format!("queue;dur={:.3}, cpu;dur={:.3}", ms(out.queued), ms(out.cpu));
-            let mut resp = Json(json!({
-                "function": f.deployment.name,
-                "version": f.deployment.version,
-                "objects": objects,
-                "timing": {"queued_ms": ms(out.queued), "cpu_ms": ms(out.cpu)},
-            }))
-            .into_response();
-            if let Ok(v) = HeaderValue::from_str(&timing) {
-                resp.headers_mut().insert("server-timing", v);
-            }
-            Ok(resp)
-        }
+    let timing = format!("queue;dur={:.3}, cpu;dur={:.3}", ms(out.queued), ms(out.cpu));
+    let mut resp = Json(json!({
+        "function": f.deployment.name,
+        "version": f.deployment.version,
+        "objects": objects,
+        "timing": {"queued_ms": ms(out.queued), "cpu_ms": ms(out.cpu)},
+    }))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&timing) {
+        resp.headers_mut().insert("server-timing", v);
     }
+    Ok(resp)
+}
+
+/// `202 Accepted`: where to follow an asynchronous invocation.
+fn accepted(id: &str) -> Response {
+    let location = format!("/v1/invocations/{id}");
+    let mut resp =
+        (StatusCode::ACCEPTED, Json(json!({"id": id, "status": "queued", "status_url": location}))).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert("preference-applied", HeaderValue::from_static("respond-async"));
+    resp
 }
 
 /// The answer to a successful synchronous invocation.
@@ -652,21 +340,6 @@ fn respond(f: &Function, out: Output, mode: Mode) -> Response {
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// What a rendition is, without its bytes.
-pub(crate) fn rendition_meta(r: &pixflow_imageops::Rendition) -> Value {
-    let mut v = json!({
-        "name": r.name,
-        "content_type": r.format.mime(),
-        "width": r.width,
-        "height": r.height,
-        "size": r.bytes.len(),
-    });
-    if let Some(pos) = r.frame {
-        v["frame"] = json!({"index": pos.index, "time_ms": pos.time_ms, "duration_ms": pos.duration_ms});
-    }
-    v
 }
 
 #[cfg(test)]

@@ -172,6 +172,52 @@ impl From<pixflow_backends::ObjectError> for Problem {
     }
 }
 
+impl From<pixflow_backends::QueueError> for Problem {
+    fn from(e: pixflow_backends::QueueError) -> Problem {
+        tracing::error!(error = %e, "queue");
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable", "the queue is unavailable; retry later")
+            .retry_after(Duration::from_secs(5))
+    }
+}
+
+impl From<crate::fetch::FetchError> for Problem {
+    fn from(e: crate::fetch::FetchError) -> Problem {
+        use crate::fetch::FetchError as E;
+        let status = match e {
+            E::Node(inner) => return inner.into(),
+            E::Refused(_) => StatusCode::FORBIDDEN,
+            E::Origin(_) => StatusCode::BAD_GATEWAY,
+            E::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+        Problem::new(status, e.code(), e.to_string())
+    }
+}
+
+/// A dispatch error as the API tells it: its code, and the status that fits it.
+impl From<crate::dispatch::Error> for Problem {
+    fn from(e: crate::dispatch::Error) -> Problem {
+        use crate::dispatch::Error as E;
+        let code = e.code();
+        match e {
+            E::Invalid(detail) => Problem::bad_request(detail),
+            E::NoFunction(name) => crate::functions::not_found(&name),
+            E::Changed { .. } => Problem::new(StatusCode::PRECONDITION_FAILED, code, e.to_string()),
+            E::Answered { .. } => Problem::new(StatusCode::BAD_GATEWAY, code, e.to_string()),
+            E::Lost => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, code, e.to_string()),
+            E::QueueFull { .. } => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string()).retry_after(Duration::from_secs(5))
+            }
+            E::Invoke(e) => e.into(),
+            E::Object(e) => e.into(),
+            E::Fetch(e) => e.into(),
+            E::State(e) => e.into(),
+            E::Queue(e) => e.into(),
+            E::Internal(detail) => Problem::internal(detail),
+        }
+    }
+}
+
 /// The status of each engine error (decision 002's table).
 pub fn engine(e: &EngineError) -> Problem {
     let status = match e {

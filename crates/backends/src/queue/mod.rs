@@ -65,6 +65,19 @@ pub enum QueueError {
     Unavailable(String),
 }
 
+impl QueueError {
+    /// A stable name of the error, the one API answers carry.
+    pub fn code(&self) -> &'static str {
+        match self {
+            QueueError::Stale => "stale_lease",
+            QueueError::TooLarge { .. } => "message_too_large",
+            QueueError::InvalidName(_) => "invalid_queue_name",
+            QueueError::InvalidId => "invalid_deduplication_id",
+            QueueError::Unavailable(_) => "queue_unavailable",
+        }
+    }
+}
+
 impl From<sqlx::Error> for QueueError {
     fn from(e: sqlx::Error) -> QueueError {
         QueueError::Unavailable(e.to_string())

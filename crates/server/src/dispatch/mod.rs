@@ -13,25 +13,25 @@
 //! an attempt runs, a heartbeat renews the lease, so a node that dies leaves its work to other
 //! consumers within [`LEASE`] (and its own next start takes it back at once).
 
+mod call;
+mod error;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use pixflow_backends::{Delivery, InvocationRow, Lease, Queue, QueueError, Status};
-use pixflow_runtime::{Function, InvokeError, Produced};
+use pixflow_runtime::{Function, Produced};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+pub(crate) use call::{Call, Destination, Mode, ObjectRef, OutputRequest, Remote, Source, call, rendition_meta};
+pub(crate) use error::Error;
+
 use crate::App;
 use crate::auth;
-use crate::invoke::{
-    Mode, OutputRequest, Parsed, Remote, Source, output_target, rendition_meta, resolve, storable, store_results,
-};
 use crate::problem::Problem;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -65,8 +65,8 @@ pub(crate) struct QueuedMeta {
 }
 
 impl QueuedMeta {
-    /// The request again, as [`decode`] would have read it.
-    pub(crate) fn into_parsed(self, payload: Vec<u8>) -> Result<Parsed, String> {
+    /// The call again, as it was accepted.
+    pub(crate) fn into_call(self, payload: Vec<u8>) -> Result<Call, String> {
         let mut inputs = BTreeMap::new();
         for (name, b64) in self.inputs {
             let bytes = B64.decode(b64).map_err(|e| format!("stored input {name}: {e}"))?;
@@ -74,47 +74,35 @@ impl QueuedMeta {
         }
         inputs.extend(self.inputs_remote.into_iter().map(|(name, r)| (name, Source::Remote(r))));
         let input = Some(self.input_remote.map_or(Source::Inline(payload), Source::Remote));
-        Ok(Parsed {
+        Ok(Call {
             input,
             inputs,
             params: self.params,
+            platform: Vec::new(),
             content_type: self.content_type,
             mode: self.mode,
-            output: self.output,
+            output: self.output.map_or(Destination::Default, Destination::To),
         })
     }
 }
 
-/// Accepts an asynchronous invocation: checks what would only fail later, records it in the
-/// log, queues its id, and answers `202 Accepted` with where to follow it.
-pub(crate) async fn accept(
-    app: &App,
-    f: &Function,
-    parsed: Parsed,
-    callback: Option<String>,
-) -> Result<Response, Problem> {
+/// Accepts an asynchronous call: checks what would only fail later, records it in the log
+/// and queues its id, which it returns.
+pub(crate) async fn accept(app: &App, f: &Function, call: Call, callback: Option<String>) -> Result<String, Error> {
     if app.stopping() {
         return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
     }
-    let depth = app.queue.depth(QUEUE).await.map_err(queue_problem)?;
+    let depth = app.queue.depth(QUEUE).await?;
     if depth >= app.config.max_async_queued {
-        return Err(Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "async_queue_full",
-            format!(
-                "{depth} asynchronous invocations are waiting (the node holds {}); retry later",
-                app.config.max_async_queued
-            ),
-        )
-        .retry_after(std::time::Duration::from_secs(5)));
+        return Err(Error::QueueFull { depth, max: app.config.max_async_queued });
     }
     // Refuse now what would only fail later: parameters, stored inputs and the output.
     if f.processes.is_none() {
-        f.pipeline(&parsed.params)?;
+        f.pipeline(&call.params)?;
     }
     let (mut payload, mut input_remote) = (Vec::new(), None);
-    match parsed.input {
-        Some(Source::Inline(b)) => payload = b,
+    match call.input {
+        Some(Source::Inline(b) | Source::Read(b)) => payload = b,
         Some(Source::Remote(r)) => {
             r.check(app).await?;
             input_remote = Some(r);
@@ -122,9 +110,9 @@ pub(crate) async fn accept(
         None => {}
     }
     let (mut inputs, mut inputs_remote) = (BTreeMap::new(), BTreeMap::new());
-    for (name, source) in parsed.inputs {
+    for (name, source) in call.inputs {
         match source {
-            Source::Inline(b) => {
+            Source::Inline(b) | Source::Read(b) => {
                 inputs.insert(name, B64.encode(b));
             }
             Source::Remote(r) => {
@@ -133,21 +121,28 @@ pub(crate) async fn accept(
             }
         }
     }
+    let output = match call.output {
+        Destination::To(o) => Some(o),
+        Destination::Default => None,
+        Destination::Caller => {
+            return Err(Error::Invalid("an asynchronous call's results are kept or stored, not answered".into()));
+        }
+    };
     let meta = QueuedMeta {
-        mode: parsed.mode,
-        content_type: parsed.content_type,
-        params: parsed.params,
+        mode: call.mode,
+        content_type: call.content_type,
+        params: call.params,
         inputs,
         input_remote,
         inputs_remote,
-        output: parsed.output,
+        output,
     };
-    let id = auth::invocation_id().map_err(Problem::internal)?;
+    let id = auth::invocation_id().map_err(|e| Error::Internal(e.to_string()))?;
     let new = pixflow_backends::NewInvocation {
         id: id.clone(),
         function: f.deployment.name.clone(),
         max_attempts: f.deployment.retry.attempts,
-        meta: serde_json::to_string(&meta).map_err(Problem::internal)?,
+        meta: serde_json::to_string(&meta).map_err(|e| Error::Internal(e.to_string()))?,
         payload,
         callback,
     };
@@ -157,39 +152,20 @@ pub(crate) async fn accept(
         if let Err(e) = app.invocations.delete_invocation(&id).await {
             tracing::error!(%id, error = %e, "forgetting an invocation that could not be queued");
         }
-        return Err(queue_problem(e));
+        return Err(e.into());
     }
     metrics::counter!("pixflow_async_accepted_total", "function" => f.deployment.name.clone()).increment(1);
-    let location = format!("/v1/invocations/{id}");
-    let mut resp =
-        (StatusCode::ACCEPTED, Json(json!({"id": id, "status": "queued", "status_url": location}))).into_response();
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        h.insert(header::LOCATION, v);
-    }
-    h.insert("preference-applied", HeaderValue::from_static("respond-async"));
-    Ok(resp)
-}
-
-/// A queue failure as the API tells it.
-pub(crate) fn queue_problem(e: QueueError) -> Problem {
-    tracing::error!(error = %e, "asynchronous invocation queue");
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "queue_unavailable",
-        "the invocation queue is unavailable; retry later",
-    )
-    .retry_after(Duration::from_secs(5))
+    Ok(id)
 }
 
 /// Re-drives a dead-lettered invocation: a fresh set of attempts under a new message. `false`:
 /// it was not dead-lettered.
-pub(crate) async fn redrive(app: &App, id: &str) -> Result<bool, Problem> {
+pub(crate) async fn redrive(app: &App, id: &str) -> Result<bool, Error> {
     let Some(message) = app.invocations.redrive(id).await? else {
         return Ok(false);
     };
     // Should this fail, the next start queues it (see [`reconcile`]).
-    app.queue.enqueue(QUEUE, &message, id.as_bytes(), Duration::ZERO).await.map_err(queue_problem)?;
+    app.queue.enqueue(QUEUE, &message, id.as_bytes(), Duration::ZERO).await?;
     Ok(true)
 }
 
@@ -238,8 +214,9 @@ async fn work(app: Arc<App>, lease: Duration) {
     }
 }
 
-fn problem_json(p: &Problem) -> String {
-    serde_json::to_string(p).unwrap_or_default()
+/// An error as the invocation log keeps it: as the API will show it (problem JSON).
+fn recorded_error(e: Error) -> String {
+    serde_json::to_string(&Problem::from(e)).unwrap_or_default()
 }
 
 /// Deletes finished invocations past the retention period, and settled queue messages past
@@ -317,13 +294,10 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
     let (recorded, settle, reason) = if row.attempts > row.max_attempts {
         // Its last attempt was lost with its node (stopped while running it, maybe because of
         // it). It is not run again.
-        let problem = Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "attempt_lost",
-            "the node stopped while running the last attempt",
-        );
         metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
-        (app.invocations.bury(&id, &token, &problem_json(&problem)).await, Settle::Dead, problem.code.to_owned())
+        let error = Error::Lost;
+        let code = error.code();
+        (app.invocations.bury(&id, &token, &recorded_error(error)).await, Settle::Dead, code.to_owned())
     } else {
         let Some(outcome) = with_lease(&app.queue, &held, lease, attempt(app, &row, payload)).await else {
             tracing::warn!(%id, function = %row.function, "another claim took this invocation over; attempt given up");
@@ -333,10 +307,16 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
             Ok((meta, bytes)) => {
                 (app.invocations.finish(&id, &token, &meta, &bytes).await, Settle::Done, String::new())
             }
-            Err((problem, retry)) => {
-                let error = problem_json(&problem);
+            Err(e) => {
+                let code = e.code();
+                let retry = if e.retryable() && row.attempts < row.max_attempts {
+                    app.registry.get(&row.function).map(|f| f.deployment.retry.delay(row.attempts + 1))
+                } else {
+                    None
+                };
+                let error = recorded_error(e);
                 match retry {
-                    Some(delay) if row.attempts < row.max_attempts => {
+                    Some(delay) => {
                         metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone())
                             .increment(1);
                         (
@@ -348,8 +328,8 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
                     _ => {
                         metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone())
                             .increment(1);
-                        tracing::warn!(%id, function = %row.function, code = problem.code, "dead-lettered");
-                        (app.invocations.bury(&id, &token, &error).await, Settle::Dead, problem.code.to_owned())
+                        tracing::warn!(%id, function = %row.function, code, "dead-lettered");
+                        (app.invocations.bury(&id, &token, &error).await, Settle::Dead, code.to_owned())
                     }
                 }
             }
@@ -411,60 +391,22 @@ fn inline_result(produced: Produced) -> (String, Vec<u8>) {
     }
 }
 
-/// Runs one attempt: the stored result (renditions' metadata, their bytes back to back), or the
-/// problem and, when a retry could help, the delay before it.
-async fn attempt(
-    app: &Arc<App>,
-    row: &InvocationRow,
-    payload: Vec<u8>,
-) -> Result<(String, Vec<u8>), (Problem, Option<Duration>)> {
-    let Some(f) = app.registry.get(&row.function) else {
-        return Err((crate::functions::not_found(&row.function), None));
-    };
-    let meta: QueuedMeta = serde_json::from_str(&row.meta)
-        .map_err(|e| (Problem::internal(format!("stored invocation {}: {e}", row.id)), None))?;
-    let parsed = meta.into_parsed(payload).map_err(|e| (Problem::internal(e), None))?;
-    let target = output_target(&f, parsed.output.as_ref()).map_err(|p| (p, None))?;
-    // A stored input that went missing or changed will not come back by retrying.
-    let (invocation, source_key) = resolve(app, &f, parsed, None).await.map_err(|p| {
-        let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
-        (p, retry)
-    })?;
-    match pixflow_runtime::invoke(&app.node, &f, invocation, app.foreign.clone(), None).await {
+/// Runs one attempt through [`call`], as a synchronous call runs: the result as the log keeps
+/// it (the stored objects, else the renditions' metadata and their bytes back to back).
+async fn attempt(app: &Arc<App>, row: &InvocationRow, payload: Vec<u8>) -> Result<(String, Vec<u8>), Error> {
+    let f = app.registry.get(&row.function).ok_or_else(|| Error::NoFunction(row.function.clone()))?;
+    let meta: QueuedMeta =
+        serde_json::from_str(&row.meta).map_err(|e| Error::Internal(format!("stored invocation {}: {e}", row.id)))?;
+    let call = meta.into_call(payload).map_err(Error::Internal)?;
+    let done = call::call(app, f, call, None, Some(&row.id)).await?;
+    match (done.stored, done.output.produced) {
+        (Some(objects), _) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
         // The program answered with an error: its own 5xx may pass on a retry, 4xx not.
-        Ok(pixflow_runtime::Output { produced: Produced::Reply(reply), .. }) if !(200..300).contains(&reply.status) => {
+        (None, Produced::Reply(reply)) if !(200..300).contains(&reply.status) => {
             let text = String::from_utf8_lossy(&reply.bytes[..reply.bytes.len().min(500)]).into_owned();
-            let problem = Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "function_error",
-                format!("the function answered {}: {text}", reply.status),
-            );
-            let retry = (reply.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
-            Err((problem, retry))
+            Err(Error::Answered { status: reply.status, text })
         }
-        Ok(out) => match &target {
-            None => Ok(inline_result(out.produced)),
-            // Stored: the result lists the objects and holds no bytes.
-            Some(t) => {
-                match store_results(app, &row.function, t, source_key.as_deref(), &row.id, storable(&out.produced))
-                    .await
-                {
-                    Ok(objects) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
-                    Err(p) => {
-                        let retry = (p.status >= 500).then(|| f.deployment.retry.delay(row.attempts + 1));
-                        Err((p, retry))
-                    }
-                }
-            }
-        },
-        Err(e) => {
-            let retry = e.retryable().then(|| f.deployment.retry.delay(row.attempts + 1));
-            let retry = retry.or(match e {
-                InvokeError::Engine(pixflow_imageops::Error::Timeout { .. }) => Some(f.deployment.retry.backoff),
-                _ => None,
-            });
-            Err((Problem::from(e), retry))
-        }
+        (None, produced) => Ok(inline_result(produced)),
     }
 }
 
@@ -472,6 +414,7 @@ async fn attempt(
 mod tests {
     use std::time::Instant;
 
+    use axum::http::StatusCode;
     use pixflow_backends::state::now_ms;
 
     use super::*;
