@@ -66,6 +66,13 @@ pub struct ServeArgs {
     /// `host:port` an asynchronous invocation's `X-Callback-Url` may point at (repeatable).
     #[arg(long = "callback-allow", env = "PIXFLOW_CALLBACK_ALLOW", value_delimiter = ',')]
     callback_allow: Vec<String>,
+    /// Changes the object store's change feed keeps for readers that fall behind (the CDN's
+    /// purges); a reader further behind is told so and starts again from the oldest kept.
+    #[arg(long, default_value_t = pixflow_backends::feed::DEFAULT_MAX_RECORDS)]
+    feed_keep_changes: u64,
+    /// Longest the change feed keeps a change, e.g. 24h (at most 168h).
+    #[arg(long, default_value = "168h", value_parser = parse_duration)]
+    feed_keep_for: Duration,
     /// Folder of the embedded object store (default: `objects/` in the data folder).
     #[arg(long, env = "PIXFLOW_OBJECTS_DIR")]
     objects_dir: Option<PathBuf>,
@@ -292,6 +299,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.node.max_requests = args.max_requests;
     config.node.max_held_bytes = args.max_held_bytes;
     config.shutdown_grace = args.shutdown_grace;
+    config.feed_retention =
+        pixflow_backends::Retention { max_records: args.feed_keep_changes, max_age: args.feed_keep_for };
     config.admin_token = args.admin_token;
     config.objects_dir = args.objects_dir;
     config.secrets_dir = args.secrets_dir;

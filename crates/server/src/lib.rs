@@ -66,6 +66,9 @@ pub struct Config {
     pub max_async_queued: u64,
     /// How long finished asynchronous invocations (results, dead letters) are kept.
     pub async_retention: Duration,
+    /// What the object store's change feed keeps for readers that fall behind (the CDN's
+    /// purges, triggers): at most this many changes, none older than this.
+    pub feed_retention: pixflow_backends::Retention,
     /// `host:port` destinations completion callbacks may go to (none by default).
     pub callback_allow: Vec<String>,
     /// The embedded object store's folder (default: `objects/` in the data folder); with an
@@ -129,6 +132,7 @@ impl Config {
             in_memory: false,
             max_async_queued: 10_000,
             async_retention: Duration::from_secs(7 * 86_400),
+            feed_retention: pixflow_backends::Retention::default(),
             callback_allow: Vec::new(),
             objects_dir: None,
             objects_s3: None,
@@ -309,7 +313,8 @@ impl App {
                 .with_context(|| format!("opening the object store in {}", objects_dir.display()))?,
             Some(s3) => open_s3(s3, &catalogue, &objects_dir.join("spool")).await?,
         }
-        .with_max_uploads(config.max_uploads);
+        .with_max_uploads(config.max_uploads)
+        .with_feed_retention(config.feed_retention);
         let cache_dir = config.cdn_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cdn-cache"));
         let cache = pixflow_backends::EdgeCache::open(&cache_dir, config.cdn_cache_memory, config.cdn_cache_disk)
             .with_context(|| format!("opening the edge cache in {}", cache_dir.display()))?;

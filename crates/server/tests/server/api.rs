@@ -1167,6 +1167,28 @@ async fn functions_read_stored_inputs_and_store_their_results() {
     app.shutdown().await;
 }
 
+/// The node's change feed keeps what its configuration says: older changes are trimmed, and a
+/// reader whose cursor they were is told it fell behind.
+#[tokio::test]
+async fn the_change_feed_keeps_what_the_node_is_configured_to() {
+    let mut c = config();
+    c.feed_retention = pixflow_backends::Retention { max_records: 2, max_age: Duration::from_secs(3600) };
+    let app = start(c).await;
+    assert_eq!(
+        app.objects.feed().retention(),
+        pixflow_backends::Retention { max_records: 2, max_age: Duration::from_secs(3600) }
+    );
+    bucket(&app, "media", json!({})).await;
+    for k in ["a", "b", "c", "d"] {
+        assert!(put_object(&app, &format!("media/objects/{k}.bin"), &[], vec![1]).await.status.is_success());
+    }
+    app.objects.feed().trim().await.unwrap();
+    let last = app.objects.feed().last().await.unwrap();
+    assert_eq!(app.objects.feed().oldest().await.unwrap(), last - 1);
+    assert!(matches!(app.objects.feed().read(0, 10).await, Err(pixflow_backends::FeedError::Behind { cursor: 0, .. })));
+    app.shutdown().await;
+}
+
 // ---- CDN transformations: presets, signed ad-hoc URLs, negotiation, edge cache ----
 
 /// The same pipeline with objects in an S3 service: registration of the service's buckets,
