@@ -15,6 +15,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
+use crate::api::png;
+
 const ADMIN: &str = "pfx_test-admin-token";
 
 fn config(name: &str) -> Config {
@@ -82,13 +84,6 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < until, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn png(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 90]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
 }
 
 const FLIP: &str = "name: flip\nversion: '1'\nbuiltin: flip\nquota: {concurrency: 1, max_queue: 0, max_request_bytes: 64Ki}\nscaling: {min: 1, max: 1}\nauth: none\n";
