@@ -4,12 +4,10 @@
 //! "nodes": two handles on one state file for SQLite, two connection pools for PostgreSQL, and
 //! a prefix for the names it writes.
 
-
-
 use std::time::Duration;
 
-use pixflow_backends::{Bucket, BucketConfig, Catalogue, CatalogueChange, State};
 use crate::support::fresh;
+use pixflow_backends::{Bucket, BucketConfig, Catalogue, CatalogueChange, State};
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(Catalogue, Catalogue, String)) {
