@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// The NATS server of `--queue nats`: nats://host:4222 (JetStream enabled).
     #[arg(long, env = "PIXFLOW_QUEUE_URL", hide_env_values = true, value_name = "URL")]
     queue_url: Option<String>,
+    /// Keeps this deployment's JetStream streams, subjects and lease bucket apart from other
+    /// deployments' on the same NATS server (`PIXFLOW-NAME_Q_...` instead of `PIXFLOW_Q_...`):
+    /// 1 to 32 characters a-z, 0-9 and `-`, the same on every node sharing the state.
+    #[arg(long, env = "PIXFLOW_QUEUE_NAMESPACE", value_name = "NAME")]
+    queue_namespace: Option<String>,
     /// This node's name among the nodes sharing a state: its queue leases are recorded under it,
     /// so its next start takes back at once what it held. Keep it stable across restarts and
     /// different on every node (default: the host name).
@@ -244,6 +249,17 @@ impl ServeArgs {
         if self.queue != "nats" && self.queue_url.is_some() {
             refuse("queue-url", "--queue-url names a NATS server: it needs --queue nats");
         }
+        if let Some(namespace) = &self.queue_namespace {
+            if self.queue != "nats" {
+                refuse(
+                    "queue-namespace",
+                    "--queue-namespace names streams on a NATS server: it needs --queue nats \
+                     (the embedded queue is apart already, in the state's database)",
+                );
+            } else if let Err(e) = pixflow_server::check_queue_namespace(namespace) {
+                refuse("queue-namespace", &format!("--queue-namespace: {e}"));
+            }
+        }
         if let Some(name) = &self.node_name
             && (name.is_empty() || name.len() > 200 || !name.bytes().all(|b| b.is_ascii_graphic()))
         {
@@ -283,7 +299,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config.state = pixflow_server::StateBackend::Postgres { url };
     }
     if let Some(url) = args.queue_url.clone().filter(|_| args.queue == "nats") {
-        config.queue = pixflow_server::QueueBackend::Nats { url };
+        config.queue = pixflow_server::QueueBackend::Nats { url, namespace: args.queue_namespace.clone() };
     }
     if let Some(name) = args.node_name {
         config.node_name = name;
@@ -354,8 +370,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         "postgres" => format!("state in PostgreSQL, as node {}", started.app.config.node_name),
         _ => format!("state in {}", args.data_dir.display()),
     };
-    let state = match started.app.config.queue {
-        pixflow_server::QueueBackend::Nats { .. } => format!("{state}; queue in NATS JetStream"),
+    let state = match &started.app.config.queue {
+        pixflow_server::QueueBackend::Nats { namespace: None, .. } => format!("{state}; queue in NATS JetStream"),
+        pixflow_server::QueueBackend::Nats { namespace: Some(ns), .. } => {
+            format!("{state}; queue in NATS JetStream, namespace {ns}")
+        }
         pixflow_server::QueueBackend::Embedded => state,
     };
     eprintln!("pixflow serving on http://{addr} ({} functions; {state})", started.app.registry.list().len());

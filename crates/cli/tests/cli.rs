@@ -9,6 +9,10 @@ use std::process::{Command, Output};
 #[path = "cli/config.rs"]
 mod config;
 
+/// Two nodes sharing PostgreSQL, JetStream and an S3 service.
+#[path = "cli/two_nodes.rs"]
+mod two_nodes;
+
 fn pixflow(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pixflow")).args(args).current_dir(cwd).output().expect("run pixflow")
 }
@@ -644,6 +648,11 @@ fn serve_refuses_contradicting_storage_options_before_starting() {
     assert!(no_url.contains("--queue nats needs --queue-url"), "{no_url}");
     let stray = run(&["--queue-url", "nats://127.0.0.1:4222"]);
     assert!(stray.contains("--queue-url names a NATS server: it needs --queue nats"), "{stray}");
+    let stray = run(&["--queue-namespace", "staging"]);
+    assert!(stray.contains("--queue-namespace names streams on a NATS server: it needs --queue nats"), "{stray}");
+    // Refused before any connection (nothing listens at port 9).
+    let odd = run(&["--queue", "nats", "--queue-url", "nats://127.0.0.1:9", "--queue-namespace", "Staging.1"]);
+    assert!(odd.contains("--queue-namespace: queue namespace `Staging.1`: use 1 to 32 characters"), "{odd}");
 }
 
 #[test]

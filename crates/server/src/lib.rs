@@ -20,6 +20,7 @@ pub mod s3;
 mod supervisor;
 
 pub use pixflow_backends::objects::DEFAULT_MAX_UPLOADS;
+pub use pixflow_backends::queue::check_namespace as check_queue_namespace;
 pub use pixflow_backends::{QueueError, S3Config, StateError};
 
 use std::path::{Path, PathBuf};
@@ -185,8 +186,10 @@ impl std::fmt::Debug for StateBackend {
 pub enum QueueBackend {
     /// In the state's database (a table of the SQLite file, or of the shared PostgreSQL).
     Embedded,
-    /// NATS JetStream (`nats://host:4222`), shared by every node that connects there.
-    Nats { url: String },
+    /// NATS JetStream (`nats://host:4222`), shared by every node that connects there; in
+    /// `namespace`, apart from other deployments on the same server (every node sharing a
+    /// state names the same one).
+    Nats { url: String, namespace: Option<String> },
 }
 
 impl std::fmt::Debug for QueueBackend {
@@ -202,13 +205,17 @@ impl std::fmt::Debug for QueueBackend {
 /// Opens the JetStream queues, their leases as long as the workers' ([`dispatch::LEASE`]). A
 /// failure is the `QueueError` itself, for the caller to name the setting at fault.
 #[cfg(feature = "nats")]
-async fn open_nats(url: &str, holder: &str) -> Result<pixflow_backends::Queue> {
-    let options = pixflow_backends::queue::NatsOptions { ack_wait: dispatch::LEASE, ..Default::default() };
+async fn open_nats(url: &str, namespace: Option<&str>, holder: &str) -> Result<pixflow_backends::Queue> {
+    let options = pixflow_backends::queue::NatsOptions {
+        ack_wait: dispatch::LEASE,
+        namespace: namespace.map(str::to_owned),
+        ..Default::default()
+    };
     Ok(pixflow_backends::Queue::nats(url, options, holder).await?)
 }
 
 #[cfg(not(feature = "nats"))]
-async fn open_nats(_url: &str, _holder: &str) -> Result<pixflow_backends::Queue> {
+async fn open_nats(_url: &str, _namespace: Option<&str>, _holder: &str) -> Result<pixflow_backends::Queue> {
     anyhow::bail!("this pixflow was built without the `nats` feature: the queue is in the state's database")
 }
 
@@ -304,7 +311,7 @@ impl App {
         let new_admin_token = admin_token(&catalogue, &config).await?;
         let queue = match &config.queue {
             QueueBackend::Embedded => state.queue(&config.node_name).await.context("opening the queue")?,
-            QueueBackend::Nats { url } => open_nats(url, &config.node_name).await?,
+            QueueBackend::Nats { url, namespace } => open_nats(url, namespace.as_deref(), &config.node_name).await?,
         };
         let objects_dir = config.objects_dir.clone().unwrap_or_else(|| config.data_dir.join("objects"));
         let objects = match &config.objects_s3 {

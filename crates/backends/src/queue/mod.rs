@@ -43,6 +43,9 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest queue name, in bytes.
 pub const MAX_QUEUE_NAME: usize = 64;
 
+/// Longest namespace of a deployment's queues on a shared server, in bytes.
+pub const MAX_NAMESPACE: usize = 32;
+
 /// How long a waiting consumer sleeps at most before it looks again without being woken: a
 /// backstop for a wake-up lost with a connection, not the way work is found.
 const RECHECK: Duration = Duration::from_secs(30);
@@ -60,6 +63,8 @@ pub enum QueueError {
     InvalidName(String),
     #[error("deduplication id: use 1 to 200 bytes of visible ASCII")]
     InvalidId,
+    #[error("queue namespace `{0}`: use 1 to {MAX_NAMESPACE} characters a-z, 0-9 and `-`")]
+    InvalidNamespace(String),
     /// The backend could not be reached or failed; the operation may be retried.
     #[error("queue backend: {0}")]
     Unavailable(String),
@@ -227,6 +232,17 @@ fn check_name(queue: &str) -> Result<()> {
         && queue.len() <= MAX_QUEUE_NAME
         && queue.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if ok { Ok(()) } else { Err(QueueError::InvalidName(queue.chars().take(80).collect())) }
+}
+
+/// Checks the namespace that keeps one deployment's queues apart from others' on a shared
+/// server (JetStream: `NatsOptions::namespace`): 1 to [`MAX_NAMESPACE`] characters a-z, 0-9
+/// and `-`, so that it fits stream, subject and bucket names and no two namespaces (or none
+/// at all) give the same name.
+pub fn check_namespace(namespace: &str) -> Result<()> {
+    let ok = !namespace.is_empty()
+        && namespace.len() <= MAX_NAMESPACE
+        && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok { Ok(()) } else { Err(QueueError::InvalidNamespace(namespace.chars().take(80).collect())) }
 }
 
 fn check_id(id: &str) -> Result<()> {

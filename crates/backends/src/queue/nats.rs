@@ -1,7 +1,10 @@
 //! The queue in NATS JetStream (cargo feature `nats`), shared by every node on the same
 //! server or cluster. Each queue is a work-queue stream (`PIXFLOW_Q_<queue>`, subject
 //! `pixflow.q.<queue>`) with one durable pull consumer (`workers`, explicit acks) that all
-//! nodes share; a message leaves the stream when it is acked or terminated.
+//! nodes share; a message leaves the stream when it is acked or terminated. A namespace
+//! ([`NatsOptions::namespace`]) keeps one deployment's streams, subjects and lease bucket apart
+//! from another's on the same server: `PIXFLOW-<ns>_Q_<queue>`, `pixflow-<ns>.q.<queue>`,
+//! `PIXFLOW-<ns>_DEAD`, `pixflow-<ns>_leases`.
 //!
 //! How the contract maps onto JetStream:
 //! - Deduplication: the id is the `Nats-Msg-Id` header; the stream's duplicate window
@@ -36,8 +39,6 @@ use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result};
 use crate::state::now_ms;
 
 const NOT_BEFORE: &str = "Pixflow-Not-Before";
-const LEASES: &str = "pixflow_leases";
-const DEAD: &str = "PIXFLOW_DEAD";
 const CONSUMER: &str = "workers";
 
 /// Settings of the JetStream queues.
@@ -49,6 +50,10 @@ pub struct NatsOptions {
     pub duplicate_window: Duration,
     /// How long dead letters stay in `PIXFLOW_DEAD`.
     pub keep_dead: Duration,
+    /// Keeps this deployment's streams, subjects and lease bucket apart from other
+    /// deployments' on the same server (see [`super::check_namespace`]); every node sharing a
+    /// state uses the same. `None`: the `PIXFLOW_...` names.
+    pub namespace: Option<String>,
 }
 
 impl Default for NatsOptions {
@@ -57,6 +62,7 @@ impl Default for NatsOptions {
             ack_wait: Duration::from_secs(30),
             duplicate_window: Duration::from_secs(3600),
             keep_dead: Duration::from_secs(7 * 24 * 3600),
+            namespace: None,
         }
     }
 }
@@ -78,16 +84,46 @@ pub(crate) struct NatsQueue {
     js: jetstream::Context,
     leases: kv::Store,
     options: NatsOptions,
+    names: Names,
     /// Each queue's consumer, made (with its stream) at first use.
     consumers: tokio::sync::Mutex<HashMap<String, consumer::PullConsumer>>,
 }
 
-fn stream_name(queue: &str) -> String {
-    format!("PIXFLOW_Q_{queue}")
+/// The names of one deployment's streams, subjects and lease bucket: rooted at `PIXFLOW` and
+/// `pixflow`, or at `PIXFLOW-<ns>` and `pixflow-<ns>` in a namespace. A namespace has no `_`
+/// or `.`, so the root ends at the first of them and no two roots share a name.
+struct Names {
+    streams: String,
+    subjects: String,
 }
 
-fn subject(queue: &str) -> String {
-    format!("pixflow.q.{queue}")
+impl Names {
+    fn new(namespace: Option<&str>) -> Names {
+        match namespace {
+            None => Names { streams: "PIXFLOW".to_owned(), subjects: "pixflow".to_owned() },
+            Some(ns) => Names { streams: format!("PIXFLOW-{ns}"), subjects: format!("pixflow-{ns}") },
+        }
+    }
+
+    fn stream(&self, queue: &str) -> String {
+        format!("{}_Q_{queue}", self.streams)
+    }
+
+    fn subject(&self, queue: &str) -> String {
+        format!("{}.q.{queue}", self.subjects)
+    }
+
+    fn dead_stream(&self) -> String {
+        format!("{}_DEAD", self.streams)
+    }
+
+    fn dead_subject(&self, queue: &str) -> String {
+        format!("{}.dead.{queue}", self.subjects)
+    }
+
+    fn leases(&self) -> String {
+        format!("{}_leases", self.subjects)
+    }
 }
 
 fn lease_key(queue: &str, seq: i64) -> String {
@@ -96,6 +132,11 @@ fn lease_key(queue: &str, seq: i64) -> String {
 
 impl NatsQueue {
     pub(crate) async fn connect(url: &str, options: NatsOptions) -> Result<NatsQueue> {
+        if let Some(ns) = &options.namespace {
+            super::check_namespace(ns)?;
+        }
+        let names = Names::new(options.namespace.as_deref());
+        let (dead, leases) = (names.dead_stream(), names.leases());
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             .name("pixflow")
@@ -104,20 +145,20 @@ impl NatsQueue {
             .map_err(unavailable)?;
         let js = jetstream::new(client.clone());
         js.get_or_create_stream(stream::Config {
-            name: DEAD.to_owned(),
-            subjects: vec!["pixflow.dead.>".to_owned()],
+            name: dead.clone(),
+            subjects: vec![names.dead_subject(">")],
             max_age: options.keep_dead,
             storage: stream::StorageType::File,
             ..Default::default()
         })
         .await
-        .map_err(|e| unavailable(format!("the dead-letter stream {DEAD}: {e}")))?;
+        .map_err(|e| unavailable(format!("the dead-letter stream {dead}: {e}")))?;
         // The bucket's stream made the way key-value buckets are (one value per key, rollups,
         // direct gets): the client's own bucket creation first asks for the account's limits
         // in a form servers before 2.10 do not answer.
         js.get_or_create_stream(stream::Config {
-            name: format!("KV_{LEASES}"),
-            subjects: vec![format!("$KV.{LEASES}.>")],
+            name: format!("KV_{leases}"),
+            subjects: vec![format!("$KV.{leases}.>")],
             max_messages_per_subject: 1,
             // Entries of messages settled by a node that stopped before deleting them.
             max_age: options.keep_dead,
@@ -129,10 +170,10 @@ impl NatsQueue {
             ..Default::default()
         })
         .await
-        .map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
-        let leases =
-            js.get_key_value(LEASES).await.map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
-        Ok(NatsQueue { client, js, leases, options, consumers: tokio::sync::Mutex::new(HashMap::new()) })
+        .map_err(|e| unavailable(format!("the lease bucket {leases}: {e}")))?;
+        let bucket =
+            js.get_key_value(&leases).await.map_err(|e| unavailable(format!("the lease bucket {leases}: {e}")))?;
+        Ok(NatsQueue { client, js, leases: bucket, options, names, consumers: tokio::sync::Mutex::new(HashMap::new()) })
     }
 
     async fn consumer(&self, queue: &str) -> Result<consumer::PullConsumer> {
@@ -143,8 +184,8 @@ impl NatsQueue {
         let stream = self
             .js
             .get_or_create_stream(stream::Config {
-                name: stream_name(queue),
-                subjects: vec![subject(queue)],
+                name: self.names.stream(queue),
+                subjects: vec![self.names.subject(queue)],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: self.options.duplicate_window,
@@ -256,7 +297,7 @@ impl Backend for NatsQueue {
 
     async fn remove(&self, queue: &str) -> Result<()> {
         self.consumers.lock().await.remove(queue);
-        match self.js.delete_stream(stream_name(queue)).await {
+        match self.js.delete_stream(self.names.stream(queue)).await {
             Ok(_) => Ok(()),
             Err(e) if e.to_string().contains("not found") => Ok(()),
             Err(e) => Err(unavailable(e)),
@@ -273,7 +314,7 @@ impl Backend for NatsQueue {
         }
         let ack = self
             .js
-            .publish_with_headers(subject(queue), headers, Bytes::copy_from_slice(payload))
+            .publish_with_headers(self.names.subject(queue), headers, Bytes::copy_from_slice(payload))
             .await
             .map_err(unavailable)?
             .await
@@ -347,7 +388,7 @@ impl Backend for NatsQueue {
 
     async fn bury(&self, lease: &Lease, reason: &str) -> Result<()> {
         self.holding(lease).await?;
-        let stream = self.js.get_stream(stream_name(&lease.queue)).await.map_err(unavailable)?;
+        let stream = self.js.get_stream(self.names.stream(&lease.queue)).await.map_err(unavailable)?;
         let original = stream.get_raw_message(u64::try_from(lease.message).unwrap_or(0)).await.map_err(unavailable)?;
         let mut headers = original.headers.clone();
         headers.insert(
@@ -358,7 +399,7 @@ impl Backend for NatsQueue {
         // Not deduplicated against the live queue's ids.
         headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("dead.{}.{}", lease.queue, lease.message).as_str());
         self.js
-            .publish_with_headers(format!("pixflow.dead.{}", lease.queue), headers, original.payload.clone())
+            .publish_with_headers(self.names.dead_subject(&lease.queue), headers, original.payload.clone())
             .await
             .map_err(unavailable)?
             .await
@@ -370,7 +411,7 @@ impl Backend for NatsQueue {
         let mut consumer = self.consumer(queue).await?;
         let leased = consumer.info().await.map_err(unavailable)?.num_ack_pending;
         // The stream's info comes with it (no second request).
-        let stream = self.js.get_stream(stream_name(queue)).await.map_err(unavailable)?;
+        let stream = self.js.get_stream(self.names.stream(queue)).await.map_err(unavailable)?;
         let state = stream.cached_info().state.clone();
         let oldest_age = if state.messages == 0 {
             Duration::ZERO
@@ -385,7 +426,7 @@ impl Backend for NatsQueue {
     async fn depth(&self, queue: &str) -> Result<u64> {
         // Settled messages leave a work-queue stream, so its count is the depth: one request.
         self.consumer(queue).await?;
-        let stream = self.js.get_stream(stream_name(queue)).await.map_err(unavailable)?;
+        let stream = self.js.get_stream(self.names.stream(queue)).await.map_err(unavailable)?;
         Ok(stream.cached_info().state.messages)
     }
 
@@ -410,5 +451,52 @@ impl Backend for NatsQueue {
         // Settled messages leave the stream when acked; dead letters and lease entries expire
         // by their streams' age limits.
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{MAX_NAMESPACE, check_namespace};
+
+    fn all(names: &Names) -> Vec<String> {
+        vec![names.stream("invocations"), names.subject("invocations"), names.dead_stream(), names.leases()]
+    }
+
+    #[test]
+    fn a_namespace_gives_names_of_its_own_and_none_keeps_the_old_ones() {
+        // Deployments from before namespaces keep their streams, messages and leases.
+        assert_eq!(
+            all(&Names::new(None)),
+            ["PIXFLOW_Q_invocations", "pixflow.q.invocations", "PIXFLOW_DEAD", "pixflow_leases"]
+        );
+        assert_eq!(
+            all(&Names::new(Some("staging"))),
+            [
+                "PIXFLOW-staging_Q_invocations",
+                "pixflow-staging.q.invocations",
+                "PIXFLOW-staging_DEAD",
+                "pixflow-staging_leases"
+            ]
+        );
+        assert_eq!(Names::new(Some("staging")).dead_subject(">"), "pixflow-staging.dead.>");
+        // No name of one namespace is a name of another, or of none, whatever the queues (the
+        // root ends at the first `_` or `.`, which a namespace never holds).
+        let (a, b, none) = (Names::new(Some("a")), Names::new(Some("a-q")), Names::new(None));
+        let queues = ["q", "q-q", "a-q", "q_q", "q_invocations"];
+        for (x, y) in [(&a, &b), (&a, &none), (&b, &none)] {
+            for (q1, q2) in queues.iter().flat_map(|q1| queues.iter().map(move |q2| (q1, q2))) {
+                assert_ne!(x.stream(q1), y.stream(q2));
+                assert_ne!(x.subject(q1), y.subject(q2));
+                assert_ne!(x.dead_subject(q1), y.dead_subject(q2));
+                assert_ne!(x.stream(q1), y.dead_stream());
+            }
+            assert_ne!(x.dead_stream(), y.dead_stream());
+            assert_ne!(x.leases(), y.leases());
+        }
+        for bad in ["", "Staging", "a_b", "a.b", "a b", "*", ">", &"x".repeat(MAX_NAMESPACE + 1)] {
+            assert!(matches!(check_namespace(bad), Err(QueueError::InvalidNamespace(_))), "{bad:?}");
+        }
+        check_namespace(&"x".repeat(MAX_NAMESPACE)).unwrap();
     }
 }

@@ -293,3 +293,43 @@ async fn closing_the_state_does_not_wait_for_an_open_queue() {
         schema.drop().await;
     }
 }
+
+/// Deployments sharing one JetStream server in namespaces of their own see neither each other's
+/// messages and leases nor those of a deployment without one.
+#[tokio::test]
+async fn jetstream_namespaces_keep_deployments_apart() {
+    let Some(url) = crate::support::service("PIXFLOW_TEST_NATS_URL", "nats://127.0.0.1:4222") else { return };
+    let open = async |namespace: Option<&str>| {
+        let options = pixflow_backends::queue::NatsOptions {
+            ack_wait: Duration::from_secs(5),
+            namespace: namespace.map(str::to_owned),
+            ..Default::default()
+        };
+        Queue::nats(&url, options, &fresh("node")).await.expect("PIXFLOW_TEST_NATS_URL is set but unreachable")
+    };
+    // Namespaces of the suite's own (later runs reuse their dead-letter streams and lease
+    // buckets), a queue name of this run's.
+    let (a, b, none) = (open(Some("suite-a")).await, open(Some("suite-b")).await, open(None).await);
+    let q = fresh("ns");
+    assert!(a.enqueue(&q, "same-id", b"a", Duration::ZERO).await.unwrap());
+    // The same id in another namespace is another message.
+    assert!(b.enqueue(&q, "same-id", b"b", Duration::ZERO).await.unwrap());
+    assert!(none.claim(&q, MINUTE).await.unwrap().is_none());
+    let in_b = b.claim(&q, MINUTE).await.unwrap().unwrap();
+    assert_eq!(in_b.payload, b"b");
+    assert!(b.claim(&q, MINUTE).await.unwrap().is_none());
+    let in_a = a.claim(&q, MINUTE).await.unwrap().unwrap();
+    assert_eq!(in_a.payload, b"a");
+    // Both are the first message of their stream; each lease is its own namespace's.
+    assert_eq!(in_a.lease.token(), in_b.lease.token());
+    a.finish(&in_a.lease).await.unwrap();
+    assert_eq!((a.stats(&q).await.unwrap().depth, b.stats(&q).await.unwrap().depth), (0, 1));
+    b.extend(&in_b.lease, MINUTE).await.unwrap();
+    b.finish(&in_b.lease).await.unwrap();
+    for queue in [&a, &b, &none] {
+        queue.remove(&q).await.unwrap();
+    }
+    // A namespace that would not give names of its own is refused before connecting.
+    let odd = pixflow_backends::queue::NatsOptions { namespace: Some("a.b".into()), ..Default::default() };
+    assert!(matches!(Queue::nats(&url, odd, "node").await, Err(QueueError::InvalidNamespace(_))));
+}

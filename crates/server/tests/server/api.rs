@@ -1921,7 +1921,7 @@ async fn asynchronous_invocations_run_through_a_nats_queue() {
         return;
     };
     let mut c = config();
-    c.queue = pixflow_server::QueueBackend::Nats { url };
+    c.queue = pixflow_server::QueueBackend::Nats { url, namespace: None };
     c.node_name = format!("api-nats-{}", std::process::id());
     c.async_workers = 1;
     let app = start(c).await;
