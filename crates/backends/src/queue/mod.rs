@@ -78,6 +78,7 @@ impl QueueError {
             QueueError::TooLarge { .. } => "message_too_large",
             QueueError::InvalidName(_) => "invalid_queue_name",
             QueueError::InvalidId => "invalid_deduplication_id",
+            QueueError::InvalidNamespace(_) => "invalid_queue_namespace",
             QueueError::Unavailable(_) => "queue_unavailable",
         }
     }
