@@ -12,6 +12,7 @@ mod delivery;
 mod dispatch;
 pub mod fetch;
 mod functions;
+mod health;
 mod invocations;
 mod invoke;
 mod objects;
@@ -55,6 +56,10 @@ pub struct Config {
     pub state: StateBackend,
     /// Where the queues live: in the state's own database, or in NATS JetStream.
     pub queue: QueueBackend,
+    /// Put before the queues' names in NATS JetStream (streams `PIXFLOW_Q_<prefix><queue>`),
+    /// so deployments sharing one NATS server keep their queues apart (tests do): up to 32
+    /// characters a-z, 0-9, `_` and `-`. Empty by default; the embedded queue ignores it.
+    pub queue_prefix: String,
     /// This node's name among the nodes sharing a PostgreSQL state: its queue leases are
     /// recorded under it, so its next start takes back at once what this run held. Keep it
     /// stable across restarts and different on every node (default: the host name).
@@ -125,6 +130,7 @@ impl Config {
             admin_token: None,
             state: StateBackend::Sqlite,
             queue: QueueBackend::Embedded,
+            queue_prefix: String::new(),
             node_name: host_name(),
             in_memory: false,
             max_async_queued: 10_000,
@@ -195,16 +201,21 @@ impl std::fmt::Debug for QueueBackend {
     }
 }
 
-/// Opens the JetStream queues, their leases as long as the workers' ([`dispatch::LEASE`]). A
-/// failure is the `QueueError` itself, for the caller to name the setting at fault.
+/// Opens the JetStream queues, their leases as long as the workers' ([`dispatch::LEASE`]), their
+/// names behind `prefix`. A failure is the `QueueError` itself, for the caller to name the
+/// setting at fault.
 #[cfg(feature = "nats")]
-async fn open_nats(url: &str, holder: &str) -> Result<pixflow_backends::Queue> {
-    let options = pixflow_backends::queue::NatsOptions { ack_wait: dispatch::LEASE, ..Default::default() };
+async fn open_nats(url: &str, prefix: &str, holder: &str) -> Result<pixflow_backends::Queue> {
+    let options = pixflow_backends::queue::NatsOptions {
+        ack_wait: dispatch::LEASE,
+        prefix: prefix.to_owned(),
+        ..Default::default()
+    };
     Ok(pixflow_backends::Queue::nats(url, options, holder).await?)
 }
 
 #[cfg(not(feature = "nats"))]
-async fn open_nats(_url: &str, _holder: &str) -> Result<pixflow_backends::Queue> {
+async fn open_nats(_url: &str, _prefix: &str, _holder: &str) -> Result<pixflow_backends::Queue> {
     anyhow::bail!("this pixflow was built without the `nats` feature: the queue is in the state's database")
 }
 
@@ -244,8 +255,11 @@ pub struct App {
     connections: tokio_util::task::TaskTracker,
     /// Serialises deploys and removals (registry and catalogue change together).
     deploys: tokio::sync::Mutex<()>,
-    /// The background loops: queue workers, retention, the edge's purge follower.
+    /// The background loops: queue workers, retention, the edge's purge follower, the backend
+    /// probe.
     loops: supervisor::Supervisor,
+    /// Whether the state store and the queue answer (the backend probe's findings).
+    health: health::Health,
 }
 
 /// What [`App::start`] has to tell the operator.
@@ -300,7 +314,7 @@ impl App {
         let new_admin_token = admin_token(&catalogue, &config).await?;
         let queue = match &config.queue {
             QueueBackend::Embedded => state.queue(&config.node_name).await.context("opening the queue")?,
-            QueueBackend::Nats { url } => open_nats(url, &config.node_name).await?,
+            QueueBackend::Nats { url } => open_nats(url, &config.queue_prefix, &config.node_name).await?,
         };
         let objects_dir = config.objects_dir.clone().unwrap_or_else(|| config.data_dir.join("objects"));
         let objects = match &config.objects_s3 {
@@ -322,6 +336,7 @@ impl App {
         if reaped > 0 {
             tracing::warn!(reaped, "process-function children left by an earlier run of this node were stopped");
         }
+        let health = health::Health::new(state.backend(), queue.kind());
         let stop = tokio_util::sync::CancellationToken::new();
         let app = Arc::new(App {
             registry: Registry::new(RegistryOptions {
@@ -346,6 +361,7 @@ impl App {
             connections: tokio_util::task::TaskTracker::new(),
             deploys: tokio::sync::Mutex::new(()),
             loops: supervisor::Supervisor::new(stop.clone()),
+            health,
             stop,
             config,
         });
@@ -358,9 +374,10 @@ impl App {
             let a = app.clone();
             app.loops.spawn("invocation-worker", move || dispatch::worker(a.clone()));
         }
-        let (a, b) = (app.clone(), app.clone());
+        let (a, b, c) = (app.clone(), app.clone(), app.clone());
         app.loops.spawn("invocation-retention", move || dispatch::retention(a.clone()));
         app.loops.spawn("cdn-purge-follower", move || cdn::follow_changes(b.clone()));
+        app.loops.spawn("backend-probe", move || health::probe(c.clone()));
         if let Some(first) = catalogue_changes {
             // The first run follows from the subscription made before the functions were read;
             // a run started again after a failure subscribes anew and reads them all again.
@@ -608,7 +625,21 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
     let ready = app.ready.load(Ordering::Acquire);
     let loops = app.loops.health();
     let down: Vec<&str> = loops.iter().filter(|l| !l.running).map(|l| l.name).collect();
-    if ready && app.node.saturated() {
+    let lost = app.health.down();
+    if ready && !lost.is_empty() {
+        // Requests that need it answer 503 until it is back; the node reconnects by itself.
+        let named: Vec<String> = lost
+            .iter()
+            .map(|s| format!("{} ({}, for {} s)", s.backend.name(), s.kind, s.since.elapsed().as_secs()))
+            .collect();
+        problem::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "backend_unavailable",
+            format!("out of reach: {}; requests that need it answer 503 until it is back", named.join(", ")),
+        )
+        .retry_after(health::PERIOD)
+        .into_response()
+    } else if ready && app.node.saturated() {
         // A load balancer should send image work elsewhere until the overdue work ends.
         problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -627,8 +658,18 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
         .into_response()
     } else if ready {
         let restarts: u64 = loops.iter().map(|l| l.restarts).sum();
-        axum::Json(serde_json::json!({"status": "ready", "background": {"loops": loops.len(), "restarts": restarts}}))
-            .into_response()
+        let backends: serde_json::Map<String, serde_json::Value> = app
+            .health
+            .statuses()
+            .iter()
+            .map(|s| (s.backend.name().to_owned(), serde_json::json!({"kind": s.kind, "up": s.up})))
+            .collect();
+        axum::Json(serde_json::json!({
+            "status": "ready",
+            "backends": backends,
+            "background": {"loops": loops.len(), "restarts": restarts},
+        }))
+        .into_response()
     } else {
         problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -641,7 +682,10 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
 
 async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if let Ok(stats) = app.queue.stats(dispatch::QUEUE).await {
+    // A queue out of reach would hold the scrape until its timeout; its gauges keep their last values.
+    if app.health.is_up(health::Backend::Queue)
+        && let Ok(stats) = app.queue.stats(dispatch::QUEUE).await
+    {
         metrics::gauge!("pixflow_async_queue_depth").set(stats.depth as f64);
         metrics::gauge!("pixflow_async_queue_leased").set(stats.leased as f64);
         metrics::gauge!("pixflow_async_queue_oldest_age_seconds").set(stats.oldest_age.as_secs_f64());

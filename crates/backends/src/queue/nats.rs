@@ -16,13 +16,18 @@
 //!   one is refused before it reaches the server. (A redelivery in the moment between that
 //!   check and the ack can still let an old holder's ack through; the invocation log's own
 //!   lease check refuses that holder's outcome.)
-//! - Waiting: a pull request that the server holds open until a message arrives.
+//! - Waiting: a pull request that the server holds open until a message arrives. A pull request
+//!   goes with the connection it was sent on: when the client connects again after losing the
+//!   server, every waiting consumer asks again at once (not after its request's expiry).
 //! - Retry: a negative ack with the delay. Bury: the message is copied to the dead-letter
 //!   stream `PIXFLOW_DEAD` (subject `pixflow.dead.<queue>`, with its reason) and terminated.
 //! - A node's own leases after a restart: the lease entries name their holder and ack subject,
 //!   so [`super::Queue::release_held`] sends each a negative ack, and the server redelivers them.
+//! - Deployments sharing a server: [`NatsOptions::prefix`] goes before every queue's name in
+//!   its stream, subject, lease entries and dead letters, so each sees only its own queues.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -39,6 +44,9 @@ const NOT_BEFORE: &str = "Pixflow-Not-Before";
 const LEASES: &str = "pixflow_leases";
 const DEAD: &str = "PIXFLOW_DEAD";
 const CONSUMER: &str = "workers";
+/// The longest a request to the server (JetStream's API, a publish's ack, an ack's confirmation)
+/// waits for its answer: a caller learns within seconds that the server is out of reach.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings of the JetStream queues.
 #[derive(Debug, Clone)]
@@ -49,6 +57,10 @@ pub struct NatsOptions {
     pub duplicate_window: Duration,
     /// How long dead letters stay in `PIXFLOW_DEAD`.
     pub keep_dead: Duration,
+    /// Put before every queue's name (`PIXFLOW_Q_<prefix><queue>`, `pixflow.q.<prefix><queue>`),
+    /// so deployments (or test runs) sharing a NATS server keep their queues apart: up to 32
+    /// characters a-z, 0-9, `_` and `-`. Empty by default.
+    pub prefix: String,
 }
 
 impl Default for NatsOptions {
@@ -57,6 +69,7 @@ impl Default for NatsOptions {
             ack_wait: Duration::from_secs(30),
             duplicate_window: Duration::from_secs(3600),
             keep_dead: Duration::from_secs(7 * 24 * 3600),
+            prefix: String::new(),
         }
     }
 }
@@ -80,6 +93,9 @@ pub(crate) struct NatsQueue {
     options: NatsOptions,
     /// Each queue's consumer, made (with its stream) at first use.
     consumers: tokio::sync::Mutex<HashMap<String, consumer::PullConsumer>>,
+    /// Bumped whenever the client connects again: pull requests sent before are gone with the
+    /// connection they went on.
+    connected: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn stream_name(queue: &str) -> String {
@@ -96,13 +112,40 @@ fn lease_key(queue: &str, seq: i64) -> String {
 
 impl NatsQueue {
     pub(crate) async fn connect(url: &str, options: NatsOptions) -> Result<NatsQueue> {
+        let prefix = &options.prefix;
+        let valid = prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if prefix.len() > 32 || !valid {
+            return Err(QueueError::InvalidName(prefix.chars().take(80).collect()));
+        }
+        let connected = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (bump, first) = (connected.clone(), Arc::new(std::sync::atomic::AtomicBool::new(true)));
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(REQUEST_TIMEOUT))
             .name("pixflow")
+            // The client reconnects by itself, forever, with backoff (up to 4 s between tries).
+            .event_callback(move |event| {
+                let (bump, first) = (bump.clone(), first.clone());
+                async move {
+                    match event {
+                        // The first connection has no waiting consumer to tell.
+                        async_nats::Event::Connected if first.swap(false, std::sync::atomic::Ordering::AcqRel) => {}
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to the NATS server again");
+                            bump.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("lost the NATS server; reconnecting");
+                        }
+                        other => tracing::debug!(event = %other, "NATS client"),
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(unavailable)?;
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(REQUEST_TIMEOUT);
         js.get_or_create_stream(stream::Config {
             name: DEAD.to_owned(),
             subjects: vec!["pixflow.dead.>".to_owned()],
@@ -132,10 +175,26 @@ impl NatsQueue {
         .map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
         let leases =
             js.get_key_value(LEASES).await.map_err(|e| unavailable(format!("the lease bucket {LEASES}: {e}")))?;
-        Ok(NatsQueue { client, js, leases, options, consumers: tokio::sync::Mutex::new(HashMap::new()) })
+        Ok(NatsQueue { client, js, leases, options, consumers: tokio::sync::Mutex::new(HashMap::new()), connected })
+    }
+
+    /// Fails at once while the client has no connection (it is reconnecting), rather than letting
+    /// a request wait for one until its timeout.
+    fn reachable(&self) -> Result<()> {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            Ok(())
+        } else {
+            Err(QueueError::Unavailable("not connected to the NATS server (reconnecting)".into()))
+        }
+    }
+
+    /// `queue` as named in JetStream: with the deployment's prefix.
+    fn named(&self, queue: &str) -> String {
+        format!("{}{queue}", self.options.prefix)
     }
 
     async fn consumer(&self, queue: &str) -> Result<consumer::PullConsumer> {
+        self.reachable()?;
         let mut all = self.consumers.lock().await;
         if let Some(c) = all.get(queue) {
             return Ok(c.clone());
@@ -221,6 +280,7 @@ impl NatsQueue {
 
     /// The lease entry of `lease`, if `lease` still holds its message.
     async fn holding(&self, lease: &Lease) -> Result<(String, u64)> {
+        self.reachable()?;
         let key = lease_key(&lease.queue, lease.message);
         let entry = self.leases.entry(key.as_str()).await.map_err(unavailable)?.ok_or(QueueError::Stale)?;
         let held: Held = serde_json::from_slice(&entry.value).map_err(|_| QueueError::Stale)?;
@@ -254,7 +314,16 @@ impl Backend for NatsQueue {
         "nats"
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.reachable()?;
+        // A JetStream request, not only the connection: the stream info of the dead letters.
+        self.js.get_stream(DEAD).await.map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn remove(&self, queue: &str) -> Result<()> {
+        self.reachable()?;
+        let queue = &self.named(queue);
         self.consumers.lock().await.remove(queue);
         match self.js.delete_stream(stream_name(queue)).await {
             Ok(_) => Ok(()),
@@ -264,6 +333,7 @@ impl Backend for NatsQueue {
     }
 
     async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool> {
+        let queue = &self.named(queue);
         self.consumer(queue).await?;
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
@@ -282,6 +352,7 @@ impl Backend for NatsQueue {
     }
 
     async fn claim(&self, queue: &str, _lease: Duration, holder: &str) -> Result<Option<Delivery>> {
+        let queue = &self.named(queue);
         let consumer = self.consumer(queue).await?;
         // Messages met before their time go back; a few of them in a row end the look.
         for _ in 0..16 {
@@ -307,6 +378,7 @@ impl Backend for NatsQueue {
         holder: &str,
         max: Duration,
     ) -> Result<Option<Delivery>> {
+        let queue = &self.named(queue);
         let consumer = self.consumer(queue).await?;
         let end = tokio::time::Instant::now() + max;
         loop {
@@ -314,8 +386,16 @@ impl Backend for NatsQueue {
             if left < Duration::from_millis(10) {
                 return Ok(None);
             }
+            // Subscribed before the request goes out, so a reconnect after it is seen.
+            let mut connected = self.connected.subscribe();
+            self.reachable()?;
             let mut batch = consumer.batch().max_messages(1).expires(left).messages().await.map_err(unavailable)?;
-            match batch.next().await {
+            let next = tokio::select! {
+                next = batch.next() => next,
+                // The request went with the lost connection: ask again on the new one.
+                Ok(()) = connected.changed() => continue,
+            };
+            match next {
                 None => return Ok(None),
                 Some(msg) => {
                     if let Some(d) = self.take(queue, msg.map_err(unavailable)?, holder).await? {
@@ -367,6 +447,7 @@ impl Backend for NatsQueue {
     }
 
     async fn stats(&self, queue: &str) -> Result<QueueStats> {
+        let queue = &self.named(queue);
         let mut consumer = self.consumer(queue).await?;
         let leased = consumer.info().await.map_err(unavailable)?.num_ack_pending;
         // The stream's info comes with it (no second request).
@@ -384,12 +465,14 @@ impl Backend for NatsQueue {
 
     async fn depth(&self, queue: &str) -> Result<u64> {
         // Settled messages leave a work-queue stream, so its count is the depth: one request.
+        let queue = &self.named(queue);
         self.consumer(queue).await?;
         let stream = self.js.get_stream(stream_name(queue)).await.map_err(unavailable)?;
         Ok(stream.cached_info().state.messages)
     }
 
     async fn release(&self, holder: &str) -> Result<u64> {
+        self.reachable()?;
         let mut keys = self.leases.keys().await.map_err(unavailable)?;
         let mut released = 0;
         while let Some(key) = keys.next().await {

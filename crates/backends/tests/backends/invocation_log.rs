@@ -4,13 +4,11 @@
 //! "nodes": two handles on one state file for SQLite, two connection pools for PostgreSQL, and
 //! a prefix for the ids it writes.
 
-
-
 use std::time::Duration;
 
+use crate::support::fresh;
 use pixflow_backends::state::now_ms;
 use pixflow_backends::{InvocationLog, NewInvocation, State, Status};
-use crate::support::fresh;
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(InvocationLog, InvocationLog, String)) {

@@ -6,14 +6,12 @@
 //! last its `AckWait`, 5 s here: longer than any case holds a lease it means to keep, even on a
 //! loaded machine).
 
-
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use crate::support::fresh;
 use pixflow_backends::state::now_ms;
 use pixflow_backends::{Queue, QueueError, State};
-use crate::support::fresh;
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(Queue, Queue, String)) {
@@ -50,6 +48,15 @@ async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), fut)
         .await
         .unwrap_or_else(|_| panic!("{what}: still waiting after {secs} s"))
+}
+
+#[tokio::test]
+async fn a_live_backend_answers_a_ping() {
+    each(async |a, b, _| {
+        a.ping().await.unwrap();
+        b.ping().await.unwrap();
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -293,4 +300,33 @@ async fn closing_the_state_does_not_wait_for_an_open_queue() {
         drop(queue);
         schema.drop().await;
     }
+}
+
+/// Deployments sharing a NATS server keep their queues apart by a prefix: the same queue name
+/// behind two prefixes is two queues, even for the same deduplication id.
+#[tokio::test]
+async fn nats_queues_behind_different_prefixes_are_apart() {
+    let Some(url) = crate::support::service("PIXFLOW_TEST_NATS_URL", "nats://127.0.0.1:4222") else { return };
+    let options = |prefix: String| pixflow_backends::queue::NatsOptions {
+        ack_wait: Duration::from_secs(5),
+        prefix,
+        ..Default::default()
+    };
+    let a = Queue::nats(&url, options(format!("{}_", fresh("a"))), "node")
+        .await
+        .expect("PIXFLOW_TEST_NATS_URL is set but unreachable");
+    let b = Queue::nats(&url, options(format!("{}_", fresh("b"))), "node").await.unwrap();
+    assert!(a.enqueue("invocations", "same", b"a's", Duration::ZERO).await.unwrap());
+    assert!(b.enqueue("invocations", "same", b"b's", Duration::ZERO).await.unwrap());
+    let from_a = a.claim("invocations", MINUTE).await.unwrap().unwrap();
+    let from_b = b.claim("invocations", MINUTE).await.unwrap().unwrap();
+    assert_eq!((from_a.payload.as_slice(), from_b.payload.as_slice()), (&b"a's"[..], &b"b's"[..]));
+    assert!(a.claim("invocations", MINUTE).await.unwrap().is_none());
+    a.finish(&from_a.lease).await.unwrap();
+    b.finish(&from_b.lease).await.unwrap();
+    assert_eq!(a.depth("invocations").await.unwrap(), 0);
+    a.remove("invocations").await.unwrap();
+    b.remove("invocations").await.unwrap();
+    let refused = Queue::nats(&url, options("Not.A.Prefix".into()), "node").await;
+    assert!(matches!(refused, Err(QueueError::InvalidName(_))), "{refused:?}");
 }
