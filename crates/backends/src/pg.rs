@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, SqlSafeStr};
 
 use crate::catalogue::Catalogue;
@@ -101,6 +101,29 @@ impl Postgres {
 
     pub(crate) async fn close(&self) {
         self.db.close().await;
+    }
+}
+
+/// A listener on `channel` over a fresh connection of `db`, for one whose connection failed in a
+/// way it does not mend by itself: tried again every second until the server answers, so that
+/// it returns only once it is listening (what was notified before that is the caller's to make
+/// up for). `None` once the pool is closed (the state is closing).
+pub(crate) async fn relisten(db: &PgPool, channel: &str) -> Option<PgListener> {
+    loop {
+        if db.is_closed() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let attempt = async {
+            let mut listener = PgListener::connect_with(db).await?;
+            listener.listen(channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match attempt.await {
+            Ok(listener) => return Some(listener),
+            Err(sqlx::Error::PoolClosed) => return None,
+            Err(e) => tracing::debug!(error = %e, channel, "listening to PostgreSQL again"),
+        }
     }
 }
 

@@ -25,9 +25,14 @@ use crate::queue::{Queue, QueueError, Wakers};
 /// What can go wrong with the state, whatever its backend.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The store could not be reached, or failed; the operation may be retried.
-    #[error("state store: {0}")]
+    /// The store is out of reach for now: a connection lost or refused, no free connection in
+    /// time, the server shutting down or too busy. The operation may be retried once it is back.
+    #[error("state store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, with an error that retrying the same operation will not mend (a
+    /// constraint, a value it cannot read).
+    #[error("state store: {0}")]
+    Failed(String),
     /// Opening: the store's address is not one it can use. The message never holds a password.
     #[error("{0}")]
     InvalidUrl(String),
@@ -45,15 +50,40 @@ impl StateError {
     pub fn code(&self) -> &'static str {
         match self {
             StateError::Unavailable(_) | StateError::Connect { .. } => "state_unavailable",
-            StateError::InvalidUrl(_) | StateError::Unsupported(_) => "internal",
+            StateError::Failed(_) | StateError::InvalidUrl(_) | StateError::Unsupported(_) => "internal",
         }
     }
 }
 
 impl From<sqlx::Error> for StateError {
     fn from(e: sqlx::Error) -> StateError {
-        StateError::Unavailable(e.to_string())
+        if out_of_reach(&e) { StateError::Unavailable(e.to_string()) } else { StateError::Failed(e.to_string()) }
     }
+}
+
+/// Whether `e` says the database is out of reach (or too busy) for now, rather than that it
+/// refused what was asked: the difference between "retry later" and "this will not work".
+pub(crate) fn out_of_reach(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| transient_code(&code)),
+        _ => false,
+    }
+}
+
+/// A database error code that means "not now" rather than "not this". PostgreSQL's SQLSTATEs
+/// have five characters: connection exceptions (class 08), insufficient resources (class 53:
+/// too many connections, out of memory or disk) and the server shutting down or starting
+/// (57P01-57P03). SQLite's codes are numbers: busy (5) and locked (6), with their extended codes.
+fn transient_code(code: &str) -> bool {
+    if code.len() == 5 {
+        return code.starts_with("08") || code.starts_with("53") || matches!(code, "57P01" | "57P02" | "57P03");
+    }
+    code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
 pub type Result<T> = std::result::Result<T, StateError>;
@@ -238,6 +268,29 @@ mod tests {
             meta: "{}".into(),
             payload: vec![1, 2, 3],
             callback: None,
+        }
+    }
+
+    #[test]
+    fn lost_connections_are_unavailable_and_refusals_are_failures() {
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(StateError::from(refused), StateError::Unavailable(_)));
+        assert!(matches!(StateError::from(sqlx::Error::PoolTimedOut), StateError::Unavailable(_)));
+        assert!(matches!(StateError::from(sqlx::Error::PoolClosed), StateError::Unavailable(_)));
+        assert!(matches!(StateError::from(sqlx::Error::RowNotFound), StateError::Failed(_)));
+        // PostgreSQL: the connection broke, too many clients, the server shutting down.
+        for code in ["08006", "08001", "53300", "57P01", "57P03"] {
+            assert!(transient_code(code), "{code}");
+        }
+        // A unique violation, a syntax error, a serialization failure (the caller's to retry).
+        for code in ["23505", "42601", "40001"] {
+            assert!(!transient_code(code), "{code}");
+        }
+        // SQLite: busy, busy (snapshot), locked; not a constraint (19) or a full disk's I/O error (10).
+        for (code, transient) in
+            [("5", true), ("517", true), ("6", true), ("19", false), ("2067", false), ("10", false)]
+        {
+            assert_eq!(transient_code(code), transient, "{code}");
         }
     }
 

@@ -12,6 +12,7 @@ mod delivery;
 mod dispatch;
 pub mod fetch;
 mod functions;
+mod health;
 mod invocations;
 mod invoke;
 mod objects;
@@ -202,8 +203,9 @@ impl std::fmt::Debug for QueueBackend {
     }
 }
 
-/// Opens the JetStream queues, their leases as long as the workers' ([`dispatch::LEASE`]). A
-/// failure is the `QueueError` itself, for the caller to name the setting at fault.
+/// Opens the JetStream queues, their leases as long as the workers' ([`dispatch::LEASE`]), their
+/// names in `namespace`. A failure is the `QueueError` itself, for the caller to name the
+/// setting at fault.
 #[cfg(feature = "nats")]
 async fn open_nats(url: &str, namespace: Option<&str>, holder: &str) -> Result<pixflow_backends::Queue> {
     let options = pixflow_backends::queue::NatsOptions {
@@ -255,8 +257,11 @@ pub struct App {
     connections: tokio_util::task::TaskTracker,
     /// Serialises deploys and removals (registry and catalogue change together).
     deploys: tokio::sync::Mutex<()>,
-    /// The background loops: queue workers, retention, the edge's purge follower.
+    /// The background loops: queue workers, retention, the edge's purge follower, the backend
+    /// probe.
     loops: supervisor::Supervisor,
+    /// Whether the state store and the queue answer (the backend probe's findings).
+    health: health::Health,
 }
 
 /// What [`App::start`] has to tell the operator.
@@ -334,6 +339,7 @@ impl App {
         if reaped > 0 {
             tracing::warn!(reaped, "process-function children left by an earlier run of this node were stopped");
         }
+        let health = health::Health::new(state.backend(), queue.kind());
         let stop = tokio_util::sync::CancellationToken::new();
         let app = Arc::new(App {
             registry: Registry::new(RegistryOptions {
@@ -358,6 +364,7 @@ impl App {
             connections: tokio_util::task::TaskTracker::new(),
             deploys: tokio::sync::Mutex::new(()),
             loops: supervisor::Supervisor::new(stop.clone()),
+            health,
             stop,
             config,
         });
@@ -370,9 +377,10 @@ impl App {
             let a = app.clone();
             app.loops.spawn("invocation-worker", move || dispatch::worker(a.clone()));
         }
-        let (a, b) = (app.clone(), app.clone());
+        let (a, b, c) = (app.clone(), app.clone(), app.clone());
         app.loops.spawn("invocation-retention", move || dispatch::retention(a.clone()));
         app.loops.spawn("cdn-purge-follower", move || cdn::follow_changes(b.clone()));
+        app.loops.spawn("backend-probe", move || health::probe(c.clone()));
         if let Some(first) = catalogue_changes {
             // The first run follows from the subscription made before the functions were read;
             // a run started again after a failure subscribes anew and reads them all again.
@@ -620,7 +628,21 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
     let ready = app.ready.load(Ordering::Acquire);
     let loops = app.loops.health();
     let down: Vec<&str> = loops.iter().filter(|l| !l.running).map(|l| l.name).collect();
-    if ready && app.node.saturated() {
+    let lost = app.health.down();
+    if ready && !lost.is_empty() {
+        // Requests that need it answer 503 until it is back; the node reconnects by itself.
+        let named: Vec<String> = lost
+            .iter()
+            .map(|s| format!("{} ({}, for {} s)", s.backend.name(), s.kind, s.since.elapsed().as_secs()))
+            .collect();
+        problem::Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "backend_unavailable",
+            format!("out of reach: {}; requests that need it answer 503 until it is back", named.join(", ")),
+        )
+        .retry_after(health::PERIOD)
+        .into_response()
+    } else if ready && app.node.saturated() {
         // A load balancer should send image work elsewhere until the overdue work ends.
         problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -639,8 +661,18 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
         .into_response()
     } else if ready {
         let restarts: u64 = loops.iter().map(|l| l.restarts).sum();
-        axum::Json(serde_json::json!({"status": "ready", "background": {"loops": loops.len(), "restarts": restarts}}))
-            .into_response()
+        let backends: serde_json::Map<String, serde_json::Value> = app
+            .health
+            .statuses()
+            .iter()
+            .map(|s| (s.backend.name().to_owned(), serde_json::json!({"kind": s.kind, "up": s.up})))
+            .collect();
+        axum::Json(serde_json::json!({
+            "status": "ready",
+            "backends": backends,
+            "background": {"loops": loops.len(), "restarts": restarts},
+        }))
+        .into_response()
     } else {
         problem::Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -653,7 +685,10 @@ async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ax
 
 async fn metrics(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if let Ok(stats) = app.queue.stats(dispatch::QUEUE).await {
+    // A queue out of reach would hold the scrape until its timeout; its gauges keep their last values.
+    if app.health.is_up(health::Backend::Queue)
+        && let Ok(stats) = app.queue.stats(dispatch::QUEUE).await
+    {
         metrics::gauge!("pixflow_async_queue_depth").set(stats.depth as f64);
         metrics::gauge!("pixflow_async_queue_leased").set(stats.leased as f64);
         metrics::gauge!("pixflow_async_queue_oldest_age_seconds").set(stats.oldest_age.as_secs_f64());

@@ -130,7 +130,20 @@ impl IntoResponse for Problem {
 
 impl From<pixflow_backends::StateError> for Problem {
     fn from(e: pixflow_backends::StateError) -> Problem {
-        Problem::internal(e)
+        match e {
+            // Out of reach for now (the node reconnects by itself): retry, here or elsewhere.
+            pixflow_backends::StateError::Unavailable(_) => {
+                tracing::warn!(error = %e, "state store");
+                crate::health::suspect();
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "state_unavailable",
+                    "the state store is unavailable; retry later",
+                )
+                .retry_after(Duration::from_secs(5))
+            }
+            _ => Problem::internal(e),
+        }
     }
 }
 

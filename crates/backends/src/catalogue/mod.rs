@@ -51,6 +51,8 @@ pub(crate) trait Backend: Send + Sync {
     /// The role and label of the token with this hash.
     async fn token(&self, hash: &[u8]) -> Result<Option<(String, String)>>;
     async fn has_role(&self, role: &str) -> Result<bool>;
+    /// One trivial round trip to the store.
+    async fn ping(&self) -> Result<()>;
 }
 
 /// A handle on the catalogue; cheap to clone.
@@ -143,5 +145,11 @@ impl Catalogue {
     /// Whether any token has `role`.
     pub async fn has_role(&self, role: &str) -> Result<bool> {
         self.backend.has_role(role).await
+    }
+
+    /// Answers once the store did (a trivial query): a health probe.
+    /// [`crate::StateError::Unavailable`] while it is out of reach.
+    pub async fn ping(&self) -> Result<()> {
+        self.backend.ping().await
     }
 }

@@ -6,10 +6,9 @@
 //! opened state) and the function's name, in the same statement, so it goes out with the
 //! commit and only when a row changed. Each opened state listens ([`Feed`]) and hands the
 //! names other origins wrote to its subscribers; a listener that lost its connection tells
-//! them [`Change::Missed`], since what was notified meanwhile is gone.
+//! them [`Change::Missed`] once it listens again, since what was notified meanwhile is gone.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Row;
@@ -59,12 +58,12 @@ impl Feed {
         let mut listener = PgListener::connect_with(db).await?;
         listener.listen(CHANNEL).await?;
         let (sender, _) = broadcast::channel(256);
-        let listener = tokio::spawn(listen(listener, origin.clone(), sender.clone()));
+        let listener = tokio::spawn(listen(db.clone(), listener, origin.clone(), sender.clone()));
         Ok(Arc::new(Feed { origin, sender, listener }))
     }
 }
 
-async fn listen(mut listener: PgListener, origin: String, sender: broadcast::Sender<Change>) {
+async fn listen(db: PgPool, mut listener: PgListener, origin: String, sender: broadcast::Sender<Change>) {
     loop {
         // Sends fail only when nobody subscribes, which is nothing to report.
         match listener.try_recv().await {
@@ -75,15 +74,22 @@ async fn listen(mut listener: PgListener, origin: String, sender: broadcast::Sen
                     let _ = sender.send(Change::Function(name.to_owned()));
                 }
             }
-            // The connection dropped (it reconnects at the next call).
+            // The connection dropped and the listener made a new one, listening again.
             Ok(None) => {
                 let _ = sender.send(Change::Missed);
             }
             // The state is closing: give the connection back.
             Err(sqlx::Error::PoolClosed) => return,
+            // The connection could not be made again (the server is out of reach), or failed in
+            // a way the listener does not take for a lost one: a new listener once the server
+            // answers, and only then the subscribers read everything again (a read before that
+            // could miss a change notified to nobody).
             Err(e) => {
-                tracing::warn!(error = %e, "catalogue notifications from PostgreSQL");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tracing::warn!(error = %e, "catalogue notifications from PostgreSQL lost; listening again when it answers");
+                drop(listener);
+                let Some(again) = crate::pg::relisten(&db, CHANNEL).await else { return };
+                listener = again;
+                tracing::info!("catalogue notifications from PostgreSQL resumed");
                 let _ = sender.send(Change::Missed);
             }
         }
@@ -221,5 +227,10 @@ impl Backend for PgCatalogue {
             .fetch_optional(&self.db)
             .await?;
         Ok(r.is_some())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.db).await?;
+        Ok(())
     }
 }

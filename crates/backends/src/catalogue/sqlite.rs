@@ -156,4 +156,9 @@ impl Backend for SqliteCatalogue {
             .await?;
         Ok(r.is_some())
     }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.db).await?;
+        Ok(())
+    }
 }

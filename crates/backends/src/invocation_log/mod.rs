@@ -142,6 +142,8 @@ pub(crate) trait Backend: Send + Sync {
     async fn result(&self, id: &str) -> Result<Option<Vec<u8>>>;
     async fn dead_letters(&self, after: &str, limit: u32) -> Result<Vec<InvocationRow>>;
     async fn purge_finished(&self, before_ms: i64) -> Result<u64>;
+    /// One trivial round trip to the store.
+    async fn ping(&self) -> Result<()>;
 }
 
 /// A handle on the invocation log; cheap to clone.
@@ -230,5 +232,11 @@ impl InvocationLog {
     /// Deletes finished invocations (succeeded or dead) last updated before `before_ms`.
     pub async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
         self.backend.purge_finished(before_ms).await
+    }
+
+    /// Answers once the store did (a trivial query): a health probe.
+    /// [`crate::StateError::Unavailable`] while it is out of reach.
+    pub async fn ping(&self) -> Result<()> {
+        self.backend.ping().await
     }
 }

@@ -181,4 +181,9 @@ impl Backend for PgLog {
             .await?;
         Ok(done.rows_affected())
     }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.db).await?;
+        Ok(())
+    }
 }

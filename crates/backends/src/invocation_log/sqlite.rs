@@ -163,4 +163,9 @@ impl Backend for SqliteLog {
             .await?;
         Ok(done.rows_affected())
     }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.db).await?;
+        Ok(())
+    }
 }

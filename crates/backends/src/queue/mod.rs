@@ -182,6 +182,8 @@ pub(crate) trait Backend: Send + Sync {
     async fn purge(&self, done_before_ms: i64, dead_before_ms: i64) -> Result<u64>;
     /// Deletes a queue and every message in it.
     async fn remove(&self, queue: &str) -> Result<()>;
+    /// One trivial round trip to the server that holds the queues.
+    async fn ping(&self) -> Result<()>;
 }
 
 /// Wake-ups, one per queue name, shared by a backend and the waiting consumers.
@@ -377,6 +379,12 @@ impl Queue {
             self.wakers.wake_all();
         }
         Ok(n)
+    }
+
+    /// Answers once the backend did (a trivial query, or a JetStream request): a health probe.
+    /// [`QueueError::Unavailable`] while it is out of reach.
+    pub async fn ping(&self) -> Result<()> {
+        self.backend.ping().await
     }
 
     /// Deletes settled messages: finished ones older than `dedup_window` (their ids may then be

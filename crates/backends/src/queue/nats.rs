@@ -19,13 +19,16 @@
 //!   one is refused before it reaches the server. (A redelivery in the moment between that
 //!   check and the ack can still let an old holder's ack through; the invocation log's own
 //!   lease check refuses that holder's outcome.)
-//! - Waiting: a pull request that the server holds open until a message arrives.
+//! - Waiting: a pull request that the server holds open until a message arrives. A pull request
+//!   goes with the connection it was sent on: when the client connects again after losing the
+//!   server, every waiting consumer asks again at once (not after its request's expiry).
 //! - Retry: a negative ack with the delay. Bury: the message is copied to the dead-letter
 //!   stream `PIXFLOW_DEAD` (subject `pixflow.dead.<queue>`, with its reason) and terminated.
 //! - A node's own leases after a restart: the lease entries name their holder and ack subject,
 //!   so [`super::Queue::release_held`] sends each a negative ack, and the server redelivers them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -40,6 +43,9 @@ use crate::state::now_ms;
 
 const NOT_BEFORE: &str = "Pixflow-Not-Before";
 const CONSUMER: &str = "workers";
+/// The longest a request to the server (JetStream's API, a publish's ack, an ack's confirmation)
+/// waits for its answer: a caller learns within seconds that the server is out of reach.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings of the JetStream queues.
 #[derive(Debug, Clone)]
@@ -87,6 +93,9 @@ pub(crate) struct NatsQueue {
     names: Names,
     /// Each queue's consumer, made (with its stream) at first use.
     consumers: tokio::sync::Mutex<HashMap<String, consumer::PullConsumer>>,
+    /// Bumped whenever the client connects again: pull requests sent before are gone with the
+    /// connection they went on.
+    connected: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The names of one deployment's streams, subjects and lease bucket: rooted at `PIXFLOW` and
@@ -137,13 +146,35 @@ impl NatsQueue {
         }
         let names = Names::new(options.namespace.as_deref());
         let (dead, leases) = (names.dead_stream(), names.leases());
+        let connected = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (bump, first) = (connected.clone(), Arc::new(std::sync::atomic::AtomicBool::new(true)));
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(REQUEST_TIMEOUT))
             .name("pixflow")
+            // The client reconnects by itself, forever, with backoff (up to 4 s between tries).
+            .event_callback(move |event| {
+                let (bump, first) = (bump.clone(), first.clone());
+                async move {
+                    match event {
+                        // The first connection has no waiting consumer to tell.
+                        async_nats::Event::Connected if first.swap(false, std::sync::atomic::Ordering::AcqRel) => {}
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to the NATS server again");
+                            bump.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("lost the NATS server; reconnecting");
+                        }
+                        other => tracing::debug!(event = %other, "NATS client"),
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(unavailable)?;
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(REQUEST_TIMEOUT);
         js.get_or_create_stream(stream::Config {
             name: dead.clone(),
             subjects: vec![names.dead_subject(">")],
@@ -173,10 +204,29 @@ impl NatsQueue {
         .map_err(|e| unavailable(format!("the lease bucket {leases}: {e}")))?;
         let bucket =
             js.get_key_value(&leases).await.map_err(|e| unavailable(format!("the lease bucket {leases}: {e}")))?;
-        Ok(NatsQueue { client, js, leases: bucket, options, names, consumers: tokio::sync::Mutex::new(HashMap::new()) })
+        Ok(NatsQueue {
+            client,
+            js,
+            leases: bucket,
+            options,
+            names,
+            consumers: tokio::sync::Mutex::new(HashMap::new()),
+            connected,
+        })
+    }
+
+    /// Fails at once while the client has no connection (it is reconnecting), rather than letting
+    /// a request wait for one until its timeout.
+    fn reachable(&self) -> Result<()> {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            Ok(())
+        } else {
+            Err(QueueError::Unavailable("not connected to the NATS server (reconnecting)".into()))
+        }
     }
 
     async fn consumer(&self, queue: &str) -> Result<consumer::PullConsumer> {
+        self.reachable()?;
         let mut all = self.consumers.lock().await;
         if let Some(c) = all.get(queue) {
             return Ok(c.clone());
@@ -262,6 +312,7 @@ impl NatsQueue {
 
     /// The lease entry of `lease`, if `lease` still holds its message.
     async fn holding(&self, lease: &Lease) -> Result<(String, u64)> {
+        self.reachable()?;
         let key = lease_key(&lease.queue, lease.message);
         let entry = self.leases.entry(key.as_str()).await.map_err(unavailable)?.ok_or(QueueError::Stale)?;
         let held: Held = serde_json::from_slice(&entry.value).map_err(|_| QueueError::Stale)?;
@@ -295,7 +346,15 @@ impl Backend for NatsQueue {
         "nats"
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.reachable()?;
+        // A JetStream request, not only the connection: the stream info of the dead letters.
+        self.js.get_stream(self.names.dead_stream()).await.map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn remove(&self, queue: &str) -> Result<()> {
+        self.reachable()?;
         self.consumers.lock().await.remove(queue);
         match self.js.delete_stream(self.names.stream(queue)).await {
             Ok(_) => Ok(()),
@@ -355,8 +414,16 @@ impl Backend for NatsQueue {
             if left < Duration::from_millis(10) {
                 return Ok(None);
             }
+            // Subscribed before the request goes out, so a reconnect after it is seen.
+            let mut connected = self.connected.subscribe();
+            self.reachable()?;
             let mut batch = consumer.batch().max_messages(1).expires(left).messages().await.map_err(unavailable)?;
-            match batch.next().await {
+            let next = tokio::select! {
+                next = batch.next() => next,
+                // The request went with the lost connection: ask again on the new one.
+                Ok(()) = connected.changed() => continue,
+            };
+            match next {
                 None => return Ok(None),
                 Some(msg) => {
                     if let Some(d) = self.take(queue, msg.map_err(unavailable)?, holder).await? {
@@ -431,6 +498,7 @@ impl Backend for NatsQueue {
     }
 
     async fn release(&self, holder: &str) -> Result<u64> {
+        self.reachable()?;
         let mut keys = self.leases.keys().await.map_err(unavailable)?;
         let mut released = 0;
         while let Some(key) = keys.next().await {

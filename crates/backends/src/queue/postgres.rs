@@ -3,7 +3,7 @@
 //! instead of waiting); settlements update only the row whose fence they carry. An enqueue
 //! sends `NOTIFY pixflow_queue` with the queue's name, delivered at commit to every node's
 //! listener, which wakes one of its waiting consumers; a listener that lost its connection
-//! wakes them all once it is back, so nothing enqueued meanwhile waits for the timer.
+//! wakes them all once it listens again, so nothing enqueued meanwhile waits for the timer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,23 +48,30 @@ impl PgQueue {
     pub(crate) async fn new(db: PgPool, wakers: Arc<Wakers>) -> Result<PgQueue> {
         let mut listener = PgListener::connect_with(&db).await?;
         listener.listen(CHANNEL).await?;
-        let listener = tokio::spawn(listen(listener, wakers));
+        let listener = tokio::spawn(listen(db.clone(), listener, wakers));
         Ok(PgQueue { db, listener })
     }
 }
 
-async fn listen(mut listener: PgListener, wakers: Arc<Wakers>) {
+async fn listen(db: PgPool, mut listener: PgListener, wakers: Arc<Wakers>) {
     loop {
         match listener.try_recv().await {
             Ok(Some(n)) => wakers.wake(n.payload()),
-            // The connection dropped (it reconnects at the next call): what was notified
-            // meanwhile is lost, so every consumer looks again.
+            // The connection dropped and the listener made a new one, listening again: what was
+            // notified in between is lost, so every consumer looks again.
             Ok(None) => wakers.wake_all(),
             // The state is closing: give the connection back, or the close waits for it forever.
             Err(sqlx::Error::PoolClosed) => return,
+            // The connection could not be made again (the server is out of reach), or failed in
+            // a way the listener does not take for a lost one: a new listener, once the server
+            // answers, and only then every consumer looks again (a look before that could miss
+            // an enqueue notified to nobody).
             Err(e) => {
-                tracing::warn!(error = %e, "queue notifications from PostgreSQL");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tracing::warn!(error = %e, "queue notifications from PostgreSQL lost; listening again when it answers");
+                drop(listener);
+                let Some(again) = crate::pg::relisten(&db, CHANNEL).await else { return };
+                listener = again;
+                tracing::info!("queue notifications from PostgreSQL resumed");
                 wakers.wake_all();
             }
         }
@@ -90,6 +97,11 @@ fn settled(done: sqlx::postgres::PgQueryResult) -> Result<()> {
 impl Backend for PgQueue {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.db).await?;
+        Ok(())
     }
 
     async fn remove(&self, queue: &str) -> Result<()> {

@@ -62,6 +62,11 @@ impl Backend for SqliteQueue {
         "sqlite"
     }
 
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.db).await?;
+        Ok(())
+    }
+
     async fn remove(&self, queue: &str) -> Result<()> {
         sqlx::query("DELETE FROM queue_messages WHERE queue = ?").bind(queue).execute(&self.db).await?;
         Ok(())

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::support::fresh;
-use pixflow_backends::{Bucket, BucketConfig, Catalogue, CatalogueChange, State};
+use pixflow_backends::{Bucket, BucketConfig, Catalogue, CatalogueChange, QueueError, State, StateError};
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(Catalogue, Catalogue, String)) {
@@ -188,4 +188,29 @@ async fn changes_to_functions_are_announced_to_the_other_nodes() {
         assert!(seen_by_b.try_recv().is_err(), "B heard its own change");
     })
     .await;
+}
+
+/// Every handle of an open state answers a ping (a health probe's question); once the state is
+/// closed, each says the store is out of reach (`Unavailable`, which the server answers with
+/// 503), not that it failed.
+#[tokio::test]
+async fn every_handle_answers_a_ping_until_the_state_is_closed() {
+    let check = async |state: State| {
+        let (catalogue, log) = (state.catalogue(), state.invocations());
+        let queue = state.queue(&fresh("node")).await.unwrap();
+        catalogue.ping().await.unwrap();
+        log.ping().await.unwrap();
+        queue.ping().await.unwrap();
+        state.close().await;
+        let unreachable = |e: StateError| matches!(e, StateError::Unavailable(_));
+        assert!(catalogue.ping().await.is_err_and(unreachable), "{}", state.backend());
+        assert!(log.ping().await.is_err_and(unreachable), "{}", state.backend());
+        assert!(matches!(queue.ping().await, Err(QueueError::Unavailable(_))), "{}", state.backend());
+    };
+    check(State::memory().await.unwrap()).await;
+    if let Some(server) = crate::support::postgres_url("catalogue") {
+        let schema = crate::support::Schema::create(&server).await;
+        check(State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable")).await;
+        schema.drop().await;
+    }
 }

@@ -51,6 +51,15 @@ async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
 }
 
 #[tokio::test]
+async fn a_live_backend_answers_a_ping() {
+    each(async |a, b, _| {
+        a.ping().await.unwrap();
+        b.ping().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn two_consumers_never_hold_the_same_message() {
     each(async |a, b, q| {
         for i in 0..40 {

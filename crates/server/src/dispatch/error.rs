@@ -73,7 +73,8 @@ impl Error {
                 false
             }
             Error::Answered { status, .. } => *status >= 500,
-            Error::QueueFull { .. } | Error::State(_) | Error::Queue(_) => true,
+            Error::QueueFull { .. } | Error::Queue(_) => true,
+            Error::State(e) => matches!(e, StateError::Unavailable(_) | StateError::Connect { .. }),
             Error::Invoke(e) => {
                 e.retryable() || matches!(e, InvokeError::Engine(pixflow_imageops::Error::Timeout { .. }))
             }
@@ -127,6 +128,8 @@ mod tests {
             (FetchError::Timeout.into(), true, "origin_timeout", 504),
             (FetchError::TooLarge { size: "9".into(), limit: 1 }.into(), false, "origin_too_large", 413),
             (QueueError::Unavailable("gone".into()).into(), true, "queue_unavailable", 503),
+            (StateError::Unavailable("reset".into()).into(), true, "state_unavailable", 503),
+            (StateError::Failed("constraint".into()).into(), false, "internal", 500),
         ];
         for (error, retryable, code, status) in cases {
             let shown = format!("{error:?}");

@@ -116,6 +116,8 @@ async fn health_readiness_and_metrics() {
         "pixflow_edge_cache_entries",
         "pixflow_edge_cache_bytes{tier=\"memory\"}",
         "pixflow_cdn_transformations_total",
+        "pixflow_backend_up{backend=\"state\"} 1",
+        "pixflow_backend_up{backend=\"queue\"} 1",
     ] {
         assert!(text.contains(series), "missing {series} in\n{text}");
     }

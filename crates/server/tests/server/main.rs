@@ -1,6 +1,8 @@
 //! The server's suites, one test binary: the HTTP API, hardening against hostile clients and
-//! inputs, and the node on PostgreSQL state.
+//! inputs, the node on PostgreSQL state, and nodes that lose their backends while they run.
 
 mod api;
 mod hardening;
+mod outage;
 mod state_postgres;
+mod support;

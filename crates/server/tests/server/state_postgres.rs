@@ -11,18 +11,12 @@ use std::time::{Duration, Instant};
 use axum::http::{Method, StatusCode};
 use pixflow_server::{App, Config, StateBackend};
 use serde_json::json;
-use sqlx::Connection;
 
 use crate::api::{call, png};
 
-const ADMIN: &str = "pfx_test-admin-token";
+use crate::support::{Schema, unique};
 
-fn unique(prefix: &str) -> String {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000;
-    format!("{prefix}-{}-{ms}-{n}", std::process::id())
-}
+const ADMIN: &str = "pfx_test-admin-token";
 
 fn postgres_url() -> Option<String> {
     let url = std::env::var("PIXFLOW_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty());
@@ -34,36 +28,6 @@ fn postgres_url() -> Option<String> {
         );
     }
     url
-}
-
-/// A schema made for one test; `url` connects with it first on the search path.
-struct Schema {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl Schema {
-    async fn create(server: &str) -> Schema {
-        let name = unique("pixflow_node_test").replace('-', "_");
-        let mut conn = sqlx::PgConnection::connect(server)
-            .await
-            .unwrap_or_else(|e| panic!("PIXFLOW_TEST_POSTGRES_URL is set but unreachable: {e}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&mut conn).await.unwrap();
-        conn.close().await.unwrap();
-        let joint = if server.contains('?') { '&' } else { '?' };
-        let url = format!("{server}{joint}options=-c%20search_path%3D{name}");
-        Schema { server: server.to_owned(), name, url }
-    }
-
-    async fn drop(self) {
-        let mut conn = sqlx::PgConnection::connect(&self.server).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", self.name)))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-    }
 }
 
 /// A node on the shared state, with a data folder of its own.
