@@ -2,9 +2,10 @@
 //! test (`harness = false`; `cargo test` does not build benches, `clippy --all-targets` checks it).
 //!
 //! Three parts, each repeated `--rounds` times (the machine is shared: quote medians):
-//! - `latency`: per backend, a consumer waits in [`Queue::next`]; after a pause (so it is parked)
-//!   a message is enqueued; the sample runs from just before `enqueue` to the moment `next`
-//!   returns in the consumer's task. Sequential, one message at a time.
+//! - `latency`: per backend (SQLite, PostgreSQL, NATS JetStream), a consumer waits in
+//!   [`Queue::next`]; after a pause (so it is parked) a message is enqueued; the sample runs from
+//!   just before `enqueue` to the moment `next` returns in the consumer's task. Sequential, one
+//!   message at a time.
 //! - `throughput`: per backend, messages through the queue (enqueue by P producers, `next` +
 //!   `finish` by a fixed pool of C consumers), from the first enqueue to the last finish.
 //! - `async`: a real `pixflow serve` (SQLite state, embedded objects, default async workers: one
@@ -14,15 +15,22 @@
 //!   the server's clock); and one at a time, each awaited before the next is sent: logged, and
 //!   until its completion callback (`X-Callback-Url`, to a listener in this program) arrives.
 //!
+//! Each row of the queue parts uses a queue of its own, removed after the row (so JetStream
+//! streams do not pile up on a shared server).
+//!
 //! CPU is read from `/proc` (utime + stime, 10 ms ticks): this process; for PostgreSQL, its
-//! backends serving the benchmark's database; for `async`, the server process.
+//! backends serving the benchmark's database; for JetStream, the `nats-server` process (all of
+//! it: whatever else uses that server is counted too); for `async`, the server process.
 //!
 //! ```text
 //! cargo build -p pixflow-cli && cargo bench --profile dev -p pixflow-server --bench queue -- \
-//!     --pg-url postgres://postgres@127.0.0.1:5432/pixflow_bench --pixflow target/debug/pixflow
+//!     --pg-url postgres://postgres@127.0.0.1:5432/pixflow_bench --nats-url nats://127.0.0.1:4222 \
+//!     --backends sqlite,postgres,nats --pixflow target/debug/pixflow
 //! ```
 //!
-//! Options: `--parts latency,throughput,async`, `--backends sqlite,postgres`, `--rounds 3`,
+//! Options: `--parts latency,throughput,async`, `--backends sqlite,postgres` (or any of
+//! `sqlite,postgres,nats`), `--pg-url` (or `PIXFLOW_BENCH_POSTGRES_URL`), `--nats-url` (or
+//! `PIXFLOW_BENCH_NATS_URL`), `--rounds 3`,
 //! `--samples 3000`, `--gap-ms 5`, `--messages 4000`, `--producers 1,4,16`, `--consumers 2,4`,
 //! `--invocations 1500`, `--sequential 300`, `--json FILE` (every row as a JSON line), `--scratch
 //! DIR` (where the SQLite files and the node's data folder go; default: the temp folder).
@@ -40,6 +48,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use pixflow_backends::queue::NatsOptions;
 use pixflow_backends::{Queue, State};
 use serde_json::{Value, json};
 
@@ -52,6 +61,7 @@ struct Args {
     parts: Vec<String>,
     backends: Vec<String>,
     pg_url: Option<String>,
+    nats_url: Option<String>,
     pixflow: PathBuf,
     rounds: usize,
     samples: usize,
@@ -71,6 +81,7 @@ fn list<T: std::str::FromStr>(s: &str) -> Result<Vec<T>> {
 
 fn parse_args() -> Result<Args> {
     let pg_url = std::env::var("PIXFLOW_BENCH_POSTGRES_URL").ok().filter(|u| !u.is_empty());
+    let nats_url = std::env::var("PIXFLOW_BENCH_NATS_URL").ok().filter(|u| !u.is_empty());
     // Beside this program in the target folder: target/<profile>/deps/queue-* -> target/<profile>/pixflow.
     let exe = std::env::current_exe()?;
     let pixflow = exe.parent().and_then(Path::parent).map(|d| d.join("pixflow")).unwrap_or_default();
@@ -78,6 +89,7 @@ fn parse_args() -> Result<Args> {
         parts: list("latency,throughput,async")?,
         backends: list("sqlite,postgres")?,
         pg_url,
+        nats_url,
         pixflow,
         rounds: 3,
         samples: 3000,
@@ -101,6 +113,7 @@ fn parse_args() -> Result<Args> {
             "--parts" => a.parts = list(&value)?,
             "--backends" => a.backends = list(&value)?,
             "--pg-url" => a.pg_url = Some(value),
+            "--nats-url" => a.nats_url = Some(value),
             "--pixflow" => a.pixflow = value.into(),
             "--rounds" => a.rounds = value.parse()?,
             "--samples" => a.samples = value.parse()?,
@@ -117,6 +130,9 @@ fn parse_args() -> Result<Args> {
     }
     if a.backends.iter().any(|b| b == "postgres") && a.pg_url.is_none() {
         bail!("the postgres backend needs --pg-url (or PIXFLOW_BENCH_POSTGRES_URL)");
+    }
+    if a.backends.iter().any(|b| b == "nats") && a.nats_url.is_none() {
+        bail!("the nats backend needs --nats-url (or PIXFLOW_BENCH_NATS_URL)");
     }
     Ok(a)
 }
@@ -158,7 +174,9 @@ async fn run(args: &Args) -> Result<()> {
         for backend in &args.backends {
             let queue = open_queue(args, backend, &scratch.join(format!("{backend}-{round}"))).await?;
             if args.parts.iter().any(|p| p == "latency") {
-                let row = latency(args, &queue, backend, &format!("lat-{started}-{round}")).await?;
+                let name = format!("lat-{started}-{round}");
+                let row = latency(args, &queue, backend, &name).await?;
+                queue.remove(&name).await?;
                 report.row(with(row, json!({"round": round, "backend": backend})))?;
             }
             if args.parts.iter().any(|p| p == "throughput") {
@@ -166,6 +184,7 @@ async fn run(args: &Args) -> Result<()> {
                     for &p in &args.producers {
                         let name = format!("tp-{started}-{round}-{c}-{p}");
                         let row = throughput(args, &queue, backend, &name, p, c).await?;
+                        queue.remove(&name).await?;
                         report.row(with(row, json!({"round": round, "backend": backend})))?;
                     }
                 }
@@ -213,6 +232,12 @@ async fn open_queue(args: &Args, backend: &str, dir: &Path) -> Result<Queue> {
             let url = args.pg_url.as_deref().context("--pg-url")?;
             let pg = State::postgres(url).await.context("opening PostgreSQL")?;
             Ok(pg.queue(&format!("bench-{}", std::process::id())).await?)
+        }
+        "nats" => {
+            let url = args.nats_url.as_deref().context("--nats-url")?;
+            // Leases as long as the benchmark's, so none runs out during a row.
+            let options = NatsOptions { ack_wait: LEASE, ..NatsOptions::default() };
+            Queue::nats(url, options, &format!("bench-{}", std::process::id())).await.context("connecting to NATS")
         }
         other => bail!("unknown backend {other}"),
     }
@@ -632,24 +657,43 @@ fn proc_ticks(pid: u32) -> f64 {
     field(11) + field(12)
 }
 
-/// PostgreSQL backends serving `database` (their process title names it), with their CPU ticks.
-fn pg_backends(database: &str) -> HashMap<u32, f64> {
-    let needle = format!(" {database} ");
-    let mut out = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let title = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
-        if title.starts_with("postgres: ") && title.contains(&needle) {
-            out.insert(pid, proc_ticks(pid));
-        }
-    }
-    out
+/// The processes of the backend's server that serve this benchmark, with their CPU ticks.
+#[derive(Clone, Copy)]
+enum ServerProcs<'a> {
+    /// PostgreSQL backends serving this database (their process title names it).
+    Postgres(&'a str),
+    /// Every process whose command is `nats-server` (the whole server, not only this
+    /// benchmark's share).
+    Nats,
 }
 
-/// CPU spent over a row: this process's, and (PostgreSQL) its backends'.
-struct Cpu {
+impl ServerProcs<'_> {
+    fn ticks(self) -> HashMap<u32, f64> {
+        let mut out = HashMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let ours = match self {
+                ServerProcs::Postgres(database) => {
+                    let title = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+                    title.starts_with("postgres: ") && title.contains(&format!(" {database} "))
+                }
+                ServerProcs::Nats => {
+                    std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim_end() == "nats-server")
+                }
+            };
+            if ours {
+                out.insert(pid, proc_ticks(pid));
+            }
+        }
+        out
+    }
+}
+
+/// CPU spent over a row: this process's, and the backend server's (PostgreSQL's backends, or
+/// `nats-server`), reported as `db_cpu_ms_per_msg`.
+struct Cpu<'a> {
     own: f64,
-    db: Option<(String, HashMap<u32, f64>)>,
+    db: Option<(ServerProcs<'a>, HashMap<u32, f64>)>,
 }
 
 struct CpuSpent {
@@ -657,22 +701,27 @@ struct CpuSpent {
     db: Option<f64>,
 }
 
-impl Cpu {
-    fn start(args: &Args, backend: &str) -> Cpu {
-        let db = (backend == "postgres").then(|| {
-            let url = args.pg_url.as_deref().unwrap_or_default();
-            let name = url.rsplit('/').next().unwrap_or_default().split('?').next().unwrap_or_default().to_owned();
-            let before = pg_backends(&name);
-            (name, before)
-        });
+impl Cpu<'_> {
+    fn start<'a>(args: &'a Args, backend: &str) -> Cpu<'a> {
+        let procs = match backend {
+            "postgres" => {
+                let url = args.pg_url.as_deref().unwrap_or_default();
+                Some(ServerProcs::Postgres(
+                    url.rsplit('/').next().unwrap_or_default().split('?').next().unwrap_or_default(),
+                ))
+            }
+            "nats" => Some(ServerProcs::Nats),
+            _ => None,
+        };
+        let db = procs.map(|p| (p, p.ticks()));
         Cpu { own: proc_ticks(std::process::id()), db }
     }
 
     /// Milliseconds of CPU since [`Cpu::start`].
     fn finish(self) -> CpuSpent {
         let own = (proc_ticks(std::process::id()) - self.own) / TICKS * 1000.0;
-        let db = self.db.map(|(name, before)| {
-            let after = pg_backends(&name);
+        let db = self.db.map(|(procs, before)| {
+            let after = procs.ticks();
             let ticks: f64 = after.iter().map(|(pid, t)| t - before.get(pid).copied().unwrap_or(0.0)).sum();
             ticks / TICKS * 1000.0
         });
@@ -709,10 +758,10 @@ fn summary(rows: &[Value]) {
     let rounds = rows.iter().filter_map(|r| r["round"].as_u64()).max().unwrap_or(0);
     println!("\nMedians over {rounds} rounds.");
     let kind = |k: &str| rows.iter().any(|r| r["kind"] == k);
-    let backends = ["sqlite", "postgres"];
+    let backends = ["sqlite", "postgres", "nats"];
     if kind("latency") {
         println!(
-            "\n| backend | p50 ms | p90 ms | p99 ms | enqueue p50 ms | wake + claim p50 ms | CPU ms/msg (bench) | CPU ms/msg (PostgreSQL) |"
+            "\n| backend | p50 ms | p90 ms | p99 ms | enqueue p50 ms | wake + claim p50 ms | CPU ms/msg (bench) | CPU ms/msg (PostgreSQL or nats-server) |"
         );
         println!("|---|---|---|---|---|---|---|---|");
         let fields = [
@@ -732,7 +781,7 @@ fn summary(rows: &[Value]) {
     }
     if kind("throughput") {
         println!(
-            "\n| backend | consumers | producers | msgs/s | enqueued/s | CPU ms/msg (bench) | CPU ms/msg (PostgreSQL) |"
+            "\n| backend | consumers | producers | msgs/s | enqueued/s | CPU ms/msg (bench) | CPU ms/msg (PostgreSQL or nats-server) |"
         );
         println!("|---|---|---|---|---|---|---|");
         let mut shapes: Vec<(u64, u64)> = rows
