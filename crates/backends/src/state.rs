@@ -124,6 +124,9 @@ enum Inner {
         /// Shared by every [`Queue`] handle on this file, so an enqueue wakes any of their
         /// consumers.
         wakers: Arc<Wakers>,
+        /// The file's one queue writer, shared by every [`Queue`] handle on it: their writes
+        /// are committed in groups (see `queue/sqlite.rs`).
+        writer: crate::queue::sqlite::Writer,
     },
     #[cfg(feature = "postgres")]
     Postgres(crate::pg::Postgres),
@@ -139,6 +142,7 @@ impl State {
     /// Opens (creating if needed) a SQLite state file. Commits are synchronous
     /// (`synchronous=FULL` with the WAL), so an accepted invocation survives a crash of the
     /// process or the machine. The file (and so its WAL) is readable by the node's user only.
+    /// Starts the file's queue writer, a task of the current tokio runtime.
     pub async fn sqlite(path: &Path) -> Result<State> {
         crate::files::prepare_database(path)
             .map_err(|e| StateError::Unavailable(format!("{}: {e}", path.display())))?;
@@ -193,7 +197,9 @@ impl State {
                     .await?;
             }
         }
-        Ok(State { inner: Inner::Sqlite { db, wakers: Arc::new(Wakers::default()) } })
+        let wakers = Arc::new(Wakers::default());
+        let writer = crate::queue::sqlite::Writer::start(db.clone(), wakers.clone());
+        Ok(State { inner: Inner::Sqlite { db, wakers, writer } })
     }
 
     /// Which backend this is: `sqlite` or `postgres`.
@@ -232,13 +238,23 @@ impl State {
     /// lease in it is this node's whatever `holder` says (they are recorded as `local`).
     pub async fn queue(&self, holder: &str) -> std::result::Result<Queue, QueueError> {
         match &self.inner {
-            Inner::Sqlite { db, wakers } => {
+            Inner::Sqlite { db, wakers, writer } => {
                 let _ = holder;
-                let backend = crate::queue::sqlite::SqliteQueue::new(db.clone(), wakers.clone());
+                let backend = crate::queue::sqlite::SqliteQueue::new(db.clone(), writer.clone());
                 Ok(Queue::new(Arc::new(backend), wakers.clone(), "local"))
             }
             #[cfg(feature = "postgres")]
             Inner::Postgres(pg) => pg.queue(holder).await,
+        }
+    }
+
+    /// A SQLite state's pool and queue writer (the queue's own tests look underneath).
+    #[cfg(test)]
+    pub(crate) fn sqlite_parts(&self) -> Option<(SqlitePool, crate::queue::sqlite::Writer)> {
+        match &self.inner {
+            Inner::Sqlite { db, writer, .. } => Some((db.clone(), writer.clone())),
+            #[cfg(feature = "postgres")]
+            Inner::Postgres(_) => None,
         }
     }
 

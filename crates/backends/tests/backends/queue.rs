@@ -97,6 +97,60 @@ async fn two_consumers_never_hold_the_same_message() {
 }
 
 #[tokio::test]
+async fn concurrent_writes_each_get_their_own_answer() {
+    each(async |a, b, q| {
+        // A lease that ran out and was taken over, and a message that is there already.
+        a.enqueue(&q, "moved", b"m", Duration::ZERO).await.unwrap();
+        let stale = a.claim(&q, Duration::ZERO).await.unwrap().unwrap();
+        let owner = within(10, "the takeover", b.next(&q, MINUTE)).await.unwrap();
+        a.enqueue(&q, "there", b"t", Duration::ZERO).await.unwrap();
+        // All at once, from both handles (on SQLite: committed together).
+        let enqueue = |h: &Queue, id: String| {
+            let (h, q) = (h.clone(), q.clone());
+            tokio::spawn(async move { h.enqueue(&q, &id, id.as_bytes(), Duration::ZERO).await.unwrap() })
+        };
+        let fresh: Vec<_> = (0..30).map(|i| enqueue(if i % 2 == 0 { &a } else { &b }, format!("new-{i}"))).collect();
+        let again: Vec<_> = (0..4).map(|i| enqueue(if i % 2 == 0 { &a } else { &b }, "there".into())).collect();
+        let racing: Vec<_> = (0..4).map(|i| enqueue(if i % 2 == 0 { &a } else { &b }, "racing".into())).collect();
+        let late = {
+            let (a, lease) = (a.clone(), stale.lease.clone());
+            tokio::spawn(async move { a.finish(&lease).await })
+        };
+        let done = {
+            let (b, lease) = (b.clone(), owner.lease.clone());
+            tokio::spawn(async move { b.finish(&lease).await })
+        };
+        for t in fresh {
+            assert!(t.await.unwrap(), "a new id is added");
+        }
+        for t in again {
+            assert!(!t.await.unwrap(), "an id there already is not added again");
+        }
+        let mut added = 0;
+        for t in racing {
+            added += usize::from(t.await.unwrap());
+        }
+        assert_eq!(added, 1, "one of four enqueues of the same new id adds it");
+        assert!(matches!(late.await.unwrap(), Err(QueueError::Stale)));
+        done.await.unwrap().unwrap();
+        // Each message is there once, with the payload of the enqueue that added it.
+        let mut seen = HashSet::new();
+        while let Some(d) = a.claim(&q, MINUTE).await.unwrap() {
+            if d.id == "there" {
+                assert_eq!(d.payload, b"t");
+            } else {
+                assert_eq!(d.payload, d.id.as_bytes());
+            }
+            assert!(seen.insert(d.id.clone()), "{} delivered twice", d.id);
+        }
+        let mut want: HashSet<String> = (0..30).map(|i| format!("new-{i}")).collect();
+        want.extend(["there".to_owned(), "racing".to_owned()]);
+        assert_eq!(seen, want);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_late_settlement_after_the_lease_moved_on_is_refused() {
     each(async |a, b, q| {
         a.enqueue(&q, "job", b"x", Duration::ZERO).await.unwrap();
