@@ -13,16 +13,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::{Method, StatusCode};
 use pixflow_server::{App, Config, QueueBackend, StateBackend};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
-use tower::ServiceExt;
 
+use crate::api::{Reply, call};
 use crate::support::{Schema, service, unique};
 
 const ADMIN: &str = "pfx_test-admin-token";
@@ -112,17 +110,14 @@ impl Proxy {
     }
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Vec<u8>,
+/// What the outage tests read from an answer besides the API tests' own.
+trait Answer {
+    fn text(&self) -> String;
+    fn is_problem(&self, status: StatusCode, code: &str) -> bool;
+    fn unavailable(&self, code: &str);
 }
 
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
-    }
-
+impl Answer for Reply {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -141,27 +136,6 @@ impl Reply {
         let after = self.headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         assert!(after.is_some_and(|s| (1..=60).contains(&s)), "Retry-After: {:?}", self.headers.get("retry-after"));
     }
-}
-
-async fn call(
-    app: &Arc<App>,
-    method: Method,
-    uri: &str,
-    token: Option<&str>,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = pixflow_server::router(app.clone()).oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
-    let (status, headers) = (resp.status(), resp.headers().clone());
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
-    Reply { status, headers, body }
 }
 
 async fn get(app: &Arc<App>, uri: &str, token: Option<&str>) -> Reply {
