@@ -148,40 +148,40 @@ impl From<pixflow_backends::StateError> for Problem {
 }
 
 impl From<pixflow_backends::ObjectError> for Problem {
+    /// The status of each object store error; its code is the error's own.
     fn from(e: pixflow_backends::ObjectError) -> Problem {
         use pixflow_backends::ObjectError as E;
-        let detail = e.to_string();
-        match e {
-            E::InvalidBucket { .. } => Problem::new(StatusCode::BAD_REQUEST, "invalid_bucket_name", detail),
-            E::InvalidKey(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid_key", detail),
-            E::InvalidMetadata(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid_metadata", detail),
-            E::NoSuchBucket(_) => Problem::not_found("no_such_bucket", detail),
-            E::NoSuchKey { .. } => Problem::not_found("no_such_key", detail),
-            E::BucketNotEmpty(_) => Problem::new(StatusCode::CONFLICT, "bucket_not_empty", detail),
-            E::PreconditionFailed(_) => Problem::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", detail),
-            E::TooLarge { .. } => Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "object_too_large", detail),
+        let (code, detail) = (e.code(), e.to_string());
+        let status = match e {
+            E::InvalidBucket { .. }
+            | E::InvalidKey(_)
+            | E::InvalidMetadata(_)
+            | E::InvalidPart(_)
+            | E::InvalidPartOrder
+            | E::EntityTooSmall { .. }
+            | E::InvalidCursor => StatusCode::BAD_REQUEST,
+            E::NoSuchBucket(_) | E::NoSuchKey { .. } | E::NoSuchUpload(_) => StatusCode::NOT_FOUND,
+            E::BucketNotEmpty(_) => StatusCode::CONFLICT,
+            E::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             E::TooManyUploads(_) => {
                 metrics::counter!("pixflow_uploads_refused_total").increment(1);
-                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail).retry_after(Duration::from_secs(1))
+                return Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, detail).retry_after(Duration::from_secs(1));
             }
-            E::NoSuchUpload(_) => Problem::not_found("no_such_upload", detail),
-            E::InvalidPart(_) | E::InvalidPartOrder | E::EntityTooSmall { .. } => {
-                Problem::new(StatusCode::BAD_REQUEST, "invalid_part", detail)
-            }
-            E::InvalidCursor => Problem::new(StatusCode::BAD_REQUEST, "invalid_cursor", detail),
-            E::Unsupported(_) => Problem::new(StatusCode::NOT_IMPLEMENTED, "not_supported_by_backend", detail),
-            E::NotInService(_) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "bucket_not_in_service", detail),
+            E::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            E::NotInService(_) => StatusCode::UNPROCESSABLE_ENTITY,
             E::Service(_) => {
                 // The service's own words name hosts and bodies; they stay in the log.
                 tracing::warn!(error = %detail, "object service");
-                Problem::new(
+                return Problem::new(
                     StatusCode::BAD_GATEWAY,
-                    "object_service_failed",
+                    code,
                     "the object storage service failed or did not answer; the server log has the details",
-                )
+                );
             }
-            E::Io(_) | E::Catalogue(_) => Problem::internal(detail),
-        }
+            E::Io(_) | E::Catalogue(_) => return Problem::internal(detail),
+        };
+        Problem::new(status, code, detail)
     }
 }
 
