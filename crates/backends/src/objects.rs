@@ -84,6 +84,10 @@ pub enum ObjectError {
     Unsupported(&'static str),
     #[error("the listing cursor is not one this store made")]
     InvalidCursor,
+    /// The bucket the node keeps its own objects in (spooled payloads), which clients may not
+    /// name.
+    #[error("bucket `{0}` is reserved for the platform's own use")]
+    Reserved(String),
 }
 
 impl ObjectError {
@@ -108,6 +112,7 @@ impl ObjectError {
             ObjectError::NotInService(_) => "bucket_not_in_service",
             ObjectError::Unsupported(_) => "not_supported_by_backend",
             ObjectError::InvalidCursor => "invalid_cursor",
+            ObjectError::Reserved(_) => "reserved_bucket",
         }
     }
 }
@@ -468,6 +473,8 @@ struct Inner {
     /// Uploads under way (each spools to a file and holds a descriptor), at most `max_uploads`.
     uploads: Arc<tokio::sync::Semaphore>,
     max_uploads: usize,
+    /// The bucket only [`Objects::internal`] handles may name.
+    reserved: Option<String>,
 }
 
 /// Uploads a node takes at once unless configured otherwise.
@@ -479,6 +486,8 @@ pub const DEFAULT_MAX_UPLOADS: usize = 256;
 pub struct Objects {
     inner: Arc<Inner>,
     actor: Arc<Actor>,
+    /// Whether this handle may name the reserved bucket.
+    internal: bool,
 }
 
 impl Objects {
@@ -511,13 +520,49 @@ impl Objects {
             spool,
             uploads: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_UPLOADS)),
             max_uploads: DEFAULT_MAX_UPLOADS,
+            reserved: None,
         };
-        Objects { inner: Arc::new(inner), actor: Arc::new(Actor::system()) }
+        Objects { inner: Arc::new(inner), actor: Arc::new(Actor::system()), internal: false }
     }
 
     /// The same store, recording the changes made through the returned handle as `actor`'s.
     pub fn by(&self, actor: Actor) -> Objects {
-        Objects { inner: self.inner.clone(), actor: Arc::new(actor) }
+        Objects { inner: self.inner.clone(), actor: Arc::new(actor), internal: self.internal }
+    }
+
+    /// The same store reserving bucket `name` for [`Objects::internal`] handles: every other
+    /// handle is refused it ([`ObjectError::Reserved`]) and does not list it. Set at start, on a
+    /// handle not yet shared (a shared one keeps what it has).
+    pub fn with_reserved_bucket(mut self, name: &str) -> Objects {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.reserved = Some(name.to_owned());
+        }
+        self
+    }
+
+    /// A handle of the node itself that may use the reserved bucket, its changes recorded as
+    /// the system's.
+    pub fn internal(&self) -> Objects {
+        Objects { inner: self.inner.clone(), actor: Arc::new(Actor::system()), internal: true }
+    }
+
+    /// The reserved bucket, if one is set.
+    pub fn reserved_bucket(&self) -> Option<&str> {
+        self.inner.reserved.as_deref()
+    }
+
+    /// Checks a bucket name, and refuses the reserved bucket unless this handle is internal.
+    fn check(&self, bucket: &str) -> Result<()> {
+        check_bucket(bucket)?;
+        self.refuse_reserved(bucket)
+    }
+
+    /// Refuses the reserved bucket unless this handle is internal.
+    fn refuse_reserved(&self, bucket: &str) -> Result<()> {
+        if !self.internal && self.inner.reserved.as_deref() == Some(bucket) {
+            return Err(ObjectError::Reserved(bucket.to_owned()));
+        }
+        Ok(())
     }
 
     /// Whom this handle's changes are recorded under.
@@ -574,6 +619,20 @@ impl Objects {
         }
     }
 
+    /// Answers once the store did: a health probe. The embedded store is the node's own files
+    /// and answers at once; an S3 service is asked for one key of the reserved bucket (with none
+    /// reserved, there is nothing to ask and it answers at once too).
+    pub async fn ping(&self) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Embedded(_) => Ok(()),
+            #[cfg(feature = "s3")]
+            Backend::Service(s) => match &self.inner.reserved {
+                Some(bucket) => s.ping(bucket).await,
+                None => Ok(()),
+            },
+        }
+    }
+
     pub async fn close(&self) {
         match &self.inner.backend {
             Backend::Embedded(e) => e.close().await,
@@ -608,7 +667,7 @@ impl Objects {
     /// Creates a bucket or updates its settings; `true` when it was created. With an S3
     /// service, the bucket must exist there: this registers it and keeps its settings.
     pub async fn put_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool> {
-        check_bucket(name)?;
+        self.check(name)?;
         if let Some(cc) = &config.cache_control {
             check_attributes(cc, &BTreeMap::new())
                 .map_err(|_| ObjectError::InvalidMetadata("cache_control: 1 to 255 visible ASCII characters".into()))?;
@@ -621,6 +680,7 @@ impl Objects {
     }
 
     pub async fn bucket(&self, name: &str) -> Result<Option<Bucket>> {
+        self.refuse_reserved(name)?;
         match &self.inner.backend {
             Backend::Embedded(e) => e.bucket(name).await,
             #[cfg(feature = "s3")]
@@ -629,15 +689,20 @@ impl Objects {
     }
 
     pub async fn buckets(&self) -> Result<Vec<Bucket>> {
-        match &self.inner.backend {
-            Backend::Embedded(e) => e.buckets().await,
+        let mut buckets = match &self.inner.backend {
+            Backend::Embedded(e) => e.buckets().await?,
             #[cfg(feature = "s3")]
-            Backend::Service(s) => s.buckets().await,
+            Backend::Service(s) => s.buckets().await?,
+        };
+        if !self.internal {
+            buckets.retain(|b| self.inner.reserved.as_deref() != Some(b.name.as_str()));
         }
+        Ok(buckets)
     }
 
     /// Deletes an empty bucket (with an S3 service: forgets it; the service keeps its bucket).
     pub async fn delete_bucket(&self, name: &str) -> Result<()> {
+        self.refuse_reserved(name)?;
         match &self.inner.backend {
             Backend::Embedded(e) => e.delete_bucket(name).await,
             #[cfg(feature = "s3")]
@@ -696,7 +761,7 @@ impl Objects {
         condition: &Condition,
         kind: ChangeKind,
     ) -> Result<ObjectMeta> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         check_key(key)?;
         check_attributes(content_type, metadata)?;
         let cause = Cause { kind, actor: &self.actor };
@@ -717,7 +782,7 @@ impl Objects {
         condition: &Condition,
         bytes: &[u8],
     ) -> Result<ObjectMeta> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         check_key(key)?;
         check_attributes(content_type, metadata)?;
         #[cfg(feature = "s3")]
@@ -733,7 +798,7 @@ impl Objects {
 
     /// An object's facts.
     pub async fn head(&self, bucket: &str, key: &str) -> Result<ObjectMeta> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         check_key(key)?;
         match &self.inner.backend {
             Backend::Embedded(e) => e.head(bucket, key).await,
@@ -746,7 +811,7 @@ impl Objects {
     /// writers do next, or fails with [`ObjectError::PreconditionFailed`] where a service
     /// has dropped it).
     pub async fn get(&self, bucket: &str, key: &str) -> Result<(ObjectMeta, Reader)> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         check_key(key)?;
         match &self.inner.backend {
             Backend::Embedded(e) => e.get(bucket, key).await.map(|(m, f)| (m, Reader(ReaderKind::File(f)))),
@@ -757,7 +822,7 @@ impl Objects {
 
     /// An object's bytes in memory, refused before reading when larger than `limit`.
     pub async fn read(&self, bucket: &str, key: &str, limit: u64) -> Result<(ObjectMeta, Vec<u8>)> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         check_key(key)?;
         match &self.inner.backend {
             Backend::Embedded(e) => e.read(bucket, key, limit).await,
@@ -768,7 +833,7 @@ impl Objects {
 
     /// Deletes an object (if `condition` holds); `false` when there was none.
     pub async fn delete(&self, bucket: &str, key: &str, condition: &Condition) -> Result<bool> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         check_key(key)?;
         match &self.inner.backend {
             Backend::Embedded(e) => e.delete(bucket, key, condition, &self.actor).await,
@@ -788,7 +853,7 @@ impl Objects {
         resume: Option<&Resume>,
         limit: u32,
     ) -> Result<Listing> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         let limit = limit.clamp(1, MAX_LIST);
         let delimiter = delimiter.filter(|d| !d.is_empty());
         match &self.inner.backend {

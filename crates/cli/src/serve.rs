@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// Object uploads (API PUTs, S3 objects and parts) under way at once; beyond it, 503.
     #[arg(long, default_value_t = pixflow_server::DEFAULT_MAX_UPLOADS)]
     max_uploads: usize,
+    /// The bucket the node keeps large queued payloads and results in (reserved: clients cannot
+    /// name it). Created in the embedded store; with `--objects-backend s3`, create it in the
+    /// service first. The same on every node sharing the state.
+    #[arg(long, env = "PIXFLOW_SPOOL_BUCKET", default_value = pixflow_server::DEFAULT_SPOOL_BUCKET)]
+    spool_bucket: String,
     /// Largest object one PUT may store, e.g. 5Gi.
     #[arg(long, default_value = "5Gi", value_parser = parse_bytes)]
     max_object_bytes: u64,
@@ -260,6 +265,9 @@ impl ServeArgs {
                 refuse("queue-namespace", &format!("--queue-namespace: {e}"));
             }
         }
+        if let Err(e) = pixflow_backends::objects::check_bucket(&self.spool_bucket) {
+            refuse("spool-bucket", &format!("--spool-bucket: {e}"));
+        }
         if let Some(name) = &self.node_name
             && (name.is_empty() || name.len() > 200 || !name.bytes().all(|b| b.is_ascii_graphic()))
         {
@@ -331,6 +339,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     config.max_object_bytes = args.max_object_bytes;
     config.max_uploads = args.max_uploads;
+    config.spool_bucket = args.spool_bucket;
     config.cdn_cache_control = args.cdn_cache_control;
     config.url_policy = pixflow_server::fetch::UrlPolicy {
         hosts: args.url_allow.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),

@@ -1,5 +1,6 @@
 //! The health of the backends the node needs while it runs: the state store (catalogue and
-//! invocation log) and the queue. A probe, one of the supervised background loops, pings each
+//! invocation log), the queue and the object store (an S3 service; the embedded store is the
+//! node's own files and always answers). A probe, one of the supervised background loops, pings each
 //! every second, and at once when a request has just failed on one, and keeps whether it is up,
 //! since when, and the last error. `/readyz` answers `503 backend_unavailable` while one is down
 //! (so a load balancer sends work elsewhere), `/metrics` shows `pixflow_backend_up{backend}`.
@@ -30,6 +31,8 @@ pub(crate) enum Backend {
     State,
     /// The queues (in the state's database, or NATS JetStream).
     Queue,
+    /// The object store (embedded, or an S3 service).
+    Objects,
 }
 
 impl Backend {
@@ -37,6 +40,7 @@ impl Backend {
         match self {
             Backend::State => "state",
             Backend::Queue => "queue",
+            Backend::Objects => "objects",
         }
     }
 }
@@ -45,7 +49,7 @@ impl Backend {
 #[derive(Debug, Clone)]
 pub(crate) struct Status {
     pub backend: Backend,
-    /// What it runs on: `sqlite`, `postgres` or `nats`.
+    /// What it runs on: `sqlite`, `postgres`, `nats`, `embedded` or `s3`.
     pub kind: &'static str,
     pub up: bool,
     /// When it last went up or down (the node's start, until it changes).
@@ -56,7 +60,7 @@ pub(crate) struct Status {
 
 /// The backends' statuses.
 pub(crate) struct Health {
-    statuses: Mutex<[Status; 2]>,
+    statuses: Mutex<[Status; 3]>,
     /// Probe rounds completed (tests wait for one).
     rounds: tokio::sync::watch::Sender<u64>,
 }
@@ -75,15 +79,19 @@ pub(crate) fn suspect() {
 }
 
 impl Health {
-    /// Both up since now (the node just opened them).
-    pub(crate) fn new(state_kind: &'static str, queue_kind: &'static str) -> Health {
+    /// All up since now (the node just opened them).
+    pub(crate) fn new(state_kind: &'static str, queue_kind: &'static str, objects_kind: &'static str) -> Health {
         let now = Instant::now();
         let status = |backend, kind| Status { backend, kind, up: true, since: now, last_error: None };
-        for backend in [Backend::State, Backend::Queue] {
+        for backend in [Backend::State, Backend::Queue, Backend::Objects] {
             metrics::gauge!("pixflow_backend_up", "backend" => backend.name()).set(1.0);
         }
         Health {
-            statuses: Mutex::new([status(Backend::State, state_kind), status(Backend::Queue, queue_kind)]),
+            statuses: Mutex::new([
+                status(Backend::State, state_kind),
+                status(Backend::Queue, queue_kind),
+                status(Backend::Objects, objects_kind),
+            ]),
             rounds: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -143,8 +151,8 @@ async fn ping<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) -
     }
 }
 
-/// The probe: pings the state store and the queue every [`PERIOD`] (both at once, so one that
-/// hangs does not delay the other), and at once when a request suspects one, until the node stops.
+/// The probe: pings the state store, the queue and the object store every [`PERIOD`] (all at
+/// once, so one that hangs does not delay the others), and at once when a request suspects one, until the node stops.
 pub(crate) async fn probe(app: Arc<App>) {
     loop {
         // Registered before the round, so a request failing during it brings the next one forward.
@@ -155,9 +163,10 @@ pub(crate) async fn probe(app: Arc<App>) {
             ping(app.catalogue.ping()).await?;
             ping(app.invocations.ping()).await
         };
-        let (state, queue) = tokio::join!(state, ping(app.queue.ping()));
+        let (state, queue, objects) = tokio::join!(state, ping(app.queue.ping()), ping(app.objects.ping()));
         app.health.record(Backend::State, state);
         app.health.record(Backend::Queue, queue);
+        app.health.record(Backend::Objects, objects);
         app.health.rounds.send_modify(|n| *n += 1);
         // While one is down the period is the pace: a failing request tells nothing new.
         let everything_up = app.health.down().is_empty();
@@ -192,7 +201,7 @@ mod tests {
         assert!(statuses.iter().all(|s| s.up && s.last_error.is_none()), "{statuses:?}");
         assert_eq!(
             statuses.iter().map(|s| (s.backend.name(), s.kind)).collect::<Vec<_>>(),
-            [("state", "sqlite"), ("queue", "sqlite")]
+            [("state", "sqlite"), ("queue", "sqlite"), ("objects", "embedded")]
         );
         let ready = crate::readyz(State(app.clone())).await;
         assert_eq!(ready.status(), StatusCode::OK);
@@ -208,7 +217,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_ping_turns_the_backend_down_until_one_succeeds() {
-        let health = Health::new("postgres", "nats");
+        let health = Health::new("postgres", "nats", "s3");
         health.record(Backend::Queue, Err("not connected to the NATS server".into()));
         let down = health.down();
         assert_eq!(down.len(), 1);

@@ -105,7 +105,13 @@ pub(crate) async fn result(
         }
         return Ok(resp);
     }
-    let bytes = app.invocations.result(&id).await?.ok_or_else(|| not_found(&id))?;
+    let mut bytes = app.invocations.result(&id).await?.ok_or_else(|| not_found(&id))?;
+    let total: u64 = metas.iter().map(|m| m["size"].as_u64().unwrap_or(0)).sum();
+    if bytes.is_empty() && total > 0 {
+        // Too large for the log: kept in the spool by the attempt that succeeded.
+        let key = crate::dispatch::spool::result_key(&id, row.attempts);
+        bytes = crate::dispatch::spool::read_result(&app, &key, total).await?;
+    }
     // Renditions are stored back to back; each one's size says where the next begins.
     let mut offset = 0usize;
     for (i, m) in metas.iter().enumerate() {

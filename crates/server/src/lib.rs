@@ -20,6 +20,7 @@ pub mod problem;
 pub mod s3;
 mod supervisor;
 
+pub use dispatch::spool::DEFAULT_BUCKET as DEFAULT_SPOOL_BUCKET;
 pub use pixflow_backends::objects::DEFAULT_MAX_UPLOADS;
 pub use pixflow_backends::queue::check_namespace as check_queue_namespace;
 pub use pixflow_backends::{QueueError, S3Config, StateError};
@@ -82,6 +83,8 @@ pub struct Config {
     pub max_object_bytes: u64,
     /// Object uploads (native PUTs, S3 objects and parts) under way at once; beyond it, 503.
     pub max_uploads: usize,
+    /// The reserved bucket of large queued payloads and kept results (see `dispatch::spool`).
+    pub spool_bucket: String,
     /// Base of the URLs handed out for stored objects (`{public_url}/cdn/{bucket}/{key}`).
     pub public_url: String,
     /// `Cache-Control` of CDN answers for buckets that set none.
@@ -140,6 +143,7 @@ impl Config {
             objects_s3: None,
             max_object_bytes: 5 << 30,
             max_uploads: pixflow_backends::objects::DEFAULT_MAX_UPLOADS,
+            spool_bucket: DEFAULT_SPOOL_BUCKET.to_owned(),
             public_url: "http://127.0.0.1:8080".into(),
             cdn_cache_control: "public, max-age=3600".into(),
             s3_access_key: None,
@@ -326,7 +330,9 @@ impl App {
             Some(s3) => open_s3(s3, &catalogue, &objects_dir.join("spool")).await?,
         }
         .with_max_uploads(config.max_uploads)
-        .with_feed_retention(config.feed_retention);
+        .with_feed_retention(config.feed_retention)
+        .with_reserved_bucket(&config.spool_bucket);
+        dispatch::spool::prepare(&objects, &config.spool_bucket).await?;
         let cache_dir = config.cdn_cache_dir.clone().unwrap_or_else(|| config.data_dir.join("cdn-cache"));
         let cache = pixflow_backends::EdgeCache::open(&cache_dir, config.cdn_cache_memory, config.cdn_cache_disk)
             .with_context(|| format!("opening the edge cache in {}", cache_dir.display()))?;
@@ -339,7 +345,7 @@ impl App {
         if reaped > 0 {
             tracing::warn!(reaped, "process-function children left by an earlier run of this node were stopped");
         }
-        let health = health::Health::new(state.backend(), queue.kind());
+        let health = health::Health::new(state.backend(), queue.kind(), objects.kind());
         let stop = tokio_util::sync::CancellationToken::new();
         let app = Arc::new(App {
             registry: Registry::new(RegistryOptions {

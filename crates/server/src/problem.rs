@@ -162,6 +162,7 @@ impl From<pixflow_backends::ObjectError> for Problem {
             | E::InvalidCursor => StatusCode::BAD_REQUEST,
             E::NoSuchBucket(_) | E::NoSuchKey { .. } | E::NoSuchUpload(_) => StatusCode::NOT_FOUND,
             E::BucketNotEmpty(_) => StatusCode::CONFLICT,
+            E::Reserved(_) => StatusCode::FORBIDDEN,
             E::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             E::TooManyUploads(_) => {
@@ -173,6 +174,7 @@ impl From<pixflow_backends::ObjectError> for Problem {
             E::Service(_) => {
                 // The service's own words name hosts and bodies; they stay in the log.
                 tracing::warn!(error = %detail, "object service");
+                crate::health::suspect();
                 return Problem::new(
                     StatusCode::BAD_GATEWAY,
                     code,

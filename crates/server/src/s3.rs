@@ -54,6 +54,7 @@ fn s3_err(e: ObjectError) -> S3Error {
         ObjectError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
         ObjectError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
         ObjectError::InvalidCursor => S3ErrorCode::InvalidArgument,
+        ObjectError::Reserved(_) => S3ErrorCode::AccessDenied,
         ObjectError::Unsupported(_) => S3ErrorCode::NotImplemented,
         ObjectError::TooManyUploads(_) => {
             metrics::counter!("pixflow_uploads_refused_total").increment(1);

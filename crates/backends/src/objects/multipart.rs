@@ -12,7 +12,7 @@ use sqlx::Row;
 use tokio::io::AsyncReadExt;
 
 use super::embedded::{decode_metadata, encode_metadata, is_foreign_key_error, remove_blob};
-use super::{Condition, ObjectError, ObjectMeta, Objects, Result, check_attributes, check_bucket, check_key};
+use super::{Condition, ObjectError, ObjectMeta, Objects, Result, check_attributes, check_key};
 use crate::state::now_ms;
 
 /// Smallest part but the last (S3's limit).
@@ -49,7 +49,7 @@ impl Objects {
         content_type: &str,
         metadata: &BTreeMap<String, String>,
     ) -> Result<String> {
-        check_bucket(bucket)?;
+        self.check(bucket)?;
         check_key(key)?;
         check_attributes(content_type, metadata)?;
         let id = super::blob_id()?;

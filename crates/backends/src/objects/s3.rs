@@ -260,6 +260,11 @@ impl Service {
         }
     }
 
+    /// One listing of at most one key of `bucket`: a health probe.
+    pub(crate) async fn ping(&self, bucket: &str) -> Result<()> {
+        self.holds_objects(bucket).await.map(drop)
+    }
+
     pub(crate) async fn put_bucket(&self, name: &str, config: &BucketConfig) -> Result<bool> {
         // The bucket must exist in the service (pixflow does not create it there).
         self.holds_objects(name).await.map_err(|e| match e {

@@ -699,3 +699,42 @@ mod private_files {
         assert_private(&f.spool);
     }
 }
+
+/// The reserved bucket is the internal handle's alone: other handles are refused it on every
+/// path (objects, listings, settings, multipart) and do not see it among the buckets.
+#[tokio::test]
+async fn the_reserved_bucket_is_for_the_internal_handle_only() {
+    let dir = Dir::new("reserved");
+    let objects = Objects::open(&dir.0.join("store")).await.unwrap().with_reserved_bucket("node-spool");
+    let internal = objects.internal();
+    assert_eq!(objects.reserved_bucket(), Some("node-spool"));
+    assert!(internal.put_bucket("node-spool", &BucketConfig::default()).await.unwrap());
+    objects.put_bucket("media", &BucketConfig::default()).await.unwrap();
+    let meta = internal.put("node-spool", "a/b", "image/png", &BTreeMap::new(), &Condition::None, b"x").await.unwrap();
+    assert_eq!(internal.read("node-spool", "a/b", 10).await.unwrap().1, b"x");
+
+    // Every other handle, whoever it records changes as.
+    for o in [objects.clone(), objects.by(Actor::access_key("ak1"))] {
+        let refused =
+            |r: Result<(), ObjectError>| assert!(matches!(r, Err(ObjectError::Reserved(b)) if b == "node-spool"));
+        refused(o.head("node-spool", "a/b").await.map(drop));
+        refused(o.read("node-spool", "a/b", 10).await.map(drop));
+        refused(o.get("node-spool", "a/b").await.map(drop));
+        refused(o.put("node-spool", "a/c", "image/png", &BTreeMap::new(), &Condition::None, b"y").await.map(drop));
+        refused(o.delete("node-spool", "a/b", &Condition::None).await.map(drop));
+        refused(o.list("node-spool", "", None, None, 10).await.map(drop));
+        refused(o.bucket("node-spool").await.map(drop));
+        refused(o.put_bucket("node-spool", &BucketConfig { public: true, cache_control: None }).await.map(drop));
+        refused(o.delete_bucket("node-spool").await);
+        refused(o.create_multipart("node-spool", "a/d", "image/png", &BTreeMap::new()).await.map(drop));
+        let names: Vec<String> = o.buckets().await.unwrap().into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["media"]);
+    }
+    // Nothing changed: the object is whole and the bucket private.
+    assert_eq!(internal.head("node-spool", "a/b").await.unwrap().etag, meta.etag);
+    assert!(!internal.bucket("node-spool").await.unwrap().unwrap().config.public);
+    let names: Vec<String> = internal.buckets().await.unwrap().into_iter().map(|b| b.name).collect();
+    assert_eq!(names, ["media", "node-spool"]);
+    assert_eq!(ObjectError::Reserved("node-spool".into()).code(), "reserved_bucket");
+    objects.close().await;
+}

@@ -26,6 +26,8 @@ use super::{gone, skipped, temp_dir};
 const ADMIN: &str = "pfx_two-nodes-admin-token";
 const S3_KEY: &str = "two-nodes";
 const S3_SECRET: &str = "two-nodes-secret-0123456789";
+/// The bucket the two nodes spool large payloads in.
+const SPOOL: &str = "two-nodes-spool";
 
 /// A process function that records each request it takes (`started`: its node's pid, its own,
 /// the time) and answers only once the folder `MARKS` holds a file `go`, recording that too
@@ -100,6 +102,9 @@ fn two_nodes_share_state_queue_and_objects_and_lose_nothing_to_a_sigkill() {
     );
     let s3_endpoint = format!("http://{}", s3.line("S3-compatible endpoint on http://"));
     assert_eq!(call(&s3.addr, "PUT", "/v1/buckets/media", &[admin()], b"").status, 201);
+    // The nodes' spool bucket, which the operator creates in the service (the service's own
+    // spool bucket, `pixflow-spool`, is reserved to it).
+    assert_eq!(call(&s3.addr, "PUT", &format!("/v1/buckets/{SPOOL}"), &[admin()], b"").status, 201);
     let node = |name: &str, workers: &str| {
         let args = shared.node_args(name, workers, &s3_endpoint);
         Serve::start(&dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -304,6 +309,8 @@ impl Shared {
             S3_KEY,
             "--objects-s3-secret-key",
             S3_SECRET,
+            "--spool-bucket",
+            SPOOL,
         ]
         .map(str::to_owned)
         .to_vec()

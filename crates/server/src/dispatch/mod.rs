@@ -15,6 +15,7 @@
 
 mod call;
 mod error;
+pub(crate) mod spool;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -62,18 +63,32 @@ pub(crate) struct QueuedMeta {
     /// Where the results go (the request's; the manifest's applies when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputRequest>,
+    /// The main input, when it was too large to keep in the log (the payload is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_spooled: Option<spool::Spooled>,
+    /// Extra named inputs too large to keep in the log.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs_spooled: BTreeMap<String, spool::Spooled>,
 }
 
 impl QueuedMeta {
-    /// The call again, as it was accepted.
-    pub(crate) fn into_call(self, payload: Vec<u8>) -> Result<Call, String> {
+    /// The call again, as it was accepted (spooled inputs read back).
+    pub(crate) async fn into_call(self, app: &App, payload: Vec<u8>) -> Result<Call, Error> {
         let mut inputs = BTreeMap::new();
         for (name, b64) in self.inputs {
-            let bytes = B64.decode(b64).map_err(|e| format!("stored input {name}: {e}"))?;
+            let bytes = B64.decode(b64).map_err(|e| Error::Internal(format!("stored input {name}: {e}")))?;
             inputs.insert(name, Source::Inline(bytes));
         }
+        for (name, part) in &self.inputs_spooled {
+            inputs.insert(name.clone(), Source::Inline(spool::read(app, part).await?));
+        }
         inputs.extend(self.inputs_remote.into_iter().map(|(name, r)| (name, Source::Remote(r))));
-        let input = Some(self.input_remote.map_or(Source::Inline(payload), Source::Remote));
+        let input = match (self.input_remote, &self.input_spooled) {
+            (Some(r), _) => Source::Remote(r),
+            (None, Some(part)) => Source::Inline(spool::read(app, part).await?),
+            (None, None) => Source::Inline(payload),
+        };
+        let input = Some(input);
         Ok(Call {
             input,
             inputs,
@@ -83,6 +98,11 @@ impl QueuedMeta {
             mode: self.mode,
             output: self.output.map_or(Destination::Default, Destination::To),
         })
+    }
+
+    /// The keys of its spooled inputs.
+    fn spooled_keys(&self) -> impl Iterator<Item = &str> {
+        self.input_spooled.iter().chain(self.inputs_spooled.values()).map(|p| p.key.as_str())
     }
 }
 
@@ -100,6 +120,7 @@ pub(crate) async fn accept(app: &App, f: &Function, call: Call, callback: Option
     if f.processes.is_none() {
         f.pipeline(&call.params)?;
     }
+    let id = auth::invocation_id().map_err(|e| Error::Internal(e.to_string()))?;
     let (mut payload, mut input_remote) = (Vec::new(), None);
     match call.input {
         Some(Source::Inline(b) | Source::Read(b)) => payload = b,
@@ -109,9 +130,12 @@ pub(crate) async fn accept(app: &App, f: &Function, call: Call, callback: Option
         }
         None => {}
     }
-    let (mut inputs, mut inputs_remote) = (BTreeMap::new(), BTreeMap::new());
+    let (mut inputs, mut inputs_remote, mut large) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     for (name, source) in call.inputs {
         match source {
+            Source::Inline(b) | Source::Read(b) if b.len() > spool::OVER => {
+                large.insert(name, b);
+            }
             Source::Inline(b) | Source::Read(b) => {
                 inputs.insert(name, B64.encode(b));
             }
@@ -128,7 +152,7 @@ pub(crate) async fn accept(app: &App, f: &Function, call: Call, callback: Option
             return Err(Error::Invalid("an asynchronous call's results are kept or stored, not answered".into()));
         }
     };
-    let meta = QueuedMeta {
+    let mut meta = QueuedMeta {
         mode: call.mode,
         content_type: call.content_type,
         params: call.params,
@@ -136,26 +160,61 @@ pub(crate) async fn accept(app: &App, f: &Function, call: Call, callback: Option
         input_remote,
         inputs_remote,
         output,
+        input_spooled: None,
+        inputs_spooled: BTreeMap::new(),
     };
-    let id = auth::invocation_id().map_err(|e| Error::Internal(e.to_string()))?;
+    // What is too large for the log goes to the spool first, so a recorded invocation always
+    // finds its parts there.
+    let spooled = async {
+        if payload.len() > spool::OVER {
+            meta.input_spooled = Some(spool::put(app, &id, "input", &payload).await?);
+            payload = Vec::new();
+        }
+        for (n, (name, bytes)) in large.into_iter().enumerate() {
+            meta.inputs_spooled.insert(name, spool::put(app, &id, &format!("inputs/{n}"), &bytes).await?);
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    let recorded = match spooled {
+        Ok(()) => record(app, f, &id, &meta, payload, callback).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = recorded {
+        // Not accepted: nothing of it stays (the spool's collection would get what this misses).
+        spool::forget(app, meta.spooled_keys()).await;
+        return Err(e);
+    }
+    metrics::counter!("pixflow_async_accepted_total", "function" => f.deployment.name.clone()).increment(1);
+    Ok(id)
+}
+
+/// Records an accepted invocation in the log and queues its id.
+async fn record(
+    app: &App,
+    f: &Function,
+    id: &str,
+    meta: &QueuedMeta,
+    payload: Vec<u8>,
+    callback: Option<String>,
+) -> Result<(), Error> {
     let new = pixflow_backends::NewInvocation {
-        id: id.clone(),
+        id: id.to_owned(),
         function: f.deployment.name.clone(),
         max_attempts: f.deployment.retry.attempts,
-        meta: serde_json::to_string(&meta).map_err(|e| Error::Internal(e.to_string()))?,
+        meta: serde_json::to_string(meta).map_err(|e| Error::Internal(e.to_string()))?,
         payload,
         callback,
     };
     app.invocations.insert_invocation(&new).await?;
-    if let Err(e) = app.queue.enqueue(QUEUE, &id, id.as_bytes(), Duration::ZERO).await {
+    if let Err(e) = app.queue.enqueue(QUEUE, id, id.as_bytes(), Duration::ZERO).await {
         // Not queued, so not accepted: the caller may send it again.
-        if let Err(e) = app.invocations.delete_invocation(&id).await {
+        if let Err(e) = app.invocations.delete_invocation(id).await {
             tracing::error!(%id, error = %e, "forgetting an invocation that could not be queued");
         }
         return Err(e.into());
     }
-    metrics::counter!("pixflow_async_accepted_total", "function" => f.deployment.name.clone()).increment(1);
-    Ok(id)
+    Ok(())
 }
 
 /// Re-drives a dead-lettered invocation: a fresh set of attempts under a new message. `false`:
@@ -233,6 +292,11 @@ pub(crate) async fn retention(app: Arc<App>) {
         }
         if let Err(e) = app.queue.purge(keep, keep).await {
             tracing::error!(error = %e, "purging settled queue messages");
+        }
+        match spool::collect(&app, spool::GRACE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "spooled parts of invocations no longer logged deleted"),
+            Err(e) => tracing::error!(error = %e, "collecting the spool"),
         }
         tokio::select! {
             () = app.stopped() => {}
@@ -337,7 +401,14 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
     };
     match recorded {
         Ok(true) => {
+            let succeeded = matches!(settle, Settle::Done);
             settle_queue(app, &held, settle, &reason).await;
+            if succeeded {
+                // A dead letter keeps its spooled inputs for a re-drive; a success needs them no more.
+                if let Ok(meta) = serde_json::from_str::<QueuedMeta>(&row.meta) {
+                    spool::forget(app, meta.spooled_keys()).await;
+                }
+            }
             notify(app, &id).await;
         }
         // Another claim owns the invocation now; its outcome is the one that counts.
@@ -397,7 +468,7 @@ async fn attempt(app: &Arc<App>, row: &InvocationRow, payload: Vec<u8>) -> Resul
     let f = app.registry.get(&row.function).ok_or_else(|| Error::NoFunction(row.function.clone()))?;
     let meta: QueuedMeta =
         serde_json::from_str(&row.meta).map_err(|e| Error::Internal(format!("stored invocation {}: {e}", row.id)))?;
-    let call = meta.into_call(payload).map_err(Error::Internal)?;
+    let call = meta.into_call(app, payload).await?;
     let done = call::call(app, f, call, None, Some(&row.id)).await?;
     match (done.stored, done.output.produced) {
         (Some(objects), _) => Ok((serde_json::to_string(&objects).unwrap_or_default(), Vec::new())),
@@ -406,7 +477,15 @@ async fn attempt(app: &Arc<App>, row: &InvocationRow, payload: Vec<u8>) -> Resul
             let text = String::from_utf8_lossy(&reply.bytes[..reply.bytes.len().min(500)]).into_owned();
             Err(Error::Answered { status: reply.status, text })
         }
-        (None, produced) => Ok(inline_result(produced)),
+        (None, produced) => {
+            let (meta, bytes) = inline_result(produced);
+            if bytes.len() <= spool::OVER {
+                return Ok((meta, bytes));
+            }
+            // Kept in the spool; the log's empty bytes under non-empty renditions say so.
+            spool::put(app, &row.id, &spool::result_part(row.attempts), &bytes).await?;
+            Ok((meta, Vec::new()))
+        }
     }
 }
 

@@ -1200,7 +1200,8 @@ async fn the_change_feed_keeps_what_the_node_is_configured_to() {
 async fn the_pipeline_runs_over_an_s3_service() {
     use pixflow_backends::objects::test_server;
     let root = scratch("s3-service");
-    for b in ["media", "uploads"] {
+    // The node's spool bucket is the operator's to create in the service, like the others.
+    for b in ["media", "uploads", pixflow_server::DEFAULT_SPOOL_BUCKET] {
         std::fs::create_dir_all(root.join(b)).unwrap();
     }
     let mut c = config();
@@ -1237,19 +1238,16 @@ async fn the_pipeline_runs_over_an_s3_service() {
     r.problem(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
     assert!(!root.join("uploads/big.bin").exists());
     small.shutdown().await;
-    // A service nobody answers: 502 with a fixed message; its address stays in the log. The port
-    // stays bound without listening for the whole test, so connections are refused and no
-    // other program can take it meanwhile.
+    // A service nobody answers stops the start, naming the setting (a service lost while the
+    // node runs: `outage.rs`). The port stays bound without listening for the whole test, so
+    // connections are refused and no other program can take it meanwhile.
     let reserved = tokio::net::TcpSocket::new_v4().unwrap();
     reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let port = reserved.local_addr().unwrap().port();
     let mut dead = config();
     dead.objects_s3 = Some(test_server::config(format!("http://127.0.0.1:{port}")));
-    let dead = start(dead).await;
-    let r = call(&dead, Method::PUT, "/v1/buckets/media", Some(ADMIN), &[], vec![]).await;
-    let p = r.problem(StatusCode::BAD_GATEWAY, "object_service_failed");
-    assert!(!p["detail"].as_str().unwrap().contains(&port.to_string()), "{p}");
-    dead.shutdown().await;
+    let Err(refused) = App::start(dead, None).await else { panic!("a node started on a service that does not answer") };
+    assert!(refused.to_string().contains("--objects-s3-endpoint"), "{refused:#}");
     drop(reserved);
     deploy(
         &app,

@@ -1,4 +1,5 @@
-//! Nodes that lose their PostgreSQL state or their NATS queue while they run, and get it back:
+//! Nodes that lose their PostgreSQL state, their NATS queue or their S3 service while they run,
+//! and get it back:
 //! readiness turns red naming the backend, the paths that need it answer 503 problems with
 //! `Retry-After` (and the others keep working), and once the service is back the node is ready
 //! again by itself and runs what it accepted before (decision 019). The services are never
@@ -6,7 +7,8 @@
 //! shared servers and other tests are untouched.
 //!
 //! Runs when `PIXFLOW_TEST_POSTGRES_URL` (and, for the queue, `PIXFLOW_TEST_NATS_URL`) name
-//! servers; `.ci/run` sets both. Each test keeps to a PostgreSQL schema and NATS stream names of
+//! servers; `.ci/run` sets both. The S3 service is one in the test's process (`s3s-fs`), so that
+//! test always runs. Each test keeps to a PostgreSQL schema and NATS stream names of
 //! its own.
 
 use std::net::SocketAddr;
@@ -163,7 +165,7 @@ async fn until<T>(secs: u64, what: &str, mut check: impl AsyncFnMut() -> Option<
 }
 
 /// Waits until `app`'s readiness is 503 `backend_unavailable` naming exactly `lost` (in the
-/// node's order: state, then queue).
+/// node's order: state, queue, objects).
 async fn red(app: &Arc<App>, who: &str, lost: &[&str]) -> Duration {
     let (_, took) = until(20, &format!("{who} not ready for want of {lost:?}"), async || {
         let r = get(app, "/readyz", None).await;
@@ -171,7 +173,8 @@ async fn red(app: &Arc<App>, who: &str, lost: &[&str]) -> Duration {
             return None;
         }
         let detail = r.json()["detail"].as_str().unwrap_or_default().to_owned();
-        let named: Vec<&str> = ["state", "queue"].into_iter().filter(|b| detail.contains(&format!("{b} ("))).collect();
+        let named: Vec<&str> =
+            ["state", "queue", "objects"].into_iter().filter(|b| detail.contains(&format!("{b} ("))).collect();
         (named == lost).then(|| r.unavailable("backend_unavailable"))
     })
     .await;
@@ -185,7 +188,7 @@ async fn green(app: &Arc<App>, who: &str) -> Duration {
     let (_, took) = until(20, &format!("{who} ready again"), async || {
         let r = get(app, "/readyz", None).await;
         let up = |b: &str| r.json()["backends"][b]["up"] == true;
-        (r.status == StatusCode::OK && up("state") && up("queue")).then_some(())
+        (r.status == StatusCode::OK && up("state") && up("queue") && up("objects")).then_some(())
     })
     .await;
     took
@@ -373,4 +376,53 @@ fn urls_are_split_around_their_host_and_port() {
     );
     assert_eq!(split("nats://127.0.0.1:4222"), ("nats://", "127.0.0.1:4222", ""));
     assert_eq!(split("postgres://u:p@w@db/x"), ("postgres://u:p@w@", "db", "/x"));
+}
+
+/// A node on an S3 service loses it: readiness names the object store, a stored input is an
+/// error of the service (502) while image work on bytes still runs, and once the service is back
+/// the node is ready again and reads and writes objects. The spool bucket must exist in the
+/// service; the node registers it at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_its_s3_service_turns_unready_and_recovers_by_itself() {
+    let dir = std::env::temp_dir().join(unique("pixflow-outage-s3"));
+    for bucket in ["media", pixflow_server::DEFAULT_SPOOL_BUCKET] {
+        std::fs::create_dir_all(dir.join("service").join(bucket)).unwrap();
+    }
+    let endpoint = pixflow_backends::objects::test_server::start(&dir.join("service")).await.unwrap();
+    let to_s3 = Proxy::to(&endpoint, 80).await;
+    let mut c = Config::new(dir.join("node"));
+    c.in_memory = true;
+    c.admin_token = Some(ADMIN.into());
+    c.objects_s3 = Some(pixflow_backends::objects::test_server::config(to_s3.url(&endpoint)));
+    c.tick = Duration::from_millis(50);
+    let app = App::start(c, None).await.unwrap().app;
+    let r = call(&app, Method::PUT, "/v1/buckets/media", Some(ADMIN), &[], Vec::new()).await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let manifest = "name: thumb\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\nauth: none\n";
+    let r = call(&app, Method::PUT, "/v1/functions/thumb", Some(ADMIN), &[], manifest.into()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let put = |key: &'static str| {
+        let app = app.clone();
+        async move {
+            call(&app, Method::PUT, &format!("/v1/buckets/media/objects/{key}"), Some(ADMIN), &[], png(8, 8)).await
+        }
+    };
+    assert!(put("a.png").await.status.is_success());
+    green(&app, "the node").await;
+
+    to_s3.cut().await;
+    log("not ready (objects)", red(&app, "the node", &["objects"]).await);
+    // A fixed message: the service's address stays in the log.
+    let r = get(&app, "/v1/buckets/media/objects/a.png", Some(ADMIN)).await;
+    assert!(r.is_problem(StatusCode::BAD_GATEWAY, "object_service_failed"), "{} {}", r.status, r.text());
+    assert!(!r.text().contains(&to_s3.addr.port().to_string()), "{}", r.text());
+    still_resizes(&app, "thumb").await;
+    to_s3.restore();
+    log("ready again", green(&app, "the node").await);
+    assert!(put("b.png").await.status.is_success());
+    let r = get(&app, "/v1/buckets/media/objects/a.png", Some(ADMIN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    tokio::time::timeout(Duration::from_secs(60), app.shutdown()).await.expect("the node's shutdown");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
