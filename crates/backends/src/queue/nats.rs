@@ -14,11 +14,15 @@
 //! - Leases: the consumer's `AckWait` ([`NatsOptions::ack_wait`]) is every lease's length; a
 //!   heartbeat's in-progress ack restarts it. A claim asking for a shorter lease gets `AckWait`.
 //! - Fencing: JetStream accepts an ack from any holder of the ack subject, so the node keeps
-//!   each leased message's fence in a key-value bucket (`pixflow_leases`), raised with a
-//!   compare-and-set at every claim; a settlement or heartbeat whose fence is not the current
-//!   one is refused before it reaches the server. (A redelivery in the moment between that
-//!   check and the ack can still let an old holder's ack through; the invocation log's own
-//!   lease check refuses that holder's outcome.)
+//!   each leased message's lease entry in a key-value bucket (`pixflow_leases`), written with a
+//!   compare-and-set at every claim; the entry's revision is the fence. A message's first
+//!   delivery creates its entry in one round trip (no entry can exist yet); a redelivery reads
+//!   the entry and replaces it. `finish` deletes the entry only at the lease's revision (one
+//!   round trip that is both the check and the release), then acks; a heartbeat, `retry` or
+//!   `bury` reads the entry first. A settlement or heartbeat whose fence is not the current one
+//!   is refused before it reaches the server. (A redelivery in the moment between that check
+//!   and the ack can still let an old holder's ack through; the invocation log's own lease
+//!   check refuses that holder's outcome.)
 //! - Waiting: a pull request that the server holds open until a message arrives. A pull request
 //!   goes with the connection it was sent on: when the client connects again after losing the
 //!   server, every waiting consumer asks again at once (not after its request's expiry).
@@ -77,10 +81,13 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
-/// What the lease bucket holds for a leased message.
+/// What the lease bucket holds for a leased message (the entry's revision is its fence).
 #[derive(Serialize, Deserialize)]
 struct Held {
-    fence: i64,
+    /// Claims of the message so far, this one included (entries written before the revision
+    /// became the fence counted claims as `fence`).
+    #[serde(alias = "fence")]
+    attempt: i64,
     holder: String,
     reply: String,
 }
@@ -279,22 +286,15 @@ impl NatsQueue {
             return Err(QueueError::Unavailable("a JetStream message without an ack subject".into()));
         };
         let key = lease_key(queue, seq);
-        let entry = self.leases.entry(key.as_str()).await.map_err(unavailable)?;
-        let previous = entry.as_ref().and_then(|e| serde_json::from_slice::<Held>(&e.value).ok());
-        let fence = previous.map_or(1, |h| h.fence + 1);
-        let held = Bytes::from(
-            serde_json::to_vec(&Held { fence, holder: holder.to_owned(), reply: reply.clone() })
-                .map_err(unavailable)?,
-        );
-        let written = match &entry {
-            Some(e) => self.leases.update(key.as_str(), held, e.revision).await.map(|_| ()).map_err(unavailable),
-            None => self.leases.create(key.as_str(), held).await.map(|_| ()).map_err(unavailable),
+        let first = msg.info().map_err(unavailable)?.delivered == 1;
+        let (attempt, fence) = match self.lease(&key, first, holder, &reply).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                // Another claim raced this one for the lease entry: give the delivery back.
+                let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                return Err(e);
+            }
         };
-        if let Err(e) = written {
-            // Another claim raced this one for the lease entry: give the delivery back.
-            let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
-            return Err(e);
-        }
         let id = msg
             .headers
             .as_ref()
@@ -304,22 +304,51 @@ impl NatsQueue {
         Ok(Some(Delivery {
             id,
             payload: msg.payload.to_vec(),
-            attempt: u32::try_from(fence).unwrap_or(u32::MAX),
+            attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
             enqueued_ms: i64::try_from(published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-            lease: Lease { queue: queue.to_owned(), message: seq, fence, reply: Some(reply) },
+            lease: Lease {
+                queue: queue.to_owned(),
+                message: seq,
+                fence: i64::try_from(fence).unwrap_or(i64::MAX),
+                reply: Some(reply),
+            },
         }))
     }
 
-    /// The lease entry of `lease`, if `lease` still holds its message.
-    async fn holding(&self, lease: &Lease) -> Result<(String, u64)> {
+    /// Writes a claim's lease entry for the message under `key`: `(attempt, fence)`, the fence
+    /// being the entry's new revision. `first`: the message's first delivery, whose entry no
+    /// claim can have written, so it is created at once (one round trip); otherwise, or when an
+    /// entry is there after all (a queue removed and made again numbers its messages anew), the
+    /// entry is read and replaced at its revision.
+    async fn lease(&self, key: &str, first: bool, holder: &str, reply: &str) -> Result<(i64, u64)> {
+        let held = |attempt: i64| {
+            serde_json::to_vec(&Held { attempt, holder: holder.to_owned(), reply: reply.to_owned() })
+                .map(Bytes::from)
+                .map_err(unavailable)
+        };
+        if first && let Ok(revision) = self.leases.update(key, held(1)?, 0).await {
+            return Ok((1, revision));
+        }
+        let entry = self.leases.entry(key).await.map_err(unavailable)?;
+        let previous = entry
+            .as_ref()
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice::<Held>(&e.value).ok());
+        let attempt = previous.map_or(1, |h| h.attempt + 1);
+        let revision = entry.map_or(0, |e| e.revision);
+        let written = self.leases.update(key, held(attempt)?, revision).await.map_err(unavailable)?;
+        Ok((attempt, written))
+    }
+
+    /// The lease entry's key of `lease`, if `lease` still holds its message.
+    async fn holding(&self, lease: &Lease) -> Result<String> {
         self.reachable()?;
         let key = lease_key(&lease.queue, lease.message);
         let entry = self.leases.entry(key.as_str()).await.map_err(unavailable)?.ok_or(QueueError::Stale)?;
-        let held: Held = serde_json::from_slice(&entry.value).map_err(|_| QueueError::Stale)?;
-        if held.fence != lease.fence {
+        if entry.operation != kv::Operation::Put || entry.revision != lease.fence() {
             return Err(QueueError::Stale);
         }
-        Ok((key, entry.revision))
+        Ok(key)
     }
 
     /// Sends `ack` for the message and waits for the server's confirmation.
@@ -329,14 +358,17 @@ impl NatsQueue {
         Ok(())
     }
 
-    /// Settles `lease` with `ack` and forgets its lease entry.
+    /// Settles `lease` with `ack`: deletes its lease entry at the lease's revision (refused when
+    /// another claim wrote the entry since: stale), then acks.
     async fn settle(&self, lease: &Lease, ack: jetstream::AckKind) -> Result<()> {
-        let (key, _) = self.holding(lease).await?;
-        self.acknowledge(lease, ack).await?;
-        if let Err(e) = self.leases.delete(key.as_str()).await {
-            tracing::warn!(error = %e, "forgetting a settled JetStream lease");
+        self.reachable()?;
+        let key = lease_key(&lease.queue, lease.message);
+        if let Err(e) = self.leases.delete_expect_revision(key.as_str(), Some(lease.fence())).await {
+            // Refused, or the server did not answer: a look tells which.
+            self.holding(lease).await?;
+            return Err(unavailable(e));
         }
-        Ok(())
+        self.acknowledge(lease, ack).await
     }
 }
 
