@@ -572,14 +572,10 @@ mod tests {
         app.shutdown().await;
     }
 
-    /// A node killed while running an invocation (its claim's lease still far from over) runs it
-    /// again as soon as it starts.
-    #[tokio::test]
-    async fn a_restarted_node_reruns_its_interrupted_invocations_at_once() {
-        use http_body_util::BodyExt;
-        use tower::ServiceExt;
-
-        let dir = std::env::temp_dir().join(format!("pixflow-interrupted-{}", std::process::id()));
+    /// A node's configuration in a fresh folder named after `name` (returned too): a `flip`
+    /// function anyone may call, the admin token `pfx_test-admin-token`, no asynchronous worker.
+    pub(super) fn flip_node(name: &str) -> (std::path::PathBuf, crate::Config) {
+        let dir = std::env::temp_dir().join(format!("pixflow-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("functions")).unwrap();
         std::fs::write(dir.join("functions/flip.yaml"), "name: flip\nversion: '1'\nbuiltin: flip\nauth: none\n")
@@ -588,6 +584,17 @@ mod tests {
         c.functions_dir = Some(dir.join("functions"));
         c.admin_token = Some("pfx_test-admin-token".into());
         c.async_workers = 0;
+        (dir, c)
+    }
+
+    /// A node killed while running an invocation (its claim's lease still far from over) runs it
+    /// again as soon as it starts.
+    #[tokio::test]
+    async fn a_restarted_node_reruns_its_interrupted_invocations_at_once() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let (dir, mut c) = flip_node("interrupted");
         let app = crate::App::start(c.clone(), None).await.unwrap().app;
         let mut png = std::io::Cursor::new(Vec::new());
         image::RgbImage::new(4, 4).write_to(&mut png, image::ImageFormat::Png).unwrap();
