@@ -16,6 +16,7 @@ pub mod objects;
 #[cfg(feature = "postgres")]
 mod pg;
 pub mod queue;
+mod sqlite_writer;
 pub mod state;
 
 pub use catalogue::{Catalogue, Change as CatalogueChange};

@@ -20,7 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 use crate::catalogue::Catalogue;
 use crate::invocation_log::InvocationLog;
-use crate::queue::{Queue, QueueError, Wakers};
+use crate::queue::{Queue, QueueError};
 
 /// What can go wrong with the state, whatever its backend.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,24 @@ impl StateError {
 
 impl From<sqlx::Error> for StateError {
     fn from(e: sqlx::Error) -> StateError {
-        if out_of_reach(&e) { StateError::Unavailable(e.to_string()) } else { StateError::Failed(e.to_string()) }
+        StateError::from(&e)
+    }
+}
+
+impl From<&sqlx::Error> for StateError {
+    fn from(e: &sqlx::Error) -> StateError {
+        if out_of_reach(e) { StateError::Unavailable(e.to_string()) } else { StateError::Failed(e.to_string()) }
+    }
+}
+
+/// A write through a SQLite file's writer ([`crate::sqlite_writer`]): its statement's error, or
+/// its group's, as if it had run alone.
+impl From<crate::sqlite_writer::WriteError> for StateError {
+    fn from(e: crate::sqlite_writer::WriteError) -> StateError {
+        match e {
+            crate::sqlite_writer::WriteError::Sql(e) => StateError::from(&*e),
+            crate::sqlite_writer::WriteError::Stopped => StateError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -122,11 +139,11 @@ enum Inner {
     Sqlite {
         db: SqlitePool,
         /// Shared by every [`Queue`] handle on this file, so an enqueue wakes any of their
-        /// consumers.
-        wakers: Arc<Wakers>,
-        /// The file's one queue writer, shared by every [`Queue`] handle on it: their writes
-        /// are committed in groups (see `queue/sqlite.rs`).
-        writer: crate::queue::sqlite::Writer,
+        /// consumers and each queue's depth is kept once.
+        queues: Arc<crate::queue::sqlite::FileQueues>,
+        /// The file's one writer, shared by every [`Queue`] and [`InvocationLog`] handle on it:
+        /// their writes are committed in groups (see `sqlite_writer.rs`).
+        writer: crate::sqlite_writer::Writer,
     },
     #[cfg(feature = "postgres")]
     Postgres(crate::pg::Postgres),
@@ -142,7 +159,7 @@ impl State {
     /// Opens (creating if needed) a SQLite state file. Commits are synchronous
     /// (`synchronous=FULL` with the WAL), so an accepted invocation survives a crash of the
     /// process or the machine. The file (and so its WAL) is readable by the node's user only.
-    /// Starts the file's queue writer, a task of the current tokio runtime.
+    /// Starts the file's writer, a task of the current tokio runtime.
     pub async fn sqlite(path: &Path) -> Result<State> {
         crate::files::prepare_database(path)
             .map_err(|e| StateError::Unavailable(format!("{}: {e}", path.display())))?;
@@ -197,9 +214,9 @@ impl State {
                     .await?;
             }
         }
-        let wakers = Arc::new(Wakers::default());
-        let writer = crate::queue::sqlite::Writer::start(db.clone(), wakers.clone());
-        Ok(State { inner: Inner::Sqlite { db, wakers, writer } })
+        let queues = Arc::new(crate::queue::sqlite::FileQueues::default());
+        let writer = crate::sqlite_writer::Writer::start(db.clone());
+        Ok(State { inner: Inner::Sqlite { db, queues, writer } })
     }
 
     /// Which backend this is: `sqlite` or `postgres`.
@@ -225,8 +242,8 @@ impl State {
     /// The invocation log.
     pub fn invocations(&self) -> InvocationLog {
         match &self.inner {
-            Inner::Sqlite { db, .. } => {
-                InvocationLog::new(Arc::new(crate::invocation_log::sqlite::SqliteLog::new(db.clone())))
+            Inner::Sqlite { db, writer, .. } => {
+                InvocationLog::new(Arc::new(crate::invocation_log::sqlite::SqliteLog::new(db.clone(), writer.clone())))
             }
             #[cfg(feature = "postgres")]
             Inner::Postgres(pg) => pg.invocations(),
@@ -238,21 +255,31 @@ impl State {
     /// lease in it is this node's whatever `holder` says (they are recorded as `local`).
     pub async fn queue(&self, holder: &str) -> std::result::Result<Queue, QueueError> {
         match &self.inner {
-            Inner::Sqlite { db, wakers, writer } => {
+            Inner::Sqlite { db, queues, writer } => {
                 let _ = holder;
-                let backend = crate::queue::sqlite::SqliteQueue::new(db.clone(), writer.clone());
-                Ok(Queue::new(Arc::new(backend), wakers.clone(), "local"))
+                let backend = crate::queue::sqlite::SqliteQueue::new(db.clone(), writer.clone(), queues.clone());
+                Ok(Queue::new(Arc::new(backend), queues.wakers.clone(), "local"))
             }
             #[cfg(feature = "postgres")]
             Inner::Postgres(pg) => pg.queue(holder).await,
         }
     }
 
-    /// A SQLite state's pool and queue writer (the queue's own tests look underneath).
+    /// A SQLite state's pool and writer (the writer's users' own tests look underneath).
     #[cfg(test)]
-    pub(crate) fn sqlite_parts(&self) -> Option<(SqlitePool, crate::queue::sqlite::Writer)> {
+    pub(crate) fn sqlite_parts(&self) -> Option<(SqlitePool, crate::sqlite_writer::Writer)> {
         match &self.inner {
             Inner::Sqlite { db, writer, .. } => Some((db.clone(), writer.clone())),
+            #[cfg(feature = "postgres")]
+            Inner::Postgres(_) => None,
+        }
+    }
+
+    /// What a SQLite state's queue handles share (the queue's own tests look underneath).
+    #[cfg(test)]
+    pub(crate) fn sqlite_queues(&self) -> Option<Arc<crate::queue::sqlite::FileQueues>> {
+        match &self.inner {
+            Inner::Sqlite { queues, .. } => Some(queues.clone()),
             #[cfg(feature = "postgres")]
             Inner::Postgres(_) => None,
         }

@@ -1,119 +1,211 @@
 //! The invocation log in the node's SQLite state file (table `invocations`, created and
-//! migrated with the rest of the file's schema by [`crate::state`]). SQLite runs one writer at
-//! a time, so each lease-checked update sees the row as the last writer left it.
+//! migrated with the rest of the file's schema by [`crate::state`]). Its writes (insert, start,
+//! outcomes, re-drive, deletions) go through the file's one writer ([`crate::sqlite_writer`]),
+//! each one statement described here as a [`LogWrite`], so they share commits with the queue's
+//! writes (an acceptance's row and message, a worker's start and claim, its outcome and
+//! settlement) rather than meet them at the file's lock. The writer runs one write at a time,
+//! so each lease-checked update sees the row as the last write left it, in a group as alone: an
+//! outcome under a lease that no longer holds the row is an answer (`false`), not an error.
+//! Reads go straight to the pool.
 
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::sqlite::SqlitePool;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
 
 use super::{Backend, InvocationRow, NewInvocation, read_row, row_columns};
-use crate::state::{Result, now_ms};
+use crate::sqlite_writer::{Write, Writer};
+use crate::state::{Result, StateError, now_ms};
+
+/// One write of the log.
+enum LogWrite {
+    Insert(NewInvocation),
+    Start { id: String, lease: String },
+    Finish { id: String, lease: String, result_meta: String, result: Vec<u8> },
+    RetryAt { id: String, lease: String, error: String, next_ms: i64 },
+    Bury { id: String, lease: String, error: String },
+    Redrive { id: String, message: String },
+    Delete { id: String },
+    PurgeFinished { before_ms: i64 },
+}
+
+/// What a write did once committed.
+enum Done {
+    /// Rows changed: an outcome's 1, or 0 when the lease no longer holds the row.
+    Rows(u64),
+    Started(Option<(InvocationRow, Vec<u8>)>),
+}
+
+impl Write for LogWrite {
+    type Output = Done;
+
+    fn name(&self) -> &'static str {
+        match self {
+            LogWrite::Insert(_) => "insert invocation",
+            LogWrite::Start { .. } => "start invocation",
+            LogWrite::Finish { .. } => "finish invocation",
+            LogWrite::RetryAt { .. } => "retry invocation",
+            LogWrite::Bury { .. } => "bury invocation",
+            LogWrite::Redrive { .. } => "redrive invocation",
+            LogWrite::Delete { .. } => "delete invocation",
+            LogWrite::PurgeFinished { .. } => "purge invocations",
+        }
+    }
+
+    async fn run(&self, conn: &mut SqliteConnection) -> sqlx::Result<Done> {
+        let rows = |r: sqlx::sqlite::SqliteQueryResult| Done::Rows(r.rows_affected());
+        Ok(match self {
+            LogWrite::Insert(inv) => rows(
+                sqlx::query(
+                    "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms,
+                     updated_ms, next_ms, message)
+                     VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?1)",
+                )
+                .bind(&inv.id)
+                .bind(&inv.function)
+                .bind(i64::from(inv.max_attempts))
+                .bind(&inv.meta)
+                .bind(&inv.payload)
+                .bind(&inv.callback)
+                .bind(now_ms())
+                .execute(&mut *conn)
+                .await?,
+            ),
+            LogWrite::Start { id, lease } => {
+                let r = sqlx::query(concat!(
+                    "UPDATE invocations SET status = 'running', attempts = attempts + 1, claim = ?1, updated_ms = ?2
+                     WHERE id = ?3 AND status IN ('queued', 'running')
+                     RETURNING ",
+                    row_columns!(),
+                    ", payload"
+                ))
+                .bind(lease)
+                .bind(now_ms())
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                Done::Started(r.map(|r| (read_row(&r), r.get("payload"))))
+            }
+            LogWrite::Finish { id, lease, result_meta, result } => rows(
+                sqlx::query(
+                    "UPDATE invocations SET status = 'succeeded', result_meta = ?, result = ?, error = NULL,
+                     payload = x'', claim = NULL, updated_ms = ? WHERE id = ? AND claim = ? AND status = 'running'",
+                )
+                .bind(result_meta)
+                .bind(result)
+                .bind(now_ms())
+                .bind(id)
+                .bind(lease)
+                .execute(&mut *conn)
+                .await?,
+            ),
+            LogWrite::RetryAt { id, lease, error, next_ms } => rows(
+                sqlx::query(
+                    "UPDATE invocations SET status = 'queued', error = ?, next_ms = ?, claim = NULL, updated_ms = ?
+                     WHERE id = ? AND claim = ? AND status = 'running'",
+                )
+                .bind(error)
+                .bind(next_ms)
+                .bind(now_ms())
+                .bind(id)
+                .bind(lease)
+                .execute(&mut *conn)
+                .await?,
+            ),
+            LogWrite::Bury { id, lease, error } => rows(
+                sqlx::query(
+                    "UPDATE invocations SET status = 'dead', error = ?, claim = NULL, updated_ms = ?
+                     WHERE id = ? AND claim = ? AND status = 'running'",
+                )
+                .bind(error)
+                .bind(now_ms())
+                .bind(id)
+                .bind(lease)
+                .execute(&mut *conn)
+                .await?,
+            ),
+            LogWrite::Redrive { id, message } => rows(
+                sqlx::query(
+                    "UPDATE invocations SET status = 'queued', attempts = 0, next_ms = ?1, updated_ms = ?1, message = ?2
+                     WHERE id = ?3 AND status = 'dead'",
+                )
+                .bind(now_ms())
+                .bind(message)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?,
+            ),
+            LogWrite::Delete { id } => {
+                rows(sqlx::query("DELETE FROM invocations WHERE id = ?").bind(id).execute(&mut *conn).await?)
+            }
+            LogWrite::PurgeFinished { before_ms } => rows(
+                sqlx::query("DELETE FROM invocations WHERE status IN ('succeeded', 'dead') AND updated_ms < ?")
+                    .bind(before_ms)
+                    .execute(&mut *conn)
+                    .await?,
+            ),
+        })
+    }
+}
 
 pub(crate) struct SqliteLog {
     db: SqlitePool,
+    writer: Writer,
 }
 
 impl SqliteLog {
-    pub(crate) fn new(db: SqlitePool) -> SqliteLog {
-        SqliteLog { db }
+    /// A log handle on `db`, whose writes go through `writer` (the file's one writer).
+    pub(crate) fn new(db: SqlitePool, writer: Writer) -> SqliteLog {
+        SqliteLog { db, writer }
+    }
+
+    async fn rows(&self, write: LogWrite) -> Result<u64> {
+        match self.writer.write(write).await? {
+            Done::Rows(n) => Ok(n),
+            Done::Started(_) => Err(StateError::Failed("the state file's writer answered a start".into())),
+        }
     }
 }
 
 #[async_trait]
 impl Backend for SqliteLog {
     async fn insert(&self, inv: &NewInvocation) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms, updated_ms,
-             next_ms, message)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?1)",
-        )
-        .bind(&inv.id)
-        .bind(&inv.function)
-        .bind(i64::from(inv.max_attempts))
-        .bind(&inv.meta)
-        .bind(&inv.payload)
-        .bind(&inv.callback)
-        .bind(now_ms())
-        .execute(&self.db)
-        .await?;
+        self.rows(LogWrite::Insert(inv.clone())).await?;
         Ok(())
     }
 
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {
-        let r = sqlx::query(concat!(
-            "UPDATE invocations SET status = 'running', attempts = attempts + 1, claim = ?1, updated_ms = ?2
-             WHERE id = ?3 AND status IN ('queued', 'running')
-             RETURNING ",
-            row_columns!(),
-            ", payload"
-        ))
-        .bind(lease)
-        .bind(now_ms())
-        .bind(id)
-        .fetch_optional(&self.db)
-        .await?;
-        Ok(r.map(|r| (read_row(&r), r.get("payload"))))
+        match self.writer.write(LogWrite::Start { id: id.to_owned(), lease: lease.to_owned() }).await? {
+            Done::Started(started) => Ok(started),
+            Done::Rows(_) => Err(StateError::Failed("the state file's writer answered an update".into())),
+        }
     }
 
     async fn finish(&self, id: &str, lease: &str, result_meta: &str, result: &[u8]) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE invocations SET status = 'succeeded', result_meta = ?, result = ?, error = NULL,
-             payload = x'', claim = NULL, updated_ms = ? WHERE id = ? AND claim = ? AND status = 'running'",
-        )
-        .bind(result_meta)
-        .bind(result)
-        .bind(now_ms())
-        .bind(id)
-        .bind(lease)
-        .execute(&self.db)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let write = LogWrite::Finish {
+            id: id.to_owned(),
+            lease: lease.to_owned(),
+            result_meta: result_meta.to_owned(),
+            result: result.to_vec(),
+        };
+        Ok(self.rows(write).await? == 1)
     }
 
     async fn retry_at(&self, id: &str, lease: &str, error: &str, next_ms: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE invocations SET status = 'queued', error = ?, next_ms = ?, claim = NULL, updated_ms = ?
-             WHERE id = ? AND claim = ? AND status = 'running'",
-        )
-        .bind(error)
-        .bind(next_ms)
-        .bind(now_ms())
-        .bind(id)
-        .bind(lease)
-        .execute(&self.db)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let write = LogWrite::RetryAt { id: id.to_owned(), lease: lease.to_owned(), error: error.to_owned(), next_ms };
+        Ok(self.rows(write).await? == 1)
     }
 
     async fn bury(&self, id: &str, lease: &str, error: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE invocations SET status = 'dead', error = ?, claim = NULL, updated_ms = ?
-             WHERE id = ? AND claim = ? AND status = 'running'",
-        )
-        .bind(error)
-        .bind(now_ms())
-        .bind(id)
-        .bind(lease)
-        .execute(&self.db)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let write = LogWrite::Bury { id: id.to_owned(), lease: lease.to_owned(), error: error.to_owned() };
+        Ok(self.rows(write).await? == 1)
     }
 
     async fn redrive(&self, id: &str, message: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE invocations SET status = 'queued', attempts = 0, next_ms = ?1, updated_ms = ?1, message = ?2
-             WHERE id = ?3 AND status = 'dead'",
-        )
-        .bind(now_ms())
-        .bind(message)
-        .bind(id)
-        .execute(&self.db)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(self.rows(LogWrite::Redrive { id: id.to_owned(), message: message.to_owned() }).await? == 1)
     }
 
     async fn delete(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM invocations WHERE id = ?").bind(id).execute(&self.db).await?;
+        self.rows(LogWrite::Delete { id: id.to_owned() }).await?;
         Ok(())
     }
 
@@ -157,11 +249,7 @@ impl Backend for SqliteLog {
     }
 
     async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM invocations WHERE status IN ('succeeded', 'dead') AND updated_ms < ?")
-            .bind(before_ms)
-            .execute(&self.db)
-            .await?;
-        Ok(done.rows_affected())
+        self.rows(LogWrite::PurgeFinished { before_ms }).await
     }
 
     async fn ping(&self) -> Result<()> {

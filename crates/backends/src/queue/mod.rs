@@ -364,7 +364,9 @@ impl Queue {
         self.backend.stats(queue).await
     }
 
-    /// Messages not settled (due, delayed or leased): an admission check's cheaper `stats`.
+    /// Messages not settled (due, delayed or leased): an admission check's cheaper `stats`. On
+    /// SQLite it is kept in memory and reads no row; on PostgreSQL it is a count of them; on
+    /// JetStream the stream's message count.
     pub async fn depth(&self, queue: &str) -> Result<u64> {
         check_name(queue)?;
         self.backend.depth(queue).await
