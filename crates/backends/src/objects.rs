@@ -643,7 +643,8 @@ impl Objects {
     }
 
     /// Removes what crashes and abandoned uploads left that no object names, written before
-    /// `before` (later ones may belong to uploads committing right now), and the change records
+    /// `before` (later ones may belong to uploads committing right now; the embedded store
+    /// allows a second's slack for the coarse clock of file times), and the change records
     /// retention no longer keeps. Returns how many blobs went. Only the embedded store keeps
     /// such leftovers; an S3 service's lifecycle rules clean multipart uploads a crash cut short
     /// (failed and abandoned ones are aborted).

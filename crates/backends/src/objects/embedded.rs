@@ -41,6 +41,10 @@ use crate::feed::{Actor, Feed};
 use crate::files;
 use crate::state::now_ms;
 
+/// How much older than a collection's `before` a blob's file time must be for the blob to be
+/// collected: more than the tick the kernel's file timestamps may lag the wall clock by.
+const FILE_CLOCK_SLACK: Duration = Duration::from_secs(1);
+
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS buckets (
         name TEXT PRIMARY KEY, public INTEGER NOT NULL, cache_control TEXT, created_ms INTEGER NOT NULL)",
@@ -202,6 +206,10 @@ impl Embedded {
     /// Removes blobs no object names that were written before `before` (later ones may belong
     /// to uploads committing right now). Returns how many went.
     pub(super) async fn collect_garbage(&self, before: SystemTime) -> Result<u64> {
+        // Files are stamped from the kernel's coarse clock, which runs up to a tick behind the
+        // wall clock: a blob written just after `before` (an upload that has not committed yet)
+        // can carry an earlier time. Only blobs clearly older than `before` are candidates.
+        let before = before.checked_sub(FILE_CLOCK_SLACK).unwrap_or(SystemTime::UNIX_EPOCH);
         let root = self.root.join("blobs");
         let candidates = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(String, PathBuf)>> {
             let mut found = Vec::new();
@@ -671,7 +679,7 @@ pub(super) mod tests {
         }
         let o = Objects::open(&dir.0).await.unwrap();
         assert_eq!(walk(&dir.0.join("tmp")), 0);
-        let removed = o.collect_garbage(SystemTime::now() + Duration::from_secs(1)).await.unwrap();
+        let removed = o.collect_garbage(SystemTime::now() + Duration::from_secs(2)).await.unwrap();
         assert_eq!(removed, 1);
         assert_eq!(o.read("media", "kept", 100).await.unwrap().1, b"whole");
         assert_eq!(blobs(&dir), 1);

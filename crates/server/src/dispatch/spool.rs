@@ -191,6 +191,24 @@ mod tests {
         }
     }
 
+    /// A spooled part is read back only as it was written: other content under its key is
+    /// refused (not retried), and a missing part is an error too.
+    #[tokio::test]
+    async fn a_spooled_part_is_read_only_as_written() {
+        let (dir, mut c) = crate::dispatch::tests::flip_node("spool-pinned");
+        c.in_memory = true;
+        let app = crate::App::start(c, None).await.unwrap().app;
+        let part = put(&app, "0a1b", "input", b"first").await.unwrap();
+        assert_eq!(read(&app, &part).await.unwrap(), b"first");
+        put(&app, "0a1b", "input", b"other").await.unwrap();
+        let changed = read(&app, &part).await.unwrap_err();
+        assert_eq!((changed.code(), changed.retryable()), ("precondition_failed", false));
+        forget(&app, [part.key.as_str()]).await;
+        assert_eq!(read(&app, &part).await.unwrap_err().code(), "no_such_key");
+        app.shutdown().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// An asynchronous call whose input, named input and result are each larger than the log
     /// keeps: they travel through the reserved spool bucket, which clients cannot reach, come
     /// back intact, and go when no longer needed.
