@@ -1249,6 +1249,14 @@ async fn the_pipeline_runs_over_an_s3_service() {
     let Err(refused) = App::start(dead, None).await else { panic!("a node started on a service that does not answer") };
     assert!(refused.to_string().contains("--objects-s3-endpoint"), "{refused:#}");
     drop(reserved);
+    // A service without the node's spool bucket stops the start too, naming that setting.
+    let bare = scratch("s3-service-without-spool");
+    std::fs::create_dir_all(bare.join("media")).unwrap();
+    let mut unspooled = config();
+    unspooled.objects_s3 = Some(test_server::config(test_server::start(&bare).await.unwrap()));
+    let Err(refused) = App::start(unspooled, None).await else { panic!("a node started without its spool bucket") };
+    let refused = format!("{refused:#}");
+    assert!(refused.contains("--spool-bucket") && refused.contains(pixflow_server::DEFAULT_SPOOL_BUCKET), "{refused}");
     deploy(
         &app,
         "name: thumb-store\nversion: '1'\nbuiltin: resize\nparams: {width: 16}\n\
