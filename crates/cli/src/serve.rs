@@ -56,7 +56,9 @@ pub struct ServeArgs {
     /// Image work running at once (default: one per CPU).
     #[arg(long)]
     cpus: Option<usize>,
-    /// Asynchronous invocations run at once (default: one per CPU).
+    /// Asynchronous invocations claimed at once (default: 4 per CPU, at least 16). They wait for
+    /// a function's capacity behind synchronous callers, so more workers than CPUs overlap
+    /// their state writes without crowding out requests.
     #[arg(long)]
     async_workers: Option<usize>,
     /// Requests admitted at once over all functions, running or queued; beyond it, 503.
@@ -314,7 +316,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(n) = args.cpus {
         config.node.cpus = n.max(1);
-        config.async_workers = n.max(1);
+        config.async_workers = pixflow_server::default_async_workers(n.max(1));
     }
     if let Some(n) = args.async_workers {
         config.async_workers = n;

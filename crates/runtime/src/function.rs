@@ -99,6 +99,10 @@ pub struct Invocation {
     /// Encoding parameters the platform itself sets (the CDN's negotiated format); unlike
     /// `params` they need not be `overridable`.
     pub platform_params: Vec<(String, String)>,
+    /// Background work (an asynchronous invocation's attempt): it waits for a slot behind
+    /// every caller that waits for an answer, beyond `max_queue` and for as long as it takes
+    /// ([`crate::Pool::acquire_background`]), and its timeout starts once it has one.
+    pub background: bool,
 }
 
 impl Invocation {
@@ -479,13 +483,16 @@ async fn invoke_inner(
     if let Some(e) = f.processes.as_deref().and_then(start_failed) {
         return Err(e);
     }
-    let permit = match f.pool.acquire(quota.timeout).await {
+    let acquired = if req.background { f.pool.acquire_background().await } else { f.pool.acquire(quota.timeout).await };
+    let permit = match acquired {
         Ok(p) => p,
         Err(Rejected::NoInstance) => {
             return Err(f.processes.as_deref().and_then(start_failed).unwrap_or(Rejected::NoInstance.into()));
         }
         Err(e) => return Err(e.into()),
     };
+    // Background work's wait for a slot is not part of its run.
+    let deadline = if req.background { tokio::time::Instant::now() + quota.timeout } else { deadline };
     let Some(pipeline) = pipeline else {
         let queued = waited.elapsed();
         let processes = f.processes.as_ref().ok_or_else(|| InvokeError::Internal("no processes".into()))?;

@@ -4,8 +4,14 @@
 //! A request is never accepted and then dropped: a waiter that gives up (timeout, client gone)
 //! leaves the queue, and a slot handed to a waiter that is already gone comes straight back.
 //!
-//! The pool also meters time-weighted concurrency (running + waiting) for the autoscaler and
-//! wakes it when a request waits at zero instances, so a cold start begins immediately.
+//! Background work (the node's asynchronous workers) waits apart, in a second line with neither
+//! a bound nor a deadline ([`Pool::acquire_background`]): it gets a slot only when no request
+//! waits in the first one, so queued work never delays or refuses a caller that is waiting for
+//! an answer, and it is never failed for waiting (its number is bounded by the workers).
+//!
+//! The pool also meters time-weighted concurrency (running + waiting, in both lines) for the
+//! autoscaler and wakes it when a request waits at zero instances, so a cold start begins
+//! immediately.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +59,8 @@ struct State {
     ready: u32,
     in_flight: u32,
     waiters: VecDeque<oneshot::Sender<Permit>>,
+    /// Background work waiting for a slot; served when `waiters` is empty.
+    background: VecDeque<oneshot::Sender<Permit>>,
     closed: bool,
     meter: Meter,
 }
@@ -102,6 +110,7 @@ impl Pool {
                 ready,
                 in_flight: 0,
                 waiters: VecDeque::new(),
+                background: VecDeque::new(),
                 closed: false,
                 meter: Meter { since: now, last: now, area: 0.0, level: 0, last_active: now },
             }),
@@ -119,7 +128,8 @@ impl Pool {
     }
 
     fn level(s: &State) -> u32 {
-        s.in_flight + u32::try_from(s.waiters.len()).unwrap_or(u32::MAX)
+        let waiting = s.waiters.len().saturating_add(s.background.len());
+        s.in_flight.saturating_add(u32::try_from(waiting).unwrap_or(u32::MAX))
     }
 
     /// Takes a slot, waiting at most `wait` in the queue.
@@ -164,6 +174,39 @@ impl Pool {
         }
     }
 
+    /// Takes a slot for background work: at once if one is free and nothing waits, else in the
+    /// background line, behind every request of the first line (those that come later too),
+    /// for as long as it takes. Fails only when the pool closes ([`Rejected::Closed`]) or no
+    /// instance can be started ([`Rejected::NoInstance`]).
+    pub async fn acquire_background(self: &Arc<Self>) -> Result<Permit, Rejected> {
+        let rx = {
+            let mut s = self.lock();
+            if s.closed {
+                return Err(Rejected::Closed);
+            }
+            if s.in_flight < self.capacity(&s) && s.waiters.is_empty() && s.background.is_empty() {
+                s.in_flight += 1;
+                let level = Self::level(&s);
+                s.meter.advance(Instant::now(), level);
+                return Ok(Permit { pool: Some(self.clone()) });
+            }
+            s.background.retain(|w| !w.is_closed());
+            let (tx, rx) = oneshot::channel();
+            s.background.push_back(tx);
+            let level = Self::level(&s);
+            s.meter.advance(Instant::now(), level);
+            if s.ready == 0 {
+                self.demand.notify_one();
+            }
+            rx
+        };
+        match rx.await {
+            Ok(permit) => Ok(permit),
+            Err(_) if self.lock().closed => Err(Rejected::Closed),
+            Err(_) => Err(Rejected::NoInstance),
+        }
+    }
+
     /// The refusal a request would get right now if every slot is busy and the queue is full
     /// (a hint for front ends, to refuse before reading a body; `acquire` decides for real).
     pub fn refusal(&self) -> Option<Rejected> {
@@ -176,6 +219,7 @@ impl Pool {
     fn forget_closed_waiters(&self) {
         let mut s = self.lock();
         s.waiters.retain(|w| !w.is_closed());
+        s.background.retain(|w| !w.is_closed());
         let level = Self::level(&s);
         s.meter.advance(Instant::now(), level);
     }
@@ -188,10 +232,10 @@ impl Pool {
         s.meter.advance(Instant::now(), level);
     }
 
-    /// Gives free slots to waiters, oldest first.
+    /// Gives free slots to waiters, oldest first, the first line before the background one.
     fn hand_out(self: &Arc<Self>, s: &mut State) {
         while s.in_flight < self.capacity(s) {
-            let Some(tx) = s.waiters.pop_front() else { break };
+            let Some(tx) = s.waiters.pop_front().or_else(|| s.background.pop_front()) else { break };
             s.in_flight += 1;
             if let Err(mut unsent) = tx.send(Permit { pool: Some(self.clone()) }) {
                 // The waiter is gone; take the slot back without re-entering the lock.
@@ -217,6 +261,7 @@ impl Pool {
     pub fn fail_waiters(&self) {
         let mut s = self.lock();
         s.waiters.clear();
+        s.background.clear();
         let level = Self::level(&s);
         s.meter.advance(Instant::now(), level);
     }
@@ -232,6 +277,7 @@ impl Pool {
         let mut s = self.lock();
         s.closed = true;
         s.waiters.clear();
+        s.background.clear();
         let level = Self::level(&s);
         s.meter.advance(Instant::now(), level);
     }
@@ -241,7 +287,8 @@ impl Pool {
         PoolStats {
             ready: s.ready,
             in_flight: s.in_flight,
-            queued: u32::try_from(s.waiters.iter().filter(|w| !w.is_closed()).count()).unwrap_or(u32::MAX),
+            queued: u32::try_from(s.waiters.iter().chain(&s.background).filter(|w| !w.is_closed()).count())
+                .unwrap_or(u32::MAX),
         }
     }
 
@@ -292,6 +339,50 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Ok(()));
         assert_eq!(pool.stats(), PoolStats { ready: 1, in_flight: 1, queued: 0 });
         assert_eq!(pool.refusal(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_work_waits_behind_callers_without_bound_or_deadline() {
+        let pool = Pool::new(1, 1, 1);
+        let held = pool.acquire(LONG).await.unwrap();
+        let background: Vec<_> = (0..3)
+            .map(|n| {
+                let pool = pool.clone();
+                tokio::spawn(async move { (n, pool.acquire_background().await) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // Three waiting in the background line: a caller is neither refused nor put behind them.
+        assert_eq!(pool.stats().queued, 3);
+        assert_eq!(pool.refusal(), None);
+        let caller = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(LONG * 3).await.map(|_| Instant::now()) })
+        };
+        tokio::task::yield_now().await;
+        // Hours go by: the background waiters are not failed for waiting.
+        tokio::time::sleep(Duration::from_secs(7200)).await;
+        let freed = Instant::now();
+        drop(held);
+        assert_eq!(caller.await.unwrap(), Ok(freed));
+        // Then the background line, oldest first: each gets the slot the one before gives back.
+        for (n, task) in background.into_iter().enumerate() {
+            let (m, permit) = task.await.unwrap();
+            assert_eq!(m, n);
+            assert_eq!(pool.stats().in_flight, 1);
+            drop(permit.unwrap());
+        }
+        assert_eq!(pool.stats(), PoolStats { ready: 1, in_flight: 0, queued: 0 });
+        // Closing fails whoever still waits there.
+        let held = pool.acquire(LONG).await.unwrap();
+        let waiting = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire_background().await.map(|_| ()) })
+        };
+        tokio::task::yield_now().await;
+        pool.close();
+        assert_eq!(waiting.await.unwrap(), Err(Rejected::Closed));
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,7 +33,10 @@
 //! `PIXFLOW_BENCH_NATS_URL`), `--rounds 3`,
 //! `--samples 3000`, `--gap-ms 5`, `--messages 4000`, `--producers 1,4,16`, `--consumers 2,4`,
 //! `--invocations 1500`, `--sequential 300`, `--json FILE` (every row as a JSON line), `--scratch
-//! DIR` (where the SQLite files and the node's data folder go; default: the temp folder).
+//! DIR` (where the SQLite files and the node's data folder go; default: the temp folder),
+//! `--node NAME=ARGS` (repeatable: a node configuration of the `async` part, its extra `serve`
+//! arguments, e.g. `--node 'pg=--state postgres --state-url postgres://... --async-workers 16'`;
+//! default: one node on the embedded defaults).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -73,6 +76,8 @@ struct Args {
     sequential: usize,
     json: Option<PathBuf>,
     scratch: PathBuf,
+    /// The node configurations of the `async` part: a name and the extra `serve` arguments.
+    nodes: Vec<(String, Vec<String>)>,
 }
 
 fn list<T: std::str::FromStr>(s: &str) -> Result<Vec<T>> {
@@ -101,6 +106,7 @@ fn parse_args() -> Result<Args> {
         sequential: 300,
         json: None,
         scratch: std::env::temp_dir(),
+        nodes: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -125,8 +131,15 @@ fn parse_args() -> Result<Args> {
             "--sequential" => a.sequential = value.parse()?,
             "--json" => a.json = Some(value.into()),
             "--scratch" => a.scratch = value.into(),
+            "--node" => {
+                let (name, extra) = value.split_once('=').unwrap_or((value.as_str(), ""));
+                a.nodes.push((name.to_owned(), extra.split_whitespace().map(str::to_owned).collect()));
+            }
             _ => bail!("unknown option {flag}"),
         }
+    }
+    if a.nodes.is_empty() {
+        a.nodes.push(("default".to_owned(), Vec::new()));
     }
     if a.backends.iter().any(|b| b == "postgres") && a.pg_url.is_none() {
         bail!("the postgres backend needs --pg-url (or PIXFLOW_BENCH_POSTGRES_URL)");
@@ -191,20 +204,23 @@ async fn run(args: &Args) -> Result<()> {
             }
         }
         if args.parts.iter().any(|p| p == "async") {
-            let mut callbacks = Callbacks::listen().await?;
-            let node = Node::start(&args.pixflow, &scratch.join(format!("node-{round}")), &callbacks.addr)?;
-            let result = async {
-                warm_up(&node).await?;
-                for &p in &args.producers {
-                    let row = async_burst(&node, p, args.invocations).await?;
-                    report.row(with(row, json!({"round": round})))?;
+            for (label, extra) in &args.nodes {
+                let mut callbacks = Callbacks::listen().await?;
+                let dir = scratch.join(format!("node-{label}-{round}"));
+                let node = Node::start(&args.pixflow, &dir, &callbacks.addr, extra)?;
+                let result = async {
+                    warm_up(&node).await?;
+                    for &p in &args.producers {
+                        let row = async_burst(&node, p, args.invocations).await?;
+                        report.row(with(row, json!({"round": round, "node": label})))?;
+                    }
+                    let row = async_sequential(&node, &mut callbacks, args.sequential).await?;
+                    report.row(with(row, json!({"round": round, "node": label})))
                 }
-                let row = async_sequential(&node, &mut callbacks, args.sequential).await?;
-                report.row(with(row, json!({"round": round})))
+                .await;
+                node.stop();
+                result?;
             }
-            .await;
-            node.stop();
-            result?;
         }
     }
     report.row(json!({"kind": "machine", "load": load_average()}))?;
@@ -379,7 +395,7 @@ struct Api {
 
 impl Node {
     /// Starts a node whose completion callbacks may go to `callbacks` (`host:port`).
-    fn start(pixflow: &Path, dir: &Path, callbacks: &str) -> Result<Node> {
+    fn start(pixflow: &Path, dir: &Path, callbacks: &str, extra: &[String]) -> Result<Node> {
         if !pixflow.is_file() {
             bail!("{} not found: build it (cargo build -p pixflow-cli) or pass --pixflow", pixflow.display());
         }
@@ -393,6 +409,7 @@ impl Node {
             .arg("--functions")
             .arg(&functions)
             .args(["--callback-allow", callbacks])
+            .args(extra)
             .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -806,11 +823,14 @@ fn summary(rows: &[Value]) {
             }
         }
     }
+    let mut nodes: Vec<&str> = rows.iter().filter_map(|r| r["node"].as_str()).collect();
+    let mut seen = std::collections::HashSet::new();
+    nodes.retain(|n| seen.insert(*n));
     if kind("async") {
         println!(
-            "\n| producers | accepted/s | completed/s | 202 p50 ms | 202 p99 ms | 202 → succeeded p50 ms | p99 ms | server CPU ms/inv | client CPU ms/inv |"
+            "\n| node | producers | accepted/s | completed/s | 202 p50 ms | 202 p99 ms | 202 → succeeded p50 ms | p99 ms | server CPU ms/inv | client CPU ms/inv |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         let mut producers: Vec<u64> =
             rows.iter().filter(|r| r["kind"] == "async").filter_map(|r| r["producers"].as_u64()).collect();
         producers.sort_unstable();
@@ -825,9 +845,12 @@ fn summary(rows: &[Value]) {
             "server_cpu_ms_per_inv",
             "client_cpu_ms_per_inv",
         ];
-        for p in producers {
-            if let Some(m) = medians(rows, &[("kind", json!("async")), ("producers", json!(p))], &fields) {
-                println!("| {p} | {} |", cells(&m));
+        for n in &nodes {
+            for &p in &producers {
+                let key = [("kind", json!("async")), ("node", json!(n)), ("producers", json!(p))];
+                if let Some(m) = medians(rows, &key, &fields) {
+                    println!("| {n} | {p} | {} |", cells(&m));
+                }
             }
         }
     }
@@ -840,11 +863,15 @@ fn summary(rows: &[Value]) {
         "callback_p99_ms",
         "server_cpu_ms_per_inv",
     ];
-    if let Some(m) = medians(rows, &[("kind", json!("async_sequential"))], &fields) {
+    if kind("async_sequential") {
         println!(
             "\n| one at a time | 202 p50 ms | 202 p99 ms | 202 → succeeded (logged) p50 ms | p99 ms | 202 → callback p50 ms | p99 ms | server CPU ms/inv |"
         );
         println!("|---|---|---|---|---|---|---|---|");
-        println!("| | {} |", cells(&m));
+    }
+    for n in &nodes {
+        if let Some(m) = medians(rows, &[("kind", json!("async_sequential")), ("node", json!(n))], &fields) {
+            println!("| {n} | {} |", cells(&m));
+        }
     }
 }

@@ -429,6 +429,7 @@ async fn run(
                 content_type: None,
                 mode: crate::dispatch::Mode::Raw,
                 output: crate::dispatch::Destination::Caller,
+                background: false,
             };
             let done = crate::dispatch::call(app, f, call, Some(ticket), None).await?;
             match done.output.produced {

@@ -154,6 +154,7 @@ async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: 
             content_type,
             mode: Mode::Raw,
             output: Destination::Default,
+            background: false,
         });
     }
     let body = read_body(body, json_limit(max)).await?;
@@ -177,7 +178,16 @@ async fn decode(f: &Function, query: Option<String>, headers: &HeaderMap, body: 
         inputs.insert(name, source);
     }
     let output = req.output.map_or(Destination::Default, Destination::To);
-    Ok(Call { input, inputs, params, platform: Vec::new(), content_type: None, mode: Mode::Json, output })
+    Ok(Call {
+        input,
+        inputs,
+        params,
+        platform: Vec::new(),
+        content_type: None,
+        mode: Mode::Json,
+        output,
+        background: false,
+    })
 }
 
 /// What a caller without a token may name in a request to an open (`auth: none`) function:

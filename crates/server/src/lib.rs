@@ -37,6 +37,14 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pixflow_backends::{Catalogue, InvocationLog, Objects, State};
 use pixflow_runtime::{Node, NodeLimits, Registry, RegistryOptions};
 
+/// Asynchronous workers of a node with `cpus` CPUs: 4 per CPU, at least 16. A worker spends
+/// most of an invocation waiting for its state writes (claim, start, outcome, settlement) and,
+/// when the function is busy, for a slot behind synchronous callers; more of them than CPUs
+/// keep the CPUs busy and let the writes share commits (decision 021).
+pub fn default_async_workers(cpus: usize) -> usize {
+    cpus.saturating_mul(4).max(16)
+}
+
 /// How a node runs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -50,7 +58,8 @@ pub struct Config {
     pub tick: Duration,
     /// Longest a shutdown waits for in-flight work.
     pub shutdown_grace: Duration,
-    /// Asynchronous invocations run at once (0: this node only queues them).
+    /// Asynchronous invocations claimed at once (0: this node only queues them); see
+    /// [`default_async_workers`].
     pub async_workers: usize,
     /// An admin token to accept (besides generated ones), e.g. from `PIXFLOW_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
@@ -126,7 +135,7 @@ impl Config {
         Config {
             data_dir: data_dir.into(),
             functions_dir: None,
-            async_workers: node.cpus,
+            async_workers: default_async_workers(node.cpus),
             node,
             tick: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
@@ -255,6 +264,8 @@ pub struct App {
     stopping: AtomicBool,
     /// The queues (asynchronous invocations today).
     pub queue: pixflow_backends::Queue,
+    /// The depth of the invocations' queue as admission sees it.
+    backlog: dispatch::Backlog,
     /// Cancelled when the node stops: the stop signal of background loops and listeners.
     stop: tokio_util::sync::CancellationToken,
     /// Connections of the S3 endpoint; a shutdown waits for them before closing the store.
@@ -367,6 +378,7 @@ impl App {
             ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             queue,
+            backlog: dispatch::Backlog::default(),
             connections: tokio_util::task::TaskTracker::new(),
             deploys: tokio::sync::Mutex::new(()),
             loops: supervisor::Supervisor::new(stop.clone()),

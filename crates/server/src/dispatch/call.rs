@@ -107,6 +107,9 @@ pub(crate) struct Call {
     pub content_type: Option<String>,
     pub mode: Mode,
     pub output: Destination,
+    /// An asynchronous invocation's attempt: it waits for the function's capacity behind the
+    /// callers waiting for an answer (see `pixflow_runtime::Invocation::background`).
+    pub background: bool,
 }
 
 impl Call {
@@ -253,6 +256,7 @@ pub(crate) async fn resolve(
         content_type: call.content_type,
         referenced_bytes: referenced,
         platform_params: call.platform,
+        background: call.background,
     };
     Ok((invocation, source_key))
 }

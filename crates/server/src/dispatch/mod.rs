@@ -45,6 +45,41 @@ pub(crate) const QUEUE: &str = "invocations";
 /// once). A worker renews the lease every third of it while the attempt runs, however long.
 pub(crate) const LEASE: Duration = Duration::from_secs(30);
 
+/// How old the queue's depth may be when admission compares it with `max_async_queued`.
+const BACKLOG_AGE: Duration = Duration::from_millis(100);
+
+/// Admission's view of the queue's depth: read from the queue at most every [`BACKLOG_AGE`]
+/// (on PostgreSQL a count over the waiting messages, on JetStream a round trip), plus what this
+/// node accepted since. What other nodes accepted or any node settled meanwhile shows at the
+/// next read, so the bound is soft by at most [`BACKLOG_AGE`] of other nodes' acceptances.
+#[derive(Default)]
+pub(crate) struct Backlog {
+    seen: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, u64)>> {
+        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn depth(&self, queue: &Queue) -> Result<u64, Error> {
+        if let Some((at, depth)) = *self.lock()
+            && at.elapsed() < BACKLOG_AGE
+        {
+            return Ok(depth);
+        }
+        let depth = queue.depth(QUEUE).await?;
+        *self.lock() = Some((std::time::Instant::now(), depth));
+        Ok(depth)
+    }
+
+    fn accepted(&self) {
+        if let Some((_, depth)) = self.lock().as_mut() {
+            *depth += 1;
+        }
+    }
+}
+
 /// The stored form of a queued request's parameters.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct QueuedMeta {
@@ -97,6 +132,7 @@ impl QueuedMeta {
             content_type: self.content_type,
             mode: self.mode,
             output: self.output.map_or(Destination::Default, Destination::To),
+            background: true,
         })
     }
 
@@ -112,7 +148,7 @@ pub(crate) async fn accept(app: &App, f: &Function, call: Call, callback: Option
     if app.stopping() {
         return Err(pixflow_runtime::InvokeError::Rejected(pixflow_runtime::Rejected::Closed).into());
     }
-    let depth = app.queue.depth(QUEUE).await?;
+    let depth = app.backlog.depth(&app.queue).await?;
     if depth >= app.config.max_async_queued {
         return Err(Error::QueueFull { depth, max: app.config.max_async_queued });
     }
@@ -185,6 +221,7 @@ pub(crate) async fn accept(app: &App, f: &Function, call: Call, callback: Option
         spool::forget(app, meta.spooled_keys()).await;
         return Err(e);
     }
+    app.backlog.accepted();
     metrics::counter!("pixflow_async_accepted_total", "function" => f.deployment.name.clone()).increment(1);
     Ok(id)
 }
@@ -409,7 +446,9 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
                     spool::forget(app, meta.spooled_keys()).await;
                 }
             }
-            notify(app, &id).await;
+            if row.callback.is_some() {
+                notify(app, &id).await;
+            }
         }
         // Another claim owns the invocation now; its outcome is the one that counts.
         Ok(false) => {
@@ -585,6 +624,58 @@ mod tests {
         c.admin_token = Some("pfx_test-admin-token".into());
         c.async_workers = 0;
         (dir, c)
+    }
+
+    /// Queued invocations of a function with no free slot wait for one behind synchronous
+    /// callers, past the function's queue bound and timeout, without spending attempts; a
+    /// synchronous caller meanwhile is neither refused nor put behind them.
+    #[tokio::test]
+    async fn queued_invocations_wait_for_a_busy_function_without_spending_attempts() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let (dir, mut c) = flip_node("busy");
+        std::fs::write(
+            dir.join("functions/flip.yaml"),
+            "name: flip\nversion: '1'\nbuiltin: flip\nauth: none\n\
+             quota: {concurrency: 1, max_queue: 1, timeout: 1s}\nscaling: {min: 1, max: 1}\n\
+             retry: {attempts: 3, backoff: 1s}\n",
+        )
+        .unwrap();
+        c.async_workers = 4;
+        let app = crate::App::start(c, None).await.unwrap().app;
+        let f = app.registry.get("flip").unwrap();
+        // The function's one slot is taken (a long synchronous call).
+        let held = f.pool.acquire(Duration::from_secs(1)).await.unwrap();
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(4, 4).write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let png = png.into_inner();
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let req = axum::http::Request::post("/v1/functions/flip/invoke")
+                .header("prefer", "respond-async")
+                .body(axum::body::Body::from(png.clone()))
+                .unwrap();
+            let resp = crate::router(app.clone()).oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::ACCEPTED);
+            let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            ids.push(body["id"].as_str().unwrap().to_owned());
+        }
+        let pool = f.pool.clone();
+        eventually(|| async { pool.stats().queued == 4 }).await;
+        // More than the queue bound wait, and a caller would still be let in line.
+        assert_eq!(f.pool.refusal(), None);
+        // Longer than the function's timeout.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(f.pool.stats().queued, 4);
+        drop(held);
+        let log = app.invocations.clone();
+        for id in &ids {
+            eventually(|| async { log.get(id).await.unwrap().unwrap().status == Status::Succeeded }).await;
+            assert_eq!(log.get(id).await.unwrap().unwrap().attempts, 1);
+        }
+        app.shutdown().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A node killed while running an invocation (its claim's lease still far from over) runs it

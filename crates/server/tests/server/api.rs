@@ -371,22 +371,29 @@ async fn asynchronous_invocations_complete_retry_and_dead_letter() {
 
 #[tokio::test]
 async fn retryable_failures_back_off_then_dead_letter() {
-    let app = start(config()).await;
-    // One slot, no queue, and the slot held: every attempt finds the function full, a
-    // failure that a retry could fix.
+    // An allowed origin that refuses connections: every attempt fails in a way a retry could
+    // fix. (A full function no longer fails an attempt: it waits, see `dispatch`.)
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut c = config();
+    c.url_policy = pixflow_server::fetch::UrlPolicy {
+        hosts: vec![format!("127.0.0.1:{port}")],
+        private: vec!["127.0.0.0/8".parse().unwrap()],
+        tls: pixflow_server::fetch::Tls::default(),
+    };
+    let app = start(c).await;
     deploy(
         &app,
-        "name: flaky\nversion: '1'\nbuiltin: flip\nauth: none\nquota: {concurrency: 1, max_queue: 0}\n\
-         scaling: {min: 1, max: 1}\nretry: {attempts: 3, backoff: 10ms, max_backoff: 20ms}\n",
+        "name: flaky\nversion: '1'\nbuiltin: flip\nauth: none\n\
+         retry: {attempts: 3, backoff: 10ms, max_backoff: 20ms}\n",
     )
     .await;
-    let held = app.registry.get("flaky").unwrap().pool.acquire(Duration::from_secs(5)).await.unwrap();
-    let r =
-        call(&app, Method::POST, "/v1/functions/flaky/invoke", None, &[("prefer", "respond-async")], png(8, 8)).await;
+    let doc = json!({"input": {"url": format!("http://127.0.0.1:{port}/img.png")}});
+    let headers = [("prefer", "respond-async"), ("content-type", "application/json")];
+    let r = call(&app, Method::POST, "/v1/functions/flaky/invoke", None, &headers, doc.to_string().into_bytes()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.body));
     let id = r.json()["id"].as_str().unwrap().to_owned();
     let dead = wait_for(&app, &id, "dead").await;
-    assert_eq!((dead["attempts"].as_u64(), dead["error"]["code"].as_str()), (Some(3), Some("queue_full")));
-    drop(held);
+    assert_eq!((dead["attempts"].as_u64(), dead["error"]["code"].as_str()), (Some(3), Some("origin_failed")));
 }
 
 #[tokio::test]
