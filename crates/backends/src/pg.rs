@@ -35,6 +35,9 @@ pub(crate) struct Postgres {
     db: PgPool,
     /// Other nodes' catalogue changes, shared by this state's catalogue handles.
     feed: Arc<crate::catalogue::postgres::Feed>,
+    /// Which pool this is, for handles that may write together in one transaction (an
+    /// invocation's row and its queue message).
+    pool: Arc<()>,
 }
 
 impl Postgres {
@@ -80,7 +83,7 @@ impl Postgres {
             StateError::Unavailable(redact(&format!("bringing the PostgreSQL schema up to date: {e}"), url))
         })?;
         let feed = crate::catalogue::postgres::Feed::start(&db).await?;
-        Ok(Postgres { db, feed })
+        Ok(Postgres { db, feed, pool: Arc::new(()) })
     }
 
     pub(crate) fn catalogue(&self) -> Catalogue {
@@ -88,14 +91,14 @@ impl Postgres {
     }
 
     pub(crate) fn invocations(&self) -> InvocationLog {
-        InvocationLog::new(Arc::new(crate::invocation_log::postgres::PgLog::new(self.db.clone())))
+        InvocationLog::new(Arc::new(crate::invocation_log::postgres::PgLog::new(self.db.clone(), self.pool.clone())))
     }
 
     /// The queues in this database; `holder` names this node's leases (see
     /// [`Queue::release_held`]), so it should stay the same across the node's restarts.
     pub(crate) async fn queue(&self, holder: &str) -> Result<Queue, QueueError> {
         let wakers = Arc::new(Wakers::default());
-        let backend = crate::queue::postgres::PgQueue::new(self.db.clone(), wakers.clone()).await?;
+        let backend = crate::queue::postgres::PgQueue::new(self.db.clone(), wakers.clone(), self.pool.clone()).await?;
         Ok(Queue::new(Arc::new(backend), wakers, holder))
     }
 

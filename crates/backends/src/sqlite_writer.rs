@@ -15,7 +15,9 @@
 //! answer is as durable as before.
 //!
 //! What a write does is its module's business ([`Write`]: the queue's in `queue/sqlite.rs`, the
-//! log's in `invocation_log/sqlite.rs`); the writer only orders, groups and commits them. Each
+//! log's in `invocation_log/sqlite.rs`); the writer only orders, groups and commits them. A write
+//! that must commit with another of another module ([`Both`]: an invocation's row and its queue
+//! message) runs its statements in a transaction of its own when it runs alone. Each
 //! write is one statement, so a later write of a group sees what the earlier ones did (two claims
 //! never take the same row; a settlement or an outcome updates only the row its lease still
 //! holds), and an answer such as "stale lease" or "already there" is a result, not an error: it
@@ -51,8 +53,13 @@ pub(crate) trait Write: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Runs the write on `conn` (in its group's transaction, or alone): one statement, so that
-    /// alone it is its own transaction.
+    /// alone it is its own transaction, unless [`Write::statements`] says more.
     fn run(&self, conn: &mut SqliteConnection) -> impl Future<Output = sqlx::Result<Self::Output>> + Send;
+
+    /// Statements [`Write::run`] runs; a write of more than one runs alone in a transaction.
+    fn statements(&self) -> usize {
+        1
+    }
 
     /// After the commit, before the caller is answered; the writes of the file come here one
     /// at a time, in the order they were committed.
@@ -61,6 +68,37 @@ pub(crate) trait Write: Send + Sync + 'static {
     /// The write failed in a way that leaves unknown whether it was committed (its statement or
     /// its group's commit failed).
     fn unsure(&self) {}
+}
+
+/// Two writes committed together or not at all, each answered and hooked as if alone.
+pub(crate) struct Both<A, B>(pub A, pub B);
+
+impl<A: Write, B: Write> Write for Both<A, B> {
+    type Output = (A::Output, B::Output);
+
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    async fn run(&self, conn: &mut SqliteConnection) -> sqlx::Result<Self::Output> {
+        let a = self.0.run(conn).await?;
+        let b = self.1.run(conn).await?;
+        Ok((a, b))
+    }
+
+    fn statements(&self) -> usize {
+        self.0.statements() + self.1.statements()
+    }
+
+    fn committed(&self, (a, b): &Self::Output) {
+        self.0.committed(a);
+        self.1.committed(b);
+    }
+
+    fn unsure(&self) {
+        self.0.unsure();
+        self.1.unsure();
+    }
 }
 
 /// Why a write got no answer from the file.
@@ -84,6 +122,7 @@ impl std::fmt::Display for WriteError {
 /// A write in line, its output type out of sight.
 trait Job: Send {
     fn name(&self) -> &'static str;
+    fn statements(&self) -> usize;
     /// Runs the write, keeping its output until [`Job::answer`].
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, sqlx::Result<()>>;
     /// `Ok`: the last run is committed. Runs the write's hook ([`Write::committed`], or
@@ -100,6 +139,10 @@ struct Pending<W: Write> {
 impl<W: Write> Job for Pending<W> {
     fn name(&self) -> &'static str {
         self.write.name()
+    }
+
+    fn statements(&self) -> usize {
+        self.write.statements()
     }
 
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, sqlx::Result<()>> {
@@ -178,7 +221,7 @@ enum Failed {
     /// gets this error.
     Begin(sqlx::Error),
     /// A write's statement failed: the group was rolled back, nothing of it committed.
-    Write,
+    Write(sqlx::Error),
     /// The commit failed: every write of the group gets this error, its outcome unknown.
     Commit(sqlx::Error),
 }
@@ -215,6 +258,11 @@ impl Writer {
             self.jobs.send(job).map_err(|_| WriteError::Stopped)?;
         }
         answered.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Whether `other` is this file's writer too.
+    pub(crate) fn same(&self, other: &Writer) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     #[cfg(test)]
@@ -257,7 +305,7 @@ impl Shared {
                     job.answer(Ok(()));
                 }
             }
-            Err(Failed::Write) => {
+            Err(Failed::Write(_)) => {
                 for mut job in group {
                     let outcome = self.alone(&mut *job).await;
                     job.answer(outcome);
@@ -280,8 +328,14 @@ impl Shared {
         }
     }
 
-    /// One write as one statement (its own transaction).
-    async fn alone(&self, job: &mut dyn Job) -> Result<(), WriteError> {
+    /// One write alone: as one statement (its own transaction), or in a transaction of its own
+    /// when it has more.
+    async fn alone(&self, job: &mut (dyn Job + 'static)) -> Result<(), WriteError> {
+        if job.statements() > 1 {
+            return self.together(&mut [job]).await.map_err(|failed| match failed {
+                Failed::Begin(e) | Failed::Write(e) | Failed::Commit(e) => WriteError::Sql(Arc::new(e)),
+            });
+        }
         let mut conn = self.db.acquire().await.map_err(|e| WriteError::Sql(Arc::new(e)))?;
         job.run(&mut conn).await.map_err(|e| WriteError::Sql(Arc::new(e)))?;
         self.counted();
@@ -289,14 +343,14 @@ impl Shared {
     }
 
     /// Every write of `group` in one transaction.
-    async fn together(&self, group: &mut [Box<dyn Job>]) -> Result<(), Failed> {
+    async fn together<J: std::ops::DerefMut<Target = dyn Job> + Send>(&self, group: &mut [J]) -> Result<(), Failed> {
         let mut conn = self.db.acquire().await.map_err(Failed::Begin)?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(Failed::Begin)?;
         let mut failed = None;
         for job in group.iter_mut() {
             if let Err(e) = job.run(&mut tx).await {
                 tracing::debug!(error = %e, write = job.name(), "a state file write failed; its group runs one by one");
-                failed = Some(Failed::Write);
+                failed = Some(Failed::Write(e));
                 break;
             }
         }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::state::Result;
+use crate::state::{Result, StateError};
 
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -144,6 +144,16 @@ pub(crate) trait Backend: Send + Sync {
     async fn purge_finished(&self, before_ms: i64) -> Result<u64>;
     /// One trivial round trip to the store.
     async fn ping(&self) -> Result<()>;
+    /// Inserts `inv` and adds its message to `queue`'s queue `name` in one commit, if `queue`
+    /// lives in the log's own database (`None` if not).
+    async fn insert_queued(
+        &self,
+        _inv: &NewInvocation,
+        _queue: &dyn crate::queue::Backend,
+        _name: &str,
+    ) -> Option<Result<()>> {
+        None
+    }
 }
 
 /// A handle on the invocation log; cheap to clone.
@@ -167,6 +177,19 @@ impl InvocationLog {
     /// Returns once it is committed.
     pub async fn insert_invocation(&self, inv: &NewInvocation) -> Result<()> {
         self.backend.insert(inv).await
+    }
+
+    /// Records a new invocation and queues its message (deduplication id and payload: the
+    /// invocation's id) on `queue`'s queue `name`, in one commit, when the queue lives in the
+    /// log's own database (the state's SQLite file or PostgreSQL pool): then both are recorded
+    /// or neither. `None`: the queue lives elsewhere (another database, JetStream), and the
+    /// caller records and queues one after the other ([`InvocationLog::insert_invocation`],
+    /// `Queue::enqueue`).
+    pub async fn insert_queued(&self, inv: &NewInvocation, queue: &crate::Queue, name: &str) -> Option<Result<()>> {
+        if let Err(e) = crate::queue::check_message(name, &inv.id, inv.id.as_bytes()) {
+            return Some(Err(StateError::Failed(e.to_string())));
+        }
+        self.backend.insert_queued(inv, queue.backend(), name).await
     }
 
     /// Marks a queued (or interrupted) invocation running under `lease` (the queue lease's

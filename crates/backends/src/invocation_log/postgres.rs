@@ -9,7 +9,7 @@ use sqlx::Row;
 use sqlx::postgres::PgPool;
 
 use super::{Backend, InvocationRow, NewInvocation, read_row, row_columns};
-use crate::state::{Result, now_ms};
+use crate::state::{Result, StateError, now_ms};
 
 /// The schema, as a migration step of [`crate::pg`]. Ids sort byte-wise (`COLLATE "C"`), as in
 /// SQLite, so dead letters page alike.
@@ -29,32 +29,56 @@ pub(crate) const MIGRATION: &str = r#"
 
 pub(crate) struct PgLog {
     db: PgPool,
+    /// Which pool `db` is (see `crate::pg::Postgres`).
+    pool: std::sync::Arc<()>,
 }
 
 impl PgLog {
-    pub(crate) fn new(db: PgPool) -> PgLog {
-        PgLog { db }
+    pub(crate) fn new(db: PgPool, pool: std::sync::Arc<()>) -> PgLog {
+        PgLog { db, pool }
     }
+}
+
+async fn insert_on(conn: &mut sqlx::PgConnection, inv: &NewInvocation) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms, updated_ms,
+         next_ms, message)
+         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $7, $7, $1)",
+    )
+    .bind(&inv.id)
+    .bind(&inv.function)
+    .bind(i64::from(inv.max_attempts))
+    .bind(&inv.meta)
+    .bind(&inv.payload)
+    .bind(&inv.callback)
+    .bind(now_ms())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
 impl Backend for PgLog {
     async fn insert(&self, inv: &NewInvocation) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms, updated_ms,
-             next_ms, message)
-             VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $7, $7, $1)",
-        )
-        .bind(&inv.id)
-        .bind(&inv.function)
-        .bind(i64::from(inv.max_attempts))
-        .bind(&inv.meta)
-        .bind(&inv.payload)
-        .bind(&inv.callback)
-        .bind(now_ms())
-        .execute(&self.db)
-        .await?;
-        Ok(())
+        let mut conn = self.db.acquire().await?;
+        Ok(insert_on(&mut conn, inv).await?)
+    }
+
+    async fn insert_queued(
+        &self,
+        inv: &NewInvocation,
+        queue: &dyn crate::queue::Backend,
+        name: &str,
+    ) -> Option<Result<()>> {
+        queue.postgres().filter(|q| q.on(&self.pool))?;
+        let recorded = async {
+            let mut tx = self.db.begin().await?;
+            insert_on(&mut tx, inv).await?;
+            crate::queue::postgres::enqueue_on(&mut tx, name, &inv.id, inv.id.as_bytes(), std::time::Duration::ZERO)
+                .await?;
+            tx.commit().await
+        };
+        Some(recorded.await.map_err(StateError::from))
     }
 
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {

@@ -2,8 +2,8 @@
 //! migrated with the rest of the file's schema by [`crate::state`]). Its writes (insert, start,
 //! outcomes, re-drive, deletions) go through the file's one writer ([`crate::sqlite_writer`]),
 //! each one statement described here as a [`LogWrite`], so they share commits with the queue's
-//! writes (an acceptance's row and message, a worker's start and claim, its outcome and
-//! settlement) rather than meet them at the file's lock. The writer runs one write at a time,
+//! writes (a worker's start and claim, its outcome and settlement) rather than meet them at the
+//! file's lock; an acceptance's row and its message are one write ([`Backend::insert_queued`]). The writer runs one write at a time,
 //! so each lease-checked update sees the row as the last write left it, in a group as alone: an
 //! outcome under a lease that no longer holds the row is an answer (`false`), not an error.
 //! Reads go straight to the pool.
@@ -171,6 +171,18 @@ impl Backend for SqliteLog {
     async fn insert(&self, inv: &NewInvocation) -> Result<()> {
         self.rows(LogWrite::Insert(inv.clone())).await?;
         Ok(())
+    }
+
+    async fn insert_queued(
+        &self,
+        inv: &NewInvocation,
+        queue: &dyn crate::queue::Backend,
+        name: &str,
+    ) -> Option<Result<()>> {
+        let queue = queue.sqlite()?;
+        let done = queue.after(&self.writer, LogWrite::Insert(inv.clone()), name, &inv.id, inv.id.as_bytes()).await?;
+        // A fresh invocation's id is in no queue; had it been, the row would have failed first.
+        Some(done.map(|_| ()).map_err(StateError::from))
     }
 
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {

@@ -184,6 +184,15 @@ pub(crate) trait Backend: Send + Sync {
     async fn remove(&self, queue: &str) -> Result<()>;
     /// One trivial round trip to the server that holds the queues.
     async fn ping(&self) -> Result<()>;
+    /// The queue as it lives in a SQLite state file, if it does.
+    fn sqlite(&self) -> Option<&sqlite::SqliteQueue> {
+        None
+    }
+    /// The queue as it lives in a PostgreSQL state, if it does.
+    #[cfg(feature = "postgres")]
+    fn postgres(&self) -> Option<&postgres::PgQueue> {
+        None
+    }
 }
 
 /// Wake-ups, one per queue name, shared by a backend and the waiting consumers.
@@ -248,6 +257,16 @@ pub fn check_namespace(namespace: &str) -> Result<()> {
     if ok { Ok(()) } else { Err(QueueError::InvalidNamespace(namespace.chars().take(80).collect())) }
 }
 
+/// What [`Queue::enqueue`] refuses before the backend sees it.
+pub(crate) fn check_message(queue: &str, id: &str, payload: &[u8]) -> Result<()> {
+    check_name(queue)?;
+    check_id(id)?;
+    if payload.len() > MAX_MESSAGE {
+        return Err(QueueError::TooLarge { size: payload.len(), limit: MAX_MESSAGE });
+    }
+    Ok(())
+}
+
 fn check_id(id: &str) -> Result<()> {
     let ok = !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic());
     if ok { Ok(()) } else { Err(QueueError::InvalidId) }
@@ -286,12 +305,14 @@ impl Queue {
     /// Adds a message, due after `delay`; returns once it is committed. `false`: a message with
     /// this deduplication id is in the queue already, and nothing changed.
     pub async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool> {
-        check_name(queue)?;
-        check_id(id)?;
-        if payload.len() > MAX_MESSAGE {
-            return Err(QueueError::TooLarge { size: payload.len(), limit: MAX_MESSAGE });
-        }
+        check_message(queue, id, payload)?;
         self.backend.enqueue(queue, id, payload, delay).await
+    }
+
+    /// The backend, for writes another handle makes in the same commit as its own
+    /// (`InvocationLog::insert_queued`).
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.backend
     }
 
     /// Leases the oldest due message of `queue` for `lease`, if there is one.

@@ -34,6 +34,8 @@ pub(crate) const MIGRATION: &str = "
 
 pub(crate) struct PgQueue {
     db: PgPool,
+    /// Which pool `db` is (see `crate::pg::Postgres`).
+    pool: Arc<()>,
     listener: tokio::task::JoinHandle<()>,
 }
 
@@ -45,12 +47,46 @@ impl Drop for PgQueue {
 
 impl PgQueue {
     /// Starts listening before returning, so no enqueue after this is missed.
-    pub(crate) async fn new(db: PgPool, wakers: Arc<Wakers>) -> Result<PgQueue> {
+    pub(crate) async fn new(db: PgPool, wakers: Arc<Wakers>, pool: Arc<()>) -> Result<PgQueue> {
         let mut listener = PgListener::connect_with(&db).await?;
         listener.listen(CHANNEL).await?;
         let listener = tokio::spawn(listen(db.clone(), listener, wakers));
-        Ok(PgQueue { db, listener })
+        Ok(PgQueue { db, pool, listener })
     }
+
+    /// Whether this queue lives on the pool `pool` names.
+    pub(crate) fn on(&self, pool: &Arc<()>) -> bool {
+        Arc::ptr_eq(&self.pool, pool)
+    }
+}
+
+/// Adds a message on `conn` (alone, or in its caller's transaction); `false`: its deduplication
+/// id is in the queue already. The notify rides in the same statement, so it goes out with the
+/// commit, and only when a row was added that is due now.
+pub(crate) async fn enqueue_on(
+    conn: &mut sqlx::PgConnection,
+    queue: &str,
+    id: &str,
+    payload: &[u8],
+    delay: Duration,
+) -> sqlx::Result<bool> {
+    let now = now_ms();
+    let due = now.saturating_add(millis(delay));
+    let r = sqlx::query(
+        "WITH added AS (
+             INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
+             VALUES ($1, $2, 'ready', $3, $4, $5) ON CONFLICT (queue, dedup) DO NOTHING RETURNING seq)
+         SELECT seq, CASE WHEN $4 <= $5 THEN pg_notify($6, $1)::text END AS notified FROM added",
+    )
+    .bind(queue)
+    .bind(id)
+    .bind(payload)
+    .bind(due)
+    .bind(now)
+    .bind(CHANNEL)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(r.is_some())
 }
 
 async fn listen(db: PgPool, mut listener: PgListener, wakers: Arc<Wakers>) {
@@ -110,25 +146,12 @@ impl Backend for PgQueue {
     }
 
     async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool> {
-        let now = now_ms();
-        let due = now.saturating_add(millis(delay));
-        // The notify rides in the same statement, so it goes out with the commit, and only when
-        // a row was added that is due now.
-        let r = sqlx::query(
-            "WITH added AS (
-                 INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
-                 VALUES ($1, $2, 'ready', $3, $4, $5) ON CONFLICT (queue, dedup) DO NOTHING RETURNING seq)
-             SELECT seq, CASE WHEN $4 <= $5 THEN pg_notify($6, $1)::text END AS notified FROM added",
-        )
-        .bind(queue)
-        .bind(id)
-        .bind(payload)
-        .bind(due)
-        .bind(now)
-        .bind(CHANNEL)
-        .fetch_optional(&self.db)
-        .await?;
-        Ok(r.is_some())
+        let mut conn = self.db.acquire().await?;
+        Ok(enqueue_on(&mut conn, queue, id, payload, delay).await?)
+    }
+
+    fn postgres(&self) -> Option<&PgQueue> {
+        Some(self)
     }
 
     async fn claim(&self, queue: &str, lease: Duration, holder: &str) -> Result<Option<Delivery>> {

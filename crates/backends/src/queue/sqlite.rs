@@ -138,7 +138,7 @@ enum Op {
 }
 
 /// What a write did once committed.
-enum Done {
+pub(crate) enum Done {
     /// Rows changed: an enqueue's 1 (added) or 0 (the id was there), a settlement's 1 or 0
     /// (stale), a release's or purge's count; a count's depth.
     Rows(u64),
@@ -146,7 +146,7 @@ enum Done {
 }
 
 /// A write of the queue, as the file's writer runs it, with what its commit moves in memory.
-struct QueueWrite {
+pub(crate) struct QueueWrite {
     op: Op,
     file: Arc<FileQueues>,
 }
@@ -330,6 +330,30 @@ impl SqliteQueue {
         SqliteQueue { db, writer, file }
     }
 
+    /// Runs `first` and then adds a message, due now, in one commit, if this queue's file is
+    /// the one `writer` writes (`None` if not): the write's output, and whether the message was
+    /// added (`false`: its deduplication id was there already).
+    pub(crate) async fn after<W: Write>(
+        &self,
+        writer: &Writer,
+        first: W,
+        queue: &str,
+        id: &str,
+        payload: &[u8],
+    ) -> Option<std::result::Result<(W::Output, bool), WriteError>> {
+        if !self.writer.same(writer) {
+            return None;
+        }
+        let op = Op::Enqueue {
+            queue: queue.to_owned(),
+            id: id.to_owned(),
+            payload: payload.to_vec(),
+            delay: Duration::ZERO,
+        };
+        let both = crate::sqlite_writer::Both(first, QueueWrite { op, file: self.file.clone() });
+        Some(self.writer.write(both).await.map(|(out, done)| (out, matches!(done, Done::Rows(1)))))
+    }
+
     async fn write(&self, op: Op) -> Result<Done> {
         Ok(self.writer.write(QueueWrite { op, file: self.file.clone() }).await?)
     }
@@ -367,6 +391,10 @@ impl Backend for SqliteQueue {
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.db).await?;
         Ok(())
+    }
+
+    fn sqlite(&self) -> Option<&SqliteQueue> {
+        Some(self)
     }
 
     async fn remove(&self, queue: &str) -> Result<()> {
@@ -504,6 +532,53 @@ mod tests {
         let owner = q.claim(queue, MINUTE).await.unwrap().unwrap();
         assert_eq!((stale.id.as_str(), owner.id.as_str(), owner.attempt), (id, id, 2));
         (stale, owner)
+    }
+
+    /// An invocation's row and its message go in one commit, hooks run (depth, wake-up), and
+    /// a row that cannot be inserted leaves no message behind; a queue in another file is not
+    /// written with the log's rows.
+    #[tokio::test]
+    async fn an_invocation_and_its_message_are_recorded_together_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("pixflow-outbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = State::sqlite(&dir.join("state.db")).await.unwrap();
+        let (log, queue) = (state.invocations(), state.queue("local").await.unwrap());
+        let (_, writer) = state.sqlite_parts().unwrap();
+        let inv = |id: &str| crate::NewInvocation {
+            id: id.to_owned(),
+            function: "flip".into(),
+            max_attempts: 3,
+            meta: "{}".into(),
+            payload: b"bytes".to_vec(),
+            callback: None,
+        };
+        assert_eq!(queue.depth("work").await.unwrap(), 0);
+        let waiting = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.next("work", MINUTE).await.unwrap() })
+        };
+        let before = writer.commits();
+        log.insert_queued(&inv("inv-1"), &queue, "work").await.unwrap().unwrap();
+        assert_eq!(writer.commits() - before, 1);
+        assert_eq!(queue.depth("work").await.unwrap(), 1);
+        let got = waiting.await.unwrap();
+        assert_eq!((got.id.as_str(), got.payload.as_slice()), ("inv-1", b"inv-1".as_slice()));
+        assert!(log.start("inv-1", &got.lease.token()).await.unwrap().is_some());
+
+        // The same id again: the row is refused, and the message it would have added to
+        // another queue is not there either.
+        let refused = log.insert_queued(&inv("inv-1"), &queue, "other").await.unwrap();
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(queue.depth("other").await.unwrap(), 0);
+        assert!(queue.claim("other", MINUTE).await.unwrap().is_none());
+
+        // A queue in another file: the caller records and queues in two steps.
+        let elsewhere = State::sqlite(&dir.join("other.db")).await.unwrap().queue("local").await.unwrap();
+        assert!(log.insert_queued(&inv("inv-2"), &elsewhere, "work").await.is_none());
+        assert!(log.get("inv-2").await.unwrap().is_none());
+        state.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

@@ -218,3 +218,44 @@ async fn an_invocation_never_queued_is_forgotten() {
     })
     .await;
 }
+
+/// Where the queue lives in the log's own database, an invocation and its message are recorded
+/// in one commit, or neither is; a queue elsewhere (another file, another pool) is left to the
+/// caller.
+#[tokio::test]
+async fn an_invocation_and_its_message_are_recorded_together_where_they_share_a_database() {
+    async fn case(same: &State, other: &State, prefix: &str) {
+        let (log, queue) = (same.invocations(), same.queue("node-a").await.unwrap());
+        let (work, spare) = (format!("{prefix}-work"), format!("{prefix}-spare"));
+        let id = format!("{prefix}-1");
+        log.insert_queued(&inv(&id), &queue, &work).await.expect("one database").unwrap();
+        let d = queue.claim(&work, Duration::from_secs(60)).await.unwrap().expect("the message is queued");
+        assert_eq!((d.id.as_str(), d.payload.as_slice()), (id.as_str(), id.as_bytes()));
+        assert_eq!(log.get(&id).await.unwrap().unwrap().status, Status::Queued);
+        // A row that cannot be inserted (its id is taken) leaves no message either.
+        assert!(log.insert_queued(&inv(&id), &queue, &spare).await.expect("one database").is_err());
+        assert!(queue.claim(&spare, Duration::from_secs(60)).await.unwrap().is_none());
+        // A queue in another database: nothing written, the caller does it in two steps.
+        let elsewhere = other.queue("node-b").await.unwrap();
+        let id2 = format!("{prefix}-2");
+        assert!(log.insert_queued(&inv(&id2), &elsewhere, &work).await.is_none());
+        assert!(log.get(&id2).await.unwrap().is_none());
+        queue.remove(&work).await.unwrap();
+    }
+    let dir = std::env::temp_dir().join(fresh("pixflow-insert-queued"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (State::sqlite(&dir.join("a.db")).await.unwrap(), State::sqlite(&dir.join("b.db")).await.unwrap());
+    case(&a, &b, &fresh("sqlite")).await;
+    a.close().await;
+    b.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    if let Some(server) = crate::support::postgres_url("invocation log") {
+        let schema = crate::support::Schema::create(&server).await;
+        let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+        let b = State::postgres(&schema.url).await.unwrap();
+        case(&a, &b, &fresh("pg")).await;
+        a.close().await;
+        b.close().await;
+        schema.drop().await;
+    }
+}

@@ -243,6 +243,10 @@ async fn record(
         payload,
         callback,
     };
+    // One commit where the queue lives in the state's own SQLite file.
+    if let Some(recorded) = app.invocations.insert_queued(&new, &app.queue, QUEUE).await {
+        return Ok(recorded?);
+    }
     app.invocations.insert_invocation(&new).await?;
     if let Err(e) = app.queue.enqueue(QUEUE, id, id.as_bytes(), Duration::ZERO).await {
         // Not queued, so not accepted: the caller may send it again.
