@@ -140,10 +140,7 @@ impl Pool {
                 return Err(Rejected::Closed);
             }
             if s.in_flight < self.capacity(&s) && s.waiters.is_empty() {
-                s.in_flight += 1;
-                let level = Self::level(&s);
-                s.meter.advance(Instant::now(), level);
-                return Ok(Permit { pool: Some(self.clone()) });
+                return Ok(self.take(&mut s));
             }
             s.waiters.retain(|w| !w.is_closed());
             if s.waiters.len() >= self.max_queue as usize {
@@ -155,18 +152,13 @@ impl Pool {
             }
             let (tx, rx) = oneshot::channel();
             s.waiters.push_back(tx);
-            let level = Self::level(&s);
-            s.meter.advance(Instant::now(), level);
-            if s.ready == 0 {
-                self.demand.notify_one();
-            }
+            self.joined(&mut s);
             rx
         };
         // A permit sent after the timeout fired is dropped with the channel and so released.
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) if self.lock().closed => Err(Rejected::Closed),
-            Ok(Err(_)) => Err(Rejected::NoInstance),
+            Ok(Err(_)) => Err(self.unserved()),
             Err(_) => {
                 self.forget_closed_waiters();
                 Err(Rejected::WaitTimeout(wait))
@@ -185,26 +177,39 @@ impl Pool {
                 return Err(Rejected::Closed);
             }
             if s.in_flight < self.capacity(&s) && s.waiters.is_empty() && s.background.is_empty() {
-                s.in_flight += 1;
-                let level = Self::level(&s);
-                s.meter.advance(Instant::now(), level);
-                return Ok(Permit { pool: Some(self.clone()) });
+                return Ok(self.take(&mut s));
             }
             s.background.retain(|w| !w.is_closed());
             let (tx, rx) = oneshot::channel();
             s.background.push_back(tx);
-            let level = Self::level(&s);
-            s.meter.advance(Instant::now(), level);
-            if s.ready == 0 {
-                self.demand.notify_one();
-            }
+            self.joined(&mut s);
             rx
         };
-        match rx.await {
-            Ok(permit) => Ok(permit),
-            Err(_) if self.lock().closed => Err(Rejected::Closed),
-            Err(_) => Err(Rejected::NoInstance),
+        rx.await.map_err(|_| self.unserved())
+    }
+
+    /// Takes a free slot now (the caller checked there is one).
+    fn take(self: &Arc<Self>, s: &mut State) -> Permit {
+        s.in_flight += 1;
+        let level = Self::level(s);
+        s.meter.advance(Instant::now(), level);
+        Permit { pool: Some(self.clone()) }
+    }
+
+    /// After a waiter joined a line: the level metered, and the autoscaler woken at zero
+    /// instances.
+    fn joined(&self, s: &mut State) {
+        let level = Self::level(s);
+        s.meter.advance(Instant::now(), level);
+        if s.ready == 0 {
+            self.demand.notify_one();
         }
+    }
+
+    /// Why a waiter's line dropped it without a slot: the pool closed, or no instance could be
+    /// started ([`Pool::fail_waiters`]).
+    fn unserved(&self) -> Rejected {
+        if self.lock().closed { Rejected::Closed } else { Rejected::NoInstance }
     }
 
     /// The refusal a request would get right now if every slot is busy and the queue is full

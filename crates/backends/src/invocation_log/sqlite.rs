@@ -3,10 +3,10 @@
 //! outcomes, re-drive, deletions) go through the file's one writer ([`crate::sqlite_writer`]),
 //! each one statement described here as a [`LogWrite`], so they share commits with the queue's
 //! writes (a worker's start and claim, its outcome and settlement) rather than meet them at the
-//! file's lock; an acceptance's row and its message are one write ([`Backend::insert_queued`]). The writer runs one write at a time,
-//! so each lease-checked update sees the row as the last write left it, in a group as alone: an
-//! outcome under a lease that no longer holds the row is an answer (`false`), not an error.
-//! Reads go straight to the pool.
+//! file's lock; an acceptance's row and its message are one write ([`Backend::insert_queued`]).
+//! The writer runs one write at a time, so each lease-checked update sees the row as the last
+//! write left it, in a group as alone: an outcome under a lease that no longer holds the row is
+//! an answer (`false`), not an error. Reads go straight to the pool.
 
 use async_trait::async_trait;
 use sqlx::Row;

@@ -243,7 +243,7 @@ async fn record(
         payload,
         callback,
     };
-    // One commit where the queue lives in the state's own SQLite file.
+    // One commit where the queue lives in the state's own database (SQLite file, PostgreSQL).
     if let Some(recorded) = app.invocations.insert_queued(&new, &app.queue, QUEUE).await {
         return Ok(recorded?);
     }
@@ -628,6 +628,23 @@ mod tests {
         c.admin_token = Some("pfx_test-admin-token".into());
         c.async_workers = 0;
         (dir, c)
+    }
+
+    /// Admission's depth: read once, then this node's acceptances added to it, and read again
+    /// once it is older than `BACKLOG_AGE` (what the queue counted meanwhile shows then).
+    #[tokio::test]
+    async fn admission_counts_its_own_acceptances_and_rereads_the_depth_when_it_is_old() {
+        let queue = pixflow_backends::State::memory().await.unwrap().queue("local").await.unwrap();
+        let backlog = Backlog::default();
+        assert_eq!(backlog.depth(&queue).await.unwrap(), 0);
+        for id in ["a", "b", "c"] {
+            queue.enqueue(QUEUE, id, id.as_bytes(), Duration::ZERO).await.unwrap();
+        }
+        backlog.accepted();
+        // Fresh: the last read plus this node's acceptance, not the queue's count.
+        assert_eq!(backlog.depth(&queue).await.unwrap(), 1);
+        tokio::time::sleep(BACKLOG_AGE + Duration::from_millis(20)).await;
+        assert_eq!(backlog.depth(&queue).await.unwrap(), 3);
     }
 
     /// Queued invocations of a function with no free slot wait for one behind synchronous
