@@ -2,8 +2,9 @@
 //! through it, and the writes that wait for it together share one commit (group commit).
 //!
 //! SQLite runs one writer at a time and, with `synchronous=FULL`, flushes the WAL at every
-//! commit. An asynchronous invocation writes the file six times (the log row and the queue
-//! message at acceptance; the claim, the start, the outcome and the settlement in the worker).
+//! commit. An asynchronous invocation makes six statements on the file (the log row and the
+//! queue message at acceptance; the claim, the start, the outcome and the settlement in the
+//! worker), in three writes (each pair is one: [`Both`], [`Then`]).
 //! Committed one by one, those writes queue for the file's lock in SQLite's busy handler (sleeps
 //! of 1, 2, 5 ms ...) and pay a flush each. So they go through the file's one [`Writer`], one
 //! write or one group at a time. A write that finds it idle runs at once in its caller's task, as
@@ -17,7 +18,8 @@
 //! What a write does is its module's business ([`Write`]: the queue's in `queue/sqlite.rs`, the
 //! log's in `invocation_log/sqlite.rs`); the writer only orders, groups and commits them. A write
 //! that must commit with another of another module ([`Both`]: an invocation's row and its queue
-//! message) runs its statements in a transaction of its own when it runs alone. Each
+//! message; [`Then`]: a claim and the start of what it claimed, an outcome and the settlement of
+//! its message) runs its statements in a transaction of its own when it runs alone. Each
 //! write is one statement, so a later write of a group sees what the earlier ones did (two claims
 //! never take the same row; a settlement or an outcome updates only the row its lease still
 //! holds), and an answer such as "stale lease" or "already there" is a result, not an error: it
@@ -98,6 +100,65 @@ impl<A: Write, B: Write> Write for Both<A, B> {
     fn unsure(&self) {
         self.0.unsure();
         self.1.unsure();
+    }
+}
+
+/// A write, then a second one made from the first's output (`None`: the first alone), committed
+/// together; each hooked as if alone.
+pub(crate) struct Then<A: Write, B: Write, F> {
+    first: A,
+    next: F,
+    /// The second write, once made (for its hooks).
+    second: std::sync::Mutex<Option<B>>,
+}
+
+impl<A: Write, B: Write, F> Then<A, B, F> {
+    pub(crate) fn new(first: A, next: F) -> Self {
+        Then { first, next, second: std::sync::Mutex::new(None) }
+    }
+
+    fn second(&self) -> std::sync::MutexGuard<'_, Option<B>> {
+        self.second.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<A: Write, B: Write, F> Write for Then<A, B, F>
+where
+    F: Fn(&A::Output) -> Option<B> + Send + Sync + 'static,
+{
+    type Output = (A::Output, Option<B::Output>);
+
+    fn name(&self) -> &'static str {
+        self.first.name()
+    }
+
+    async fn run(&self, conn: &mut SqliteConnection) -> sqlx::Result<Self::Output> {
+        let a = self.first.run(conn).await?;
+        let Some(second) = (self.next)(&a) else {
+            *self.second() = None;
+            return Ok((a, None));
+        };
+        let b = second.run(conn).await?;
+        *self.second() = Some(second);
+        Ok((a, Some(b)))
+    }
+
+    fn statements(&self) -> usize {
+        self.first.statements() + 1
+    }
+
+    fn committed(&self, (a, b): &Self::Output) {
+        self.first.committed(a);
+        if let (Some(b), Some(second)) = (b, self.second().as_ref()) {
+            second.committed(b);
+        }
+    }
+
+    fn unsure(&self) {
+        self.first.unsure();
+        if let Some(second) = self.second().as_ref() {
+            second.unsure();
+        }
     }
 }
 

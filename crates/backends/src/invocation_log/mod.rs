@@ -6,7 +6,10 @@
 //! invocation with the delivery's lease token, and records the outcome with [`finish`],
 //! [`retry_at`] or [`bury`]: each changes the row only while it is still that lease's, so a
 //! consumer whose lease ran out and whose message another claim took over changes nothing (the
-//! fencing of [`crate::queue`], applied to the log). The log knows nothing of functions'
+//! fencing of [`crate::queue`], applied to the log). Where the queue lives in the log's own
+//! database, [`next_started`] claims a message and starts its invocation in one commit, and
+//! [`settle`] records an outcome and settles the message in one (decision 022). The log knows
+//! nothing of functions'
 //! payload formats: payloads, results and errors are opaque bytes and text.
 //!
 //! The contract every backend keeps (the behaviour suite in `tests/invocation_log.rs` runs
@@ -18,6 +21,8 @@
 //! [`finish`]: InvocationLog::finish
 //! [`retry_at`]: InvocationLog::retry_at
 //! [`bury`]: InvocationLog::bury
+//! [`next_started`]: InvocationLog::next_started
+//! [`settle`]: InvocationLog::settle
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,6 +97,38 @@ pub struct InvocationRow {
     pub next_ms: i64,
 }
 
+/// How an attempt ended, as [`InvocationLog::settle`] records it in the log and settles its
+/// queue message.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// Succeeded ([`InvocationLog::finish`]); the message is finished.
+    Succeeded { result_meta: &'a str, result: &'a [u8] },
+    /// Tried again after `delay` ([`InvocationLog::retry_at`]); the message comes back then.
+    Retry { error: &'a str, delay: Duration },
+    /// Dead-lettered ([`InvocationLog::bury`]); the message is buried with `reason`.
+    Dead { error: &'a str, reason: &'a str },
+}
+
+/// What [`InvocationLog::settle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// The log recorded the outcome (`false`: the invocation is no longer the lease's, and
+    /// nothing changed, neither in the log nor in the queue).
+    pub recorded: bool,
+    /// The message was settled (`false` only if the queue's lease moved on meanwhile).
+    pub settled: bool,
+}
+
+/// A message claimed and, in the same commit, its invocation started
+/// ([`InvocationLog::next_started`]).
+#[derive(Debug)]
+pub struct Claimed {
+    pub delivery: crate::Delivery,
+    /// The invocation as [`InvocationLog::start`] returns it. `None`: the message names no
+    /// invocation that could start (settled already, gone, or not an id); the caller decides.
+    pub started: Option<(InvocationRow, Vec<u8>)>,
+}
+
 /// The columns every backend reads into an [`InvocationRow`], spliced into queries at compile
 /// time.
 macro_rules! row_columns {
@@ -154,6 +191,31 @@ pub(crate) trait Backend: Send + Sync {
     ) -> Option<Result<()>> {
         None
     }
+    /// Records `outcome` under `lease` and, if recorded, settles the lease's message, in one
+    /// commit, if `queue` lives in the log's own database (`None` if not).
+    async fn settle(
+        &self,
+        _id: &str,
+        _lease: &crate::Lease,
+        _outcome: Outcome<'_>,
+        _queue: &dyn crate::queue::Backend,
+    ) -> Option<Result<Settled>> {
+        None
+    }
+    /// Whether [`Backend::claim_started`] works with `queue` (it lives in the log's database).
+    fn claims_on(&self, _queue: &dyn crate::queue::Backend) -> bool {
+        false
+    }
+    /// Claims the next message of `name` and starts the invocation it names, in one commit.
+    async fn claim_started(
+        &self,
+        _queue: &dyn crate::queue::Backend,
+        _name: &str,
+        _lease: Duration,
+        _holder: &str,
+    ) -> crate::queue::Result<Option<Claimed>> {
+        Ok(None)
+    }
 }
 
 /// A handle on the invocation log; cheap to clone.
@@ -197,6 +259,44 @@ impl InvocationLog {
     /// already, or gone. The latest start owns the row: an earlier lease's outcome is refused.
     pub async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {
         self.backend.start(id, lease).await
+    }
+
+    /// Waits for the next message of `queue`'s queue `name` as [`crate::Queue::next`] does, and
+    /// starts the invocation it names in the same commit as the claim, when the queue lives in
+    /// the log's own database (`None` if not: the caller claims, then [`InvocationLog::start`]s).
+    /// The start is [`InvocationLog::start`]'s under the delivery's lease token.
+    pub async fn next_started(
+        &self,
+        queue: &crate::Queue,
+        name: &str,
+        lease: Duration,
+    ) -> Option<crate::queue::Result<Claimed>> {
+        if !self.backend.claims_on(queue.backend()) {
+            return None;
+        }
+        let claim = || self.backend.claim_started(queue.backend(), name, lease, queue.holder());
+        Some(queue.wait_for(name, claim).await)
+    }
+
+    /// Records `outcome` under `lease` (its token, as [`InvocationLog::finish`],
+    /// [`InvocationLog::retry_at`] and [`InvocationLog::bury`] do) and, if the log recorded it,
+    /// settles the lease's message on `queue` (finished, back after the retry's delay, or
+    /// buried), in one commit, when the queue lives in the log's own database. `None`: it lives
+    /// elsewhere, and the caller records, then settles.
+    pub async fn settle(
+        &self,
+        id: &str,
+        lease: &crate::Lease,
+        outcome: Outcome<'_>,
+        queue: &crate::Queue,
+    ) -> Option<Result<Settled>> {
+        let settled = self.backend.settle(id, lease, outcome, queue.backend()).await?;
+        if let (Ok(Settled { settled: true, .. }), Outcome::Retry { delay, .. }) = (&settled, outcome)
+            && delay.is_zero()
+        {
+            queue.woken(&lease.queue);
+        }
+        Some(settled)
     }
 
     /// Records success; the payload is dropped (it is no longer needed). `false` (and nothing

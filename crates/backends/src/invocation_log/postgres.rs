@@ -2,13 +2,16 @@
 //! operation is one statement; `start` is the same `UPDATE ... RETURNING` as in SQLite, and the
 //! lease-checked updates (`finish`, `retry_at`, `bury`) name the lease in their `WHERE`: under
 //! concurrent writers PostgreSQL re-checks that condition on the row's latest version before
-//! it updates, so an outcome is recorded only for the lease that holds the row then.
+//! it updates, so an outcome is recorded only for the lease that holds the row then. With the
+//! queue on the same pool, the writes that go with a queue operation are one statement with it
+//! (data-modifying CTEs, so one round trip and one commit): an acceptance's row and message, a
+//! claim and its start, an outcome and its settlement.
 
 use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::postgres::PgPool;
 
-use super::{Backend, InvocationRow, NewInvocation, read_row, row_columns};
+use super::{Backend, Claimed, InvocationRow, NewInvocation, Outcome, Settled, read_row, row_columns};
 use crate::state::{Result, StateError, now_ms};
 
 /// The schema, as a migration step of [`crate::pg`]. Ids sort byte-wise (`COLLATE "C"`), as in
@@ -71,14 +74,159 @@ impl Backend for PgLog {
         name: &str,
     ) -> Option<Result<()>> {
         queue.postgres().filter(|q| q.on(&self.pool))?;
-        let recorded = async {
-            let mut tx = self.db.begin().await?;
-            insert_on(&mut tx, inv).await?;
-            crate::queue::postgres::enqueue_on(&mut tx, name, &inv.id, inv.id.as_bytes(), std::time::Duration::ZERO)
-                .await?;
-            tx.commit().await
+        // One statement, so one round trip and one commit: the message is added only with the
+        // row (a taken id fails the whole statement), and its notification goes out at commit.
+        let recorded = sqlx::query(
+            "WITH inv AS (
+                 INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms,
+                 updated_ms, next_ms, message)
+                 VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $7, $7, $1) RETURNING id),
+             added AS (
+                 INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
+                 SELECT $8, id, 'ready', $9, $7, $7 FROM inv ON CONFLICT (queue, dedup) DO NOTHING RETURNING queue)
+             SELECT pg_notify($10, queue)::text FROM added",
+        )
+        .bind(&inv.id)
+        .bind(&inv.function)
+        .bind(i64::from(inv.max_attempts))
+        .bind(&inv.meta)
+        .bind(&inv.payload)
+        .bind(&inv.callback)
+        .bind(now_ms())
+        .bind(name)
+        .bind(inv.id.as_bytes())
+        .bind(crate::queue::postgres::CHANNEL)
+        .fetch_optional(&self.db)
+        .await;
+        Some(recorded.map(|_| ()).map_err(StateError::from))
+    }
+
+    async fn settle(
+        &self,
+        id: &str,
+        lease: &crate::Lease,
+        outcome: Outcome<'_>,
+        queue: &dyn crate::queue::Backend,
+    ) -> Option<Result<Settled>> {
+        queue.postgres().filter(|q| q.on(&self.pool))?;
+        // The log's update and, only if it recorded the outcome, the message's, in one statement.
+        // Both see the same snapshot and each re-checks its own row's condition (lease, fence)
+        // on the row's latest version, as alone.
+        let now = now_ms();
+        let token = lease.token();
+        let query = match outcome {
+            Outcome::Succeeded { result_meta, result } => sqlx::query(
+                "WITH logged AS (
+                     UPDATE invocations SET status = 'succeeded', result_meta = $1, result = $2, error = NULL,
+                     payload = ''::BYTEA, claim = NULL, updated_ms = $3
+                     WHERE id = $4 AND claim = $5 AND status = 'running' RETURNING id),
+                 settled AS (
+                     UPDATE queue_messages SET state = 'done', payload = ''::BYTEA, settled_ms = $3, holder = NULL
+                     WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)
+                     RETURNING queue)
+                 SELECT (SELECT COUNT(*) FROM logged) AS recorded, (SELECT COUNT(*) FROM settled) AS settled",
+            )
+            .bind(result_meta)
+            .bind(result)
+            .bind(now)
+            .bind(id)
+            .bind(&token)
+            .bind(lease.message)
+            .bind(lease.fence),
+            Outcome::Retry { error, delay } => sqlx::query(
+                "WITH logged AS (
+                     UPDATE invocations SET status = 'queued', error = $1, next_ms = $2, claim = NULL, updated_ms = $3
+                     WHERE id = $4 AND claim = $5 AND status = 'running' RETURNING id),
+                 settled AS (
+                     UPDATE queue_messages SET state = 'ready', due_ms = $2, holder = NULL
+                     WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)
+                     RETURNING queue)
+                 SELECT (SELECT COUNT(*) FROM logged) AS recorded, (SELECT COUNT(*) FROM settled) AS settled,
+                     (SELECT pg_notify($8, queue)::text FROM settled WHERE $2 <= $3) AS notified",
+            )
+            .bind(error)
+            .bind(now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)))
+            .bind(now)
+            .bind(id)
+            .bind(&token)
+            .bind(lease.message)
+            .bind(lease.fence)
+            .bind(crate::queue::postgres::CHANNEL),
+            Outcome::Dead { error, reason } => sqlx::query(
+                "WITH logged AS (
+                     UPDATE invocations SET status = 'dead', error = $1, claim = NULL, updated_ms = $2
+                     WHERE id = $3 AND claim = $4 AND status = 'running' RETURNING id),
+                 settled AS (
+                     UPDATE queue_messages SET state = 'dead', reason = $5, settled_ms = $2, holder = NULL
+                     WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)
+                     RETURNING queue)
+                 SELECT (SELECT COUNT(*) FROM logged) AS recorded, (SELECT COUNT(*) FROM settled) AS settled",
+            )
+            .bind(error)
+            .bind(now)
+            .bind(id)
+            .bind(&token)
+            .bind(reason)
+            .bind(lease.message)
+            .bind(lease.fence),
         };
-        Some(recorded.await.map_err(StateError::from))
+        let done = match query.fetch_one(&self.db).await {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(Ok(Settled { recorded: done.get::<i64, _>("recorded") == 1, settled: done.get::<i64, _>("settled") == 1 }))
+    }
+
+    fn claims_on(&self, queue: &dyn crate::queue::Backend) -> bool {
+        queue.postgres().is_some_and(|q| q.on(&self.pool))
+    }
+
+    async fn claim_started(
+        &self,
+        queue: &dyn crate::queue::Backend,
+        name: &str,
+        lease: std::time::Duration,
+        holder: &str,
+    ) -> crate::queue::Result<Option<Claimed>> {
+        if !self.claims_on(queue) {
+            return Ok(None);
+        }
+        // The queue's claim, and the start of the invocation its message names (the payload is
+        // the id; `escape` leaves ASCII as it is, and anything else matches no id, so its start
+        // is left to the caller) under the new lease's token, in one statement.
+        let now = now_ms();
+        let r = sqlx::query(concat!(
+            "WITH claimed AS (
+                 UPDATE queue_messages SET state = 'leased', fence = fence + 1, due_ms = $1, holder = $2
+                 WHERE seq = (SELECT seq FROM queue_messages
+                              WHERE queue = $3 AND state IN ('ready', 'leased') AND due_ms <= $4
+                              ORDER BY due_ms, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING seq, dedup, payload, fence, enqueued_ms),
+             started AS (
+                 UPDATE invocations SET status = 'running', attempts = attempts + 1,
+                     claim = claimed.seq::TEXT || '.' || claimed.fence::TEXT, updated_ms = $4
+                 FROM claimed WHERE invocations.id = encode(claimed.payload, 'escape')
+                     AND invocations.status IN ('queued', 'running')
+                 RETURNING ",
+            row_columns!(),
+            ", invocations.payload AS started_payload)
+             SELECT claimed.seq, claimed.dedup, claimed.payload, claimed.fence, claimed.enqueued_ms, started.*
+             FROM claimed LEFT JOIN started ON TRUE"
+        ))
+        .bind(now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)))
+        .bind(holder)
+        .bind(name)
+        .bind(now)
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(r.map(|r| {
+            let delivery = crate::queue::postgres::delivery(name, &r);
+            let started = r
+                .get::<Option<String>, _>("id")
+                .is_some()
+                .then(|| (read_row(&r), r.get::<Vec<u8>, _>("started_payload")));
+            Claimed { delivery, started }
+        }))
     }
 
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {

@@ -3,7 +3,9 @@
 //! outcomes, re-drive, deletions) go through the file's one writer ([`crate::sqlite_writer`]),
 //! each one statement described here as a [`LogWrite`], so they share commits with the queue's
 //! writes (a worker's start and claim, its outcome and settlement) rather than meet them at the
-//! file's lock; an acceptance's row and its message are one write ([`Backend::insert_queued`]).
+//! file's lock; an acceptance's row and its message are one write ([`Backend::insert_queued`]),
+//! and so are a claim and its start ([`Backend::claim_started`]) and an outcome and its
+//! settlement ([`Backend::settle`]).
 //! The writer runs one write at a time, so each lease-checked update sees the row as the last
 //! write left it, in a group as alone: an outcome under a lease that no longer holds the row is
 //! an answer (`false`), not an error. Reads go straight to the pool.
@@ -12,7 +14,8 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 
-use super::{Backend, InvocationRow, NewInvocation, read_row, row_columns};
+use super::{Backend, Claimed, InvocationRow, NewInvocation, Outcome, Settled, read_row, row_columns};
+use crate::queue::sqlite::Settlement;
 use crate::sqlite_writer::{Write, Writer};
 use crate::state::{Result, StateError, now_ms};
 
@@ -183,6 +186,62 @@ impl Backend for SqliteLog {
         let done = queue.after(&self.writer, LogWrite::Insert(inv.clone()), name, &inv.id, inv.id.as_bytes()).await?;
         // A fresh invocation's id is in no queue; had it been, the row would have failed first.
         Some(done.map(|_| ()).map_err(StateError::from))
+    }
+
+    async fn settle(
+        &self,
+        id: &str,
+        lease: &crate::Lease,
+        outcome: Outcome<'_>,
+        queue: &dyn crate::queue::Backend,
+    ) -> Option<Result<Settled>> {
+        let queue = queue.sqlite()?;
+        let (id, token) = (id.to_owned(), lease.token());
+        let (write, how) = match outcome {
+            Outcome::Succeeded { result_meta, result } => (
+                LogWrite::Finish { id, lease: token, result_meta: result_meta.to_owned(), result: result.to_vec() },
+                Settlement::Finish,
+            ),
+            Outcome::Retry { error, delay } => {
+                let next_ms = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                (LogWrite::RetryAt { id, lease: token, error: error.to_owned(), next_ms }, Settlement::Retry(delay))
+            }
+            Outcome::Dead { error, reason } => {
+                (LogWrite::Bury { id, lease: token, error: error.to_owned() }, Settlement::Bury(reason.to_owned()))
+            }
+        };
+        let recorded = |done: &Done| matches!(done, Done::Rows(1));
+        let done = queue.settle_after(&self.writer, write, recorded, lease, how).await?;
+        Some(done.map_err(StateError::from).map(|(logged, settled)| Settled { recorded: recorded(&logged), settled }))
+    }
+
+    fn claims_on(&self, queue: &dyn crate::queue::Backend) -> bool {
+        queue.sqlite().is_some_and(|q| q.writes_with(&self.writer))
+    }
+
+    async fn claim_started(
+        &self,
+        queue: &dyn crate::queue::Backend,
+        name: &str,
+        lease: std::time::Duration,
+        holder: &str,
+    ) -> crate::queue::Result<Option<Claimed>> {
+        let Some(queue) = queue.sqlite() else { return Ok(None) };
+        // A message that is not an id starts nothing; the caller decides.
+        let start = |d: &crate::Delivery| {
+            let id = String::from_utf8(d.payload.clone()).ok()?;
+            Some(LogWrite::Start { id, lease: d.lease.token() })
+        };
+        let Some(claimed) = queue.claim_then(&self.writer, name, lease, holder, start).await else {
+            return Ok(None);
+        };
+        Ok(claimed?.map(|(delivery, started)| Claimed {
+            delivery,
+            started: match started {
+                Some(Done::Started(started)) => started,
+                _ => None,
+            },
+        }))
     }
 
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {

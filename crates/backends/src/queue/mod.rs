@@ -21,6 +21,7 @@
 //!
 //! Queue names are per use (`invocations` today; trigger deliveries and workflow steps later).
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -332,13 +333,25 @@ impl Queue {
                 }
             }
         }
+        self.wait_for(queue, || self.backend.claim(queue, lease, &self.holder)).await
+    }
+
+    /// Waits as [`Queue::next`] does on a backend that does not wait on its server (SQLite,
+    /// PostgreSQL), claiming with `claim`: a claim that also does what follows it in the same
+    /// database (the invocation log's start).
+    pub(crate) async fn wait_for<T, F, C>(&self, queue: &str, mut claim: F) -> Result<T>
+    where
+        F: FnMut() -> C,
+        C: Future<Output = Result<Option<T>>>,
+    {
+        check_name(queue)?;
         let wake = self.wakers.get(queue);
         loop {
             // Registered before looking, so an enqueue between the look and the wait is not missed.
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(d) = self.backend.claim(queue, lease, &self.holder).await? {
+            if let Some(d) = claim().await? {
                 return Ok(d);
             }
             let wait = match self.backend.next_due_ms(queue).await? {
@@ -373,6 +386,12 @@ impl Queue {
             self.wakers.wake(&lease.queue);
         }
         Ok(())
+    }
+
+    /// Wakes this process's consumers of `queue` (a message put back due now by a write that
+    /// went around this handle).
+    pub(crate) fn woken(&self, queue: &str) {
+        self.wakers.wake(queue);
     }
 
     /// Settles a message as dead (kept, with `reason`, until purged; never delivered again).

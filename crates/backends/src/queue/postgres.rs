@@ -16,7 +16,7 @@ use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result, Wakers, mi
 use crate::state::now_ms;
 
 /// The channel enqueues notify; the payload is the queue's name.
-const CHANNEL: &str = "pixflow_queue";
+pub(crate) const CHANNEL: &str = "pixflow_queue";
 
 /// The schema, as migration steps of [`crate::pg`].
 pub(crate) const MIGRATION: &str = "
@@ -114,7 +114,7 @@ async fn listen(db: PgPool, mut listener: PgListener, wakers: Arc<Wakers>) {
     }
 }
 
-fn delivery(queue: &str, r: &PgRow) -> Delivery {
+pub(crate) fn delivery(queue: &str, r: &PgRow) -> Delivery {
     let fence: i64 = r.get("fence");
     Delivery {
         id: r.get("dedup"),

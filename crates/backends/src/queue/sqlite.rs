@@ -86,6 +86,13 @@ impl FileQueues {
     }
 }
 
+/// How [`SqliteQueue::settle_after`] settles a message.
+pub(crate) enum Settlement {
+    Finish,
+    Retry(Duration),
+    Bury(String),
+}
+
 /// One write of the queue.
 enum Op {
     Enqueue {
@@ -352,6 +359,64 @@ impl SqliteQueue {
         };
         let both = crate::sqlite_writer::Both(first, QueueWrite { op, file: self.file.clone() });
         Some(self.writer.write(both).await.map(|(out, done)| (out, matches!(done, Done::Rows(1)))))
+    }
+
+    /// Whether this queue's file is the one `writer` writes.
+    pub(crate) fn writes_with(&self, writer: &Writer) -> bool {
+        self.writer.same(writer)
+    }
+
+    /// Claims the next message of `queue` and runs the write `then` makes of it (if any), in one
+    /// commit, if this queue's file is the one `writer` writes (`None` if not).
+    pub(crate) async fn claim_then<B: Write>(
+        &self,
+        writer: &Writer,
+        queue: &str,
+        lease: Duration,
+        holder: &str,
+        then: impl Fn(&Delivery) -> Option<B> + Send + Sync + 'static,
+    ) -> Option<std::result::Result<Option<(Delivery, Option<B::Output>)>, WriteError>> {
+        if !self.writer.same(writer) {
+            return None;
+        }
+        let op = Op::Claim { queue: queue.to_owned(), lease, holder: holder.to_owned() };
+        let claim = QueueWrite { op, file: self.file.clone() };
+        let both = crate::sqlite_writer::Then::new(claim, move |done: &Done| match done {
+            Done::Claimed(Some(d)) => then(d),
+            _ => None,
+        });
+        Some(self.writer.write(both).await.map(|(claimed, then)| match claimed {
+            Done::Claimed(Some(d)) => Some((d, then)),
+            _ => None,
+        }))
+    }
+
+    /// Runs `first` and then, if `settle` says so of its output, settles `lease`'s message as
+    /// `how`, in one commit, if this queue's file is the one `writer` writes (`None` if not): the
+    /// write's output, and whether the message was settled (`false`: not asked, or the lease is
+    /// stale).
+    pub(crate) async fn settle_after<W: Write>(
+        &self,
+        writer: &Writer,
+        first: W,
+        settle: impl Fn(&W::Output) -> bool + Send + Sync + 'static,
+        lease: &Lease,
+        how: Settlement,
+    ) -> Option<std::result::Result<(W::Output, bool), WriteError>> {
+        if !self.writer.same(writer) {
+            return None;
+        }
+        let (queue, message, fence) = (lease.queue.clone(), lease.message, lease.fence);
+        let file = self.file.clone();
+        let both = crate::sqlite_writer::Then::new(first, move |out: &W::Output| {
+            let op = match &how {
+                Settlement::Finish => Op::Finish { queue: queue.clone(), message, fence },
+                Settlement::Retry(delay) => Op::Retry { message, fence, delay: *delay },
+                Settlement::Bury(reason) => Op::Bury { queue: queue.clone(), message, fence, reason: reason.clone() },
+            };
+            settle(out).then(|| QueueWrite { op, file: file.clone() })
+        });
+        Some(self.writer.write(both).await.map(|(out, settled)| (out, matches!(settled, Some(Done::Rows(1))))))
     }
 
     async fn write(&self, op: Op) -> Result<Done> {

@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use crate::support::fresh;
+use pixflow_backends::invocation_log::{Outcome, Settled};
 use pixflow_backends::state::now_ms;
-use pixflow_backends::{InvocationLog, NewInvocation, State, Status};
+use pixflow_backends::{InvocationLog, NewInvocation, QueueError, State, Status};
 
 /// Runs `case` with two handles on each backend.
 async fn each(case: impl AsyncFn(InvocationLog, InvocationLog, String)) {
@@ -243,6 +244,101 @@ async fn an_invocation_and_its_message_are_recorded_together_where_they_share_a_
         queue.remove(&work).await.unwrap();
     }
     let dir = std::env::temp_dir().join(fresh("pixflow-insert-queued"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (State::sqlite(&dir.join("a.db")).await.unwrap(), State::sqlite(&dir.join("b.db")).await.unwrap());
+    case(&a, &b, &fresh("sqlite")).await;
+    a.close().await;
+    b.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    if let Some(server) = crate::support::postgres_url("invocation log") {
+        let schema = crate::support::Schema::create(&server).await;
+        let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+        let b = State::postgres(&schema.url).await.unwrap();
+        case(&a, &b, &fresh("pg")).await;
+        a.close().await;
+        b.close().await;
+        schema.drop().await;
+    }
+}
+
+/// Where the queue lives in the log's own database, a claim starts the invocation its message
+/// names, and an outcome settles the message, each in one commit; the lease fences both, and a
+/// queue elsewhere is left to the caller.
+#[tokio::test]
+async fn a_claim_starts_its_invocation_and_its_outcome_settles_its_message_where_they_share_a_database() {
+    async fn case(same: &State, other: &State, prefix: &str) {
+        let (log, queue) = (same.invocations(), same.queue("node-a").await.unwrap());
+        let work = format!("{prefix}-work");
+        let minute = Duration::from_secs(60);
+        let [x, y, z] = ["x", "y", "z"].map(|n| format!("{prefix}-{n}"));
+        for id in [&x, &y, &z] {
+            log.insert_queued(&inv(id), &queue, &work).await.expect("one database").unwrap();
+        }
+
+        // x: started with its claim, and succeeded with its settlement.
+        let c = log.next_started(&queue, &work, minute).await.expect("one database").unwrap();
+        let (row, payload) = c.started.expect("x starts");
+        assert_eq!((c.delivery.id.as_str(), row.id.as_str()), (x.as_str(), x.as_str()));
+        assert_eq!((row.status, row.attempts, payload.as_slice()), (Status::Running, 1, &[1, 2, 3][..]));
+        // Started under the delivery's lease: the classic outcome under another token is refused.
+        assert!(!log.finish(&x, "0.0", "[]", b"").await.unwrap());
+        let done = Outcome::Succeeded { result_meta: "[\"ok\"]", result: b"bytes" };
+        let settled = log.settle(&x, &c.delivery.lease, done, &queue).await.expect("one database").unwrap();
+        assert_eq!(settled, Settled { recorded: true, settled: true });
+        assert_eq!(log.get(&x).await.unwrap().unwrap().status, Status::Succeeded);
+        assert_eq!(log.result(&x).await.unwrap().unwrap(), b"bytes");
+        assert!(matches!(queue.finish(&c.delivery.lease).await, Err(QueueError::Stale)), "settled already");
+        assert_eq!(queue.stats(&work).await.unwrap().depth, 2);
+
+        // y: its first lease runs out and the next claim starts it again; the first lease's
+        // outcome changes neither the log nor the queue.
+        let first = log.next_started(&queue, &work, Duration::from_millis(1)).await.unwrap().unwrap();
+        assert_eq!(first.delivery.id, y);
+        // z is claimed and kept, out of the way.
+        let z_claimed = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+        assert_eq!(z_claimed.delivery.id, z);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+        assert_eq!((second.delivery.id.as_str(), second.started.as_ref().unwrap().0.attempts), (y.as_str(), 2));
+        let late = Outcome::Dead { error: "late", reason: "late" };
+        let settled = log.settle(&y, &first.delivery.lease, late, &queue).await.unwrap().unwrap();
+        assert_eq!(settled, Settled { recorded: false, settled: false });
+        assert_eq!(log.get(&y).await.unwrap().unwrap().status, Status::Running);
+        // Its owner puts it back due now: the message is claimed again at once, a third start.
+        let again = Outcome::Retry { error: "busy", delay: Duration::ZERO };
+        let settled = log.settle(&y, &second.delivery.lease, again, &queue).await.unwrap().unwrap();
+        assert_eq!(settled, Settled { recorded: true, settled: true });
+        let row = log.get(&y).await.unwrap().unwrap();
+        assert_eq!((row.status, row.error.as_deref()), (Status::Queued, Some("busy")));
+        let third = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+        assert_eq!((third.delivery.id.as_str(), third.started.as_ref().unwrap().0.attempts), (y.as_str(), 3));
+        // Dead-lettered: the message is buried with the reason, the row keeps the error.
+        let dead = Outcome::Dead { error: "{\"code\":\"bad_input\"}", reason: "bad_input" };
+        let settled = log.settle(&y, &third.delivery.lease, dead, &queue).await.unwrap().unwrap();
+        assert_eq!(settled, Settled { recorded: true, settled: true });
+        assert_eq!(log.dead_letters(None, 10).await.unwrap().iter().map(|r| r.id.clone()).collect::<Vec<_>>(), [y]);
+        assert_eq!(queue.stats(&work).await.unwrap().depth, 1, "z is left");
+
+        // A message that names no invocation is claimed, and starts nothing.
+        queue.enqueue(&work, "stray", b"\xff not an id", Duration::ZERO).await.unwrap();
+        queue.enqueue(&work, "gone", b"no-such-invocation", Duration::ZERO).await.unwrap();
+        for expected in ["stray", "gone"] {
+            let c = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+            assert_eq!((c.delivery.id.as_str(), c.started.is_none()), (expected, true));
+        }
+
+        // A queue in another database: nothing claimed or settled, the caller does it in steps.
+        let (elsewhere, spare) = (other.queue("node-b").await.unwrap(), format!("{prefix}-spare"));
+        elsewhere.enqueue(&spare, &z, z.as_bytes(), Duration::ZERO).await.unwrap();
+        assert!(log.next_started(&elsewhere, &spare, minute).await.is_none());
+        let d = elsewhere.claim(&spare, minute).await.unwrap().unwrap();
+        let done = Outcome::Succeeded { result_meta: "[]", result: b"" };
+        assert!(log.settle(&z, &d.lease, done, &elsewhere).await.is_none());
+        assert_eq!(log.get(&z).await.unwrap().unwrap().status, Status::Running, "z is still the first claim's");
+        queue.remove(&work).await.unwrap();
+        elsewhere.remove(&spare).await.unwrap();
+    }
+    let dir = std::env::temp_dir().join(fresh("pixflow-claim-started"));
     std::fs::create_dir_all(&dir).unwrap();
     let (a, b) = (State::sqlite(&dir.join("a.db")).await.unwrap(), State::sqlite(&dir.join("b.db")).await.unwrap());
     case(&a, &b, &fresh("sqlite")).await;

@@ -9,7 +9,10 @@
 //! puts it back with exponential backoff (errors a retry can fix: overload, timeouts, internal
 //! failures), or dead-letters it (its last attempt failed, or the input itself is wrong, which
 //! no retry fixes). The log is written first and the queue message settled after, both only
-//! for the lease that holds the message: a consumer whose lease moved on changes neither. While
+//! for the lease that holds the message: a consumer whose lease moved on changes neither. Where
+//! the log and the queue share a database, the claim and the start are one commit, and so are
+//! the outcome and the settlement (decision 022); elsewhere (JetStream) they follow each other.
+//! While
 //! an attempt runs, a heartbeat renews the lease, so a node that dies leaves its work to other
 //! consumers within [`LEASE`] (and its own next start takes it back at once).
 
@@ -23,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use pixflow_backends::invocation_log::Outcome;
 use pixflow_backends::{Delivery, InvocationRow, Lease, Queue, QueueError, Status};
 use pixflow_runtime::{Function, Produced};
 use serde::{Deserialize, Serialize};
@@ -299,10 +303,10 @@ async fn work(app: Arc<App>, lease: Duration) {
     loop {
         let next = tokio::select! {
             () = app.stopped() => return,
-            next = app.queue.next(QUEUE, lease) => next,
+            next = next(&app, lease) => next,
         };
         match next {
-            Ok(delivery) => run(&app, delivery, lease).await,
+            Ok((delivery, started)) => run(&app, delivery, started, lease).await,
             Err(e) => {
                 tracing::error!(error = %e, "claiming queued invocations");
                 tokio::select! {
@@ -311,6 +315,19 @@ async fn work(app: Arc<App>, lease: Duration) {
                 }
             }
         }
+    }
+}
+
+/// An invocation started, with its payload, as [`pixflow_backends::InvocationLog::start`]
+/// returns it.
+type Started = (InvocationRow, Vec<u8>);
+
+/// The next message, and the invocation it names started in the same commit where the log and
+/// the queue share a database (`None`: the caller starts it).
+async fn next(app: &App, lease: Duration) -> Result<(Delivery, Option<Started>), QueueError> {
+    match app.invocations.next_started(&app.queue, QUEUE, lease).await {
+        Some(claimed) => claimed.map(|c| (c.delivery, c.started)),
+        None => app.queue.next(QUEUE, lease).await.map(|d| (d, None)),
     }
 }
 
@@ -368,41 +385,37 @@ async fn with_lease<F: Future>(queue: &Queue, held: &Lease, lease: Duration, wor
     }
 }
 
-/// How one attempt ended, for the log and the queue.
-enum Settle {
-    Done,
-    Retry(Duration),
-    Dead,
-}
-
-async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
+async fn run(app: &Arc<App>, delivery: Delivery, started: Option<Started>, lease: Duration) {
     let held = delivery.lease;
     let Ok(id) = String::from_utf8(delivery.payload) else {
-        settle_queue(app, &held, Settle::Dead, "the message is not an invocation id").await;
+        settle_queue(app, &held, Outcome::Dead { error: "", reason: "the message is not an invocation id" }).await;
         return;
     };
-    let token = held.token();
-    let (row, payload) = match app.invocations.start(&id, &token).await {
-        Ok(Some(started)) => started,
-        // Settled already (its outcome was recorded, then the node stopped before the message
-        // was), or gone: the message is spent.
-        Ok(None) => {
-            settle_queue(app, &held, Settle::Done, "").await;
-            return;
-        }
-        // The lease runs out and brings the message back; nothing is lost.
-        Err(e) => {
-            tracing::error!(%id, error = %e, "starting a queued invocation");
-            return;
-        }
+    let (row, payload) = match started {
+        Some(started) => started,
+        None => match app.invocations.start(&id, &held.token()).await {
+            Ok(Some(started)) => started,
+            // Settled already (its outcome was recorded, then the node stopped before the
+            // message was), or gone: the message is spent.
+            Ok(None) => {
+                settle_queue(app, &held, SUCCEEDED).await;
+                return;
+            }
+            // The lease runs out and brings the message back; nothing is lost.
+            Err(e) => {
+                tracing::error!(%id, error = %e, "starting a queued invocation");
+                return;
+            }
+        },
     };
-    let (recorded, settle, reason) = if row.attempts > row.max_attempts {
+    let dead = || metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
+    let recorded = if row.attempts > row.max_attempts {
         // Its last attempt was lost with its node (stopped while running it, maybe because of
         // it). It is not run again.
-        metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
+        dead();
         let error = Error::Lost;
         let code = error.code();
-        (app.invocations.bury(&id, &token, &recorded_error(error)).await, Settle::Dead, code.to_owned())
+        conclude(app, &id, &held, Outcome::Dead { error: &recorded_error(error), reason: code }).await
     } else {
         let Some(outcome) = with_lease(&app.queue, &held, lease, attempt(app, &row, payload)).await else {
             tracing::warn!(%id, function = %row.function, "another claim took this invocation over; attempt given up");
@@ -410,7 +423,7 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
         };
         match outcome {
             Ok((meta, bytes)) => {
-                (app.invocations.finish(&id, &token, &meta, &bytes).await, Settle::Done, String::new())
+                conclude(app, &id, &held, Outcome::Succeeded { result_meta: &meta, result: &bytes }).await
             }
             Err(e) => {
                 let code = e.code();
@@ -424,26 +437,19 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
                     Some(delay) => {
                         metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone())
                             .increment(1);
-                        (
-                            app.invocations.retry_at(&id, &token, &error, delay).await,
-                            Settle::Retry(delay),
-                            String::new(),
-                        )
+                        conclude(app, &id, &held, Outcome::Retry { error: &error, delay }).await
                     }
                     _ => {
-                        metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone())
-                            .increment(1);
+                        dead();
                         tracing::warn!(%id, function = %row.function, code, "dead-lettered");
-                        (app.invocations.bury(&id, &token, &error).await, Settle::Dead, code.to_owned())
+                        conclude(app, &id, &held, Outcome::Dead { error: &error, reason: code }).await
                     }
                 }
             }
         }
     };
     match recorded {
-        Ok(true) => {
-            let succeeded = matches!(settle, Settle::Done);
-            settle_queue(app, &held, settle, &reason).await;
+        Ok(Some(succeeded)) => {
             if succeeded {
                 // A dead letter keeps its spooled inputs for a re-drive; a success needs them no more.
                 if let Ok(meta) = serde_json::from_str::<QueuedMeta>(&row.meta) {
@@ -455,7 +461,7 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
             }
         }
         // Another claim owns the invocation now; its outcome is the one that counts.
-        Ok(false) => {
+        Ok(None) => {
             tracing::warn!(%id, function = %row.function, "another claim took this invocation over; outcome dropped");
         }
         // The lease runs out and brings the message back; nothing is lost.
@@ -463,13 +469,47 @@ async fn run(app: &Arc<App>, delivery: Delivery, lease: Duration) {
     }
 }
 
+/// A success without result, for settling a spent message.
+const SUCCEEDED: Outcome<'static> = Outcome::Succeeded { result_meta: "", result: &[] };
+
+/// Records an attempt's outcome in the log under `held` and, if the log recorded it, settles
+/// the message: in one commit where the log and the queue share a database, else one after the
+/// other. `Some(succeeded)`: recorded; `None`: the invocation is another lease's now, and
+/// neither changed.
+async fn conclude(
+    app: &App,
+    id: &str,
+    held: &Lease,
+    outcome: Outcome<'_>,
+) -> Result<Option<bool>, pixflow_backends::StateError> {
+    let succeeded = matches!(outcome, Outcome::Succeeded { .. });
+    if let Some(done) = app.invocations.settle(id, held, outcome, &app.queue).await {
+        let done = done?;
+        if done.recorded && !done.settled {
+            tracing::warn!(lease = %held.token(), "an invocation's queue message was taken over after its outcome");
+        }
+        return Ok(done.recorded.then_some(succeeded));
+    }
+    let token = held.token();
+    let recorded = match outcome {
+        Outcome::Succeeded { result_meta, result } => app.invocations.finish(id, &token, result_meta, result).await?,
+        Outcome::Retry { error, delay } => app.invocations.retry_at(id, &token, error, delay).await?,
+        Outcome::Dead { error, .. } => app.invocations.bury(id, &token, error).await?,
+    };
+    if !recorded {
+        return Ok(None);
+    }
+    settle_queue(app, held, outcome).await;
+    Ok(Some(succeeded))
+}
+
 /// Settles the message after the log recorded the outcome. A failure here is harmless: the
 /// message comes back when its lease runs out, and the log tells its next consumer it is done.
-async fn settle_queue(app: &App, held: &Lease, settle: Settle, reason: &str) {
-    let settled = match settle {
-        Settle::Done => app.queue.finish(held).await,
-        Settle::Retry(delay) => app.queue.retry(held, delay).await,
-        Settle::Dead => app.queue.bury(held, reason).await,
+async fn settle_queue(app: &App, held: &Lease, outcome: Outcome<'_>) {
+    let settled = match outcome {
+        Outcome::Succeeded { .. } => app.queue.finish(held).await,
+        Outcome::Retry { delay, .. } => app.queue.retry(held, delay).await,
+        Outcome::Dead { reason, .. } => app.queue.bury(held, reason).await,
     };
     if let Err(e) = settled {
         tracing::warn!(lease = %held.token(), error = %e, "settling an invocation's queue message");
