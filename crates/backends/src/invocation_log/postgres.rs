@@ -7,11 +7,15 @@
 //! (data-modifying CTEs, so one round trip and one commit): an acceptance's row and message, a
 //! claim and its start, an outcome and its settlement.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::postgres::PgPool;
 
 use super::{Backend, Claimed, InvocationRow, NewInvocation, Outcome, Settled, read_row, row_columns};
+use crate::queue::QueueError;
 use crate::state::{Result, StateError, now_ms};
 
 /// The schema, as a migration step of [`crate::pg`]. Ids sort byte-wise (`COLLATE "C"`), as in
@@ -33,13 +37,132 @@ pub(crate) const MIGRATION: &str = r#"
 pub(crate) struct PgLog {
     db: PgPool,
     /// Which pool `db` is (see `crate::pg::Postgres`).
-    pool: std::sync::Arc<()>,
+    pool: Arc<()>,
+    /// This handle's workers' claims, per queue ([`claim_line`]).
+    claims: ClaimLines,
 }
 
 impl PgLog {
-    pub(crate) fn new(db: PgPool, pool: std::sync::Arc<()>) -> PgLog {
-        PgLog { db, pool }
+    pub(crate) fn new(db: PgPool, pool: Arc<()>) -> PgLog {
+        PgLog { db, pool, claims: ClaimLines::default() }
     }
+}
+
+/// The most claims one statement takes.
+const CLAIM_BATCH: usize = 32;
+
+/// Claims that may share a statement: one queue, one holder, one lease.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ClaimKey {
+    queue: String,
+    holder: String,
+    lease: std::time::Duration,
+}
+
+/// Where a claim's answer goes: the message claimed and started, none due, or the error.
+type ClaimAnswer = tokio::sync::oneshot::Sender<std::result::Result<Option<Claimed>, String>>;
+
+/// The claims waiting on one [`ClaimKey`], and whether a task is running their statements.
+#[derive(Default)]
+struct ClaimLine {
+    waiting: Vec<ClaimAnswer>,
+    running: bool,
+}
+
+type ClaimLines = Arc<Mutex<HashMap<ClaimKey, ClaimLine>>>;
+
+fn lock(lines: &ClaimLines) -> std::sync::MutexGuard<'_, HashMap<ClaimKey, ClaimLine>> {
+    lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Ends a line's task: however it ends (a panic included), the line is removed, so its waiting
+/// claims are answered (with an error, their senders dropped) and the next claim starts anew.
+struct LineDone(ClaimLines, ClaimKey);
+
+impl Drop for LineDone {
+    fn drop(&mut self) {
+        lock(&self.0).remove(&self.1);
+    }
+}
+
+/// Runs the claims of one line: every claim waiting, up to [`CLAIM_BATCH`], in one statement,
+/// until none waits. A node's workers that look for work while a claim is in flight share the
+/// next statement, its index scan, its round trip and its commit.
+async fn claim_line(db: PgPool, lines: ClaimLines, key: ClaimKey) {
+    let done = LineDone(lines, key);
+    loop {
+        let batch: Vec<ClaimAnswer> = {
+            let mut lines = lock(&done.0);
+            let Some(line) = lines.get_mut(&done.1) else { return };
+            // A worker that stopped waiting takes no message.
+            line.waiting.retain(|a| !a.is_closed());
+            if line.waiting.is_empty() {
+                return;
+            }
+            let n = line.waiting.len().min(CLAIM_BATCH);
+            line.waiting.drain(..n).collect()
+        };
+        match claim_many(&db, &done.1, batch.len()).await {
+            Ok(claimed) => {
+                let mut claimed = claimed.into_iter();
+                for answer in batch {
+                    // A worker gone meanwhile leaves its message to the lease's end, as a claim
+                    // in flight when a node stops always did.
+                    let _ = answer.send(Ok(claimed.next()));
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                for answer in batch {
+                    let _ = answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Claims up to `n` due messages of the key's queue and starts the invocation each names (the
+/// payload is the id; `escape` leaves ASCII as it is, and anything else matches no id, so its
+/// start is left to the caller) under its new lease's token, in one statement.
+async fn claim_many(db: &PgPool, key: &ClaimKey, n: usize) -> sqlx::Result<Vec<Claimed>> {
+    let now = now_ms();
+    let rows = sqlx::query(concat!(
+        "WITH claimed AS (
+             UPDATE queue_messages SET state = 'leased', fence = fence + 1, due_ms = $1, holder = $2
+             WHERE seq = ANY(ARRAY(SELECT seq FROM queue_messages
+                                   WHERE queue = $3 AND state IN ('ready', 'leased') AND due_ms <= $4
+                                   ORDER BY due_ms, seq LIMIT $5 FOR UPDATE SKIP LOCKED))
+             RETURNING seq, dedup, payload, fence, enqueued_ms),
+         started AS (
+             UPDATE invocations SET status = 'running', attempts = attempts + 1,
+                 claim = claimed.seq::TEXT || '.' || claimed.fence::TEXT, updated_ms = $4
+             FROM claimed WHERE invocations.id = encode(claimed.payload, 'escape')
+                 AND invocations.status IN ('queued', 'running')
+             RETURNING ",
+        row_columns!(),
+        ", invocations.payload AS started_payload, claimed.seq AS started_seq)
+         SELECT claimed.seq, claimed.dedup, claimed.payload, claimed.fence, claimed.enqueued_ms, started.*
+         FROM claimed LEFT JOIN started ON started.started_seq = claimed.seq
+         ORDER BY claimed.seq"
+    ))
+    .bind(now.saturating_add(i64::try_from(key.lease.as_millis()).unwrap_or(i64::MAX)))
+    .bind(&key.holder)
+    .bind(&key.queue)
+    .bind(now)
+    .bind(i64::try_from(n).unwrap_or(1))
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let delivery = crate::queue::postgres::delivery(&key.queue, r);
+            let started = r
+                .get::<Option<String>, _>("id")
+                .is_some()
+                .then(|| (read_row(r), r.get::<Vec<u8>, _>("started_payload")));
+            Claimed { delivery, started }
+        })
+        .collect())
 }
 
 async fn insert_on(conn: &mut sqlx::PgConnection, inv: &NewInvocation) -> sqlx::Result<()> {
@@ -191,42 +314,23 @@ impl Backend for PgLog {
         if !self.claims_on(queue) {
             return Ok(None);
         }
-        // The queue's claim, and the start of the invocation its message names (the payload is
-        // the id; `escape` leaves ASCII as it is, and anything else matches no id, so its start
-        // is left to the caller) under the new lease's token, in one statement.
-        let now = now_ms();
-        let r = sqlx::query(concat!(
-            "WITH claimed AS (
-                 UPDATE queue_messages SET state = 'leased', fence = fence + 1, due_ms = $1, holder = $2
-                 WHERE seq = (SELECT seq FROM queue_messages
-                              WHERE queue = $3 AND state IN ('ready', 'leased') AND due_ms <= $4
-                              ORDER BY due_ms, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
-                 RETURNING seq, dedup, payload, fence, enqueued_ms),
-             started AS (
-                 UPDATE invocations SET status = 'running', attempts = attempts + 1,
-                     claim = claimed.seq::TEXT || '.' || claimed.fence::TEXT, updated_ms = $4
-                 FROM claimed WHERE invocations.id = encode(claimed.payload, 'escape')
-                     AND invocations.status IN ('queued', 'running')
-                 RETURNING ",
-            row_columns!(),
-            ", invocations.payload AS started_payload)
-             SELECT claimed.seq, claimed.dedup, claimed.payload, claimed.fence, claimed.enqueued_ms, started.*
-             FROM claimed LEFT JOIN started ON TRUE"
-        ))
-        .bind(now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)))
-        .bind(holder)
-        .bind(name)
-        .bind(now)
-        .fetch_optional(&self.db)
-        .await?;
-        Ok(r.map(|r| {
-            let delivery = crate::queue::postgres::delivery(name, &r);
-            let started = r
-                .get::<Option<String>, _>("id")
-                .is_some()
-                .then(|| (read_row(&r), r.get::<Vec<u8>, _>("started_payload")));
-            Claimed { delivery, started }
-        }))
+        let key = ClaimKey { queue: name.to_owned(), holder: holder.to_owned(), lease };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut lines = lock(&self.claims);
+            let line = lines.entry(key.clone()).or_default();
+            line.waiting.push(answer);
+            // The first claim of an idle line starts the task that runs its statements; the
+            // others wait for that task's next one.
+            !std::mem::replace(&mut line.running, true)
+        };
+        if lead {
+            tokio::spawn(claim_line(self.db.clone(), self.claims.clone(), key));
+        }
+        match answered.await {
+            Ok(claimed) => claimed.map_err(QueueError::Unavailable),
+            Err(_) => Err(QueueError::Unavailable("the claims of this queue stopped".into())),
+        }
     }
 
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {

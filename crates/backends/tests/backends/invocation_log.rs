@@ -355,3 +355,59 @@ async fn a_claim_starts_its_invocation_and_its_outcome_settles_its_message_where
         schema.drop().await;
     }
 }
+
+/// A node's workers claiming at once (more than one statement's worth where claims share
+/// statements) each take a message of their own, started under its own lease, and nothing is
+/// taken twice or left behind.
+#[tokio::test]
+async fn workers_claiming_at_once_each_start_a_message_of_their_own() {
+    async fn case(state: &State, prefix: &str) {
+        let (log, queue) = (state.invocations(), state.queue("node-a").await.unwrap());
+        let work = format!("{prefix}-work");
+        let mut ids: Vec<String> = (0..50).map(|n| format!("{prefix}-{n:02}")).collect();
+        for id in &ids {
+            log.insert_queued(&inv(id), &queue, &work).await.expect("one database").unwrap();
+        }
+        let workers: Vec<_> = (0..ids.len())
+            .map(|_| {
+                let (log, queue, work) = (log.clone(), queue.clone(), work.clone());
+                tokio::spawn(async move {
+                    let c = log.next_started(&queue, &work, Duration::from_secs(60)).await.unwrap().unwrap();
+                    let (row, _) = c.started.expect("each message names its invocation");
+                    assert_eq!((row.id.as_str(), row.attempts), (c.delivery.id.as_str(), 1));
+                    (row.id, c.delivery.lease)
+                })
+            })
+            .collect();
+        let mut taken = Vec::new();
+        for w in workers {
+            taken.push(w.await.unwrap());
+        }
+        let mut got: Vec<String> = taken.iter().map(|(id, _)| id.clone()).collect();
+        got.sort();
+        ids.sort();
+        assert_eq!(got, ids, "each message once");
+        assert!(queue.claim(&work, Duration::from_secs(60)).await.unwrap().is_none(), "none left");
+        // Each was started under its own lease: its outcome settles its own message.
+        for (id, lease) in &taken {
+            let done = Outcome::Succeeded { result_meta: "[]", result: b"" };
+            let settled = log.settle(id, lease, done, &queue).await.unwrap().unwrap();
+            assert_eq!(settled, Settled { recorded: true, settled: true });
+        }
+        assert_eq!(queue.stats(&work).await.unwrap().depth, 0);
+        queue.remove(&work).await.unwrap();
+    }
+    let dir = std::env::temp_dir().join(fresh("pixflow-claims-at-once"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = State::sqlite(&dir.join("a.db")).await.unwrap();
+    case(&state, &fresh("sqlite")).await;
+    state.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    if let Some(server) = crate::support::postgres_url("invocation log") {
+        let schema = crate::support::Schema::create(&server).await;
+        let state = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+        case(&state, &fresh("pg")).await;
+        state.close().await;
+        schema.drop().await;
+    }
+}
