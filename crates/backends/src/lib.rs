@@ -7,6 +7,8 @@
 //! node's user only ([`files`]: folders `0700`, files `0600`). PostgreSQL and NATS JetStream are
 //! behind the cargo features `postgres` and `nats`; the local defaults need no external service.
 
+#[cfg(feature = "postgres")]
+mod batch;
 pub mod catalogue;
 pub mod edge_cache;
 pub mod feed;

@@ -7,8 +7,7 @@
 //! (data-modifying CTEs, so one round trip and one commit): an acceptance's row and message, a
 //! claim and its start, an outcome and its settlement.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::Row;
@@ -38,18 +37,20 @@ pub(crate) struct PgLog {
     db: PgPool,
     /// Which pool `db` is (see `crate::pg::Postgres`).
     pool: Arc<()>,
-    /// This handle's workers' claims, per queue ([`claim_line`]).
-    claims: ClaimLines,
+    /// This handle's workers' claims waiting to share a statement, per queue.
+    claims: crate::batch::Lines<ClaimKey, (), Option<Claimed>>,
+    /// Successes waiting to be recorded and settled together, per queue.
+    successes: crate::batch::Lines<String, Success, Settled>,
 }
 
 impl PgLog {
     pub(crate) fn new(db: PgPool, pool: Arc<()>) -> PgLog {
-        PgLog { db, pool, claims: ClaimLines::default() }
+        PgLog { db, pool, claims: Default::default(), successes: Default::default() }
     }
 }
 
-/// The most claims one statement takes.
-const CLAIM_BATCH: usize = 32;
+/// The most claims, or settlements, one statement takes.
+const BATCH: usize = 32;
 
 /// Claims that may share a statement: one queue, one holder, one lease.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -59,66 +60,77 @@ struct ClaimKey {
     lease: std::time::Duration,
 }
 
-/// Where a claim's answer goes: the message claimed and started, none due, or the error.
-type ClaimAnswer = tokio::sync::oneshot::Sender<std::result::Result<Option<Claimed>, String>>;
-
-/// The claims waiting on one [`ClaimKey`], and whether a task is running their statements.
-#[derive(Default)]
-struct ClaimLine {
-    waiting: Vec<ClaimAnswer>,
-    running: bool,
+/// A success to record and settle: the invocation, its lease, and its result.
+struct Success {
+    id: String,
+    token: String,
+    message: i64,
+    fence: i64,
+    result_meta: String,
+    result: Vec<u8>,
 }
 
-type ClaimLines = Arc<Mutex<HashMap<ClaimKey, ClaimLine>>>;
-
-fn lock(lines: &ClaimLines) -> std::sync::MutexGuard<'_, HashMap<ClaimKey, ClaimLine>> {
-    lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Records the successes of one queue's messages and settles each message whose success was
+/// recorded, in one statement: what [`PgLog::settle`] does for one, for many (each row checks
+/// its own lease and fence, as alone).
+async fn settle_successes(db: PgPool, all: Vec<Success>) -> crate::batch::Answer<Vec<Settled>> {
+    // The same lease settled twice at once: the first counts, and the others are answered as a
+    // second settlement alone would be (the first recorded it already).
+    let mut seen = std::collections::HashSet::new();
+    let first: Vec<bool> = all.iter().map(|s| seen.insert((s.message, s.fence))).collect();
+    let successes: Vec<&Success> = all.iter().zip(&first).filter(|(_, f)| **f).map(|(s, _)| s).collect();
+    let column = |f: fn(&Success) -> String| successes.iter().map(|s| f(s)).collect::<Vec<String>>();
+    let rows = sqlx::query(
+        "WITH v AS (
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::BYTEA[])
+                 AS v(id, token, seq, fence, result_meta, result)),
+         logged AS (
+             UPDATE invocations SET status = 'succeeded', result_meta = v.result_meta, result = v.result,
+                 error = NULL, payload = ''::BYTEA, claim = NULL, updated_ms = $7
+             FROM v WHERE invocations.id = v.id AND invocations.claim = v.token AND invocations.status = 'running'
+             RETURNING v.seq, v.fence),
+         settled AS (
+             UPDATE queue_messages SET state = 'done', payload = ''::BYTEA, settled_ms = $7, holder = NULL
+             FROM v WHERE queue_messages.seq = v.seq AND queue_messages.fence = v.fence
+                 AND queue_messages.state = 'leased' AND (v.seq, v.fence) IN (SELECT seq, fence FROM logged)
+             RETURNING queue_messages.seq, queue_messages.fence)
+         SELECT v.seq, v.fence,
+             (v.seq, v.fence) IN (SELECT seq, fence FROM logged) AS recorded,
+             (v.seq, v.fence) IN (SELECT seq, fence FROM settled) AS settled
+         FROM v",
+    )
+    .bind(column(|s| s.id.clone()))
+    .bind(column(|s| s.token.clone()))
+    .bind(successes.iter().map(|s| s.message).collect::<Vec<i64>>())
+    .bind(successes.iter().map(|s| s.fence).collect::<Vec<i64>>())
+    .bind(column(|s| s.result_meta.clone()))
+    .bind(successes.iter().map(|s| s.result.clone()).collect::<Vec<Vec<u8>>>())
+    .bind(now_ms())
+    .fetch_all(&db)
+    .await
+    .map_err(|e| e.to_string())?;
+    let done: std::collections::HashMap<(i64, i64), Settled> = rows
+        .iter()
+        .map(|r| {
+            let settled = Settled { recorded: r.get("recorded"), settled: r.get("settled") };
+            ((r.get("seq"), r.get("fence")), settled)
+        })
+        .collect();
+    let not = Settled { recorded: false, settled: false };
+    Ok(all
+        .iter()
+        .zip(first)
+        .map(|(s, first)| if first { done.get(&(s.message, s.fence)).copied().unwrap_or(not) } else { not })
+        .collect())
 }
 
-/// Ends a line's task: however it ends (a panic included), the line is removed, so its waiting
-/// claims are answered (with an error, their senders dropped) and the next claim starts anew.
-struct LineDone(ClaimLines, ClaimKey);
-
-impl Drop for LineDone {
-    fn drop(&mut self) {
-        lock(&self.0).remove(&self.1);
-    }
-}
-
-/// Runs the claims of one line: every claim waiting, up to [`CLAIM_BATCH`], in one statement,
-/// until none waits. A node's workers that look for work while a claim is in flight share the
-/// next statement, its index scan, its round trip and its commit.
-async fn claim_line(db: PgPool, lines: ClaimLines, key: ClaimKey) {
-    let done = LineDone(lines, key);
-    loop {
-        let batch: Vec<ClaimAnswer> = {
-            let mut lines = lock(&done.0);
-            let Some(line) = lines.get_mut(&done.1) else { return };
-            // A worker that stopped waiting takes no message.
-            line.waiting.retain(|a| !a.is_closed());
-            if line.waiting.is_empty() {
-                return;
-            }
-            let n = line.waiting.len().min(CLAIM_BATCH);
-            line.waiting.drain(..n).collect()
-        };
-        match claim_many(&db, &done.1, batch.len()).await {
-            Ok(claimed) => {
-                let mut claimed = claimed.into_iter();
-                for answer in batch {
-                    // A worker gone meanwhile leaves its message to the lease's end, as a claim
-                    // in flight when a node stops always did.
-                    let _ = answer.send(Ok(claimed.next()));
-                }
-            }
-            Err(e) => {
-                let e = e.to_string();
-                for answer in batch {
-                    let _ = answer.send(Err(e.clone()));
-                }
-            }
-        }
-    }
+/// Where a claim's batch runs ([`claim_many`]).
+async fn claim_batch(db: PgPool, key: ClaimKey, n: usize) -> crate::batch::Answer<Vec<Option<Claimed>>> {
+    let claimed = claim_many(&db, &key, n).await.map_err(|e| e.to_string())?;
+    let mut answers: Vec<Option<Claimed>> = claimed.into_iter().map(Some).collect();
+    // Fewer due than asked: the rest found none.
+    answers.resize_with(n, || None);
+    Ok(answers)
 }
 
 /// Claims up to `n` due messages of the key's queue and starts the invocation each names (the
@@ -238,24 +250,23 @@ impl Backend for PgLog {
         let now = now_ms();
         let token = lease.token();
         let query = match outcome {
-            Outcome::Succeeded { result_meta, result } => sqlx::query(
-                "WITH logged AS (
-                     UPDATE invocations SET status = 'succeeded', result_meta = $1, result = $2, error = NULL,
-                     payload = ''::BYTEA, claim = NULL, updated_ms = $3
-                     WHERE id = $4 AND claim = $5 AND status = 'running' RETURNING id),
-                 settled AS (
-                     UPDATE queue_messages SET state = 'done', payload = ''::BYTEA, settled_ms = $3, holder = NULL
-                     WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)
-                     RETURNING queue)
-                 SELECT (SELECT COUNT(*) FROM logged) AS recorded, (SELECT COUNT(*) FROM settled) AS settled",
-            )
-            .bind(result_meta)
-            .bind(result)
-            .bind(now)
-            .bind(id)
-            .bind(&token)
-            .bind(lease.message)
-            .bind(lease.fence),
+            Outcome::Succeeded { result_meta, result } => {
+                // Successes recorded while one is in flight share the next statement and commit.
+                let success = Success {
+                    id: id.to_owned(),
+                    token,
+                    message: lease.message,
+                    fence: lease.fence,
+                    result_meta: result_meta.to_owned(),
+                    result: result.to_vec(),
+                };
+                let db = self.db.clone();
+                let settled = self
+                    .successes
+                    .run(lease.queue.clone(), success, BATCH, move |_, all| settle_successes(db.clone(), all))
+                    .await;
+                return Some(settled.map_err(StateError::Unavailable));
+            }
             Outcome::Retry { error, delay } => sqlx::query(
                 "WITH logged AS (
                      UPDATE invocations SET status = 'queued', error = $1, next_ms = $2, claim = NULL, updated_ms = $3
@@ -314,23 +325,16 @@ impl Backend for PgLog {
         if !self.claims_on(queue) {
             return Ok(None);
         }
+        // A node's workers that look for work while a claim is in flight share the next claim
+        // statement, its index scan, its round trip and its commit; a claim answered with no
+        // message found none due.
         let key = ClaimKey { queue: name.to_owned(), holder: holder.to_owned(), lease };
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let lead = {
-            let mut lines = lock(&self.claims);
-            let line = lines.entry(key.clone()).or_default();
-            line.waiting.push(answer);
-            // The first claim of an idle line starts the task that runs its statements; the
-            // others wait for that task's next one.
-            !std::mem::replace(&mut line.running, true)
-        };
-        if lead {
-            tokio::spawn(claim_line(self.db.clone(), self.claims.clone(), key));
-        }
-        match answered.await {
-            Ok(claimed) => claimed.map_err(QueueError::Unavailable),
-            Err(_) => Err(QueueError::Unavailable("the claims of this queue stopped".into())),
-        }
+        let db = self.db.clone();
+        let claimed = self
+            .claims
+            .run(key, (), BATCH, move |key, waiting: Vec<()>| claim_batch(db.clone(), key, waiting.len()))
+            .await;
+        claimed.map_err(QueueError::Unavailable)
     }
 
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {

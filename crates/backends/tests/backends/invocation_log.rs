@@ -388,11 +388,35 @@ async fn workers_claiming_at_once_each_start_a_message_of_their_own() {
         ids.sort();
         assert_eq!(got, ids, "each message once");
         assert!(queue.claim(&work, Duration::from_secs(60)).await.unwrap().is_none(), "none left");
-        // Each was started under its own lease: its outcome settles its own message.
-        for (id, lease) in &taken {
-            let done = Outcome::Succeeded { result_meta: "[]", result: b"" };
-            let settled = log.settle(id, lease, done, &queue).await.unwrap().unwrap();
-            assert_eq!(settled, Settled { recorded: true, settled: true });
+        // Each was started under its own lease: its outcome settles its own message, also when
+        // they all settle at once (where successes share statements), and one lease settled
+        // twice at once counts once.
+        let (twice_id, twice_lease) = taken[0].clone();
+        taken.push((twice_id.clone(), twice_lease));
+        let settlements: Vec<_> = taken
+            .into_iter()
+            .map(|(id, lease)| {
+                let (log, queue) = (log.clone(), queue.clone());
+                tokio::spawn(async move {
+                    let result = id.as_bytes().to_vec();
+                    let done = Outcome::Succeeded { result_meta: "[]", result: &result };
+                    (id.clone(), log.settle(&id, &lease, done, &queue).await.unwrap().unwrap())
+                })
+            })
+            .collect();
+        let mut recorded = 0;
+        for s in settlements {
+            let (id, settled) = s.await.unwrap();
+            assert_eq!(settled.recorded, settled.settled, "{id}");
+            if settled.recorded {
+                recorded += 1;
+            } else {
+                assert_eq!(id, twice_id, "only the second settlement of one lease is refused");
+            }
+        }
+        assert_eq!(recorded, ids.len());
+        for id in &ids {
+            assert_eq!(log.result(id).await.unwrap().unwrap(), id.as_bytes(), "each its own result");
         }
         assert_eq!(queue.stats(&work).await.unwrap().depth, 0);
         queue.remove(&work).await.unwrap();
