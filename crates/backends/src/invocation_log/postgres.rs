@@ -177,21 +177,29 @@ async fn claim_many(db: &PgPool, key: &ClaimKey, n: usize) -> sqlx::Result<Vec<C
         .collect())
 }
 
+/// Binds a new invocation as `$1` to `$7` of an insert: id, function, attempts, meta, payload,
+/// callback, and now.
+fn bind_new<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    inv: &'q NewInvocation,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(&inv.id)
+        .bind(&inv.function)
+        .bind(i64::from(inv.max_attempts))
+        .bind(&inv.meta)
+        .bind(&inv.payload)
+        .bind(&inv.callback)
+        .bind(now_ms())
+}
+
 async fn insert_on(conn: &mut sqlx::PgConnection, inv: &NewInvocation) -> sqlx::Result<()> {
-    sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms, updated_ms,
          next_ms, message)
          VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $7, $7, $1)",
-    )
-    .bind(&inv.id)
-    .bind(&inv.function)
-    .bind(i64::from(inv.max_attempts))
-    .bind(&inv.meta)
-    .bind(&inv.payload)
-    .bind(&inv.callback)
-    .bind(now_ms())
-    .execute(&mut *conn)
-    .await?;
+    );
+    bind_new(insert, inv).execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -211,8 +219,9 @@ impl Backend for PgLog {
         queue.postgres().filter(|q| q.on(&self.pool))?;
         // One statement, so one round trip and one commit: the message is added only with the
         // row (a taken id fails the whole statement), and its notification goes out at commit.
-        let recorded = sqlx::query(
-            "WITH inv AS (
+        let recorded = bind_new(
+            sqlx::query(
+                "WITH inv AS (
                  INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms,
                  updated_ms, next_ms, message)
                  VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $7, $7, $1) RETURNING id),
@@ -220,14 +229,9 @@ impl Backend for PgLog {
                  INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
                  SELECT $8, id, 'ready', $9, $7, $7 FROM inv ON CONFLICT (queue, dedup) DO NOTHING RETURNING queue)
              SELECT pg_notify($10, queue)::text FROM added",
+            ),
+            inv,
         )
-        .bind(&inv.id)
-        .bind(&inv.function)
-        .bind(i64::from(inv.max_attempts))
-        .bind(&inv.meta)
-        .bind(&inv.payload)
-        .bind(&inv.callback)
-        .bind(now_ms())
         .bind(name)
         .bind(inv.id.as_bytes())
         .bind(crate::queue::postgres::CHANNEL)

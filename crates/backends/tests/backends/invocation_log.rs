@@ -30,6 +30,28 @@ async fn each(case: impl AsyncFn(InvocationLog, InvocationLog, String)) {
     }
 }
 
+/// Runs `case` with a state whose queue lives in its own database and another state whose does
+/// not, and a prefix for the names it writes, on each backend: two state files for SQLite, two
+/// pools on one database for PostgreSQL (each state knows only its own pool).
+async fn each_pair(case: impl AsyncFn(&State, &State, &str)) {
+    let dir = std::env::temp_dir().join(fresh("pixflow-log-pair"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (State::sqlite(&dir.join("a.db")).await.unwrap(), State::sqlite(&dir.join("b.db")).await.unwrap());
+    case(&a, &b, &fresh("sqlite")).await;
+    a.close().await;
+    b.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    if let Some(server) = crate::support::postgres_url("invocation log") {
+        let schema = crate::support::Schema::create(&server).await;
+        let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+        let b = State::postgres(&schema.url).await.unwrap();
+        case(&a, &b, &fresh("pg")).await;
+        a.close().await;
+        b.close().await;
+        schema.drop().await;
+    }
+}
+
 fn inv(id: &str) -> NewInvocation {
     NewInvocation {
         id: id.into(),
@@ -243,22 +265,7 @@ async fn an_invocation_and_its_message_are_recorded_together_where_they_share_a_
         assert!(log.get(&id2).await.unwrap().is_none());
         queue.remove(&work).await.unwrap();
     }
-    let dir = std::env::temp_dir().join(fresh("pixflow-insert-queued"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (a, b) = (State::sqlite(&dir.join("a.db")).await.unwrap(), State::sqlite(&dir.join("b.db")).await.unwrap());
-    case(&a, &b, &fresh("sqlite")).await;
-    a.close().await;
-    b.close().await;
-    std::fs::remove_dir_all(&dir).unwrap();
-    if let Some(server) = crate::support::postgres_url("invocation log") {
-        let schema = crate::support::Schema::create(&server).await;
-        let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
-        let b = State::postgres(&schema.url).await.unwrap();
-        case(&a, &b, &fresh("pg")).await;
-        a.close().await;
-        b.close().await;
-        schema.drop().await;
-    }
+    each_pair(case).await;
 }
 
 /// Where the queue lives in the log's own database, a claim starts the invocation its message
@@ -338,22 +345,7 @@ async fn a_claim_starts_its_invocation_and_its_outcome_settles_its_message_where
         queue.remove(&work).await.unwrap();
         elsewhere.remove(&spare).await.unwrap();
     }
-    let dir = std::env::temp_dir().join(fresh("pixflow-claim-started"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (a, b) = (State::sqlite(&dir.join("a.db")).await.unwrap(), State::sqlite(&dir.join("b.db")).await.unwrap());
-    case(&a, &b, &fresh("sqlite")).await;
-    a.close().await;
-    b.close().await;
-    std::fs::remove_dir_all(&dir).unwrap();
-    if let Some(server) = crate::support::postgres_url("invocation log") {
-        let schema = crate::support::Schema::create(&server).await;
-        let a = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
-        let b = State::postgres(&schema.url).await.unwrap();
-        case(&a, &b, &fresh("pg")).await;
-        a.close().await;
-        b.close().await;
-        schema.drop().await;
-    }
+    each_pair(case).await;
 }
 
 /// A node's workers claiming at once (more than one statement's worth where claims share
@@ -421,17 +413,5 @@ async fn workers_claiming_at_once_each_start_a_message_of_their_own() {
         assert_eq!(queue.stats(&work).await.unwrap().depth, 0);
         queue.remove(&work).await.unwrap();
     }
-    let dir = std::env::temp_dir().join(fresh("pixflow-claims-at-once"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let state = State::sqlite(&dir.join("a.db")).await.unwrap();
-    case(&state, &fresh("sqlite")).await;
-    state.close().await;
-    std::fs::remove_dir_all(&dir).unwrap();
-    if let Some(server) = crate::support::postgres_url("invocation log") {
-        let schema = crate::support::Schema::create(&server).await;
-        let state = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
-        case(&state, &fresh("pg")).await;
-        state.close().await;
-        schema.drop().await;
-    }
+    each_pair(async |state: &State, _: &State, prefix: &str| case(state, prefix).await).await;
 }
