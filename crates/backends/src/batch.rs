@@ -15,8 +15,11 @@ use tokio::sync::oneshot;
 /// What a batch answers each of its requests: its result, or the batch's error.
 pub(crate) type Answer<A> = Result<A, String>;
 
+/// Where a request's answer goes.
+type Reply<A> = oneshot::Sender<Answer<A>>;
+
 struct Line<Q, A> {
-    waiting: Vec<(Q, oneshot::Sender<Answer<A>>)>,
+    waiting: Vec<(Q, Reply<A>)>,
     /// A task runs the line's batches.
     running: bool,
 }
@@ -38,13 +41,21 @@ impl<K, Q, A> Default for Lines<K, Q, A> {
     }
 }
 
-/// Removes a line when its task ends, however it ends (a panic included): its waiting requests
-/// are answered with an error (their senders dropped), and the next request starts anew.
-struct Ended<K: Hash + Eq, Q, A>(Lines<K, Q, A>, K);
+/// Removes a line if its task ends otherwise than by finding it empty (a panic): its waiting
+/// requests are answered with an error (their senders dropped), and the next request starts
+/// anew. A task that found its line empty removed it under the same lock and disarmed this, so
+/// a line started after that one is never touched.
+struct Ended<K: Hash + Eq, Q, A> {
+    lines: Lines<K, Q, A>,
+    key: K,
+    armed: bool,
+}
 
 impl<K: Hash + Eq, Q, A> Drop for Ended<K, Q, A> {
     fn drop(&mut self) {
-        self.0.lines.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.1);
+        if self.armed {
+            self.lines.lines.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        }
     }
 }
 
@@ -84,22 +95,31 @@ where
         F: Fn(K, Vec<Q>) -> R + Send + 'static,
         R: Future<Output = Answer<Vec<A>>> + Send + 'static,
     {
-        let ended = Ended(self, key);
+        let mut ended = Ended { lines: self, key, armed: true };
         loop {
-            let (requests, answers): (Vec<Q>, Vec<oneshot::Sender<Answer<A>>>) = {
-                let mut lines = ended.0.lock();
-                let Some(line) = lines.get_mut(&ended.1) else { return };
-                line.waiting.retain(|(_, answer)| !answer.is_closed());
-                if line.waiting.is_empty() {
-                    // Removed under the same lock that saw it empty: a request that comes next
-                    // finds no line and starts one.
-                    lines.remove(&ended.1);
-                    return;
+            let taken: Option<(Vec<Q>, Vec<Reply<A>>)> = {
+                let mut lines = ended.lines.lock();
+                match lines.get_mut(&ended.key) {
+                    Some(line) => {
+                        line.waiting.retain(|(_, answer)| !answer.is_closed());
+                        if line.waiting.is_empty() {
+                            // Removed under the same lock that saw it empty: a request that
+                            // comes next finds no line and starts one.
+                            lines.remove(&ended.key);
+                            None
+                        } else {
+                            let n = line.waiting.len().min(max);
+                            Some(line.waiting.drain(..n).unzip())
+                        }
+                    }
+                    None => None,
                 }
-                let n = line.waiting.len().min(max);
-                line.waiting.drain(..n).unzip()
             };
-            match batch(ended.1.clone(), requests).await {
+            let Some((requests, answers)) = taken else {
+                ended.armed = false;
+                return;
+            };
+            match batch(ended.key.clone(), requests).await {
                 Ok(results) => {
                     let mut results = results.into_iter();
                     for answer in answers {
@@ -114,5 +134,69 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Doubles each request, after a yield (so that others arrive meanwhile); counts batches and
+    /// keeps the largest.
+    async fn doubled(counts: Arc<(AtomicUsize, AtomicUsize)>, requests: Vec<u32>) -> Answer<Vec<u32>> {
+        counts.0.fetch_add(1, Ordering::Relaxed);
+        counts.1.fetch_max(requests.len(), Ordering::Relaxed);
+        tokio::task::yield_now().await;
+        Ok(requests.iter().map(|r| r * 2).collect())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_request_gets_its_own_answer_and_requests_that_wait_together_share_a_batch() {
+        let lines: Lines<u8, u32, u32> = Lines::default();
+        let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        // Clients that each send one request after another: lines start, drain, end and start
+        // again while requests keep arriving.
+        let (clients, each) = (8u32, 400u32);
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| {
+                let (lines, counts) = (lines.clone(), counts.clone());
+                tokio::spawn(async move {
+                    for i in 0..each {
+                        let n = c * each + i;
+                        let key = u8::try_from(c % 2).unwrap();
+                        let counts = counts.clone();
+                        let answer = lines.run(key, n, 4, move |_, all| doubled(counts.clone(), all)).await;
+                        assert_eq!(answer, Ok(n * 2), "request {n}");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let total = usize::try_from(clients * each).unwrap();
+        let (batches, largest) = (counts.0.load(Ordering::Relaxed), counts.1.load(Ordering::Relaxed));
+        assert!(batches < total, "requests that waited together shared batches ({batches} for {total})");
+        assert!(largest <= 4, "no batch beyond the bound ({largest})");
+        assert!(lines.lock().is_empty(), "every line ended once drained");
+    }
+
+    #[tokio::test]
+    async fn a_failed_short_or_panicking_batch_answers_its_requests_with_errors_and_the_line_goes_on() {
+        let lines: Lines<u8, u32, u32> = Lines::default();
+        let failed = lines.run(0, 1, 8, |_, _| async { Err::<Vec<u32>, _>("down".to_owned()) }).await;
+        assert_eq!(failed, Err("down".to_owned()));
+        let short = lines.run(0, 1, 8, |_, _| async { Ok(Vec::new()) }).await;
+        assert!(short.unwrap_err().contains("no answer"));
+        let panicked = lines
+            .run(0, 1, 8, |_, all: Vec<u32>| async move {
+                assert!(all.is_empty(), "a batch that panics");
+                Ok(all)
+            })
+            .await;
+        assert!(panicked.unwrap_err().contains("stopped"));
+        assert_eq!(lines.run(0, 3, 8, |_, all: Vec<u32>| async move { Ok(all) }).await, Ok(3), "a new line after it");
     }
 }

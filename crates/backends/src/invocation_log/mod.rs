@@ -264,18 +264,22 @@ impl InvocationLog {
     /// Waits for the next message of `queue`'s queue `name` as [`crate::Queue::next`] does, and
     /// starts the invocation it names in the same commit as the claim, when the queue lives in
     /// the log's own database (`None` if not: the caller claims, then [`InvocationLog::start`]s).
-    /// The start is [`InvocationLog::start`]'s under the delivery's lease token.
+    /// The start is [`InvocationLog::start`]'s under the delivery's lease token. `stop` ends the
+    /// wait (`Some(Ok(None))`) but never a claim in flight, which has counted an attempt: drop
+    /// this future only through `stop`, or the claimed invocation waits for its lease to run
+    /// out and its next claim counts another attempt.
     pub async fn next_started(
         &self,
         queue: &crate::Queue,
         name: &str,
         lease: Duration,
-    ) -> Option<crate::queue::Result<Claimed>> {
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Option<crate::queue::Result<Option<Claimed>>> {
         if !self.backend.claims_on(queue.backend()) {
             return None;
         }
         let claim = || self.backend.claim_started(queue.backend(), name, lease, queue.holder());
-        Some(queue.wait_for(name, claim).await)
+        Some(queue.wait_for(name, claim, stop).await)
     }
 
     /// Records `outcome` under `lease` (its token, as [`InvocationLog::finish`],

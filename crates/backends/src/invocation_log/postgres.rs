@@ -72,7 +72,7 @@ struct Success {
 
 /// Records the successes of one queue's messages and settles each message whose success was
 /// recorded, in one statement: what [`PgLog::settle`] does for one, for many (each row checks
-/// its own lease and fence, as alone).
+/// its own lease and fence, as alone; the messages' rows locked first, in order).
 async fn settle_successes(db: PgPool, all: Vec<Success>) -> crate::batch::Answer<Vec<Settled>> {
     // The same lease settled twice at once: the first counts, and the others are answered as a
     // second settlement alone would be (the first recorded it already).
@@ -84,10 +84,15 @@ async fn settle_successes(db: PgPool, all: Vec<Success>) -> crate::batch::Answer
         "WITH v AS (
              SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::BYTEA[])
                  AS v(id, token, seq, fence, result_meta, result)),
+         held AS (
+             SELECT queue_messages.seq, queue_messages.fence FROM queue_messages
+             JOIN v ON queue_messages.seq = v.seq AND queue_messages.fence = v.fence
+             WHERE queue_messages.state = 'leased' ORDER BY queue_messages.seq FOR UPDATE OF queue_messages),
          logged AS (
              UPDATE invocations SET status = 'succeeded', result_meta = v.result_meta, result = v.result,
                  error = NULL, payload = ''::BYTEA, claim = NULL, updated_ms = $7
              FROM v WHERE invocations.id = v.id AND invocations.claim = v.token AND invocations.status = 'running'
+                 AND (v.seq, v.fence) IN (SELECT seq, fence FROM held)
              RETURNING v.seq, v.fence),
          settled AS (
              UPDATE queue_messages SET state = 'done', payload = ''::BYTEA, settled_ms = $7, holder = NULL
@@ -250,7 +255,9 @@ impl Backend for PgLog {
         queue.postgres().filter(|q| q.on(&self.pool))?;
         // The log's update and, only if it recorded the outcome, the message's, in one statement.
         // Both see the same snapshot and each re-checks its own row's condition (lease, fence)
-        // on the row's latest version, as alone.
+        // on the row's latest version, as alone. The message's row is locked first (`held`), as a
+        // claim locks it before the invocation it starts: two statements never wait for each
+        // other's rows. An outcome is recorded only while the lease still holds the message.
         let now = now_ms();
         let token = lease.token();
         let query = match outcome {
@@ -272,9 +279,12 @@ impl Backend for PgLog {
                 return Some(settled.map_err(StateError::Unavailable));
             }
             Outcome::Retry { error, delay } => sqlx::query(
-                "WITH logged AS (
+                "WITH held AS (
+                     SELECT seq FROM queue_messages WHERE seq = $6 AND fence = $7 AND state = 'leased' FOR UPDATE),
+                 logged AS (
                      UPDATE invocations SET status = 'queued', error = $1, next_ms = $2, claim = NULL, updated_ms = $3
-                     WHERE id = $4 AND claim = $5 AND status = 'running' RETURNING id),
+                     WHERE id = $4 AND claim = $5 AND status = 'running' AND EXISTS (SELECT 1 FROM held)
+                     RETURNING id),
                  settled AS (
                      UPDATE queue_messages SET state = 'ready', due_ms = $2, holder = NULL
                      WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)
@@ -291,9 +301,12 @@ impl Backend for PgLog {
             .bind(lease.fence)
             .bind(crate::queue::postgres::CHANNEL),
             Outcome::Dead { error, reason } => sqlx::query(
-                "WITH logged AS (
+                "WITH held AS (
+                     SELECT seq FROM queue_messages WHERE seq = $6 AND fence = $7 AND state = 'leased' FOR UPDATE),
+                 logged AS (
                      UPDATE invocations SET status = 'dead', error = $1, claim = NULL, updated_ms = $2
-                     WHERE id = $3 AND claim = $4 AND status = 'running' RETURNING id),
+                     WHERE id = $3 AND claim = $4 AND status = 'running' AND EXISTS (SELECT 1 FROM held)
+                     RETURNING id),
                  settled AS (
                      UPDATE queue_messages SET state = 'dead', reason = $5, settled_ms = $2, holder = NULL
                      WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)

@@ -333,26 +333,35 @@ impl Queue {
                 }
             }
         }
-        self.wait_for(queue, || self.backend.claim(queue, lease, &self.holder)).await
+        let claim = || self.backend.claim(queue, lease, &self.holder);
+        let claimed = self.wait_for(queue, claim, std::future::pending()).await?;
+        claimed.ok_or_else(|| QueueError::Unavailable("stopped waiting".into()))
     }
 
     /// Waits as [`Queue::next`] does on a backend that does not wait on its server (SQLite,
     /// PostgreSQL), claiming with `claim`: a claim that also does what follows it in the same
-    /// database (the invocation log's start).
-    pub(crate) async fn wait_for<T, F, C>(&self, queue: &str, mut claim: F) -> Result<T>
+    /// database (the invocation log's start). `stop` ends the wait (`None`), never a claim in
+    /// flight: a claim that began is answered.
+    pub(crate) async fn wait_for<T, F, C>(
+        &self,
+        queue: &str,
+        mut claim: F,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<T>>
     where
         F: FnMut() -> C,
         C: Future<Output = Result<Option<T>>>,
     {
         check_name(queue)?;
         let wake = self.wakers.get(queue);
+        tokio::pin!(stop);
         loop {
             // Registered before looking, so an enqueue between the look and the wait is not missed.
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(d) = claim().await? {
-                return Ok(d);
+                return Ok(Some(d));
             }
             let wait = match self.backend.next_due_ms(queue).await? {
                 Some(due) => span_ms(crate::state::now_ms(), due).min(RECHECK),
@@ -364,6 +373,7 @@ impl Queue {
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(wait) => {}
+                () = &mut stop => return Ok(None),
             }
         }
     }

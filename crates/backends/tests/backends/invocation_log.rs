@@ -4,6 +4,7 @@
 //! "nodes": two handles on one state file for SQLite, two connection pools for PostgreSQL, and
 //! a prefix for the ids it writes.
 
+use std::future::pending;
 use std::time::Duration;
 
 use crate::support::fresh;
@@ -283,7 +284,7 @@ async fn a_claim_starts_its_invocation_and_its_outcome_settles_its_message_where
         }
 
         // x: started with its claim, and succeeded with its settlement.
-        let c = log.next_started(&queue, &work, minute).await.expect("one database").unwrap();
+        let c = log.next_started(&queue, &work, minute, pending()).await.expect("one database").unwrap().unwrap();
         let (row, payload) = c.started.expect("x starts");
         assert_eq!((c.delivery.id.as_str(), row.id.as_str()), (x.as_str(), x.as_str()));
         assert_eq!((row.status, row.attempts, payload.as_slice()), (Status::Running, 1, &[1, 2, 3][..]));
@@ -299,13 +300,14 @@ async fn a_claim_starts_its_invocation_and_its_outcome_settles_its_message_where
 
         // y: its first lease runs out and the next claim starts it again; the first lease's
         // outcome changes neither the log nor the queue.
-        let first = log.next_started(&queue, &work, Duration::from_millis(1)).await.unwrap().unwrap();
+        let first =
+            log.next_started(&queue, &work, Duration::from_millis(1), pending()).await.unwrap().unwrap().unwrap();
         assert_eq!(first.delivery.id, y);
         // z is claimed and kept, out of the way.
-        let z_claimed = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+        let z_claimed = log.next_started(&queue, &work, minute, pending()).await.unwrap().unwrap().unwrap();
         assert_eq!(z_claimed.delivery.id, z);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let second = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+        let second = log.next_started(&queue, &work, minute, pending()).await.unwrap().unwrap().unwrap();
         assert_eq!((second.delivery.id.as_str(), second.started.as_ref().unwrap().0.attempts), (y.as_str(), 2));
         let late = Outcome::Dead { error: "late", reason: "late" };
         let settled = log.settle(&y, &first.delivery.lease, late, &queue).await.unwrap().unwrap();
@@ -317,7 +319,7 @@ async fn a_claim_starts_its_invocation_and_its_outcome_settles_its_message_where
         assert_eq!(settled, Settled { recorded: true, settled: true });
         let row = log.get(&y).await.unwrap().unwrap();
         assert_eq!((row.status, row.error.as_deref()), (Status::Queued, Some("busy")));
-        let third = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+        let third = log.next_started(&queue, &work, minute, pending()).await.unwrap().unwrap().unwrap();
         assert_eq!((third.delivery.id.as_str(), third.started.as_ref().unwrap().0.attempts), (y.as_str(), 3));
         // Dead-lettered: the message is buried with the reason, the row keeps the error.
         let dead = Outcome::Dead { error: "{\"code\":\"bad_input\"}", reason: "bad_input" };
@@ -330,14 +332,17 @@ async fn a_claim_starts_its_invocation_and_its_outcome_settles_its_message_where
         queue.enqueue(&work, "stray", b"\xff not an id", Duration::ZERO).await.unwrap();
         queue.enqueue(&work, "gone", b"no-such-invocation", Duration::ZERO).await.unwrap();
         for expected in ["stray", "gone"] {
-            let c = log.next_started(&queue, &work, minute).await.unwrap().unwrap();
+            let c = log.next_started(&queue, &work, minute, pending()).await.unwrap().unwrap().unwrap();
             assert_eq!((c.delivery.id.as_str(), c.started.is_none()), (expected, true));
         }
+        // Nothing due: a stop ends the wait, with nothing claimed.
+        let stopped = log.next_started(&queue, &work, minute, std::future::ready(())).await.unwrap().unwrap();
+        assert!(stopped.is_none());
 
         // A queue in another database: nothing claimed or settled, the caller does it in steps.
         let (elsewhere, spare) = (other.queue("node-b").await.unwrap(), format!("{prefix}-spare"));
         elsewhere.enqueue(&spare, &z, z.as_bytes(), Duration::ZERO).await.unwrap();
-        assert!(log.next_started(&elsewhere, &spare, minute).await.is_none());
+        assert!(log.next_started(&elsewhere, &spare, minute, pending()).await.is_none());
         let d = elsewhere.claim(&spare, minute).await.unwrap().unwrap();
         let done = Outcome::Succeeded { result_meta: "[]", result: b"" };
         assert!(log.settle(&z, &d.lease, done, &elsewhere).await.is_none());
@@ -364,7 +369,12 @@ async fn workers_claiming_at_once_each_start_a_message_of_their_own() {
             .map(|_| {
                 let (log, queue, work) = (log.clone(), queue.clone(), work.clone());
                 tokio::spawn(async move {
-                    let c = log.next_started(&queue, &work, Duration::from_secs(60)).await.unwrap().unwrap();
+                    let c = log
+                        .next_started(&queue, &work, Duration::from_secs(60), pending())
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .unwrap();
                     let (row, _) = c.started.expect("each message names its invocation");
                     assert_eq!((row.id.as_str(), row.attempts), (c.delivery.id.as_str(), 1));
                     (row.id, c.delivery.lease)

@@ -301,12 +301,9 @@ pub(crate) async fn worker(app: Arc<App>) {
 /// A worker whose claims are leased for `lease`.
 async fn work(app: Arc<App>, lease: Duration) {
     loop {
-        let next = tokio::select! {
-            () = app.stopped() => return,
-            next = next(&app, lease) => next,
-        };
-        match next {
-            Ok((delivery, started)) => run(&app, delivery, started, lease).await,
+        match next(&app, lease).await {
+            Ok(None) => return,
+            Ok(Some((delivery, started))) => run(&app, delivery, started, lease).await,
             Err(e) => {
                 tracing::error!(error = %e, "claiming queued invocations");
                 tokio::select! {
@@ -323,11 +320,16 @@ async fn work(app: Arc<App>, lease: Duration) {
 type Started = (InvocationRow, Vec<u8>);
 
 /// The next message, and the invocation it names started in the same commit where the log and
-/// the queue share a database (`None`: the caller starts it).
-async fn next(app: &App, lease: Duration) -> Result<(Delivery, Option<Started>), QueueError> {
-    match app.invocations.next_started(&app.queue, QUEUE, lease).await {
-        Some(claimed) => claimed.map(|c| (c.delivery, c.started)),
-        None => app.queue.next(QUEUE, lease).await.map(|d| (d, None)),
+/// the queue share a database (`None`: the caller starts it). `None` once the node stops: the
+/// stop ends a wait, never a claim in flight, which has counted an attempt where it started
+/// the invocation too.
+async fn next(app: &App, lease: Duration) -> Result<Option<(Delivery, Option<Started>)>, QueueError> {
+    match app.invocations.next_started(&app.queue, QUEUE, lease, app.stopped()).await {
+        Some(claimed) => claimed.map(|c| c.map(|c| (c.delivery, c.started))),
+        None => tokio::select! {
+            () = app.stopped() => Ok(None),
+            next = app.queue.next(QUEUE, lease) => next.map(|d| Some((d, None))),
+        },
     }
 }
 
