@@ -157,8 +157,7 @@ pub fn read_header(bytes: &[u8], limits: &Limits) -> Result<Header> {
             let mut dec = image_decoder(bytes, image_format, limits)?;
             let (width, height) = dec.dimensions();
             let color = dec.color_type();
-            let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
-            let icc = dec.icc_profile().ok().flatten();
+            let (orientation, icc) = metadata(&mut dec, f, bytes);
             Ok(Header {
                 format: f,
                 width,
@@ -305,10 +304,39 @@ fn decode_with_image(f: Format, bytes: &[u8], opts: &DecodeOptions<'_>) -> Resul
     if opts.fail_on != FailOn::None {
         check_plausible_size(f, w, h, bytes.len())?;
     }
-    let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
-    let icc = dec.icc_profile().ok().flatten();
+    let (orientation, icc) = metadata(&mut dec, f, bytes);
     let image = DynamicImage::from_decoder(dec).map_err(|e| map_image_error(image_format, e))?;
     Ok(Decoded { image: normalize(image), format: f, icc, orientation, region: None })
+}
+
+/// The orientation (EXIF) and ICC profile of an image read through `image`; none where they
+/// cannot be read safely.
+fn metadata(dec: &mut impl ImageDecoder, f: Format, bytes: &[u8]) -> (Orientation, Option<Vec<u8>>) {
+    if f == Format::Webp && !webp_chunks_fit(bytes) {
+        return (Orientation::default(), None);
+    }
+    let orientation = dec.orientation().map(Orientation::from_image).unwrap_or_default();
+    (orientation, dec.icc_profile().ok().flatten())
+}
+
+/// Whether every top-level chunk of a WebP file lies within its bytes. `image-webp` keeps each
+/// chunk's range as its header declares it, and reads an EXIF or ICC chunk into a buffer of
+/// the declared size allocated before the read (with no memory limit set through `image`): a
+/// file of a few kilobytes whose metadata chunk claims 4 GiB would allocate 4 GiB. Such a file
+/// is damaged; its metadata is not read (its pixels decode or fail on their own).
+fn webp_chunks_fit(bytes: &[u8]) -> bool {
+    // "RIFF", the RIFF size, "WEBP", then chunks: a fourcc, a little-endian size, the data,
+    // and a pad byte after odd sizes.
+    let mut at = 12usize;
+    while let Some(header) = bytes.get(at..at.saturating_add(8)) {
+        let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let end = usize::try_from(size).ok().and_then(|size| (at + 8).checked_add(size));
+        match end {
+            Some(end) if end <= bytes.len() => at = end + usize::from(size % 2 == 1),
+            _ => return false,
+        }
+    }
+    true
 }
 
 pub(crate) fn map_image_error(f: ImageFormat, e: image::ImageError) -> Error {
@@ -689,6 +717,50 @@ fn cmyk_to_rgb(px: &[u8], adobe_inverted: bool, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 2x1 lossless WebP whose EXIF says "rotate 90" (orientation 6).
+    fn webp_with_exif() -> Vec<u8> {
+        let exif = [
+            b"II*\0".as_slice(),
+            &8u32.to_le_bytes(),
+            &1u16.to_le_bytes(),
+            &0x0112u16.to_le_bytes(),
+            &3u16.to_le_bytes(),
+            &1u32.to_le_bytes(),
+            &6u32.to_le_bytes(),
+            &0u32.to_le_bytes(),
+        ]
+        .concat();
+        let mut out = Vec::new();
+        let mut encoder = image_webp::WebPEncoder::new(&mut out);
+        encoder.set_exif_metadata(exif);
+        encoder.encode(&[255, 0, 0, 0, 0, 255], 2, 1, image_webp::ColorType::Rgb8).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_webp_metadata_chunk_that_claims_more_than_the_file_is_not_read() {
+        let good = webp_with_exif();
+        assert!(webp_chunks_fit(&good));
+        let header = read_header(&good, &Limits::default()).unwrap();
+        assert_eq!((header.width, header.height, header.orientation), (2, 1, Orientation::Rotate90));
+
+        // The EXIF chunk claims 4 GiB less a little: its buffer would be allocated before the
+        // read found the file short.
+        let at = good.windows(4).position(|w| w == b"EXIF").expect("an EXIF chunk");
+        let mut damaged = good.clone();
+        damaged[at + 4..at + 8].copy_from_slice(&0xF000_0000u32.to_le_bytes());
+        assert!(!webp_chunks_fit(&damaged));
+        let header = read_header(&damaged, &Limits::default()).unwrap();
+        assert_eq!((header.width, header.orientation, header.icc), (2, Orientation::Normal, None));
+        // Chunks cut short anywhere, and sizes at the edge of the index arithmetic.
+        for cut in 12..good.len() {
+            let _ = webp_chunks_fit(&good[..cut]);
+        }
+        let mut huge = good.clone();
+        huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(!webp_chunks_fit(&huge));
+    }
 
     fn heif_with(stored: (u32, u32), irot: Option<u8>) -> Vec<u8> {
         let mut b = b"\0\0\0\x14ftypavif\0\0\0\0mif1".to_vec();
