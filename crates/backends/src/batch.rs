@@ -18,11 +18,9 @@ pub(crate) type Answer<A> = Result<A, String>;
 /// Where a request's answer goes.
 type Reply<A> = oneshot::Sender<Answer<A>>;
 
-struct Line<Q, A> {
-    waiting: Vec<(Q, Reply<A>)>,
-    /// A task runs the line's batches.
-    running: bool,
-}
+/// The requests waiting in one line. A line exists exactly while a task runs its batches: the
+/// request that makes it starts the task, and the task removes it once it finds it empty.
+type Line<Q, A> = Vec<(Q, Reply<A>)>;
 
 /// The lines of one kind of request, by key. Cheap to clone.
 pub(crate) struct Lines<K, Q, A> {
@@ -80,9 +78,9 @@ where
         let (answer, answered) = oneshot::channel();
         let lead = {
             let mut lines = self.lock();
-            let line = lines.entry(key.clone()).or_insert_with(|| Line { waiting: Vec::new(), running: false });
-            line.waiting.push((request, answer));
-            !std::mem::replace(&mut line.running, true)
+            let lead = !lines.contains_key(&key);
+            lines.entry(key.clone()).or_default().push((request, answer));
+            lead
         };
         if lead {
             tokio::spawn(self.clone().drain(key, max.max(1), batch));
@@ -101,15 +99,15 @@ where
                 let mut lines = ended.lines.lock();
                 match lines.get_mut(&ended.key) {
                     Some(line) => {
-                        line.waiting.retain(|(_, answer)| !answer.is_closed());
-                        if line.waiting.is_empty() {
+                        line.retain(|(_, answer)| !answer.is_closed());
+                        if line.is_empty() {
                             // Removed under the same lock that saw it empty: a request that
                             // comes next finds no line and starts one.
                             lines.remove(&ended.key);
                             None
                         } else {
-                            let n = line.waiting.len().min(max);
-                            Some(line.waiting.drain(..n).unzip())
+                            let n = line.len().min(max);
+                            Some(line.drain(..n).unzip())
                         }
                     }
                     None => None,

@@ -202,8 +202,9 @@ pub(crate) trait Backend: Send + Sync {
     ) -> Option<Result<Settled>> {
         None
     }
-    /// Whether [`Backend::claim_started`] works with `queue` (it lives in the log's database).
-    fn claims_on(&self, _queue: &dyn crate::queue::Backend) -> bool {
+    /// Whether `queue` lives in the log's own database, where [`Backend::claim_started`] and
+    /// [`Backend::settle`] work.
+    fn shares(&self, _queue: &dyn crate::queue::Backend) -> bool {
         false
     }
     /// Claims the next message of `name` and starts the invocation it names, in one commit.
@@ -275,7 +276,7 @@ impl InvocationLog {
         lease: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) -> Option<crate::queue::Result<Option<Claimed>>> {
-        if !self.backend.claims_on(queue.backend()) {
+        if !self.backend.shares(queue.backend()) {
             return None;
         }
         let claim = || self.backend.claim_started(queue.backend(), name, lease, queue.holder());

@@ -221,7 +221,9 @@ impl Backend for PgLog {
         queue: &dyn crate::queue::Backend,
         name: &str,
     ) -> Option<Result<()>> {
-        queue.postgres().filter(|q| q.on(&self.pool))?;
+        if !self.shares(queue) {
+            return None;
+        }
         // One statement, so one round trip and one commit: the message is added only with the
         // row (a taken id fails the whole statement), and its notification goes out at commit.
         let recorded = bind_new(
@@ -252,7 +254,9 @@ impl Backend for PgLog {
         outcome: Outcome<'_>,
         queue: &dyn crate::queue::Backend,
     ) -> Option<Result<Settled>> {
-        queue.postgres().filter(|q| q.on(&self.pool))?;
+        if !self.shares(queue) {
+            return None;
+        }
         // The log's update and, only if it recorded the outcome, the message's, in one statement.
         // Both see the same snapshot and each re-checks its own row's condition (lease, fence)
         // on the row's latest version, as alone. The message's row is locked first (`held`), as a
@@ -328,7 +332,7 @@ impl Backend for PgLog {
         Some(Ok(Settled { recorded: done.get::<i64, _>("recorded") == 1, settled: done.get::<i64, _>("settled") == 1 }))
     }
 
-    fn claims_on(&self, queue: &dyn crate::queue::Backend) -> bool {
+    fn shares(&self, queue: &dyn crate::queue::Backend) -> bool {
         queue.postgres().is_some_and(|q| q.on(&self.pool))
     }
 
@@ -339,7 +343,7 @@ impl Backend for PgLog {
         lease: std::time::Duration,
         holder: &str,
     ) -> crate::queue::Result<Option<Claimed>> {
-        if !self.claims_on(queue) {
+        if !self.shares(queue) {
             return Ok(None);
         }
         // A node's workers that look for work while a claim is in flight share the next claim

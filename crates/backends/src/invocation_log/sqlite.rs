@@ -215,7 +215,7 @@ impl Backend for SqliteLog {
         Some(done.map_err(StateError::from).map(|(logged, settled)| Settled { recorded: recorded(&logged), settled }))
     }
 
-    fn claims_on(&self, queue: &dyn crate::queue::Backend) -> bool {
+    fn shares(&self, queue: &dyn crate::queue::Backend) -> bool {
         queue.sqlite().is_some_and(|q| q.writes_with(&self.writer))
     }
 

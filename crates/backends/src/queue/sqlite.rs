@@ -409,12 +409,16 @@ impl SqliteQueue {
         let (queue, message, fence) = (lease.queue.clone(), lease.message, lease.fence);
         let file = self.file.clone();
         let both = crate::sqlite_writer::Then::new(first, move |out: &W::Output| {
-            let op = match &how {
-                Settlement::Finish => Op::Finish { queue: queue.clone(), message, fence },
-                Settlement::Retry(delay) => Op::Retry { message, fence, delay: *delay },
-                Settlement::Bury(reason) => Op::Bury { queue: queue.clone(), message, fence, reason: reason.clone() },
-            };
-            settle(out).then(|| QueueWrite { op, file: file.clone() })
+            settle(out).then(|| {
+                let op = match &how {
+                    Settlement::Finish => Op::Finish { queue: queue.clone(), message, fence },
+                    Settlement::Retry(delay) => Op::Retry { message, fence, delay: *delay },
+                    Settlement::Bury(reason) => {
+                        Op::Bury { queue: queue.clone(), message, fence, reason: reason.clone() }
+                    }
+                };
+                QueueWrite { op, file: file.clone() }
+            })
         });
         Some(self.writer.write(both).await.map(|(out, settled)| (out, matches!(settled, Some(Done::Rows(1))))))
     }

@@ -12,9 +12,8 @@
 //! for the lease that holds the message: a consumer whose lease moved on changes neither. Where
 //! the log and the queue share a database, the claim and the start are one commit, and so are
 //! the outcome and the settlement (decision 022); elsewhere (JetStream) they follow each other.
-//! While
-//! an attempt runs, a heartbeat renews the lease, so a node that dies leaves its work to other
-//! consumers within [`LEASE`] (and its own next start takes it back at once).
+//! While an attempt runs, a heartbeat renews the lease, so a node that dies leaves its work to
+//! other consumers within [`LEASE`] (and its own next start takes it back at once).
 
 mod call;
 mod error;
