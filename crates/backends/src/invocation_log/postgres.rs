@@ -18,7 +18,9 @@ use crate::queue::QueueError;
 use crate::state::{Result, StateError, now_ms};
 
 /// The schema, as a migration step of [`crate::pg`]. Ids sort byte-wise (`COLLATE "C"`), as in
-/// SQLite, so dead letters page alike.
+/// SQLite, so dead letters page alike. A statement that looks an invocation up by its id names
+/// the statuses it excludes (`status NOT IN ('succeeded', 'dead')`), never a status a partial
+/// index covers, as the queue's statements do (see `crate::queue::postgres::MIGRATION`).
 pub(crate) const MIGRATION: &str = r#"
     CREATE TABLE invocations (
         id TEXT COLLATE "C" PRIMARY KEY, function TEXT NOT NULL,
@@ -87,17 +89,17 @@ async fn settle_successes(db: PgPool, all: Vec<Success>) -> crate::batch::Answer
          held AS (
              SELECT queue_messages.seq, queue_messages.fence FROM queue_messages
              JOIN v ON queue_messages.seq = v.seq AND queue_messages.fence = v.fence
-             WHERE queue_messages.state = 'leased' ORDER BY queue_messages.seq FOR UPDATE OF queue_messages),
+             WHERE queue_messages.state NOT IN ('ready', 'done', 'dead') ORDER BY queue_messages.seq FOR UPDATE OF queue_messages),
          logged AS (
              UPDATE invocations SET status = 'succeeded', result_meta = v.result_meta, result = v.result,
                  error = NULL, payload = ''::BYTEA, claim = NULL, updated_ms = $7
-             FROM v WHERE invocations.id = v.id AND invocations.claim = v.token AND invocations.status = 'running'
+             FROM v WHERE invocations.id = v.id AND invocations.claim = v.token AND invocations.status NOT IN ('queued', 'succeeded', 'dead')
                  AND (v.seq, v.fence) IN (SELECT seq, fence FROM held)
              RETURNING v.seq, v.fence),
          settled AS (
              UPDATE queue_messages SET state = 'done', payload = ''::BYTEA, settled_ms = $7, holder = NULL
              FROM v WHERE queue_messages.seq = v.seq AND queue_messages.fence = v.fence
-                 AND queue_messages.state = 'leased' AND (v.seq, v.fence) IN (SELECT seq, fence FROM logged)
+                 AND queue_messages.state NOT IN ('ready', 'done', 'dead') AND (v.seq, v.fence) IN (SELECT seq, fence FROM logged)
              RETURNING queue_messages.seq, queue_messages.fence)
          SELECT v.seq, v.fence,
              (v.seq, v.fence) IN (SELECT seq, fence FROM logged) AS recorded,
@@ -154,7 +156,7 @@ async fn claim_many(db: &PgPool, key: &ClaimKey, n: usize) -> sqlx::Result<Vec<C
              UPDATE invocations SET status = 'running', attempts = attempts + 1,
                  claim = claimed.seq::TEXT || '.' || claimed.fence::TEXT, updated_ms = $4
              FROM claimed WHERE invocations.id = encode(claimed.payload, 'escape')
-                 AND invocations.status IN ('queued', 'running')
+                 AND invocations.status NOT IN ('succeeded', 'dead')
              RETURNING ",
         row_columns!(),
         ", invocations.payload AS started_payload, claimed.seq AS started_seq)
@@ -225,26 +227,33 @@ impl Backend for PgLog {
             return None;
         }
         // One statement, so one round trip and one commit: the message is added only with the
-        // row (a taken id fails the whole statement), and its notification goes out at commit.
+        // row (a taken id fails the whole statement). It is announced once committed.
         let recorded = bind_new(
             sqlx::query(
                 "WITH inv AS (
                  INSERT INTO invocations (id, function, status, max_attempts, meta, payload, callback, created_ms,
                  updated_ms, next_ms, message)
-                 VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $7, $7, $1) RETURNING id),
-             added AS (
-                 INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
-                 SELECT $8, id, 'ready', $9, $7, $7 FROM inv ON CONFLICT (queue, dedup) DO NOTHING RETURNING queue)
-             SELECT pg_notify($10, queue)::text FROM added",
+                 VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $7, $7, $1) RETURNING id)
+             INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
+             SELECT $8, id, 'ready', $9, $7, $7 FROM inv ON CONFLICT (queue, dedup) DO NOTHING RETURNING seq",
             ),
             inv,
         )
         .bind(name)
         .bind(inv.id.as_bytes())
-        .bind(crate::queue::postgres::CHANNEL)
         .fetch_optional(&self.db)
         .await;
-        Some(recorded.map(|_| ()).map_err(StateError::from))
+        Some(match recorded {
+            Ok(added) => {
+                if added.is_some()
+                    && let Some(q) = queue.postgres()
+                {
+                    q.announce(name);
+                }
+                Ok(())
+            }
+            Err(e) => Err(StateError::from(e)),
+        })
     }
 
     async fn settle(
@@ -284,17 +293,16 @@ impl Backend for PgLog {
             }
             Outcome::Retry { error, delay } => sqlx::query(
                 "WITH held AS (
-                     SELECT seq FROM queue_messages WHERE seq = $6 AND fence = $7 AND state = 'leased' FOR UPDATE),
+                     SELECT seq FROM queue_messages WHERE seq = $6 AND fence = $7 AND state NOT IN ('ready', 'done', 'dead') FOR UPDATE),
                  logged AS (
                      UPDATE invocations SET status = 'queued', error = $1, next_ms = $2, claim = NULL, updated_ms = $3
-                     WHERE id = $4 AND claim = $5 AND status = 'running' AND EXISTS (SELECT 1 FROM held)
+                     WHERE id = $4 AND claim = $5 AND status NOT IN ('queued', 'succeeded', 'dead') AND EXISTS (SELECT 1 FROM held)
                      RETURNING id),
                  settled AS (
                      UPDATE queue_messages SET state = 'ready', due_ms = $2, holder = NULL
-                     WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)
+                     WHERE seq = $6 AND fence = $7 AND state NOT IN ('ready', 'done', 'dead') AND EXISTS (SELECT 1 FROM logged)
                      RETURNING queue)
-                 SELECT (SELECT COUNT(*) FROM logged) AS recorded, (SELECT COUNT(*) FROM settled) AS settled,
-                     (SELECT pg_notify($8, queue)::text FROM settled WHERE $2 <= $3) AS notified",
+                 SELECT (SELECT COUNT(*) FROM logged) AS recorded, (SELECT COUNT(*) FROM settled) AS settled",
             )
             .bind(error)
             .bind(now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)))
@@ -302,18 +310,17 @@ impl Backend for PgLog {
             .bind(id)
             .bind(&token)
             .bind(lease.message)
-            .bind(lease.fence)
-            .bind(crate::queue::postgres::CHANNEL),
+            .bind(lease.fence),
             Outcome::Dead { error, reason } => sqlx::query(
                 "WITH held AS (
-                     SELECT seq FROM queue_messages WHERE seq = $6 AND fence = $7 AND state = 'leased' FOR UPDATE),
+                     SELECT seq FROM queue_messages WHERE seq = $6 AND fence = $7 AND state NOT IN ('ready', 'done', 'dead') FOR UPDATE),
                  logged AS (
                      UPDATE invocations SET status = 'dead', error = $1, claim = NULL, updated_ms = $2
-                     WHERE id = $3 AND claim = $4 AND status = 'running' AND EXISTS (SELECT 1 FROM held)
+                     WHERE id = $3 AND claim = $4 AND status NOT IN ('queued', 'succeeded', 'dead') AND EXISTS (SELECT 1 FROM held)
                      RETURNING id),
                  settled AS (
                      UPDATE queue_messages SET state = 'dead', reason = $5, settled_ms = $2, holder = NULL
-                     WHERE seq = $6 AND fence = $7 AND state = 'leased' AND EXISTS (SELECT 1 FROM logged)
+                     WHERE seq = $6 AND fence = $7 AND state NOT IN ('ready', 'done', 'dead') AND EXISTS (SELECT 1 FROM logged)
                      RETURNING queue)
                  SELECT (SELECT COUNT(*) FROM logged) AS recorded, (SELECT COUNT(*) FROM settled) AS settled",
             )
@@ -329,7 +336,16 @@ impl Backend for PgLog {
             Ok(r) => r,
             Err(e) => return Some(Err(e.into())),
         };
-        Some(Ok(Settled { recorded: done.get::<i64, _>("recorded") == 1, settled: done.get::<i64, _>("settled") == 1 }))
+        let settled =
+            Settled { recorded: done.get::<i64, _>("recorded") == 1, settled: done.get::<i64, _>("settled") == 1 };
+        if settled.settled
+            && matches!(outcome, Outcome::Retry { delay, .. } if delay.is_zero())
+            && let Some(q) = queue.postgres()
+        {
+            // `InvocationLog::settle` wakes this node's consumers; other nodes' may be waiting.
+            q.tell_others(&lease.queue);
+        }
+        Some(Ok(settled))
     }
 
     fn shares(&self, queue: &dyn crate::queue::Backend) -> bool {
@@ -361,7 +377,7 @@ impl Backend for PgLog {
     async fn start(&self, id: &str, lease: &str) -> Result<Option<(InvocationRow, Vec<u8>)>> {
         let r = sqlx::query(concat!(
             "UPDATE invocations SET status = 'running', attempts = attempts + 1, claim = $1, updated_ms = $2
-             WHERE id = $3 AND status IN ('queued', 'running')
+             WHERE id = $3 AND status NOT IN ('succeeded', 'dead')
              RETURNING ",
             row_columns!(),
             ", payload"
@@ -377,7 +393,7 @@ impl Backend for PgLog {
     async fn finish(&self, id: &str, lease: &str, result_meta: &str, result: &[u8]) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE invocations SET status = 'succeeded', result_meta = $1, result = $2, error = NULL,
-             payload = ''::BYTEA, claim = NULL, updated_ms = $3 WHERE id = $4 AND claim = $5 AND status = 'running'",
+             payload = ''::BYTEA, claim = NULL, updated_ms = $3 WHERE id = $4 AND claim = $5 AND status NOT IN ('queued', 'succeeded', 'dead')",
         )
         .bind(result_meta)
         .bind(result)
@@ -392,7 +408,7 @@ impl Backend for PgLog {
     async fn retry_at(&self, id: &str, lease: &str, error: &str, next_ms: i64) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE invocations SET status = 'queued', error = $1, next_ms = $2, claim = NULL, updated_ms = $3
-             WHERE id = $4 AND claim = $5 AND status = 'running'",
+             WHERE id = $4 AND claim = $5 AND status NOT IN ('queued', 'succeeded', 'dead')",
         )
         .bind(error)
         .bind(next_ms)
@@ -407,7 +423,7 @@ impl Backend for PgLog {
     async fn bury(&self, id: &str, lease: &str, error: &str) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE invocations SET status = 'dead', error = $1, claim = NULL, updated_ms = $2
-             WHERE id = $3 AND claim = $4 AND status = 'running'",
+             WHERE id = $3 AND claim = $4 AND status NOT IN ('queued', 'succeeded', 'dead')",
         )
         .bind(error)
         .bind(now_ms())

@@ -1,11 +1,18 @@
 //! The queue in PostgreSQL, shared by every node on the same database. A claim takes the
 //! oldest due row with `FOR UPDATE SKIP LOCKED` (concurrent claims pass over each other's rows
-//! instead of waiting); settlements update only the row whose fence they carry. An enqueue
-//! sends `NOTIFY pixflow_queue` with the queue's name, delivered at commit to every node's
-//! listener, which wakes one of its waiting consumers; a listener that lost its connection
-//! wakes them all once it listens again, so nothing enqueued meanwhile waits for the timer.
+//! instead of waiting); settlements update only the row whose fence they carry.
+//!
+//! Wake-ups: a message that falls due now is announced after its commit. The node that wrote it
+//! wakes one of its own waiting consumers at once, and tells the others with `NOTIFY
+//! pixflow_queue`, payload `<queue>\n<origin>\n<count>`: one statement per queue per round trip
+//! for every announcement made meanwhile, outside the writes (decision 023). A `NOTIFY` inside
+//! a write would hold PostgreSQL's cluster-wide notify lock through that write's commit,
+//! serialising every enqueue. A listener wakes up to `count` of its consumers for another
+//! node's announcement; one that lost its connection wakes them all once it listens again, so
+//! nothing enqueued meanwhile waits for the timer.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,6 +26,12 @@ use crate::state::now_ms;
 pub(crate) const CHANNEL: &str = "pixflow_queue";
 
 /// The schema, as migration steps of [`crate::pg`].
+///
+/// A statement that looks a message up by its key (`seq`) names the states it excludes
+/// (`state NOT IN ('ready', 'done', 'dead')` for a leased one), never a state a partial index
+/// covers. Statistics gathered while the queue was quiet say the partial indexes hold almost
+/// nothing; a plan that believed them would scan a whole index for each row of a burst instead
+/// of looking the row up by its key, and a prepared statement keeps such a plan (decision 023).
 pub(crate) const MIGRATION: &str = "
     CREATE TABLE queue_messages (
         seq BIGSERIAL PRIMARY KEY,
@@ -36,63 +49,165 @@ pub(crate) struct PgQueue {
     db: PgPool,
     /// Which pool `db` is (see `crate::pg::Postgres`).
     pool: Arc<()>,
+    wakers: Arc<Wakers>,
+    announcer: Arc<Announcer>,
     listener: tokio::task::JoinHandle<()>,
+    announcing: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for PgQueue {
     fn drop(&mut self) {
         self.listener.abort();
+        self.announcing.abort();
     }
 }
 
 impl PgQueue {
     /// Starts listening before returning, so no enqueue after this is missed.
     pub(crate) async fn new(db: PgPool, wakers: Arc<Wakers>, pool: Arc<()>) -> Result<PgQueue> {
+        let mut origin = [0u8; 12];
+        getrandom::fill(&mut origin).map_err(|e| QueueError::Unavailable(e.to_string()))?;
+        let announcer = Arc::new(Announcer { origin: hex::encode(origin), ..Announcer::default() });
         let mut listener = PgListener::connect_with(&db).await?;
         listener.listen(CHANNEL).await?;
-        let listener = tokio::spawn(listen(db.clone(), listener, wakers));
-        Ok(PgQueue { db, pool, listener })
+        let listener = tokio::spawn(listen(db.clone(), listener, wakers.clone(), announcer.origin.clone()));
+        let announcing = tokio::spawn(announce(db.clone(), announcer.clone()));
+        Ok(PgQueue { db, pool, wakers, announcer, listener, announcing })
     }
 
     /// Whether this queue lives on the pool `pool` names.
     pub(crate) fn on(&self, pool: &Arc<()>) -> bool {
         Arc::ptr_eq(&self.pool, pool)
     }
+
+    /// A message of `queue` fell due now (committed): wakes one of this node's consumers, and
+    /// tells the other nodes.
+    pub(crate) fn announce(&self, queue: &str) {
+        self.wakers.wake(queue);
+        self.tell_others(queue);
+    }
+
+    /// Tells the other nodes that a message of `queue` fell due now (committed), for a caller
+    /// that wakes this node's consumers itself.
+    pub(crate) fn tell_others(&self, queue: &str) {
+        self.announcer.add(queue, 1);
+    }
 }
 
-/// Adds a message on `conn` (alone, or in its caller's transaction); `false`: its deduplication
-/// id is in the queue already. The notify rides in the same statement, so it goes out with the
-/// commit, and only when a row was added that is due now.
+/// Announcements waiting for the next `NOTIFY`, by queue, and who this node is in them.
+#[derive(Default)]
+struct Announcer {
+    origin: String,
+    pending: Mutex<HashMap<String, u64>>,
+    added: tokio::sync::Notify,
+}
+
+impl Announcer {
+    fn add(&self, queue: &str, n: u64) {
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            match pending.get_mut(queue) {
+                Some(count) => *count = count.saturating_add(n),
+                None => {
+                    pending.insert(queue.to_owned(), n);
+                }
+            }
+        }
+        self.added.notify_one();
+    }
+}
+
+/// Sends what was announced since the last `NOTIFY` in one, one at a time: an announcement
+/// made while one is in flight goes in the next. One that fails is kept for the next try.
+async fn announce(db: PgPool, announcer: Arc<Announcer>) {
+    loop {
+        announcer.added.notified().await;
+        loop {
+            let due = std::mem::take(&mut *announcer.pending.lock().unwrap_or_else(PoisonError::into_inner));
+            if due.is_empty() {
+                break;
+            }
+            let (queues, counts): (Vec<String>, Vec<i64>) =
+                due.iter().map(|(q, n)| (q.clone(), i64::try_from(*n).unwrap_or(i64::MAX))).unzip();
+            let sent = sqlx::query(
+                "SELECT pg_notify($1, concat(q, E'\\n', $2::TEXT, E'\\n', n)) FROM UNNEST($3::TEXT[], $4::BIGINT[]) AS t(q, n)",
+            )
+            .bind(CHANNEL)
+            .bind(&announcer.origin)
+            .bind(&queues)
+            .bind(&counts)
+            .execute(&db)
+            .await;
+            match sent {
+                Ok(_) => {}
+                Err(sqlx::Error::PoolClosed) => return,
+                // Other nodes find the messages when PostgreSQL answers again (their listeners
+                // lost the connection too, and look again once they listen) or by the timer;
+                // the announcements are kept, and sent on the next try.
+                Err(e) => {
+                    tracing::warn!(error = %e, "queue announcements to other nodes not sent; trying again");
+                    for (queue, n) in due {
+                        announcer.add(&queue, n);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Adds a message on `conn` (alone, or in its caller's transaction). `None`: its deduplication
+/// id is in the queue already; else whether it is due now (the caller announces it once
+/// committed).
 pub(crate) async fn enqueue_on(
     conn: &mut sqlx::PgConnection,
     queue: &str,
     id: &str,
     payload: &[u8],
     delay: Duration,
-) -> sqlx::Result<bool> {
+) -> sqlx::Result<Option<bool>> {
     let now = now_ms();
     let due = now.saturating_add(millis(delay));
     let r = sqlx::query(
-        "WITH added AS (
-             INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
-             VALUES ($1, $2, 'ready', $3, $4, $5) ON CONFLICT (queue, dedup) DO NOTHING RETURNING seq)
-         SELECT seq, CASE WHEN $4 <= $5 THEN pg_notify($6, $1)::text END AS notified FROM added",
+        "INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, enqueued_ms)
+         VALUES ($1, $2, 'ready', $3, $4, $5) ON CONFLICT (queue, dedup) DO NOTHING RETURNING seq",
     )
     .bind(queue)
     .bind(id)
     .bind(payload)
     .bind(due)
     .bind(now)
-    .bind(CHANNEL)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(r.is_some())
+    Ok(r.map(|_| due <= now))
 }
 
-async fn listen(db: PgPool, mut listener: PgListener, wakers: Arc<Wakers>) {
+/// Parses an announcement: its queue, and how many consumers it wakes; `None` for this node's
+/// own (its consumers were woken when it was made). A payload of a queue's name alone is one.
+fn announced<'a>(payload: &'a str, origin: &str) -> Option<(&'a str, u64)> {
+    let mut parts = payload.split('\n');
+    let queue = parts.next()?;
+    match (parts.next(), parts.next()) {
+        (Some(from), _) if from == origin => None,
+        (_, Some(n)) => Some((queue, n.parse().unwrap_or(1))),
+        _ => Some((queue, 1)),
+    }
+}
+
+/// At most this many consumers woken by one announcement: each looks, and one that finds the
+/// queue empty waits again.
+const WAKE_AT_MOST: u64 = 64;
+
+async fn listen(db: PgPool, mut listener: PgListener, wakers: Arc<Wakers>, origin: String) {
     loop {
         match listener.try_recv().await {
-            Ok(Some(n)) => wakers.wake(n.payload()),
+            Ok(Some(n)) => {
+                if let Some((queue, count)) = announced(n.payload(), &origin) {
+                    for _ in 0..count.clamp(1, WAKE_AT_MOST) {
+                        wakers.wake(queue);
+                    }
+                }
+            }
             // The connection dropped and the listener made a new one, listening again: what was
             // notified in between is lost, so every consumer looks again.
             Ok(None) => wakers.wake_all(),
@@ -147,7 +262,11 @@ impl Backend for PgQueue {
 
     async fn enqueue(&self, queue: &str, id: &str, payload: &[u8], delay: Duration) -> Result<bool> {
         let mut conn = self.db.acquire().await?;
-        Ok(enqueue_on(&mut conn, queue, id, payload, delay).await?)
+        let added = enqueue_on(&mut conn, queue, id, payload, delay).await?;
+        if added == Some(true) {
+            self.announce(queue);
+        }
+        Ok(added.is_some())
     }
 
     fn postgres(&self) -> Option<&PgQueue> {
@@ -184,7 +303,7 @@ impl Backend for PgQueue {
 
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<()> {
         settled(
-            sqlx::query("UPDATE queue_messages SET due_ms = $1 WHERE seq = $2 AND fence = $3 AND state = 'leased'")
+            sqlx::query("UPDATE queue_messages SET due_ms = $1 WHERE seq = $2 AND fence = $3 AND state NOT IN ('ready', 'done', 'dead')")
                 .bind(now_ms().saturating_add(millis(by)))
                 .bind(lease.message)
                 .bind(lease.fence)
@@ -197,7 +316,7 @@ impl Backend for PgQueue {
         settled(
             sqlx::query(
                 "UPDATE queue_messages SET state = 'done', payload = '', settled_ms = $1, holder = NULL
-                 WHERE seq = $2 AND fence = $3 AND state = 'leased'",
+                 WHERE seq = $2 AND fence = $3 AND state NOT IN ('ready', 'done', 'dead')",
             )
             .bind(now_ms())
             .bind(lease.message)
@@ -213,7 +332,7 @@ impl Backend for PgQueue {
         settled(
             sqlx::query(
                 "UPDATE queue_messages SET state = 'ready', due_ms = $1, holder = NULL
-                 WHERE seq = $2 AND fence = $3 AND state = 'leased'",
+                 WHERE seq = $2 AND fence = $3 AND state NOT IN ('ready', 'done', 'dead')",
             )
             .bind(due)
             .bind(lease.message)
@@ -222,8 +341,8 @@ impl Backend for PgQueue {
             .await?,
         )?;
         if due <= now {
-            // Other nodes' consumers may be the ones waiting.
-            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(&lease.queue).execute(&self.db).await?;
+            // `Queue::retry` wakes this node's consumers; other nodes' may be the ones waiting.
+            self.tell_others(&lease.queue);
         }
         Ok(())
     }
@@ -232,7 +351,7 @@ impl Backend for PgQueue {
         settled(
             sqlx::query(
                 "UPDATE queue_messages SET state = 'dead', reason = $1, settled_ms = $2, holder = NULL
-                 WHERE seq = $3 AND fence = $4 AND state = 'leased'",
+                 WHERE seq = $3 AND fence = $4 AND state NOT IN ('ready', 'done', 'dead')",
             )
             .bind(reason)
             .bind(now_ms())
@@ -268,11 +387,14 @@ impl Backend for PgQueue {
         .execute(&self.db)
         .await?;
         if done.rows_affected() > 0 {
-            sqlx::query("SELECT pg_notify($1, queue) FROM (SELECT DISTINCT queue FROM queue_messages WHERE state = 'leased' AND due_ms <= $2) q")
-                .bind(CHANNEL)
+            // `Queue::release_held` wakes this node's consumers; other nodes' may be waiting.
+            let due = sqlx::query("SELECT DISTINCT queue FROM queue_messages WHERE state = 'leased' AND due_ms <= $1")
                 .bind(now)
-                .execute(&self.db)
+                .fetch_all(&self.db)
                 .await?;
+            for r in due {
+                self.tell_others(r.get("queue"));
+            }
         }
         Ok(done.rows_affected())
     }
@@ -287,5 +409,18 @@ impl Backend for PgQueue {
         .execute(&self.db)
         .await?;
         Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::announced;
+
+    #[test]
+    fn announcements_name_their_queue_and_count_and_a_node_skips_its_own() {
+        assert_eq!(announced("work\nabc\n3", "xyz"), Some(("work", 3)));
+        assert_eq!(announced("work\nabc\n3", "abc"), None, "its consumers were woken already");
+        assert_eq!(announced("work", "abc"), Some(("work", 1)), "a queue's name alone");
+        assert_eq!(announced("work\nabc\nlots", "xyz"), Some(("work", 1)), "a count that is not one");
     }
 }

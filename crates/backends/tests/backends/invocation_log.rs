@@ -269,6 +269,35 @@ async fn an_invocation_and_its_message_are_recorded_together_where_they_share_a_
     each_pair(case).await;
 }
 
+/// An accepted invocation wakes a worker of the same node waiting for it (the node's own
+/// announcement is the only one it gets), without its backstop timer.
+#[tokio::test]
+async fn an_accepted_invocation_wakes_a_worker_of_its_own_node() {
+    async fn case(same: &State, _other: &State, prefix: &str) {
+        let (log, queue) = (same.invocations(), same.queue("node-a").await.unwrap());
+        let work = format!("{prefix}-work");
+        let worker = {
+            let (log, queue, work) = (log.clone(), queue.clone(), work.clone());
+            tokio::spawn(async move {
+                log.next_started(&queue, &work, Duration::from_secs(60), pending()).await.expect("one database")
+            })
+        };
+        // Waiting with nothing due (its backstop timer is 30 s away).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let id = format!("{prefix}-1");
+        log.insert_queued(&inv(&id), &queue, &work).await.expect("one database").unwrap();
+        let claimed = tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .expect("the worker was woken")
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(claimed.delivery.id, id);
+        queue.remove(&work).await.unwrap();
+    }
+    each_pair(case).await;
+}
+
 /// Where the queue lives in the log's own database, a claim starts the invocation its message
 /// names, and an outcome settles the message, each in one commit; the lease fences both, and a
 /// queue elsewhere is left to the caller.
@@ -424,4 +453,120 @@ async fn workers_claiming_at_once_each_start_a_message_of_their_own() {
         queue.remove(&work).await.unwrap();
     }
     each_pair(async |state: &State, _: &State, prefix: &str| case(state, prefix).await).await;
+}
+
+/// Acceptances made at once are each recorded with their own message; an id taken already, or
+/// twice among them, is refused for that acceptance alone.
+#[tokio::test]
+async fn acceptances_made_at_once_are_each_recorded_and_a_taken_id_is_refused_alone() {
+    async fn case(state: &State, prefix: &str) {
+        let (log, queue) = (state.invocations(), state.queue("node-a").await.unwrap());
+        let work = format!("{prefix}-work");
+        let taken = format!("{prefix}-taken");
+        log.insert_queued(&inv(&taken), &queue, &work).await.expect("one database").unwrap();
+        let mut ids: Vec<String> = (0..70).map(|n| format!("{prefix}-{n:02}")).collect();
+        // The taken id again, and one id twice.
+        let sent: Vec<String> = ids.iter().cloned().chain([taken.clone(), ids[7].clone()]).collect();
+        let acceptances: Vec<_> = sent
+            .into_iter()
+            .map(|id| {
+                let (log, queue, work) = (log.clone(), queue.clone(), work.clone());
+                tokio::spawn(async move {
+                    let mut new = inv(&id);
+                    new.payload = id.as_bytes().to_vec();
+                    (id, log.insert_queued(&new, &queue, &work).await.expect("one database").is_ok())
+                })
+            })
+            .collect();
+        let mut refused = Vec::new();
+        for a in acceptances {
+            let (id, ok) = a.await.unwrap();
+            if !ok {
+                refused.push(id);
+            }
+        }
+        refused.sort();
+        let mut expected = vec![taken.clone(), ids[7].clone()];
+        expected.sort();
+        assert_eq!(refused, expected, "the taken id, and the second of the id sent twice");
+        ids.push(taken);
+        let mut queued = Vec::new();
+        while let Some(d) = queue.claim(&work, Duration::from_secs(60)).await.unwrap() {
+            queued.push(d.id);
+        }
+        queued.sort();
+        ids.sort();
+        assert_eq!(queued, ids, "each recorded invocation has its one message");
+        for id in ids.iter().filter(|id| !id.ends_with("-taken")) {
+            let (_, payload) = log.start(id, "1.1").await.unwrap().expect("recorded");
+            assert_eq!(payload, id.as_bytes(), "each its own payload");
+        }
+        queue.remove(&work).await.unwrap();
+    }
+    each_pair(async |state: &State, _: &State, prefix: &str| case(state, prefix).await).await;
+}
+
+/// PostgreSQL: a burst that the statistics do not know of (gathered while nothing was waiting,
+/// so they say the partial indexes of waiting work are empty) is claimed, started and settled
+/// through key lookups. A plan that believed the statistics would scan the whole partial index
+/// for each row, reading a number of index entries that grows with the square of the burst.
+#[tokio::test]
+async fn a_burst_the_statistics_do_not_know_of_is_settled_through_key_lookups() {
+    let Some(server) = crate::support::postgres_url("invocation log") else { return };
+    let schema = crate::support::Schema::create(&server).await;
+    let state = State::postgres(&schema.url).await.expect("PIXFLOW_TEST_POSTGRES_URL is set but unreachable");
+    let (log, queue) = (state.invocations(), state.queue("node-a").await.unwrap());
+    let work = fresh("work");
+    // History: settled invocations and messages, and statistics gathered then.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&schema.url).await.unwrap();
+    for statement in [
+        "INSERT INTO invocations (id, function, status, attempts, max_attempts, meta, payload, created_ms, updated_ms, next_ms)
+         SELECT 'old-' || i, 'thumb', 'succeeded', 1, 3, '{}', '', 1, 1, 1 FROM generate_series(1, 2000) i",
+        "INSERT INTO queue_messages (queue, dedup, state, payload, due_ms, fence, enqueued_ms, settled_ms)
+         SELECT 'old', 'old-' || i, 'done', '', 1, 1, 1, 1 FROM generate_series(1, 2000) i",
+        "ANALYZE invocations",
+        "ANALYZE queue_messages",
+    ] {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    let n = 300;
+    for i in 0..n {
+        log.insert_queued(&inv(&format!("new-{i}")), &queue, &work).await.expect("one database").unwrap();
+    }
+    for _ in 0..n {
+        let c = log.next_started(&queue, &work, Duration::from_secs(60), pending()).await.unwrap().unwrap().unwrap();
+        let done = Outcome::Succeeded { result_meta: "[]", result: b"" };
+        let settled = log.settle(&c.delivery.id, &c.delivery.lease, done, &queue).await.unwrap().unwrap();
+        assert_eq!(settled, Settled { recorded: true, settled: true });
+    }
+    // A backend reports its counts when its connection closes.
+    state.close().await;
+    let read = |index: &'static str| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(SUM(idx_tup_read), 0)::BIGINT FROM pg_stat_user_indexes
+             WHERE schemaname = current_schema() AND indexrelname = $1",
+        )
+        .bind(index)
+    };
+    let mut updates = 0;
+    for _ in 0..100 {
+        sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut conn).await.unwrap();
+        updates = sqlx::query_scalar::<_, i64>(
+            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = current_schema() AND relname = 'invocations'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if updates >= 2 * n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(updates >= 2 * n, "every start and outcome counted ({updates})");
+    let unsettled = read("invocations_unsettled").fetch_one(&mut conn).await.unwrap();
+    let due = read("queue_messages_due").fetch_one(&mut conn).await.unwrap();
+    assert!(unsettled < n, "invocations looked up by id, not found in the index of unsettled ones ({unsettled})");
+    assert!(due < 20 * n, "messages looked up by key, not found in the index of due ones ({due})");
+    drop(conn);
+    schema.drop().await;
 }

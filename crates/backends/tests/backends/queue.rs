@@ -259,6 +259,31 @@ async fn an_enqueue_wakes_a_waiting_consumer_of_another_handle() {
     .await;
 }
 
+/// Every waiting consumer, on the enqueuing node and on another, is woken for a message of its
+/// own: none waits for its backstop timer.
+#[tokio::test]
+async fn enqueues_wake_waiting_consumers_of_the_same_handle_and_of_another() {
+    each(async |a, b, q| {
+        let waiters: Vec<_> = [a.clone(), b.clone()]
+            .into_iter()
+            .map(|node| {
+                let q = q.clone();
+                tokio::spawn(async move { node.next(&q, MINUTE).await })
+            })
+            .collect();
+        // Both are waiting with nothing due (their backstop timers are 30 s away).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.enqueue(&q, "one", b"1", Duration::ZERO).await.unwrap();
+        a.enqueue(&q, "two", b"2", Duration::ZERO).await.unwrap();
+        let mut got = HashSet::new();
+        for w in waiters {
+            got.insert(within(5, "a woken consumer", w).await.unwrap().unwrap().id);
+        }
+        assert_eq!(got, HashSet::from(["one".to_owned(), "two".to_owned()]));
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn buried_messages_are_never_delivered_again_and_stats_follow() {
     each(async |a, b, q| {
