@@ -339,7 +339,7 @@ impl Backend for PgLog {
         let settled =
             Settled { recorded: done.get::<i64, _>("recorded") == 1, settled: done.get::<i64, _>("settled") == 1 };
         if settled.settled
-            && matches!(outcome, Outcome::Retry { delay, .. } if delay.is_zero())
+            && matches!(outcome, Outcome::Retry { .. })
             && let Some(q) = queue.postgres()
         {
             // `InvocationLog::settle` wakes this node's consumers; other nodes' may be waiting.

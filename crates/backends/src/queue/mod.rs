@@ -392,9 +392,9 @@ impl Queue {
     /// Puts a message back, due after `delay`; its next claim counts another attempt.
     pub async fn retry(&self, lease: &Lease, delay: Duration) -> Result<()> {
         self.backend.retry(lease, delay).await?;
-        if delay.is_zero() {
-            self.wakers.wake(&lease.queue);
-        }
+        // Due now, or later: a waiting consumer looks again, and sets its timer by it (it may
+        // have set it while this message was still leased, for the lease's end).
+        self.wakers.wake(&lease.queue);
         Ok(())
     }
 

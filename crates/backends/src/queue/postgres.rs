@@ -2,7 +2,8 @@
 //! oldest due row with `FOR UPDATE SKIP LOCKED` (concurrent claims pass over each other's rows
 //! instead of waiting); settlements update only the row whose fence they carry.
 //!
-//! Wake-ups: a message that falls due now is announced after its commit. The node that wrote it
+//! Wake-ups: a message that falls due now, or is put back for later, is announced after its
+//! commit. The node that wrote it
 //! wakes one of its own waiting consumers at once, and tells the others with `NOTIFY
 //! pixflow_queue`, payload `<queue>\n<origin>\n<count>`: one statement per queue per round trip
 //! for every announcement made meanwhile, outside the writes (decision 023). A `NOTIFY` inside
@@ -87,8 +88,9 @@ impl PgQueue {
         self.tell_others(queue);
     }
 
-    /// Tells the other nodes that a message of `queue` fell due now (committed), for a caller
-    /// that wakes this node's consumers itself.
+    /// Tells the other nodes that a message of `queue` fell due now, or was put back for later
+    /// (committed), for a caller that wakes this node's consumers itself. A woken consumer
+    /// looks, and sets its timer by what it finds.
     pub(crate) fn tell_others(&self, queue: &str) {
         self.announcer.add(queue, 1);
     }
@@ -340,10 +342,9 @@ impl Backend for PgQueue {
             .execute(&self.db)
             .await?,
         )?;
-        if due <= now {
-            // `Queue::retry` wakes this node's consumers; other nodes' may be the ones waiting.
-            self.tell_others(&lease.queue);
-        }
+        // `Queue::retry` wakes this node's consumers; other nodes' may be the ones waiting, for
+        // a message due now or with timers set for the lease's end.
+        self.tell_others(&lease.queue);
         Ok(())
     }
 

@@ -284,6 +284,25 @@ async fn enqueues_wake_waiting_consumers_of_the_same_handle_and_of_another() {
     .await;
 }
 
+/// A consumer that began waiting while a message was leased (its timer set for the lease's
+/// end) is woken when the message is put back for later, and takes it once it is due.
+#[tokio::test]
+async fn a_message_put_back_for_later_reaches_a_consumer_that_waited_during_its_lease() {
+    each(async |a, b, q| {
+        a.enqueue(&q, "again", b"a", Duration::ZERO).await.unwrap();
+        let d = a.claim(&q, MINUTE).await.unwrap().unwrap();
+        let waiter = {
+            let (b, q) = (b.clone(), q.clone());
+            tokio::spawn(async move { b.next(&q, MINUTE).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.retry(&d.lease, Duration::from_millis(200)).await.unwrap();
+        let again = within(10, "the message put back", waiter).await.unwrap().unwrap();
+        assert_eq!((again.id.as_str(), again.attempt), ("again", 2));
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn buried_messages_are_never_delivered_again_and_stats_follow() {
     each(async |a, b, q| {

@@ -297,12 +297,21 @@ pub(crate) async fn worker(app: Arc<App>) {
     work(app, LEASE).await;
 }
 
-/// A worker whose claims are leased for `lease`.
+/// A worker whose claims are leased for `lease`. It records an attempt's outcome while it
+/// claims and runs its next message: each round waits for both, so at most one conclusion per
+/// worker is in flight, and a stop still waits for the last one.
 async fn work(app: Arc<App>, lease: Duration) {
+    let mut concluding: Option<Conclusion> = None;
     loop {
-        match next(&app, lease).await {
+        let previous = async {
+            if let Some(c) = concluding.take() {
+                c.await;
+            }
+        };
+        let (claimed, ()) = tokio::join!(next(&app, lease), previous);
+        match claimed {
             Ok(None) => return,
-            Ok(Some((delivery, started))) => run(&app, delivery, started, lease).await,
+            Ok(Some((delivery, started))) => concluding = run(&app, delivery, started, lease).await,
             Err(e) => {
                 tracing::error!(error = %e, "claiming queued invocations");
                 tokio::select! {
@@ -313,6 +322,10 @@ async fn work(app: Arc<App>, lease: Duration) {
         }
     }
 }
+
+/// The rest of a message's handling once its attempt ended: its outcome recorded, its message
+/// settled, then its spooled inputs forgotten or its callback sent.
+type Conclusion = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// An invocation started, with its payload, as [`pixflow_backends::InvocationLog::start`]
 /// returns it.
@@ -386,11 +399,31 @@ async fn with_lease<F: Future>(queue: &Queue, held: &Lease, lease: Duration, wor
     }
 }
 
-async fn run(app: &Arc<App>, delivery: Delivery, started: Option<Started>, lease: Duration) {
+/// An attempt's end, owned by its [`Conclusion`].
+enum Ended {
+    Succeeded { meta: String, bytes: Vec<u8> },
+    Retry { error: String, delay: Duration },
+    Dead { error: String, reason: &'static str },
+}
+
+impl Ended {
+    fn outcome(&self) -> Outcome<'_> {
+        match self {
+            Ended::Succeeded { meta, bytes } => Outcome::Succeeded { result_meta: meta, result: bytes },
+            Ended::Retry { error, delay } => Outcome::Retry { error, delay: *delay },
+            Ended::Dead { error, reason } => Outcome::Dead { error, reason },
+        }
+    }
+}
+
+/// Starts (where the claim did not) and attempts the invocation a message names, and returns
+/// what concludes it; `None` when nothing is left to do (the message settled, or left to its
+/// lease).
+async fn run(app: &Arc<App>, delivery: Delivery, started: Option<Started>, lease: Duration) -> Option<Conclusion> {
     let held = delivery.lease;
     let Ok(id) = String::from_utf8(delivery.payload) else {
         settle_queue(app, &held, Outcome::Dead { error: "", reason: "the message is not an invocation id" }).await;
-        return;
+        return None;
     };
     let (row, payload) = match started {
         Some(started) => started,
@@ -400,34 +433,32 @@ async fn run(app: &Arc<App>, delivery: Delivery, started: Option<Started>, lease
             // message was), or gone: the message is spent.
             Ok(None) => {
                 settle_queue(app, &held, SUCCEEDED).await;
-                return;
+                return None;
             }
             // The lease runs out and brings the message back; nothing is lost.
             Err(e) => {
                 tracing::error!(%id, error = %e, "starting a queued invocation");
-                return;
+                return None;
             }
         },
     };
     let dead = || metrics::counter!("pixflow_dead_letters_total", "function" => row.function.clone()).increment(1);
-    let recorded = if row.attempts > row.max_attempts {
+    let ended = if row.attempts > row.max_attempts {
         // Its last attempt was lost with its node (stopped while running it, maybe because of
         // it). It is not run again.
         dead();
         let error = Error::Lost;
-        let code = error.code();
-        conclude(app, &id, &held, Outcome::Dead { error: &recorded_error(error), reason: code }).await
+        let reason = error.code();
+        Ended::Dead { error: recorded_error(error), reason }
     } else {
         let Some(outcome) = with_lease(&app.queue, &held, lease, attempt(app, &row, payload)).await else {
             tracing::warn!(%id, function = %row.function, "another claim took this invocation over; attempt given up");
-            return;
+            return None;
         };
         match outcome {
-            Ok((meta, bytes)) => {
-                conclude(app, &id, &held, Outcome::Succeeded { result_meta: &meta, result: &bytes }).await
-            }
+            Ok((meta, bytes)) => Ended::Succeeded { meta, bytes },
             Err(e) => {
-                let code = e.code();
+                let reason = e.code();
                 let retry = if e.retryable() && row.attempts < row.max_attempts {
                     app.registry.get(&row.function).map(|f| f.deployment.retry.delay(row.attempts + 1))
                 } else {
@@ -438,18 +469,25 @@ async fn run(app: &Arc<App>, delivery: Delivery, started: Option<Started>, lease
                     Some(delay) => {
                         metrics::counter!("pixflow_async_retries_total", "function" => row.function.clone())
                             .increment(1);
-                        conclude(app, &id, &held, Outcome::Retry { error: &error, delay }).await
+                        Ended::Retry { error, delay }
                     }
                     _ => {
                         dead();
-                        tracing::warn!(%id, function = %row.function, code, "dead-lettered");
-                        conclude(app, &id, &held, Outcome::Dead { error: &error, reason: code }).await
+                        tracing::warn!(%id, function = %row.function, code = reason, "dead-lettered");
+                        Ended::Dead { error, reason }
                     }
                 }
             }
         }
     };
-    match recorded {
+    let app = app.clone();
+    Some(Box::pin(async move { concluded(&app, &id, &held, &row, &ended).await }))
+}
+
+/// Records an attempt's end and settles its message ([`conclude`]), then forgets the spooled
+/// inputs of a success and sends the completion callback, if one was asked for.
+async fn concluded(app: &Arc<App>, id: &str, held: &Lease, row: &InvocationRow, ended: &Ended) {
+    match conclude(app, id, held, ended.outcome()).await {
         Ok(Some(succeeded)) => {
             if succeeded {
                 // A dead letter keeps its spooled inputs for a re-drive; a success needs them no more.
@@ -458,7 +496,7 @@ async fn run(app: &Arc<App>, delivery: Delivery, started: Option<Started>, lease
                 }
             }
             if row.callback.is_some() {
-                notify(app, &id).await;
+                notify(app, id).await;
             }
         }
         // Another claim owns the invocation now; its outcome is the one that counts.
