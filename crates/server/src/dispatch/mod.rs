@@ -308,7 +308,8 @@ async fn work(app: Arc<App>, lease: Duration) {
                 c.await;
             }
         };
-        let (claimed, ()) = tokio::join!(next(&app, lease), previous);
+        // The conclusion first: its write goes ahead of the claim's.
+        let ((), claimed) = tokio::join!(previous, next(&app, lease));
         match claimed {
             Ok(None) => return,
             Ok(Some((delivery, started))) => concluding = run(&app, delivery, started, lease).await,
