@@ -38,6 +38,8 @@ pub(crate) struct Postgres {
     /// Which pool this is, for handles that may write together in one transaction (an
     /// invocation's row and its queue message).
     pool: Arc<()>,
+    /// The queue handles' announcers, sent out before the pool closes.
+    announcers: Arc<std::sync::Mutex<Vec<std::sync::Weak<crate::queue::postgres::Announcer>>>>,
 }
 
 impl Postgres {
@@ -83,7 +85,7 @@ impl Postgres {
             StateError::Unavailable(redact(&format!("bringing the PostgreSQL schema up to date: {e}"), url))
         })?;
         let feed = crate::catalogue::postgres::Feed::start(&db).await?;
-        Ok(Postgres { db, feed, pool: Arc::new(()) })
+        Ok(Postgres { db, feed, pool: Arc::new(()), announcers: Arc::default() })
     }
 
     pub(crate) fn catalogue(&self) -> Catalogue {
@@ -99,10 +101,28 @@ impl Postgres {
     pub(crate) async fn queue(&self, holder: &str) -> Result<Queue, QueueError> {
         let wakers = Arc::new(Wakers::default());
         let backend = crate::queue::postgres::PgQueue::new(self.db.clone(), wakers.clone(), self.pool.clone()).await?;
+        let mut announcers = self.announcers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        announcers.retain(|a| a.strong_count() > 0);
+        announcers.push(backend.announcer());
+        drop(announcers);
         Ok(Queue::new(Arc::new(backend), wakers, holder))
     }
 
+    /// Sends what the queues still have to announce (for at most 2 s), then closes the pool.
     pub(crate) async fn close(&self) {
+        let announcers: Vec<_> = self
+            .announcers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let flushed = async {
+            for a in announcers {
+                a.flush(&self.db).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
         self.db.close().await;
     }
 }

@@ -296,9 +296,8 @@ impl InvocationLog {
         queue: &crate::Queue,
     ) -> Option<Result<Settled>> {
         let settled = self.backend.settle(id, lease, outcome, queue.backend()).await?;
-        if let (Ok(Settled { settled: true, .. }), Outcome::Retry { .. }) = (&settled, outcome) {
-            // Due now, or later: a waiting consumer looks again, and sets its timer by it.
-            queue.woken(&lease.queue);
+        if let (Ok(Settled { settled: true, .. }), Outcome::Retry { delay, .. }) = (&settled, outcome) {
+            queue.woken(&lease.queue, delay);
         }
         Some(settled)
     }

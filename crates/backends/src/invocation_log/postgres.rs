@@ -20,7 +20,8 @@ use crate::state::{Result, StateError, now_ms};
 /// The schema, as a migration step of [`crate::pg`]. Ids sort byte-wise (`COLLATE "C"`), as in
 /// SQLite, so dead letters page alike. A statement that looks an invocation up by its id names
 /// the statuses it excludes (`status NOT IN ('succeeded', 'dead')`), never a status a partial
-/// index covers, as the queue's statements do (see `crate::queue::postgres::MIGRATION`).
+/// index covers, as the queue's statements do (see `crate::queue::postgres::MIGRATION`); a
+/// status added to the `CHECK` below must be added to those lists.
 pub(crate) const MIGRATION: &str = r#"
     CREATE TABLE invocations (
         id TEXT COLLATE "C" PRIMARY KEY, function TEXT NOT NULL,
@@ -471,10 +472,11 @@ impl Backend for PgLog {
     }
 
     async fn result(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        let r = sqlx::query("SELECT result FROM invocations WHERE id = $1 AND status = 'succeeded'")
-            .bind(id)
-            .fetch_optional(&self.db)
-            .await?;
+        let r =
+            sqlx::query("SELECT result FROM invocations WHERE id = $1 AND status NOT IN ('queued', 'running', 'dead')")
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await?;
         Ok(r.map(|r| r.get("result")))
     }
 

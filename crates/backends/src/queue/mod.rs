@@ -14,8 +14,10 @@
 //!   lease that holds the message now; any other gets [`QueueError::Stale`] and changes nothing,
 //!   so a consumer whose lease moved on cannot overwrite the new holder's outcome.
 //! - A waiting consumer ([`Queue::next`]) is woken by an enqueue without polling (SQLite: an
-//!   in-process notify, since one process owns the file; PostgreSQL: LISTEN/NOTIFY), and by its
-//!   own timer when a delayed message or a lease falls due.
+//!   in-process notify, since one process owns the file; PostgreSQL: the same on the enqueuing
+//!   node, and LISTEN/NOTIFY sent after the commit for the others; JetStream: its pull
+//!   consumer), and by its own timer when a delayed message or a lease falls due. A message put
+//!   back for later wakes the waiting consumers, so that their timers follow it.
 //! - Messages are small (at most [`MAX_MESSAGE`] bytes): large payloads go by reference.
 //! - [`Queue::stats`] reads depth and the age of the oldest message, for metrics and scaling.
 //!
@@ -216,6 +218,11 @@ impl Wakers {
         self.get(queue).notify_one();
     }
 
+    /// Wakes every consumer waiting on `queue` (what is due changed; look again).
+    pub(crate) fn wake_every(&self, queue: &str) {
+        self.get(queue).notify_waiters();
+    }
+
     /// Wakes every waiting consumer of every queue (a connection came back; look again).
     pub(crate) fn wake_all(&self) {
         let all = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -392,16 +399,20 @@ impl Queue {
     /// Puts a message back, due after `delay`; its next claim counts another attempt.
     pub async fn retry(&self, lease: &Lease, delay: Duration) -> Result<()> {
         self.backend.retry(lease, delay).await?;
-        // Due now, or later: a waiting consumer looks again, and sets its timer by it (it may
-        // have set it while this message was still leased, for the lease's end).
-        self.wakers.wake(&lease.queue);
+        self.woken(&lease.queue, delay);
         Ok(())
     }
 
-    /// Wakes this process's consumers of `queue` (a message put back due now by a write that
-    /// went around this handle).
-    pub(crate) fn woken(&self, queue: &str) {
-        self.wakers.wake(queue);
+    /// Wakes this process's consumers of `queue` for a message put back due after `delay` (by
+    /// this handle, or by a write that went around it). Due now: one consumer takes it. Later:
+    /// every waiting consumer looks again and sets its timer by it, since each may have set its
+    /// timer while the message was leased, for the lease's end.
+    pub(crate) fn woken(&self, queue: &str, delay: Duration) {
+        if delay.is_zero() {
+            self.wakers.wake(queue);
+        } else {
+            self.wakers.wake_every(queue);
+        }
     }
 
     /// Settles a message as dead (kept, with `reason`, until purged; never delivered again).

@@ -3,14 +3,14 @@
 //! instead of waiting); settlements update only the row whose fence they carry.
 //!
 //! Wake-ups: a message that falls due now, or is put back for later, is announced after its
-//! commit. The node that wrote it
-//! wakes one of its own waiting consumers at once, and tells the others with `NOTIFY
-//! pixflow_queue`, payload `<queue>\n<origin>\n<count>`: one statement per queue per round trip
-//! for every announcement made meanwhile, outside the writes (decision 023). A `NOTIFY` inside
-//! a write would hold PostgreSQL's cluster-wide notify lock through that write's commit,
-//! serialising every enqueue. A listener wakes up to `count` of its consumers for another
-//! node's announcement; one that lost its connection wakes them all once it listens again, so
-//! nothing enqueued meanwhile waits for the timer.
+//! commit. The node that wrote it wakes its own waiting consumers at once, and tells the others
+//! with `NOTIFY pixflow_queue_announce`, payload `<queue>\n<origin>\n<count>`: one statement
+//! per round trip for every announcement made meanwhile, whatever their queues, outside the
+//! writes (decision 023). A `NOTIFY` inside a write would hold PostgreSQL's cluster-wide notify
+//! lock through that write's commit, serialising every enqueue. A listener wakes up to `count`
+//! of its consumers for another node's announcement; one that lost its connection wakes them
+//! all once it listens again, so nothing enqueued meanwhile waits for the timer. Closing the
+//! state sends what is still to be announced first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,14 +23,17 @@ use sqlx::postgres::{PgListener, PgPool, PgRow};
 use super::{Backend, Delivery, Lease, QueueError, QueueStats, Result, Wakers, millis, span_ms};
 use crate::state::now_ms;
 
-/// The channel enqueues notify; the payload is the queue's name.
-pub(crate) const CHANNEL: &str = "pixflow_queue";
+/// The channel of announcements; the payload is `<queue>\n<origin>\n<count>`. Nodes that
+/// notified `pixflow_queue` with a queue's name alone (before decision 023) hear none of these
+/// and are not heard: run one version on a database, or their idle workers wait for their
+/// timer.
+pub(crate) const CHANNEL: &str = "pixflow_queue_announce";
 
 /// The schema, as migration steps of [`crate::pg`].
 ///
 /// A statement that looks a message up by its key (`seq`) names the states it excludes
 /// (`state NOT IN ('ready', 'done', 'dead')` for a leased one), never a state a partial index
-/// covers. Statistics gathered while the queue was quiet say the partial indexes hold almost
+/// covers; a state added to the `CHECK` below must be added to those lists. Statistics gathered while the queue was quiet say the partial indexes hold almost
 /// nothing; a plan that believed them would scan a whole index for each row of a burst instead
 /// of looking the row up by its key, and a prepared statement keeps such a plan (decision 023).
 pub(crate) const MIGRATION: &str = "
@@ -76,13 +79,18 @@ impl PgQueue {
         Ok(PgQueue { db, pool, wakers, announcer, listener, announcing })
     }
 
+    /// What this queue's node still has to announce, for the state's close.
+    pub(crate) fn announcer(&self) -> std::sync::Weak<Announcer> {
+        Arc::downgrade(&self.announcer)
+    }
+
     /// Whether this queue lives on the pool `pool` names.
     pub(crate) fn on(&self, pool: &Arc<()>) -> bool {
         Arc::ptr_eq(&self.pool, pool)
     }
 
-    /// A message of `queue` fell due now (committed): wakes one of this node's consumers, and
-    /// tells the other nodes.
+    /// A message of `queue` was added, due now (committed): wakes one of this node's
+    /// consumers, and tells the other nodes.
     pub(crate) fn announce(&self, queue: &str) {
         self.wakers.wake(queue);
         self.tell_others(queue);
@@ -98,7 +106,7 @@ impl PgQueue {
 
 /// Announcements waiting for the next `NOTIFY`, by queue, and who this node is in them.
 #[derive(Default)]
-struct Announcer {
+pub(crate) struct Announcer {
     origin: String,
     pending: Mutex<HashMap<String, u64>>,
     added: tokio::sync::Notify,
@@ -117,6 +125,37 @@ impl Announcer {
         }
         self.added.notify_one();
     }
+
+    fn take(&self) -> HashMap<String, u64> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Sends what is waiting now, once (closing the state: the task would lose it with the
+    /// pool).
+    pub(crate) async fn flush(&self, db: &PgPool) {
+        let due = self.take();
+        if !due.is_empty()
+            && let Err(e) = send(db, &self.origin, &due).await
+        {
+            tracing::warn!(error = %e, "queue announcements to other nodes not sent at close");
+        }
+    }
+}
+
+/// One `NOTIFY` per queue in `due`, in one statement.
+async fn send(db: &PgPool, origin: &str, due: &HashMap<String, u64>) -> sqlx::Result<()> {
+    let (queues, counts): (Vec<String>, Vec<i64>) =
+        due.iter().map(|(q, n)| (q.clone(), i64::try_from(*n).unwrap_or(i64::MAX))).unzip();
+    sqlx::query(
+        "SELECT pg_notify($1, concat(q, E'\\n', $2::TEXT, E'\\n', n)) FROM UNNEST($3::TEXT[], $4::BIGINT[]) AS t(q, n)",
+    )
+    .bind(CHANNEL)
+    .bind(origin)
+    .bind(&queues)
+    .bind(&counts)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Sends what was announced since the last `NOTIFY` in one, one at a time: an announcement
@@ -125,22 +164,11 @@ async fn announce(db: PgPool, announcer: Arc<Announcer>) {
     loop {
         announcer.added.notified().await;
         loop {
-            let due = std::mem::take(&mut *announcer.pending.lock().unwrap_or_else(PoisonError::into_inner));
+            let due = announcer.take();
             if due.is_empty() {
                 break;
             }
-            let (queues, counts): (Vec<String>, Vec<i64>) =
-                due.iter().map(|(q, n)| (q.clone(), i64::try_from(*n).unwrap_or(i64::MAX))).unzip();
-            let sent = sqlx::query(
-                "SELECT pg_notify($1, concat(q, E'\\n', $2::TEXT, E'\\n', n)) FROM UNNEST($3::TEXT[], $4::BIGINT[]) AS t(q, n)",
-            )
-            .bind(CHANNEL)
-            .bind(&announcer.origin)
-            .bind(&queues)
-            .bind(&counts)
-            .execute(&db)
-            .await;
-            match sent {
+            match send(&db, &announcer.origin, &due).await {
                 Ok(_) => {}
                 Err(sqlx::Error::PoolClosed) => return,
                 // Other nodes find the messages when PostgreSQL answers again (their listeners
@@ -185,7 +213,7 @@ pub(crate) async fn enqueue_on(
 }
 
 /// Parses an announcement: its queue, and how many consumers it wakes; `None` for this node's
-/// own (its consumers were woken when it was made). A payload of a queue's name alone is one.
+/// own (its consumers were woken when it was made). A payload without a count wakes one.
 fn announced<'a>(payload: &'a str, origin: &str) -> Option<(&'a str, u64)> {
     let mut parts = payload.split('\n');
     let queue = parts.next()?;

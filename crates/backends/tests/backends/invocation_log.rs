@@ -507,8 +507,8 @@ async fn acceptances_made_at_once_are_each_recorded_and_a_taken_id_is_refused_al
 }
 
 /// PostgreSQL: a burst that the statistics do not know of (gathered while nothing was waiting,
-/// so they say the partial indexes of waiting work are empty) is claimed, started and settled
-/// through key lookups. A plan that believed the statistics would scan the whole partial index
+/// so they say the partial indexes of waiting work are empty) is started and settled through
+/// key lookups. A plan that believed the statistics would scan the whole partial index
 /// for each row, reading a number of index entries that grows with the square of the burst.
 #[tokio::test]
 async fn a_burst_the_statistics_do_not_know_of_is_settled_through_key_lookups() {
@@ -563,10 +563,12 @@ async fn a_burst_the_statistics_do_not_know_of_is_settled_through_key_lookups() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(updates >= 2 * n, "every start and outcome counted ({updates})");
+    // No statement of the burst needs the index of unsettled invocations: a lookup by id that
+    // scanned it would read about n * n / 2 entries. (The index of due messages is the claim's
+    // own, and how many of its entries a claim reads depends on what vacuum and other
+    // transactions leave in it, so its count proves nothing either way.)
     let unsettled = read("invocations_unsettled").fetch_one(&mut conn).await.unwrap();
-    let due = read("queue_messages_due").fetch_one(&mut conn).await.unwrap();
     assert!(unsettled < n, "invocations looked up by id, not found in the index of unsettled ones ({unsettled})");
-    assert!(due < 20 * n, "messages looked up by key, not found in the index of due ones ({due})");
     drop(conn);
     schema.drop().await;
 }

@@ -298,8 +298,9 @@ pub(crate) async fn worker(app: Arc<App>) {
 }
 
 /// A worker whose claims are leased for `lease`. It records an attempt's outcome while it
-/// claims and runs its next message: each round waits for both, so at most one conclusion per
-/// worker is in flight, and a stop still waits for the last one.
+/// claims and runs its next message (under that message's lease heartbeat): each round waits
+/// for both, so at most one conclusion per worker is in flight, and a stop still waits for the
+/// last one.
 async fn work(app: Arc<App>, lease: Duration) {
     let mut concluding: Option<Conclusion> = None;
     loop {
@@ -308,18 +309,25 @@ async fn work(app: Arc<App>, lease: Duration) {
                 c.await;
             }
         };
-        // The conclusion first: its write goes ahead of the claim's.
-        let ((), claimed) = tokio::join!(previous, next(&app, lease));
-        match claimed {
-            Ok(None) => return,
-            Ok(Some((delivery, started))) => concluding = run(&app, delivery, started, lease).await,
-            Err(e) => {
-                tracing::error!(error = %e, "claiming queued invocations");
-                tokio::select! {
-                    () = app.stopped() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        // `None`: the node stops. Polled after `previous`, so a conclusion's write is usually
+        // asked for before the claim's (both may wait for a connection or a batch).
+        let this = async {
+            match next(&app, lease).await {
+                Ok(None) => None,
+                Ok(Some((delivery, started))) => Some(run(&app, delivery, started, lease).await),
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming queued invocations");
+                    tokio::select! {
+                        () = app.stopped() => None,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => Some(None),
+                    }
                 }
             }
+        };
+        let ((), ran) = tokio::join!(previous, this);
+        match ran {
+            None => return,
+            Some(conclusion) => concluding = conclusion,
         }
     }
 }
