@@ -33,9 +33,10 @@ pub(crate) const CHANNEL: &str = "pixflow_queue_announce";
 ///
 /// A statement that looks a message up by its key (`seq`) names the states it excludes
 /// (`state NOT IN ('ready', 'done', 'dead')` for a leased one), never a state a partial index
-/// covers; a state added to the `CHECK` below must be added to those lists. Statistics gathered while the queue was quiet say the partial indexes hold almost
-/// nothing; a plan that believed them would scan a whole index for each row of a burst instead
-/// of looking the row up by its key, and a prepared statement keeps such a plan (decision 023).
+/// covers; a state added to the `CHECK` below must be added to those lists. Statistics gathered
+/// while the queue was quiet say the partial indexes hold almost nothing; a plan that believed
+/// them would scan a whole index for each row of a burst instead of looking the row up by its
+/// key, and a prepared statement keeps such a plan (decision 023).
 pub(crate) const MIGRATION: &str = "
     CREATE TABLE queue_messages (
         seq BIGSERIAL PRIMARY KEY,
